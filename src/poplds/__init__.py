@@ -1,0 +1,24 @@
+"""poplds: low-dimensional dynamics of large, partially observed neural populations.
+
+Public surface:
+
+- :func:`ingest_dataset` — partial recordings (NWB, npz, suite2p) into one Zarr v3 store.
+- :class:`DatasetStore` — read that store.
+- :mod:`poplds.simulate` — seeded ground-truth datasets (stitched LDS, Poisson LDS with drift).
+- :class:`InputError` — every bad-input error, naming the file and the problem.
+"""
+
+from ._errors import InputError
+from ._version import __version__
+from .ingest import ingest_dataset
+from .sources import RecordingSpec, open_recording
+from .store import DatasetStore
+
+__all__ = [
+    "DatasetStore",
+    "InputError",
+    "RecordingSpec",
+    "__version__",
+    "ingest_dataset",
+    "open_recording",
+]

@@ -1,0 +1,34 @@
+"""Logging set-up shared by the workflow scripts and the command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from os import PathLike
+
+LOGGER_NAME = "poplds"
+
+
+def get_logger() -> logging.Logger:
+    """The package logger (``poplds``); handlers are the caller's business."""
+    return logging.getLogger(LOGGER_NAME)
+
+
+def setup_logging(log_file: str | PathLike[str] | None = None, level: int = logging.INFO) -> None:
+    """Send poplds log records to standard error and, when given, to ``log_file``.
+
+    Standard error is where Snakemake shows a job's output in the terminal, so progress and
+    errors stay visible there; the log file keeps a copy next to the results.
+    """
+    logger = get_logger()
+    logger.setLevel(level)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    fmt = logging.Formatter("%(asctime)s poplds %(levelname)s: %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        handlers.append(logging.FileHandler(log_file, mode="w"))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    logger.propagate = False

@@ -1,0 +1,79 @@
+"""Source readers: one per format, all returning a :class:`Recording`.
+
+To add a format, write ``_<format>.py`` with a ``read_<format>(spec, ...) -> Recording`` and
+route to it in :func:`open_recording`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .._errors import InputError
+from ._base import (
+    Recording,
+    RecordingSpec,
+    TrialOptions,
+    file_sha256,
+    load_id_file,
+)
+from ._npz import read_npz
+from ._nwb import read_nwb
+from ._suite2p import is_suite2p_folder, read_suite2p
+
+__all__ = [
+    "Recording",
+    "RecordingSpec",
+    "TrialOptions",
+    "open_recording",
+    "read_npz",
+    "read_nwb",
+    "read_suite2p",
+]
+
+
+def open_recording(
+    spec: RecordingSpec,
+    *,
+    bin_size_s: float = 0.02,
+    trials: TrialOptions | None = None,
+    chunk_mb: float = 4.0,
+) -> Recording:
+    """Open one recording lazily, choosing the reader by the path (``.nwb``, ``.npz``, suite2p
+    folder), apply a ``neuron_ids`` override, and validate it.
+
+    Raises
+    ------
+    InputError: the path is missing, of unknown format, or its content is malformed.
+    """
+    path: Path = spec.path
+    if not path.exists():
+        raise InputError(path, "file not found")
+    if is_suite2p_folder(path):
+        if trials is not None:
+            raise InputError(path, "trials: true needs an NWB trials table; suite2p has none")
+        rec = read_suite2p(spec, chunk_mb=chunk_mb)
+    elif path.is_dir():
+        raise InputError(path, "unknown format: a folder without suite2p's F.npy")
+    elif path.suffix.lower() == ".nwb":
+        rec = read_nwb(spec, bin_size_s=bin_size_s, trials=trials, chunk_mb=chunk_mb)
+    elif path.suffix.lower() == ".npz":
+        rec = read_npz(spec, chunk_mb=chunk_mb)
+    else:
+        raise InputError(
+            path,
+            f"unknown format {path.suffix or '(no suffix)'!r}; expected .nwb, .npz or a "
+            "suite2p plane folder",
+        )
+    try:
+        if spec.neuron_ids is not None:
+            rec.neuron_ids = load_id_file(spec.neuron_ids)
+        rec.validate()
+    except BaseException:
+        rec.close()
+        raise
+    return rec
+
+
+def source_sha256(path: Path) -> str:
+    """sha256 of a source file, or of a suite2p folder's files."""
+    return file_sha256(path)

@@ -1,0 +1,177 @@
+"""The dataset store: one Zarr v3 group per dataset, ``results/<dataset>/data.zarr``.
+
+Layout::
+
+    data.zarr/
+      neuron_ids                       (N_total,) str    every neuron of the dataset
+      recordings/<name>/activity       f32 (time, neurons) or (trials, time, neurons); NaN: missing
+      recordings/<name>/neurons        int64 (neurons,)  positions in neuron_ids
+      recordings/<name>/trial_ids      int64 (trials,)   trial data only
+      coverage/recording_names         (R,) str          row/column order of shared_neurons
+      coverage/shared_neurons          int64 (R, R)      neurons observed by both recordings
+      coverage/recordings_per_neuron   int32 (N_total,)  how many recordings observed each neuron
+
+Group attributes: the root has ``format``, ``poplds_version``, ``dataset``, ``recordings``,
+``rate_hz``, ``kind`` and ``trials``; each recording has ``rate_hz``, ``kind`` (``traces`` or
+``counts``), ``source``, ``sha256``, ``poplds_version``, ``n_missing`` and its reader's provenance.
+
+Activity is chunked along time (along trials for trial data) with all neurons of a recording
+in every chunk, about ``chunk_mb`` MB per chunk, compressed with Blosc zstd + byte shuffle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+FORMAT = "poplds-store-1"
+
+
+def compressor() -> BloscCodec:
+    """The codec used for every array: Blosc zstd level 5 with byte shuffle."""
+    return BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)
+
+
+def activity_chunks(shape: Sequence[int], chunk_mb: float = 4.0, itemsize: int = 4) -> tuple:
+    """Chunk shape holding about ``chunk_mb`` MB with all neurons of a recording in each chunk.
+
+    ``(time, neurons)`` is chunked along time; ``(trials, time, neurons)`` along trials with
+    whole trials in a chunk, or along time inside a trial when one trial is larger than that.
+    """
+    budget = max(1, int(chunk_mb * 1e6 // itemsize))
+    n = int(shape[-1])
+    if len(shape) == 2:
+        return (int(min(shape[0], max(1, budget // n))), n)
+    per_trial = int(shape[1]) * n
+    if per_trial <= budget:
+        return (int(min(shape[0], max(1, budget // per_trial))), int(shape[1]), n)
+    return (1, int(min(shape[1], max(1, budget // n))), n)
+
+
+def write_strings(group: zarr.Group, name: str, values: np.ndarray) -> None:
+    """A 1-D array of unicode strings."""
+    values = np.asarray(values, dtype=str)
+    arr = group.create_array(
+        name,
+        shape=values.shape,
+        dtype=str,
+        chunks=(max(1, min(len(values), 1 << 17)),),
+        compressors=compressor(),
+    )
+    if len(values):
+        arr[:] = values
+
+
+def write_array(group: zarr.Group, name: str, values: np.ndarray) -> None:
+    """A small numeric array in one chunk."""
+    values = np.asarray(values)
+    arr = group.create_array(
+        name,
+        shape=values.shape,
+        dtype=values.dtype,
+        chunks=tuple(max(1, s) for s in values.shape) or None,
+        compressors=compressor(),
+    )
+    arr[...] = values
+
+
+def create_activity(group: zarr.Group, shape: Sequence[int], chunk_mb: float) -> zarr.Array:
+    """The float32 activity array of one recording, filled with NaN until written."""
+    return group.create_array(
+        "activity",
+        shape=tuple(int(s) for s in shape),
+        dtype="float32",
+        chunks=activity_chunks(shape, chunk_mb),
+        compressors=compressor(),
+        fill_value=np.nan,
+    )
+
+
+def coverage(
+    neurons_per_recording: Sequence[np.ndarray], n_total: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shared-neuron counts (R, R) and recordings per neuron (N_total,).
+
+    ``shared[a, b] = |neurons(a) ∩ neurons(b)|`` (the diagonal is each recording's size);
+    ``per_neuron[i] = #{r : i in neurons(r)}``.
+    """
+    r = len(neurons_per_recording)
+    observed = np.zeros((r, n_total), dtype=np.float32)
+    for k, idx in enumerate(neurons_per_recording):
+        observed[k, idx] = 1.0
+    shared = np.rint(observed @ observed.T).astype(np.int64)
+    per_neuron = observed.sum(axis=0).astype(np.int32)
+    return shared, per_neuron
+
+
+def _as_unicode(values: np.ndarray) -> np.ndarray:
+    """Zarr's variable-length strings as a fixed-width numpy unicode array."""
+    return np.array(values.tolist(), dtype=str) if len(values) else np.array([], dtype=str)
+
+
+class DatasetStore:
+    """Read access to a dataset store written by :func:`poplds.ingest.ingest_dataset`.
+
+    >>> store = DatasetStore("results/demo/data.zarr")          # doctest: +SKIP
+    >>> x = store.activity("s1")       # dask array, (time, neurons) of recording s1
+    >>> ids = store.neuron_ids[store.neurons("s1")]
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.root = zarr.open_group(str(self.path), mode="r")
+        if self.root.attrs.get("format") != FORMAT:
+            raise ValueError(f"{self.path}: not a poplds dataset store")
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The dataset's attributes (rate_hz, kind, recordings, poplds_version, ...)."""
+        return dict(self.root.attrs)
+
+    @property
+    def neuron_ids(self) -> np.ndarray:
+        """(N_total,) ids of every neuron of the dataset."""
+        return _as_unicode(self.root["neuron_ids"][:])
+
+    @property
+    def recording_names(self) -> list[str]:
+        """Recording names in configuration order."""
+        return list(self.root.attrs["recordings"])
+
+    @property
+    def coverage_names(self) -> list[str]:
+        """Row and column order of :attr:`shared_neurons` (the recording names)."""
+        return _as_unicode(self.root["coverage/recording_names"][:]).tolist()
+
+    def recording_attrs(self, name: str) -> dict[str, Any]:
+        """Attributes of one recording (rate_hz, kind, source, sha256, ...)."""
+        return dict(self.root[f"recordings/{name}"].attrs)
+
+    def activity(self, name: str) -> da.Array:
+        """Lazy float32 activity of one recording, (time, neurons) or (trials, time, neurons)."""
+        return da.from_zarr(self.root[f"recordings/{name}/activity"])
+
+    def neurons(self, name: str) -> np.ndarray:
+        """(neurons,) positions of the recording's neurons in :attr:`neuron_ids`."""
+        return np.asarray(self.root[f"recordings/{name}/neurons"][:])
+
+    def trial_ids(self, name: str) -> np.ndarray | None:
+        """(trials,) trial numbers of trial data, else None."""
+        group = self.root[f"recordings/{name}"]
+        return np.asarray(group["trial_ids"][:]) if "trial_ids" in group else None
+
+    @property
+    def shared_neurons(self) -> np.ndarray:
+        """(R, R) neurons observed by both recordings, in :attr:`recording_names` order."""
+        return np.asarray(self.root["coverage/shared_neurons"][:])
+
+    @property
+    def recordings_per_neuron(self) -> np.ndarray:
+        """(N_total,) number of recordings that observed each neuron."""
+        return np.asarray(self.root["coverage/recordings_per_neuron"][:])
