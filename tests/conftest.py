@@ -1,0 +1,149 @@
+"""Shared fixtures: writers for every source format, and the path of the real data."""
+
+from __future__ import annotations
+
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_shared = pytest.mark.skip(reason=f"real data not found at {SHARED_DATA}")
+    skip_cuda = pytest.mark.skip(reason="no CUDA device")
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    for item in items:
+        if "shared_data" in item.keywords and not SHARED_DATA.is_dir():
+            item.add_marker(skip_shared)
+        if "requires_cuda" in item.keywords and not has_cuda:
+            item.add_marker(skip_cuda)
+
+
+def _nwbfile():
+    from pynwb import NWBFile
+
+    return NWBFile(
+        session_description="poplds test",
+        identifier="poplds-test",
+        session_start_time=datetime(2024, 1, 1, tzinfo=timezone.utc),
+    )
+
+
+def _write(nwb, path: Path) -> Path:
+    from pynwb import NWBHDF5IO
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with NWBHDF5IO(str(path), "w") as io:
+            io.write(nwb)
+    return path
+
+
+def write_ophys_nwb(
+    path: Path,
+    data: np.ndarray,
+    *,
+    rate: float = 30.0,
+    neuron_ids: list[str] | None = None,
+    series_names: tuple[str, ...] = ("dff",),
+    rois: np.ndarray | None = None,
+    trials: list[tuple[float, float]] | None = None,
+    timestamps: np.ndarray | None = None,
+) -> Path:
+    """An NWB file with a PlaneSegmentation of ``data.shape[1]`` (or more) ROIs and one
+    RoiResponseSeries per name in ``series_names`` (all holding ``data``, (time, rois))."""
+    from pynwb.ophys import Fluorescence, ImageSegmentation, OpticalChannel, RoiResponseSeries
+
+    nwb = _nwbfile()
+    device = nwb.create_device(name="scope")
+    plane = nwb.create_imaging_plane(
+        name="plane0",
+        optical_channel=OpticalChannel(name="ch", description="green", emission_lambda=520.0),
+        description="plane",
+        device=device,
+        excitation_lambda=920.0,
+        imaging_rate=rate,
+        indicator="GCaMP",
+        location="V1",
+    )
+    seg = ImageSegmentation()
+    ps = seg.create_plane_segmentation(name="cells", description="rois", imaging_plane=plane)
+    n_rois = data.shape[1] if rois is None else int(np.max(rois)) + 1
+    if neuron_ids is not None:
+        ps.add_column("neuron_id", "global neuron id")
+    for k in range(n_rois):
+        mask = np.zeros((4, 4))
+        mask[k % 4, (k // 4) % 4] = 1.0
+        kw = {"neuron_id": neuron_ids[k]} if neuron_ids is not None else {}
+        ps.add_roi(image_mask=mask, id=100 + k, **kw)
+    mod = nwb.create_processing_module("ophys", "optical physiology")
+    mod.add(seg)
+    fl = Fluorescence()
+    region_idx = list(range(data.shape[1])) if rois is None else [int(r) for r in rois]
+    for name in series_names:
+        region = ps.create_roi_table_region(region=region_idx, description="cells")
+        kw = {"rate": rate} if timestamps is None else {"timestamps": timestamps}
+        fl.add_roi_response_series(
+            RoiResponseSeries(name=name, data=data, rois=region, unit="a.u.", **kw)
+        )
+    mod.add(fl)
+    if trials:
+        for start, stop in trials:
+            nwb.add_trial(start_time=start, stop_time=stop)
+    return _write(nwb, path)
+
+
+def write_units_nwb(
+    path: Path,
+    spike_times: list[np.ndarray],
+    *,
+    neuron_ids: list[str] | None = None,
+    obs_intervals: list[np.ndarray] | None = None,
+    trials: list[tuple[float, float]] | None = None,
+    trial_numbers: list[int] | None = None,
+) -> Path:
+    """An NWB file with a units table (and optionally trials)."""
+    nwb = _nwbfile()
+    if neuron_ids is not None:
+        nwb.add_unit_column("neuron_id", "global neuron id")
+    for u, st in enumerate(spike_times):
+        kw = {}
+        if neuron_ids is not None:
+            kw["neuron_id"] = neuron_ids[u]
+        if obs_intervals is not None:
+            kw["obs_intervals"] = obs_intervals[u]
+        nwb.add_unit(spike_times=st, id=10 + u, **kw)
+    if trials:
+        if trial_numbers is not None:
+            nwb.add_trial_column("trial_number", "trial number in the session")
+        for r, (start, stop) in enumerate(trials):
+            kw = {"trial_number": trial_numbers[r]} if trial_numbers is not None else {}
+            nwb.add_trial(start_time=start, stop_time=stop, **kw)
+    return _write(nwb, path)
+
+
+def write_suite2p(
+    folder: Path, F: np.ndarray, Fneu: np.ndarray, iscell: np.ndarray, fs: float = 15.0, **ops
+) -> Path:
+    """A suite2p plane folder: F, Fneu (rois, time), iscell (rois, 2), ops with fs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "F.npy", F)
+    np.save(folder / "Fneu.npy", Fneu)
+    np.save(folder / "iscell.npy", iscell)
+    np.save(folder / "ops.npy", np.array({"fs": fs, **ops}, dtype=object), allow_pickle=True)
+    return folder
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)

@@ -1,0 +1,212 @@
+"""Every kind of bad input stops with an error naming the file and the problem, and leaves
+no half-written store behind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import write_ophys_nwb, write_suite2p, write_units_nwb
+
+from poplds import DatasetStore, InputError, ingest_dataset
+from poplds import ingest as ingest_module
+
+
+def ingest(tmp_path, *paths, **kw):
+    return ingest_dataset([{"path": str(p)} for p in paths], tmp_path / "ds" / "data.zarr", **kw)
+
+
+def expect_error(tmp_path, match, culprit, *paths, **kw):
+    with pytest.raises(InputError, match=match) as info:
+        ingest(tmp_path, *paths, **kw)
+    assert str(culprit) in str(info.value), f"message does not name {culprit}: {info.value}"
+    assert not (tmp_path / "ds" / "data.zarr").exists()
+    assert not (tmp_path / "ds" / "data.zarr.partial").exists()
+    return info.value
+
+
+def npz(path, activity, ids=None, rate=10.0, **extra):
+    activity = np.asarray(activity)
+    if ids is None:
+        ids = np.arange(activity.shape[-1]) if activity.ndim else np.arange(1)
+    np.savez(path, activity=activity, neuron_ids=ids, rate_hz=rate, **extra)
+    return path
+
+
+def test_missing_file(tmp_path):
+    expect_error(tmp_path, "file not found", "nope.nwb", tmp_path / "nope.nwb")
+
+
+def test_unknown_format(tmp_path):
+    (tmp_path / "data.csv").write_text("1,2\n")
+    expect_error(tmp_path, "unknown format '.csv'", "data.csv", tmp_path / "data.csv")
+    (tmp_path / "folder").mkdir()
+    expect_error(tmp_path, "unknown format", "folder", tmp_path / "folder")
+
+
+@pytest.mark.parametrize("shape", [(10,), (2, 3, 4, 5)])
+def test_wrong_rank(tmp_path, shape):
+    path = npz(tmp_path / "a.npz", np.zeros(shape))
+    expect_error(tmp_path, f"got {len(shape)} axes", "a.npz", path)
+
+
+def test_ids_do_not_match_data(tmp_path):
+    path = npz(tmp_path / "a.npz", np.zeros((10, 4)), ids=np.arange(3))
+    expect_error(tmp_path, "3 neuron ids for 4 neurons.*ids do not match", "a.npz", path)
+
+
+def test_duplicate_ids(tmp_path):
+    path = npz(tmp_path / "a.npz", np.zeros((10, 3)), ids=np.array(["a", "b", "a"]))
+    expect_error(tmp_path, "duplicate neuron ids in one recording: a", "a.npz", path)
+
+
+def test_duplicate_ids_in_nwb(tmp_path, rng):
+    path = write_ophys_nwb(tmp_path / "d.nwb", rng.standard_normal((20, 3)),
+                           neuron_ids=["x", "y", "x"])
+    expect_error(tmp_path, "duplicate neuron ids", "d.nwb", path)
+
+
+def test_non_numeric_data(tmp_path):
+    path = npz(tmp_path / "a.npz", np.array([["a", "b"], ["c", "d"]]))
+    expect_error(tmp_path, "not numeric", "a.npz", path)
+
+
+def test_negative_counts(tmp_path):
+    counts = np.ones((50, 3), dtype=np.int32)
+    counts[7, 1] = -2
+    path = npz(tmp_path / "a.npz", counts)
+    expect_error(tmp_path, "negative spike counts", "a.npz", path)
+
+
+def test_fractional_counts(tmp_path):
+    path = npz(tmp_path / "a.npz", np.full((5, 2), 0.5), kind="counts")
+    expect_error(tmp_path, "not whole numbers", "a.npz", path)
+
+
+def test_different_sampling_rates(tmp_path):
+    a = npz(tmp_path / "a.npz", np.zeros((10, 2)), rate=10.0)
+    b = npz(tmp_path / "b.npz", np.zeros((10, 2)), rate=20.0)
+    err = expect_error(tmp_path, "sampling rate 20 Hz differs from 10 Hz", "b.npz", a, b)
+    assert "a.npz" in str(err)
+
+
+def test_empty_recording(tmp_path):
+    path = npz(tmp_path / "a.npz", np.zeros((0, 3)))
+    expect_error(tmp_path, "empty recording", "a.npz", path)
+
+
+def test_empty_units_table(tmp_path):
+    path = write_units_nwb(tmp_path / "u.nwb", [])
+    expect_error(tmp_path, "neither a RoiResponseSeries nor a units table|empty recording",
+                 "u.nwb", path)
+
+
+def test_corrupt_nwb(tmp_path):
+    path = tmp_path / "junk.nwb"
+    path.write_bytes(b"this is not hdf5" * 100)
+    expect_error(tmp_path, "not an HDF5/NWB file", "junk.nwb", path)
+
+
+def test_truncated_nwb(tmp_path, rng):
+    good = write_ophys_nwb(tmp_path / "good.nwb", rng.standard_normal((2000, 20)))
+    raw = good.read_bytes()
+    cut = tmp_path / "cut.nwb"
+    cut.write_bytes(raw[: len(raw) // 2])
+    expect_error(tmp_path, "corrupt or truncated", "cut.nwb", cut)
+
+
+def test_nwb_series_not_found(tmp_path, rng):
+    path = write_ophys_nwb(tmp_path / "a.nwb", rng.standard_normal((20, 3)))
+    with pytest.raises(InputError, match=r"no RoiResponseSeries named 'deconv'.*ophys/dff"):
+        ingest_dataset([{"path": str(path), "series": "deconv"}], tmp_path / "o" / "data.zarr")
+
+
+def test_trials_without_trials_table(tmp_path, rng):
+    path = write_units_nwb(tmp_path / "u.nwb", [np.sort(rng.uniform(0, 5, 20))])
+    expect_error(tmp_path, "no trials table", "u.nwb", path, trials=True)
+
+
+def test_trial_outside_recording(tmp_path, rng):
+    path = write_ophys_nwb(tmp_path / "a.nwb", rng.standard_normal((100, 2)), rate=10.0,
+                           trials=[(1.0, 2.0), (9.5, 11.0)])
+    expect_error(tmp_path, "extends outside the recording", "a.nwb", path, trials=True)
+
+
+def test_suite2p_missing_files(tmp_path):
+    folder = write_suite2p(tmp_path / "plane0", np.ones((2, 5)), np.ones((2, 5)),
+                           np.ones((2, 2)))
+    (folder / "ops.npy").unlink()
+    expect_error(tmp_path, r"lacks \['ops.npy'\]", "plane0", folder)
+
+
+def test_mixed_kinds_and_layouts(tmp_path):
+    a = npz(tmp_path / "a.npz", np.zeros((10, 2)))
+    b = npz(tmp_path / "b.npz", np.zeros((10, 2), dtype=np.int32))
+    expect_error(tmp_path, "cannot mix spike counts and traces", "b.npz", a, b)
+    c = npz(tmp_path / "c.npz", np.zeros((3, 10, 2)))
+    expect_error(tmp_path, "cannot mix trial and continuous", "c.npz", a, c)
+
+
+def test_duplicate_recording_names(tmp_path):
+    a = npz(tmp_path / "a.npz", np.zeros((10, 2)))
+    (tmp_path / "sub").mkdir()
+    b = npz(tmp_path / "sub" / "a.npz", np.zeros((10, 2)))
+    expect_error(tmp_path, "recording name 'a' is also used", "sub", a, b)
+
+
+def test_failed_ingest_keeps_the_previous_store(tmp_path):
+    good = npz(tmp_path / "good.npz", np.ones((10, 2)))
+    out = ingest(tmp_path, good)
+    bad = npz(tmp_path / "bad.npz", -np.ones((10, 2), dtype=np.int64))
+    with pytest.raises(InputError):
+        ingest(tmp_path, bad)
+    assert DatasetStore(out).recording_names == ["good"]
+    assert not (tmp_path / "ds" / "data.zarr.partial").exists()
+
+
+def test_interrupted_ingest_resumes(tmp_path, rng, monkeypatch):
+    paths = [npz(tmp_path / f"r{k}.npz", rng.standard_normal((100, 3))) for k in range(3)]
+    real = ingest_module._write_recording
+    written = []
+
+    def flaky(group, rec, *args):
+        if rec.name == "r2":
+            raise KeyboardInterrupt
+        written.append(rec.name)
+        return real(group, rec, *args)
+
+    monkeypatch.setattr(ingest_module, "_write_recording", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(tmp_path, *paths)
+    assert not (tmp_path / "ds" / "data.zarr").exists()  # nothing half-written in place
+    assert (tmp_path / "ds" / "data.zarr.partial").exists()
+    written.clear()
+    monkeypatch.setattr(
+        ingest_module, "_write_recording",
+        lambda group, rec, *a: (written.append(rec.name), real(group, rec, *a)),
+    )
+    out = ingest(tmp_path, *paths)
+    assert written == ["r2"]  # r0 and r1 were not written again
+    store = DatasetStore(out)
+    for k, p in enumerate(paths):
+        np.testing.assert_array_equal(
+            store.activity(f"r{k}").compute(), np.load(p)["activity"].astype(np.float32)
+        )
+
+
+def test_changed_source_is_not_resumed_from_stale_data(tmp_path, rng, monkeypatch):
+    paths = [npz(tmp_path / f"r{k}.npz", rng.standard_normal((100, 3))) for k in range(2)]
+    real = ingest_module._write_recording
+
+    def stop_at_r1(group, rec, *args):
+        if rec.name == "r1":
+            raise KeyboardInterrupt
+        return real(group, rec, *args)
+
+    monkeypatch.setattr(ingest_module, "_write_recording", stop_at_r1)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(tmp_path, *paths)
+    monkeypatch.setattr(ingest_module, "_write_recording", real)
+    new = rng.standard_normal((100, 3))
+    npz(paths[0], new)  # r0 changed after it was written to the partial store
+    store = DatasetStore(ingest(tmp_path, *paths))
+    np.testing.assert_array_equal(store.activity("r0").compute(), new.astype(np.float32))
