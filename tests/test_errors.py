@@ -60,8 +60,9 @@ def test_duplicate_ids(tmp_path):
 
 
 def test_duplicate_ids_in_nwb(tmp_path, rng):
-    path = write_ophys_nwb(tmp_path / "d.nwb", rng.standard_normal((20, 3)),
-                           neuron_ids=["x", "y", "x"])
+    path = write_ophys_nwb(
+        tmp_path / "d.nwb", rng.standard_normal((20, 3)), neuron_ids=["x", "y", "x"]
+    )
     expect_error(tmp_path, "duplicate neuron ids", "d.nwb", path)
 
 
@@ -96,8 +97,9 @@ def test_empty_recording(tmp_path):
 
 def test_empty_units_table(tmp_path):
     path = write_units_nwb(tmp_path / "u.nwb", [])
-    expect_error(tmp_path, "neither a RoiResponseSeries nor a units table|empty recording",
-                 "u.nwb", path)
+    expect_error(
+        tmp_path, "neither a RoiResponseSeries nor a units table|empty recording", "u.nwb", path
+    )
 
 
 def test_corrupt_nwb(tmp_path):
@@ -126,14 +128,17 @@ def test_trials_without_trials_table(tmp_path, rng):
 
 
 def test_trial_outside_recording(tmp_path, rng):
-    path = write_ophys_nwb(tmp_path / "a.nwb", rng.standard_normal((100, 2)), rate=10.0,
-                           trials=[(1.0, 2.0), (9.5, 11.0)])
+    path = write_ophys_nwb(
+        tmp_path / "a.nwb",
+        rng.standard_normal((100, 2)),
+        rate=10.0,
+        trials=[(1.0, 2.0), (9.5, 11.0)],
+    )
     expect_error(tmp_path, "extends outside the recording", "a.nwb", path, trials=True)
 
 
 def test_suite2p_missing_files(tmp_path):
-    folder = write_suite2p(tmp_path / "plane0", np.ones((2, 5)), np.ones((2, 5)),
-                           np.ones((2, 2)))
+    folder = write_suite2p(tmp_path / "plane0", np.ones((2, 5)), np.ones((2, 5)), np.ones((2, 2)))
     (folder / "ops.npy").unlink()
     expect_error(tmp_path, r"lacks \['ops.npy'\]", "plane0", folder)
 
@@ -181,7 +186,8 @@ def test_interrupted_ingest_resumes(tmp_path, rng, monkeypatch):
     assert (tmp_path / "ds" / "data.zarr.partial").exists()
     written.clear()
     monkeypatch.setattr(
-        ingest_module, "_write_recording",
+        ingest_module,
+        "_write_recording",
         lambda group, rec, *a: (written.append(rec.name), real(group, rec, *a)),
     )
     out = ingest(tmp_path, *paths)

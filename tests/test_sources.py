@@ -13,8 +13,9 @@ from poplds.sources._nwb import count_spikes
 
 
 def ingest_one(tmp_path, path, **kw):
-    out = ingest_dataset([{"path": str(path), "name": "r", **kw.pop("rec", {})}],
-                         tmp_path / "ds" / "data.zarr", **kw)
+    out = ingest_dataset(
+        [{"path": str(path), "name": "r", **kw.pop("rec", {})}], tmp_path / "ds" / "data.zarr", **kw
+    )
     return DatasetStore(out)
 
 
@@ -54,9 +55,7 @@ def test_nwb_ophys_roi_ids_follow_the_region(tmp_path, rng):
 def test_nwb_ophys_series_choice_and_timestamps(tmp_path, rng):
     data = rng.standard_normal((40, 4)).astype(np.float32)
     stamps = 5.0 + np.arange(40) / 20.0
-    path = write_ophys_nwb(
-        tmp_path / "a.nwb", data, series_names=("dff", "raw"), timestamps=stamps
-    )
+    path = write_ophys_nwb(tmp_path / "a.nwb", data, series_names=("dff", "raw"), timestamps=stamps)
     store = ingest_one(tmp_path, path, rec={"series": "raw"})
     assert store.recording_attrs("r")["series"] == "ophys/raw"
     assert store.recording_attrs("r")["rate_hz"] == pytest.approx(20.0)
@@ -88,10 +87,14 @@ def test_nwb_units_binning_and_obs_intervals(tmp_path, rng):
     spikes = [np.sort(rng.uniform(0, 10, n)) for n in (50, 200, 5)]
     spikes[0] = np.append(spikes[0], [2.0, 2.02])  # spikes exactly on bin edges
     spikes[0].sort()
-    intervals = [np.array([[0.0, 10.0]]), np.array([[0.0, 4.0], [6.0, 10.0]]),
-                 np.array([[1.01, 9.0]])]
-    path = write_units_nwb(tmp_path / "u.nwb", spikes, neuron_ids=["x", "y", "z"],
-                           obs_intervals=intervals)
+    intervals = [
+        np.array([[0.0, 10.0]]),
+        np.array([[0.0, 4.0], [6.0, 10.0]]),
+        np.array([[1.01, 9.0]]),
+    ]
+    path = write_units_nwb(
+        tmp_path / "u.nwb", spikes, neuron_ids=["x", "y", "z"], obs_intervals=intervals
+    )
     store = ingest_one(tmp_path, path, bin_size_s=0.02)
     x = store.activity("r").compute()
     last = max(max(s.max() for s in spikes), 10.0)
@@ -116,8 +119,7 @@ def test_nwb_units_binning_and_obs_intervals(tmp_path, rng):
 def test_nwb_units_trials_crop_and_window(tmp_path, rng):
     spikes = [np.sort(rng.uniform(0, 20, 400)) for _ in range(4)]
     trials = [(1.0, 2.0), (5.0, 5.7), (10.0, 11.3)]
-    path = write_units_nwb(tmp_path / "u.nwb", spikes, trials=trials,
-                           trial_numbers=[7, 8, 10])
+    path = write_units_nwb(tmp_path / "u.nwb", spikes, trials=trials, trial_numbers=[7, 8, 10])
     store = ingest_one(tmp_path, path, bin_size_s=0.05, trials=True)
     x = store.activity("r").compute()
     assert x.shape == (3, 14, 4)  # cropped to the shortest trial: 0.7 s / 0.05 s
@@ -147,8 +149,13 @@ def test_npz_continuous_and_trials(tmp_path, rng):
     assert store.recording_attrs("r")["kind"] == "traces"
 
     counts = rng.poisson(2.0, (8, 20, 5)).astype(np.int16)
-    np.savez(tmp_path / "t.npz", activity=counts, neuron_ids=np.array(list("abcde")),
-             rate_hz=50.0, trial_ids=np.array([0, 1, 2, 4, 5, 6, 9, 11]))
+    np.savez(
+        tmp_path / "t.npz",
+        activity=counts,
+        neuron_ids=np.array(list("abcde")),
+        rate_hz=50.0,
+        trial_ids=np.array([0, 1, 2, 4, 5, 6, 9, 11]),
+    )
     store = ingest_one(tmp_path, tmp_path / "t.npz", trials=True)
     assert_same(store.activity("r").compute(), counts)
     np.testing.assert_array_equal(store.trial_ids("r"), [0, 1, 2, 4, 5, 6, 9, 11])
@@ -169,8 +176,9 @@ def test_suite2p_neuropil_corrected_cells(tmp_path, rng):
     assert store.recording_attrs("r")["rate_hz"] == 15.0
     # an explicit coefficient and an id file override the defaults
     (tmp_path / "ids.txt").write_text("m1\nm2\nm3\nm4\n")
-    store = ingest_one(tmp_path, folder, rec={"neuropil_coefficient": 0.0,
-                                              "neuron_ids": str(tmp_path / "ids.txt")})
+    store = ingest_one(
+        tmp_path, folder, rec={"neuropil_coefficient": 0.0, "neuron_ids": str(tmp_path / "ids.txt")}
+    )
     assert_same(store.activity("r").compute(), F[cells].T)
     assert store.neuron_ids.tolist() == ["m1", "m2", "m3", "m4"]
 
@@ -179,8 +187,10 @@ def test_partial_recordings_share_a_neuron_table(tmp_path, rng):
     a, b = rng.standard_normal((30, 3)), rng.standard_normal((40, 3))
     np.savez(tmp_path / "a.npz", activity=a, neuron_ids=np.array(["a", "b", "c"]), rate_hz=10)
     np.savez(tmp_path / "b.npz", activity=b, neuron_ids=np.array(["c", "d", "a"]), rate_hz=10)
-    out = ingest_dataset([{"path": str(tmp_path / "a.npz")}, {"path": str(tmp_path / "b.npz")}],
-                         tmp_path / "x" / "data.zarr")
+    out = ingest_dataset(
+        [{"path": str(tmp_path / "a.npz")}, {"path": str(tmp_path / "b.npz")}],
+        tmp_path / "x" / "data.zarr",
+    )
     store = DatasetStore(out)
     assert store.neuron_ids.tolist() == ["a", "b", "c", "d"]
     np.testing.assert_array_equal(store.neurons("b"), [2, 3, 0])
@@ -207,8 +217,10 @@ def test_real_dentate_gyrus_events(tmp_path):
     store = ingest_one(tmp_path, path)
     with h5py.File(path, "r") as f:
         data = f["processing/ophys/events/data"][:]
-        ids = [v.decode() if isinstance(v, bytes) else v
-               for v in f["processing/ophys/ImageSegmentation/cells/neuron_id"][:]]
+        ids = [
+            v.decode() if isinstance(v, bytes) else v
+            for v in f["processing/ophys/ImageSegmentation/cells/neuron_id"][:]
+        ]
         rois = f["processing/ophys/events/rois"][:]
     assert_same(store.activity("r").compute(), data)
     assert store.neuron_ids[store.neurons("r")].tolist() == [ids[k] for k in rois]
@@ -230,9 +242,9 @@ def test_real_gpe_units_with_trials(tmp_path):
     n_bins = int(np.floor((stops - starts).min() / 0.02 + 1e-6))
     x = store.activity("r").compute()
     assert x.shape == (50, n_bins, 18)
-    expected = np.stack([
-        _reference_counts(spikes, s + 0.02 * np.arange(n_bins + 1)) for s in starts
-    ])
+    expected = np.stack(
+        [_reference_counts(spikes, s + 0.02 * np.arange(n_bins + 1)) for s in starts]
+    )
     assert_same(x, expected)
     assert store.neuron_ids.tolist() == ids
     np.testing.assert_array_equal(store.trial_ids("r"), numbers)
