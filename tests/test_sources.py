@@ -258,3 +258,27 @@ def test_real_gpe_units_continuous(tmp_path):
     with h5py.File(path, "r") as f:
         n_spikes = f["units/spike_times"].shape[0]
     assert np.nansum(x) == n_spikes  # every spike in exactly one bin
+
+
+def test_lazy_readers_do_not_embed_the_data(tmp_path, rng):
+    """suite2p and NWB recordings stay lazy: their dask graphs hold file references, not the
+    data (dask copies a numpy memmap whole into its graph, which defeats streaming)."""
+    import pickle
+
+    from poplds import RecordingSpec, open_recording
+
+    F = rng.uniform(100, 200, (50, 20000)).astype(np.float32)  # 4 MB
+    folder = write_suite2p(tmp_path / "plane0", F, F / 4, np.ones((50, 2)))
+    data = rng.standard_normal((20000, 50)).astype(np.float32)
+    nwb = write_ophys_nwb(tmp_path / "a.nwb", data)
+    for path in (folder, nwb):
+        rec = open_recording(RecordingSpec(path), chunk_mb=0.5)
+        try:
+            graph = dict(rec.activity.__dask_graph__())
+            if path == folder:  # h5py datasets do not pickle; their graph is checked by size
+                assert len(pickle.dumps(graph)) < 200_000
+            arrays = [v for v in graph.values() if isinstance(v, np.ndarray)]
+            assert sum(a.nbytes for a in arrays) < 100_000
+            assert rec.activity.numblocks[0] > 1
+        finally:
+            rec.close()

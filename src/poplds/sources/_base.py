@@ -211,6 +211,25 @@ def file_sha256(path: Path, block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+class NpyArray:
+    """A ``.npy`` file as a lazy array-like for :func:`dask.array.from_array`.
+
+    Dask treats a ``numpy.memmap`` as an in-memory array and copies all of it into its chunks;
+    this wrapper is not an ndarray, so dask calls ``__getitem__`` per chunk and only that slice
+    of the file is read (and it pickles as a path, for distributed schedulers).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        mm = np.load(self.path, mmap_mode="r")
+        self.shape: tuple[int, ...] = tuple(mm.shape)
+        self.dtype: np.dtype = mm.dtype
+        self.ndim: int = mm.ndim
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return np.array(np.load(self.path, mmap_mode="r")[index])
+
+
 def time_chunk_rows(n_columns: int, itemsize: int = 4, target_mb: float = 4.0) -> int:
     """Rows per chunk so that one chunk of ``n_columns`` values holds about ``target_mb`` MB."""
     return max(1, int(target_mb * 1e6 // max(1, n_columns * itemsize)))

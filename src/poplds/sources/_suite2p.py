@@ -8,7 +8,8 @@ cells, time-major::
     activity[t, j] = F[cell_j, t] - neucoeff * Fneu[cell_j, t]      (computed in float64)
 
 Neuron ids are the suite2p ROI indices unless a ``neuron_ids`` file gives cross-session matches.
-``F.npy`` and ``Fneu.npy`` are memory-mapped, so planes larger than memory stream through.
+``F.npy`` and ``Fneu.npy`` are read chunk by chunk from memory maps (:class:`NpyArray`), so
+planes larger than memory stream through.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import dask.array as da
 import numpy as np
 
 from .._errors import InputError
-from ._base import Recording, RecordingSpec, time_chunk_rows
+from ._base import NpyArray, Recording, RecordingSpec, time_chunk_rows
 
 FILES = ("F.npy", "Fneu.npy", "iscell.npy", "ops.npy")
 
@@ -69,8 +70,9 @@ def read_suite2p(spec: RecordingSpec, *, chunk_mb: float = 4.0) -> Recording:
     if coeff is None:
         coeff = float(ops.get("neucoeff", 0.7))
     rows = time_chunk_rows(len(cells), 8, chunk_mb)
-    f = da.from_array(F, chunks=(-1, rows))[cells].T.astype(np.float64)
-    fn = da.from_array(Fneu, chunks=(-1, rows))[cells].T.astype(np.float64)
+    f = da.from_array(NpyArray(path / "F.npy"), chunks=(-1, rows))[cells].T.astype(np.float64)
+    fn = da.from_array(NpyArray(path / "Fneu.npy"), chunks=(-1, rows))[cells]
+    fn = fn.T.astype(np.float64)
     x = (f - coeff * fn).astype(np.float32)
     return Recording(
         name=spec.display_name,
