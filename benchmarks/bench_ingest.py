@@ -11,8 +11,8 @@ printed too.
     python benchmarks/bench_ingest.py                      # 1000 cells x 100k frames (400 MB)
     python benchmarks/bench_ingest.py --cells 4000 --frames 200000 --workdir /scratch/bench
 
-Prints one table: route, activity MB, seconds, MB/s, peak anonymous memory MB, store MB, compression ratio,
-and the time and memory ratios peer / poplds.
+Prints one table: route, activity MB, seconds, MB/s, peak anonymous memory MB, store MB,
+compression ratio, and the time and memory ratios peer / poplds.
 """
 
 from __future__ import annotations
@@ -259,10 +259,11 @@ def main() -> None:
                     f"{r['activity_mb'] / r['store_mb']:6.2f}"
                 )
             p, q = res["poplds"], res["peer"]
+            mem_p = max(1.0, p["peak_rss_mb"] - p["baseline_rss_mb"])
+            mem_q = q["peak_rss_mb"] - q["baseline_rss_mb"]
             print(
                 f"{kind:8} peer/poplds: time {q['seconds'] / p['seconds']:.2f}x, "
-                f"peak memory above baseline "
-                f"{(q['peak_rss_mb'] - q['baseline_rss_mb']) / max(1.0, p['peak_rss_mb'] - p['baseline_rss_mb']):.1f}x"
+                f"peak memory above baseline {mem_q / mem_p:.1f}x"
             )
     finally:
         if args.workdir is None:
