@@ -53,7 +53,9 @@ def plot_coverage(store_path: str | Path, out: str | Path) -> Path:
     if len(names) <= 12:
         for i in range(len(names)):
             for j in range(len(names)):
-                ax.text(j, i, str(shared[i, j]), ha="center", va="center", color="w", fontsize=8)
+                light = shared[i, j] > 0.6 * max(1, shared.max())  # viridis is light up there
+                colour = "k" if light else "w"
+                ax.text(j, i, str(shared[i, j]), ha="center", va="center", color=colour, fontsize=8)
     fig.colorbar(im, ax=ax, shrink=0.8)
     ax.set_title("shared neurons")
     ax = axes[2]
