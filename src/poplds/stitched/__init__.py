@@ -1,0 +1,1 @@
+"""Stitched linear dynamical system (Nonnenmacher, Turaga & Macke, NeurIPS 2017)."""

@@ -1,0 +1,366 @@
+"""Partial recordings prepared for moment matching: centred, grouped by observation pattern.
+
+Each recording ``r`` observes neurons ``idx_r`` (positions in the dataset's neuron table) over
+its own ``T_r`` time steps. Neurons observed by the same set of recordings (and, for the
+held-out split, carrying the same random label) form one *group* ``g``. Two groups are
+co-observed at lag ``s`` when they share a recording longer than ``s``; the number of
+co-observed sample pairs is
+
+    n_gh(s) = sum over recordings r holding both g and h of (T_r - s)          (1)
+
+and every empirical lagged covariance of neurons ``i in g``, ``j in h`` is a pooled sum over
+those recordings divided by ``n_gh(s)``. Everything the fit needs from the data is
+``Z_r[t, g] = C_g' y_r,g[t]`` (time, groups_r, latents), so no neuron-by-neuron matrix exists.
+
+Missing values (NaN) are set to zero after centring and each neuron's column is divided by
+its observed fraction in that recording, which makes pooled sums unbiased when values are
+missing at random; with no missing values (the usual case) every statistic is exact.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .._errors import InputError
+from .._logging import get_logger
+
+log = get_logger()
+
+
+def choose_device(device: str = "auto") -> torch.device:
+    """``auto``: the first CUDA GPU when there is one, else the CPU (logged once)."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            dev = torch.device("cuda")
+            log.info("device: %s (%s)", dev, torch.cuda.get_device_name(dev))
+            return dev
+        log.info("device: cpu (no CUDA device found)")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("stitched_lds.device", f"{device!r} asked for, but CUDA is not available")
+    return dev
+
+
+@dataclass
+class RecordingBlock:
+    """One recording, prepared: columns sorted by group, centred, missing values zero-filled.
+
+    Attributes
+    ----------
+    name: recording name.
+    neurons: (N_r,) positions in the dataset's neuron table, in *group-sorted* column order.
+    groups: (G_r,) global ids of the groups in this recording, in column order.
+    slices: (G_r,) column slices of each group.
+    mean: (N_r,) per-neuron means (of observed values) in the group-sorted order.
+    n_time: T_r.
+    data: (T_r, N_r) float32 tensor on the device, or None when streamed from ``source``.
+    source: (zarr array, column order, scale) to stream ``(time, neurons)`` chunks from.
+    """
+
+    name: str
+    neurons: np.ndarray
+    groups: np.ndarray
+    slices: list[slice]
+    mean: np.ndarray
+    scale: np.ndarray
+    n_time: int
+    data: torch.Tensor | None = None
+    source: object | None = None
+    column_order: np.ndarray | None = None
+    chunk_rows: int = 8192
+    _mean_t: torch.Tensor | None = field(default=None, repr=False)
+    _scale_t: torch.Tensor | None = field(default=None, repr=False)
+
+    def chunks(self, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(t0, Y[t0:t1])`` float32 (rows, N_r) on ``device``, prepared (centred,
+        zero-filled, scaled). Streamed chunks are read one ahead in a background thread and
+        copied from pinned host memory, so reading overlaps computing."""
+        if self.data is not None:
+            for t0 in range(0, self.n_time, self.chunk_rows):
+                yield t0, self.data[t0 : t0 + self.chunk_rows]
+            return
+        if self._mean_t is None:
+            self._mean_t = torch.as_tensor(self.mean, dtype=torch.float32, device=device)
+            self._scale_t = torch.as_tensor(self.scale, dtype=torch.float32, device=device)
+        starts = list(range(0, self.n_time, self.chunk_rows))
+        pin = device.type == "cuda"
+
+        def read(t0: int) -> torch.Tensor:
+            block = np.asarray(self.source[t0 : t0 + self.chunk_rows])[:, self.column_order]
+            host = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
+            return host.pin_memory() if pin else host
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(read, starts[0]) if starts else None
+            for k, t0 in enumerate(starts):
+                host = future.result()
+                if k + 1 < len(starts):
+                    future = pool.submit(read, starts[k + 1])
+                y = host.to(device, non_blocking=pin)
+                yield t0, prepare_chunk(y, self._mean_t, self._scale_t)
+
+
+def prepare_chunk(y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``(y - mean) * scale`` with NaN set to 0, in place where possible."""
+    y = (y - mean) * scale
+    return torch.nan_to_num_(y, nan=0.0)
+
+
+@dataclass
+class StitchedData:
+    """All recordings of a dataset, grouped by observation pattern.
+
+    Attributes
+    ----------
+    n_neurons: N_total.
+    recordings: the prepared recordings.
+    group_of: (N_total,) group id of each neuron (-1: never observed).
+    group_size: (G,) neurons per group.
+    membership: (G, R) bool, which recordings observe each group.
+    lags: K, lags 0..K-1 are matched.
+    pair_count: (K, G, G) float64 co-observed sample pairs ``n_gh(s)`` of eq. (1), with
+        held-out group pairs set to 0.
+    heldout: (G, G) bool, group pairs kept out of the fit (co-observed, but masked).
+    variance: (N_total,) pooled empirical variance of each neuron (NaN if never observed).
+    diag0: (N_total,) pooled lag-0 diagonal as the scaled data give it (equals ``variance``
+        without missing values).
+    label: (N_total,) the random label of each neuron used by the held-out split.
+    """
+
+    n_neurons: int
+    recordings: list[RecordingBlock]
+    group_of: np.ndarray
+    group_size: np.ndarray
+    membership: np.ndarray
+    lags: int
+    pair_count: np.ndarray
+    heldout: np.ndarray
+    variance: np.ndarray
+    diag0: np.ndarray
+    label: np.ndarray
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.group_size)
+
+    def weights(self, device: torch.device) -> torch.Tensor:
+        """(K, G, G) float64 ``1 / n_gh(s)``, 0 where not co-observed or held out."""
+        w = np.zeros_like(self.pair_count)
+        np.divide(1.0, self.pair_count, out=w, where=self.pair_count > 0)
+        return torch.as_tensor(w, device=device)
+
+    def n_pairs(self) -> float:
+        """Number of neuron pairs (i, j, s) in the loss: co-observed, not held out, lag-0
+        diagonal excluded."""
+        sizes = self.group_size.astype(np.float64)
+        per_lag = np.einsum("sgh,g,h->", (self.pair_count > 0).astype(np.float64), sizes, sizes)
+        return float(per_lag - np.sum(self.group_size))
+
+
+def observation_groups(
+    neurons_per_recording: Sequence[np.ndarray], n_total: int, label: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Group ids (N_total,) of neurons that share the same recordings and the same label, and
+    the membership (G, R). Groups are numbered in order of their first neuron; neurons that no
+    recording observes get -1."""
+    r = len(neurons_per_recording)
+    member = np.zeros((n_total, r), dtype=bool)
+    for k, idx in enumerate(neurons_per_recording):
+        member[idx, k] = True
+    observed = member.any(axis=1)
+    keys = np.concatenate([member.astype(np.int64), label[:, None].astype(np.int64)], axis=1)
+    _, first, inverse = np.unique(keys[observed], axis=0, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    group_of = np.full(n_total, -1, dtype=np.int64)
+    group_of[observed] = rank[inverse.ravel()]
+    membership = np.zeros((len(first), r), dtype=bool)
+    membership[group_of[observed]] = member[observed]
+    return group_of, membership
+
+
+def heldout_label_pairs(n_labels: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """(n_labels, n_labels) symmetric bool: label pairs whose neuron pairs are held out.
+
+    Off-diagonal label pairs are drawn until about ``fraction`` of all label pairs are held
+    out; diagonal pairs (same label) always stay in the fit, so every neuron keeps pairs.
+    """
+    out = np.zeros((n_labels, n_labels), dtype=bool)
+    if fraction <= 0 or n_labels < 2:
+        return out
+    iu = np.array(np.triu_indices(n_labels, 1)).T
+    n_pick = int(round(fraction * n_labels * n_labels / 2))
+    n_pick = min(max(n_pick, 1), len(iu))
+    pick = iu[rng.choice(len(iu), n_pick, replace=False)]
+    out[pick[:, 0], pick[:, 1]] = True
+    out[pick[:, 1], pick[:, 0]] = True
+    return out
+
+
+@dataclass(frozen=True)
+class RecordingInput:
+    """One recording as the fit receives it.
+
+    name: its name; activity: (time, neurons) array-like (numpy, zarr or dask) read in row
+    chunks; neurons: (neurons,) positions in the dataset's neuron table.
+    """
+
+    name: str
+    activity: object
+    neurons: np.ndarray
+
+
+def _row_chunks(n: int, rows: int) -> Iterator[tuple[int, int]]:
+    for t0 in range(0, n, rows):
+        yield t0, min(n, t0 + rows)
+
+
+def prepare_data(
+    recordings: Sequence[RecordingInput],
+    n_neurons: int,
+    *,
+    lags: int,
+    device: torch.device,
+    heldout_fraction: float = 0.0,
+    n_labels: int = 10,
+    seed: int = 0,
+    max_device_bytes: float | None = None,
+    chunk_rows: int | None = None,
+) -> StitchedData:
+    """Group neurons, compute means, observed fractions and variances (one pass over each
+    recording), and place the prepared data on ``device`` when it fits in
+    ``max_device_bytes`` (default: half the free device memory, or 4 GB of host memory),
+    else stream it from the source in time chunks at every pass.
+
+    Parameters
+    ----------
+    recordings: the dataset's recordings (time-major, (T_r, N_r)).
+    n_neurons: N_total, the size of the neuron table.
+    lags: K; covariances at lags 0..K-1 are matched.
+    heldout_fraction: fraction of co-observed neuron pairs kept out of the fit (by random
+        neuron labels, see :func:`heldout_label_pairs`).
+    seed: seed of the labels and the held-out choice.
+    """
+    if lags < 1:
+        raise InputError("stitched_lds.lags", f"must be at least 1, got {lags}")
+    for rec in recordings:
+        t = int(rec.activity.shape[0])
+        if t <= lags:
+            raise InputError(
+                rec.name, f"recording has {t} time steps; lags: {lags} needs more than {lags}"
+            )
+    rng = np.random.default_rng([seed, 7])
+    label = rng.integers(0, n_labels, n_neurons) if heldout_fraction > 0 else np.zeros(n_neurons)
+    held_labels = heldout_label_pairs(n_labels, heldout_fraction, rng)
+    group_of, membership = observation_groups(
+        [np.asarray(r.neurons) for r in recordings], n_neurons, label
+    )
+    n_groups = membership.shape[0]
+    group_size = np.bincount(group_of[group_of >= 0], minlength=n_groups)
+    group_label = np.zeros(n_groups, dtype=np.int64)
+    group_label[group_of[group_of >= 0]] = label[group_of >= 0]
+    lengths = np.array([int(r.activity.shape[0]) for r in recordings], dtype=np.float64)
+    s = np.arange(lags, dtype=np.float64)
+    per_rec = np.clip(lengths[None, :] - s[:, None], 0, None)  # (K, R)
+    mem = membership.astype(np.float64)
+    pair_count = np.einsum("gr,sr,hr->sgh", mem, per_rec, mem)
+    heldout = held_labels[group_label[:, None], group_label[None, :]] & (pair_count[0] > 0)
+    pair_count[:, heldout] = 0.0
+
+    if max_device_bytes is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            max_device_bytes = 0.5 * free
+        else:
+            max_device_bytes = 4e9
+    total_bytes = sum(4.0 * r.activity.shape[0] * r.activity.shape[1] for r in recordings)
+    in_memory = total_bytes <= max_device_bytes
+
+    sum_sq = np.zeros(n_neurons)
+    count = np.zeros(n_neurons)
+    sum_sq_scaled = np.zeros(n_neurons)
+    blocks = []
+    for rec in recordings:
+        neurons = np.asarray(rec.neurons, dtype=np.int64)
+        order = np.argsort(group_of[neurons], kind="stable")
+        neurons_sorted = neurons[order]
+        g_sorted = group_of[neurons_sorted]
+        groups, starts = np.unique(g_sorted, return_index=True)
+        bounds = list(starts) + [len(neurons_sorted)]
+        slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        t_r, n_r = int(rec.activity.shape[0]), len(neurons)
+        rows = chunk_rows or max(256, int(32e6 // max(1, 4 * n_r)))
+        total = np.zeros(n_r)
+        n_obs = np.zeros(n_r)
+        for t0, t1 in _row_chunks(t_r, rows):
+            y = np.asarray(rec.activity[t0:t1], dtype=np.float64)[:, order]
+            ok = ~np.isnan(y)
+            total += np.where(ok, y, 0.0).sum(0)
+            n_obs += ok.sum(0)
+        if np.any(n_obs == 0):
+            bad = neurons_sorted[n_obs == 0][:5]
+            raise InputError(rec.name, f"neurons at positions {bad.tolist()} are never observed")
+        mean = total / n_obs
+        frac = n_obs / t_r
+        scale = 1.0 / frac
+        ss = np.zeros(n_r)
+        data = torch.empty((t_r, n_r), dtype=torch.float32, device=device) if in_memory else None
+        mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device)
+        scale_t = torch.as_tensor(scale, dtype=torch.float32, device=device)
+        for t0, t1 in _row_chunks(t_r, rows):
+            y = np.asarray(rec.activity[t0:t1], dtype=np.float64)[:, order]
+            ss += np.nansum((y - mean) ** 2, axis=0)
+            if data is not None:
+                chunk = torch.as_tensor(y.astype(np.float32), device=device)
+                data[t0:t1] = prepare_chunk(chunk, mean_t, scale_t)
+        sum_sq[neurons_sorted] += ss
+        count[neurons_sorted] += n_obs
+        sum_sq_scaled[neurons_sorted] += ss * scale**2
+        blocks.append(
+            RecordingBlock(
+                name=rec.name,
+                neurons=neurons_sorted,
+                groups=groups,
+                slices=slices,
+                mean=mean,
+                scale=scale,
+                n_time=t_r,
+                data=data,
+                source=None if in_memory else rec.activity,
+                column_order=None if in_memory else order,
+                chunk_rows=rows,
+            )
+        )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        variance = np.where(count > 0, sum_sq / count, np.nan)
+        diag_count = np.zeros(n_neurons)
+        obs = group_of >= 0
+        diag_count[obs] = pair_count[0][group_of[obs], group_of[obs]]
+        diag0 = np.where(diag_count > 0, sum_sq_scaled / np.maximum(diag_count, 1), np.nan)
+    log.info(
+        "%d recordings, %d neurons in %d observation groups, %s on %s",
+        len(recordings),
+        n_neurons,
+        n_groups,
+        "held in memory" if in_memory else "streamed from the store",
+        device,
+    )
+    return StitchedData(
+        n_neurons=n_neurons,
+        recordings=blocks,
+        group_of=group_of,
+        group_size=group_size,
+        membership=membership,
+        lags=lags,
+        pair_count=pair_count,
+        heldout=heldout,
+        variance=variance,
+        diag0=diag0,
+        label=label.astype(np.int64),
+    )
