@@ -60,7 +60,9 @@ class RecordingBlock:
     mean: (N_r,) per-neuron means (of observed values) in the group-sorted order.
     n_time: T_r.
     data: (T_r, N_r) float32 tensor on the device, or None when streamed from ``source``.
-    source: (zarr array, column order, scale) to stream ``(time, neurons)`` chunks from.
+    source: the (time, neurons) array to stream chunks from when ``data`` is None.
+    column_order: (N_r,) the source's columns in group-sorted order.
+    mean, scale: (N_r,) per-neuron mean and 1 / observed fraction, group-sorted order.
     """
 
     name: str
@@ -76,6 +78,12 @@ class RecordingBlock:
     chunk_rows: int = 8192
     _mean_t: torch.Tensor | None = field(default=None, repr=False)
     _scale_t: torch.Tensor | None = field(default=None, repr=False)
+
+    def mean_in_source_order(self) -> np.ndarray:
+        """(N_r,) means in the recording's own neuron order."""
+        out = np.empty_like(self.mean)
+        out[self.column_order] = self.mean
+        return out
 
     def chunks(self, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(t0, Y[t0:t1])`` float32 (rows, N_r) on ``device``, prepared (centred,
@@ -131,6 +139,7 @@ class StitchedData:
     diag0: (N_total,) pooled lag-0 diagonal as the scaled data give it (equals ``variance``
         without missing values).
     label: (N_total,) the random label of each neuron used by the held-out split.
+    device: where the fit computes.
     """
 
     n_neurons: int
@@ -144,6 +153,7 @@ class StitchedData:
     variance: np.ndarray
     diag0: np.ndarray
     label: np.ndarray
+    device: torch.device = torch.device("cpu")
 
     @property
     def n_groups(self) -> int:
@@ -333,7 +343,7 @@ def prepare_data(
                 n_time=t_r,
                 data=data,
                 source=None if in_memory else rec.activity,
-                column_order=None if in_memory else order,
+                column_order=order,
                 chunk_rows=rows,
             )
         )
@@ -363,4 +373,5 @@ def prepare_data(
         variance=variance,
         diag0=diag0,
         label=label.astype(np.int64),
+        device=device,
     )

@@ -103,7 +103,7 @@ def reduced_loss(
     model_sq = torch.einsum("sgbd,hdb,sgh->", XtGX, G, tensors["coobserved"])
     # model x data
     cross = C.new_zeros(())
-    for rec, z, gidx in zip(data.recordings, Z, tensors["rec_groups"], strict=True):
+    for z, gidx in zip(Z, tensors["rec_groups"], strict=True):
         gam = lagged_products(z, data.lags)  # (K, G_r, n, G_r, n): [s, h, b, g, a]
         w = weights[:, gidx][:, :, gidx]  # (K, G_r, G_r): [s, g, h]
         cross = cross + torch.einsum("sab,shbga,sgh->", X, gam, w)

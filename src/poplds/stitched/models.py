@@ -1,0 +1,504 @@
+"""Fitting the stitched LDS by moment matching (Nonnenmacher, Turaga & Macke 2017).
+
+Model (time-major; ``x[t]``: (n,), ``y[t]``: (N,))::
+
+    x[t+1] = A x[t] + w[t],   w ~ N(0, Q)
+    y[t]   = C x[t] + v[t],   v ~ N(0, diag(R))
+    Pi     = A Pi A' + Q,     X_s = A^s Pi,   cov(y[t+s], y[t]) = C X_s C' + [s = 0] R
+
+Each recording observes its own neurons over its own time span; the loss (``_loss``) compares
+model and empirical lagged covariances of the pairs observed together, and the covariances of
+pairs never observed together are predictions.
+
+Fitting, all deterministic for a given seed:
+
+1. Warm start. PCA of the largest recording (subspace iteration on its covariance) gives its
+   loadings and ``X_s`` from the lagged covariances of its projections. Each further
+   recording, in breadth-first order over the overlap graph, gets the loadings of its new
+   neurons ``u`` by least squares against the neurons ``k`` already placed:
+   ``C_u sum_s (X_s G_k X_s' + X_s' G_k X_s) = sum_s (F_s X_s' + B_s X_s)`` with
+   ``G_k = C_k' C_k``, ``F_s = sum_t y_u[t+s] z_k[t]' / (T-s)`` and
+   ``B_s = sum_t y_u[t] z_k[t+s]' / (T-s)``.
+2. Free stage: ``C`` and every ``X_s`` (``X_0`` symmetric) by L-BFGS.
+3. ``A = [X_1 ... X_{K-1}] [X_0 ... X_{K-2}]^+`` (the consistent least squares), projected to
+   spectral radius < 1 when ``stable``.
+4. Linked stage: ``C``, ``A`` and ``Pi = L L'`` (PSD by construction) by L-BFGS.
+5. ``Q = Pi - A Pi A'`` projected to PSD; ``R_i = max(v_i - C_i Pi C_i', r_floor v_i)``.
+
+Optional random restarts repeat 2-4 from random starts and keep the lowest loss.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from .._errors import InputError
+from .._logging import get_logger
+from ._data import RecordingInput, StitchedData, choose_device, prepare_data
+from ._loss import loss_and_grad, loss_tensors
+
+log = get_logger()
+
+
+class StitchedLDSParams(NamedTuple):
+    """Fitted parameters (numpy float64).
+
+    A: (n, n) dynamics; C: (N_total, n) loadings in the dataset's neuron order; Q: (n, n)
+    innovation covariance; R: (N_total,) observation noise variances; Pi: (n, n) stationary
+    latent covariance; X: (K, n, n) ``A^s Pi`` for s < K.
+    """
+
+    A: np.ndarray
+    C: np.ndarray
+    Q: np.ndarray
+    R: np.ndarray
+    Pi: np.ndarray
+    X: np.ndarray
+
+    def lagged_covariance(self, i: np.ndarray, j: np.ndarray, lag: int) -> np.ndarray:
+        """Predicted ``cov(y_i[t+lag], y_j[t])`` (len(i), len(j)), ``+ R`` on the diagonal at 0."""
+        Xs = np.linalg.matrix_power(self.A, lag) @ self.Pi
+        out = self.C[i] @ Xs @ self.C[j].T
+        if lag == 0:
+            same = np.asarray(i)[:, None] == np.asarray(j)[None, :]
+            out = out + np.where(same, self.R[np.asarray(i)][:, None], 0.0)
+        return out
+
+
+@dataclass
+class StitchedFit:
+    """The result of :func:`fit_stitched_lds`.
+
+    params: the fitted parameters; means: per recording (N_r,) means in the recording's own
+    neuron order; trace: list of ``(stage, pass, loss)`` (reduced loss per pair, see
+    ``_loss``); info: passes, seconds, convergence per stage, device, warnings.
+    """
+
+    params: StitchedLDSParams
+    means: dict[str, np.ndarray]
+    trace: list[tuple[str, int, float]]
+    info: dict[str, Any]
+    data: StitchedData = field(repr=False)
+
+
+def _top_subspace(data: StitchedData, rec_index: int, n: int, seed: int, iters: int = 8):
+    """Top-n eigenvectors (N_r, n) and eigenvalues of recording ``rec_index``'s covariance by
+    subspace iteration (two products with the data per iteration), in its column order."""
+    rec = data.recordings[rec_index]
+    dev = data.device
+    n_r = len(rec.neurons)
+    p = min(n_r, n + 8)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    V = torch.randn((n_r, p), generator=g, dtype=torch.float64).to(dev)
+    for _ in range(iters):
+        W = torch.zeros_like(V)
+        V32 = V.to(torch.float32)
+        for _, y in rec.chunks(dev):
+            W += (y.T @ (y @ V32)).to(torch.float64)
+        V, _ = torch.linalg.qr(W / rec.n_time)
+    W = torch.zeros_like(V)
+    V32 = V.to(torch.float32)
+    for _, y in rec.chunks(dev):
+        W += (y.T @ (y @ V32)).to(torch.float64)
+    small = V.T @ W / rec.n_time
+    evals, evecs = torch.linalg.eigh(0.5 * (small + small.T))
+    order = torch.argsort(evals, descending=True)[:n]
+    return V @ evecs[:, order], evals[order]
+
+
+def _project_columns(rec, cols: np.ndarray, Ck: torch.Tensor, dev) -> torch.Tensor:
+    """``z[t] = C_k' y_k[t]``: (T_r, n) float64 for columns ``cols`` of a recording."""
+    z = torch.empty((rec.n_time, Ck.shape[1]), dtype=torch.float64, device=dev)
+    idx = torch.as_tensor(cols, device=dev)
+    C32 = Ck.to(torch.float32)
+    for t0, y in rec.chunks(dev):
+        z[t0 : t0 + y.shape[0]] = (y[:, idx] @ C32).to(torch.float64)
+    return z
+
+
+def _lagged_z(z: torch.Tensor, lags: int) -> torch.Tensor:
+    """``X_s = sum_t z[t+s] z[t]' / (T-s)``, (K, n, n)."""
+    T = z.shape[0]
+    return torch.stack([z[s:].T @ z[: T - s] / (T - s) for s in range(lags)])
+
+
+def warm_start(
+    data: StitchedData, n: int, seed: int = 0, ridge: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Deterministic start ``(C (N, n), X (K, n, n))`` (module docstring, step 1), and warnings
+    for recordings that share no neuron with the recordings placed before them."""
+    dev = data.device
+    K = data.lags
+    C = torch.zeros((data.n_neurons, n), dtype=torch.float64, device=dev)
+    known = np.zeros(data.n_neurons, dtype=bool)
+    sizes = [len(r.neurons) * r.n_time for r in data.recordings]
+    first = int(np.argmax([len(r.neurons) for r in data.recordings]))
+    if len(data.recordings[first].neurons) < n:
+        first = int(np.argmax(sizes))
+    rec = data.recordings[first]
+    V, _ = _top_subspace(data, first, n, seed)
+    C[torch.as_tensor(rec.neurons, device=dev)] = V
+    known[rec.neurons] = True
+    z = _project_columns(rec, np.arange(len(rec.neurons)), V, dev)
+    X = _lagged_z(z, K)
+    warnings: list[str] = []
+    todo = [k for k in range(len(data.recordings)) if k != first]
+    while todo:
+        overlap = [int(known[data.recordings[k].neurons].sum()) for k in todo]
+        k = todo.pop(int(np.argmax(overlap)))
+        rec = data.recordings[k]
+        cols_k = np.flatnonzero(known[rec.neurons])
+        cols_u = np.flatnonzero(~known[rec.neurons])
+        if len(cols_u) == 0:
+            continue
+        if len(cols_k) == 0:
+            warnings.append(
+                f"recording {rec.name} shares no neuron with the recordings placed before it: "
+                "its loadings start from its own PCA and are tied to the others only through "
+                "the shared dynamics"
+            )
+            Vr, _ = _top_subspace(data, k, n, seed + k)
+            C[torch.as_tensor(rec.neurons[cols_u], device=dev)] = Vr[torch.as_tensor(cols_u)]
+            known[rec.neurons[cols_u]] = True
+            continue
+        Ck = C[torch.as_tensor(rec.neurons[cols_k], device=dev)]
+        zk = _project_columns(rec, cols_k, Ck, dev)
+        Gk = Ck.T @ Ck
+        T = rec.n_time
+        F = torch.zeros((K, len(cols_u), n), dtype=torch.float64, device=dev)
+        B = torch.zeros_like(F)
+        iu = torch.as_tensor(cols_u, device=dev)
+        for t0, y in rec.chunks(dev):
+            yu = y[:, iu].to(torch.float64)
+            t1 = t0 + y.shape[0]
+            for s in range(K):
+                a = max(t0, s)  # rows t with t - s >= 0
+                if a < t1:
+                    F[s] += yu[a - t0 :].T @ zk[a - s : t1 - s]
+                b = min(t1, T - s)  # rows t with t + s < T
+                if b > t0:
+                    B[s] += yu[: b - t0].T @ zk[t0 + s : b + s]
+        counts = torch.as_tensor([T - s for s in range(K)], dtype=torch.float64, device=dev)
+        F /= counts[:, None, None]
+        B /= counts[:, None, None]
+        H = sum(X[s] @ Gk @ X[s].T + X[s].T @ Gk @ X[s] for s in range(K))
+        rhs = sum(F[s] @ X[s].T + B[s] @ X[s] for s in range(K))
+        H = H + ridge * torch.trace(H) / n * torch.eye(n, dtype=H.dtype, device=dev)
+        C[torch.as_tensor(rec.neurons[cols_u], device=dev)] = torch.linalg.solve(H, rhs.T).T
+        known[rec.neurons[cols_u]] = True
+    return C, X, warnings
+
+
+def dynamics_from_lagged(X: np.ndarray, stable: bool = True, max_radius: float = 0.995):
+    """``A = [X_1 ... X_{K-1}] [X_0 ... X_{K-2}]^+`` (n, n): the least squares solution of
+    ``X_s = A X_{s-1}``; with ``stable``, eigenvalues of modulus above ``max_radius`` are
+    scaled back to it (a real matrix stays real: conjugate pairs are scaled alike)."""
+    K = X.shape[0]
+    if K < 2:
+        raise InputError("stitched_lds.lags", "at least 2 lags are needed to identify A")
+    H1 = np.concatenate(list(X[1:]), axis=1)
+    H0 = np.concatenate(list(X[:-1]), axis=1)
+    A = H1 @ np.linalg.pinv(H0)
+    if stable:
+        A = stabilise(A, max_radius)
+    return A
+
+
+def stabilise(A: np.ndarray, max_radius: float = 0.995) -> np.ndarray:
+    """Scale eigenvalues of modulus above ``max_radius`` back to it."""
+    lam, V = np.linalg.eig(A)
+    if np.all(np.abs(lam) <= max_radius):
+        return A
+    lam = np.where(np.abs(lam) > max_radius, lam * max_radius / np.abs(lam), lam)
+    return np.real(V @ np.diag(lam) @ np.linalg.inv(V))
+
+
+def psd_project(M: np.ndarray, floor: float = 0.0) -> np.ndarray:
+    """Nearest symmetric matrix with eigenvalues >= ``floor`` (Frobenius norm)."""
+    w, V = np.linalg.eigh(0.5 * (M + M.T))
+    return (V * np.maximum(w, floor)) @ V.T
+
+
+def _lbfgs(
+    params: list[torch.Tensor],
+    closure: Callable[[], torch.Tensor],
+    *,
+    max_passes: int,
+    tol: float,
+    scale: float,
+    trace: list[tuple[str, int, float]],
+    stage: str,
+    log_every: int = 25,
+) -> dict[str, Any]:
+    """Run L-BFGS (strong Wolfe line search) until the loss changes by less than
+    ``tol * scale`` over 5 consecutive passes, or ``max_passes`` passes (each one evaluation of
+    loss and gradient, two products with the data)."""
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=max_passes,
+        max_eval=max_passes,
+        history_size=20,
+        tolerance_grad=0.0,
+        tolerance_change=0.0,
+        line_search_fn="strong_wolfe",
+    )
+    state = {"passes": 0, "best": math.inf, "still": 0, "converged": False}
+
+    class _Converged(Exception):
+        pass
+
+    def wrapped() -> torch.Tensor:
+        if state["converged"]:
+            raise _Converged
+        loss = closure()
+        for p in params:  # L-BFGS flattens gradients with view()
+            if p.grad is not None and not p.grad.is_contiguous():
+                p.grad = p.grad.contiguous()
+        state["passes"] += 1
+        value = float(loss)
+        trace.append((stage, state["passes"], value))
+        if state["passes"] % log_every == 0:
+            log.info("%s: pass %d, loss %.6g", stage, state["passes"], value)
+        if state["best"] - value < tol * scale:
+            state["still"] += 1
+        else:
+            state["still"] = 0
+        state["best"] = min(state["best"], value)
+        if state["still"] >= 5:
+            state["converged"] = True
+        return loss
+
+    t = time.perf_counter()
+    try:
+        opt.step(wrapped)
+    except _Converged:
+        pass
+    return {
+        "passes": state["passes"],
+        "converged": state["converged"],
+        "loss": state["best"],
+        "seconds": time.perf_counter() - t,
+    }
+
+
+def _free_stage(data, tens, weights, C0, X0, opts, trace, stage="free"):
+    C = C0.clone().requires_grad_(True)
+    X = X0.clone().requires_grad_(True)
+
+    def closure() -> torch.Tensor:
+        if X.grad is not None:
+            X.grad = None
+        Xe = torch.cat([(0.5 * (X[0] + X[0].T))[None], X[1:]])
+        loss, gC = loss_and_grad(data, C, Xe, weights, tens)
+        C.grad = gC
+        return loss
+
+    info = _lbfgs([C, X], closure, trace=trace, stage=stage, **opts)
+    Xf = X.detach().clone()
+    Xf[0] = 0.5 * (Xf[0] + Xf[0].T)
+    return C.detach(), Xf, info
+
+
+def linked_lagged(A: torch.Tensor, Pi: torch.Tensor, lags: int) -> torch.Tensor:
+    """``X_s = A^s Pi`` for s < K: (K, n, n)."""
+    out = [Pi]
+    for _ in range(1, lags):
+        out.append(A @ out[-1])
+    return torch.stack(out)
+
+
+def _linked_stage(data, tens, weights, C0, A0, Pi0, opts, trace, stage="linked"):
+    dev = C0.device
+    C = C0.clone().requires_grad_(True)
+    A = torch.as_tensor(A0, device=dev).clone().requires_grad_(True)
+    L = torch.linalg.cholesky(torch.as_tensor(Pi0, device=dev)).clone().requires_grad_(True)
+
+    def closure() -> torch.Tensor:
+        A.grad = None
+        L.grad = None
+        Ltri = torch.tril(L)
+        X = linked_lagged(A, Ltri @ Ltri.T, data.lags)
+        loss, gC = loss_and_grad(data, C, X, weights, tens)
+        C.grad = gC
+        return loss
+
+    info = _lbfgs([C, A, L], closure, trace=trace, stage=stage, **opts)
+    Lf = torch.tril(L.detach())
+    return C.detach(), A.detach(), Lf @ Lf.T, info
+
+
+def fit_stitched_lds(
+    recordings: Sequence[RecordingInput],
+    n_neurons: int,
+    latent_dim: int,
+    *,
+    lags: int = 10,
+    device: str | torch.device = "auto",
+    heldout_fraction: float = 0.1,
+    seed: int = 0,
+    restarts: int = 0,
+    max_passes: int = 500,
+    tol: float = 1e-7,
+    stable: bool = True,
+    r_floor: float = 1e-3,
+    max_device_bytes: float | None = None,
+    data: StitchedData | None = None,
+) -> StitchedFit:
+    """Fit one stitched LDS to partial recordings (module docstring).
+
+    Parameters
+    ----------
+    recordings: each (time, neurons) activity with its neurons' positions in the table.
+    n_neurons: N_total.
+    latent_dim: n.
+    lags: K, lags 0..K-1 matched (at least 2).
+    device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``...
+    heldout_fraction: fraction of co-observed pairs kept out of the fit for evaluation.
+    seed: seeds the warm start's subspace iteration, the held-out split and the restarts.
+    restarts: extra random starts; the lowest final loss wins.
+    max_passes: per stage; a pass is one loss and gradient evaluation.
+    tol: stop when the loss falls by less than ``tol * mean(variance)^2`` over 5 passes.
+    stable: keep the spectral radius of A below 1.
+    r_floor: ``R_i >= r_floor * v_i`` (the smoother needs R > 0).
+    max_device_bytes: hold the data on the device up to this size, else stream it.
+    data: already prepared data (skips preparation; ``recordings`` then only names them).
+    """
+    t_start = time.perf_counter()
+    dev = choose_device(device) if isinstance(device, str) else torch.device(device)
+    if latent_dim < 1:
+        raise InputError("stitched_lds.latent_dims", f"must be >= 1, got {latent_dim}")
+    if data is None:
+        data = prepare_data(
+            recordings,
+            n_neurons,
+            lags=lags,
+            device=dev,
+            heldout_fraction=heldout_fraction,
+            seed=seed,
+            max_device_bytes=max_device_bytes,
+        )
+    tens = loss_tensors(data, dev)
+    weights = data.weights(dev)
+    v = data.variance[data.group_of >= 0]
+    opts = {"max_passes": max_passes, "tol": tol, "scale": float(np.mean(v)) ** 2}
+    warnings = connectivity_warnings(data, latent_dim)
+    for w in warnings:
+        log.warning(w)
+
+    starts = []
+    C0, X0, w0 = warm_start(data, latent_dim, seed)
+    for w in w0:
+        log.warning(w)
+    warnings += w0
+    starts.append(("warm", C0, X0))
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    for k in range(restarts):
+        scale = math.sqrt(float(np.mean(v)) / latent_dim)
+        Cr = (torch.randn(C0.shape, generator=gen, dtype=torch.float64) * scale).to(dev)
+        Xr = torch.stack([torch.eye(latent_dim, dtype=torch.float64) * 0.9**s for s in range(lags)])
+        starts.append((f"restart{k + 1}", Cr, Xr.to(dev)))
+
+    best = None
+    for name, Cs, Xs in starts:
+        trace: list[tuple[str, int, float]] = []
+        C1, X1, info1 = _free_stage(data, tens, weights, Cs, Xs, opts, trace)
+        A1 = dynamics_from_lagged(X1.cpu().numpy(), stable=stable)
+        Pi1 = psd_project(X1[0].cpu().numpy(), floor=1e-6 * float(torch.trace(X1[0])) / latent_dim)
+        C2, A2, Pi2, info2 = _linked_stage(data, tens, weights, C1, A1, Pi1, opts, trace)
+        log.info(
+            "%s: free stage %d passes (loss %.6g), linked stage %d passes (loss %.6g)",
+            name,
+            info1["passes"],
+            info1["loss"],
+            info2["passes"],
+            info2["loss"],
+        )
+        if best is None or info2["loss"] < best[0]:
+            best = (info2["loss"], name, C2, A2, Pi2, trace, info1, info2)
+    _, name, C, A, Pi, trace, info1, info2 = best
+    A_np = A.cpu().numpy()
+    if stable:
+        A_np = stabilise(A_np)
+    Pi_np = 0.5 * (Pi.cpu().numpy() + Pi.cpu().numpy().T)
+    Q = psd_project(Pi_np - A_np @ Pi_np @ A_np.T)
+    C_np = C.cpu().numpy()
+    signal = np.einsum("ia,ab,ib->i", C_np, Pi_np, C_np)
+    var = np.nan_to_num(data.variance, nan=0.0)
+    R = np.maximum(var - signal, r_floor * var)
+    X = np.stack([np.linalg.matrix_power(A_np, s) @ Pi_np for s in range(lags)])
+    means = {rec.name: rec.mean_in_source_order() for rec in data.recordings}
+    info = {
+        "device": str(dev),
+        "start": name,
+        "free": info1,
+        "linked": info2,
+        "seconds": time.perf_counter() - t_start,
+        "warnings": warnings,
+        "n_groups": data.n_groups,
+        "n_pairs": data.n_pairs(),
+    }
+    return StitchedFit(
+        params=StitchedLDSParams(A=A_np, C=C_np, Q=Q, R=R, Pi=Pi_np, X=X),
+        means=means,
+        trace=trace,
+        info=info,
+        data=data,
+    )
+
+
+def connectivity_warnings(data: StitchedData, n: int) -> list[str]:
+    """Warnings for a disconnected overlap graph and for overlaps smaller than n."""
+    names = [r.name for r in data.recordings]
+    R = len(names)
+    shared = np.zeros((R, R), dtype=np.int64)
+    sets = [set(r.neurons.tolist()) for r in data.recordings]
+    for a in range(R):
+        for b in range(a + 1, R):
+            shared[a, b] = shared[b, a] = len(sets[a] & sets[b])
+    out = []
+    comp = _components(shared > 0)
+    if len(set(comp)) > 1:
+        groups = {}
+        for name, c in zip(names, comp, strict=True):
+            groups.setdefault(c, []).append(name)
+        out.append(
+            "the recordings' overlap graph is disconnected: "
+            + " | ".join(", ".join(g) for g in groups.values())
+            + "; covariances across components rest on the shared dynamics alone, and the "
+            "latent axes of each component are determined only up to symmetries of A and Pi"
+        )
+    for a in range(R):
+        for b in range(a + 1, R):
+            if 0 < shared[a, b] < n:
+                out.append(
+                    f"recordings {names[a]} and {names[b]} share {shared[a, b]} neurons, fewer "
+                    f"than the latent dimension {n}"
+                )
+    return out
+
+
+def _components(adj: np.ndarray) -> list[int]:
+    n = len(adj)
+    comp = [-1] * n
+    c = 0
+    for start in range(n):
+        if comp[start] >= 0:
+            continue
+        stack = [start]
+        comp[start] = c
+        while stack:
+            a = stack.pop()
+            for b in np.flatnonzero(adj[a]):
+                if comp[b] < 0:
+                    comp[b] = c
+                    stack.append(int(b))
+        c += 1
+    return comp
