@@ -60,7 +60,10 @@ class RecordingBlock:
     mean: (N_r,) per-neuron means (of observed values) in the group-sorted order.
     n_time: T_r.
     data: (T_r, N_r) float32 tensor on the device, or None when streamed from ``source``.
-    source: the (time, neurons) array to stream chunks from when ``data`` is None.
+    source: the (time, neurons) array the recording came from (streamed when ``data`` is
+        None, and read for the positions of missing values).
+    has_missing: whether any value is missing (NaN).
+    dtype: the floating type of the data products (float32; float64 for exact checks).
     column_order: (N_r,) the source's columns in group-sorted order.
     mean, scale: (N_r,) per-neuron mean and 1 / observed fraction, group-sorted order.
     """
@@ -76,6 +79,8 @@ class RecordingBlock:
     source: object | None = None
     column_order: np.ndarray | None = None
     chunk_rows: int = 8192
+    has_missing: bool = False
+    dtype: torch.dtype = torch.float32
     _mean_t: torch.Tensor | None = field(default=None, repr=False)
     _scale_t: torch.Tensor | None = field(default=None, repr=False)
 
@@ -84,6 +89,13 @@ class RecordingBlock:
         out = np.empty_like(self.mean)
         out[self.column_order] = self.mean
         return out
+
+    def raw_chunks(self, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(t0, y - mean)`` (rows, N_r), group-sorted, NaN kept (unscaled)."""
+        for t0 in range(0, self.n_time, self.chunk_rows):
+            block = np.asarray(self.source[t0 : t0 + self.chunk_rows], dtype=np.float64)
+            block = block[:, self.column_order] - self.mean
+            yield t0, torch.as_tensor(block, device=device).to(self.dtype)
 
     def chunks(self, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(t0, Y[t0:t1])`` float32 (rows, N_r) on ``device``, prepared (centred,
@@ -94,14 +106,14 @@ class RecordingBlock:
                 yield t0, self.data[t0 : t0 + self.chunk_rows]
             return
         if self._mean_t is None:
-            self._mean_t = torch.as_tensor(self.mean, dtype=torch.float32, device=device)
-            self._scale_t = torch.as_tensor(self.scale, dtype=torch.float32, device=device)
+            self._mean_t = torch.as_tensor(self.mean, dtype=self.dtype, device=device)
+            self._scale_t = torch.as_tensor(self.scale, dtype=self.dtype, device=device)
         starts = list(range(0, self.n_time, self.chunk_rows))
         pin = device.type == "cuda"
 
         def read(t0: int) -> torch.Tensor:
             block = np.asarray(self.source[t0 : t0 + self.chunk_rows])[:, self.column_order]
-            host = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
+            host = torch.from_numpy(np.ascontiguousarray(block)).to(self.dtype)
             return host.pin_memory() if pin else host
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
@@ -242,6 +254,7 @@ def prepare_data(
     seed: int = 0,
     max_device_bytes: float | None = None,
     chunk_rows: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> StitchedData:
     """Group neurons, compute means, observed fractions and variances (one pass over each
     recording), and place the prepared data on ``device`` when it fits in
@@ -256,6 +269,8 @@ def prepare_data(
     heldout_fraction: fraction of co-observed neuron pairs kept out of the fit (by random
         neuron labels, see :func:`heldout_label_pairs`).
     seed: seed of the labels and the held-out choice.
+    dtype: floating type of the data on the device and of its products (float32 halves
+        memory and traffic; accumulation over time chunks is float64 either way).
     """
     if lags < 1:
         raise InputError("stitched_lds.lags", f"must be at least 1, got {lags}")
@@ -289,7 +304,8 @@ def prepare_data(
             max_device_bytes = 0.5 * free
         else:
             max_device_bytes = 4e9
-    total_bytes = sum(4.0 * r.activity.shape[0] * r.activity.shape[1] for r in recordings)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total_bytes = sum(itemsize * r.activity.shape[0] * r.activity.shape[1] for r in recordings)
     in_memory = total_bytes <= max_device_bytes
 
     sum_sq = np.zeros(n_neurons)
@@ -305,7 +321,7 @@ def prepare_data(
         bounds = list(starts) + [len(neurons_sorted)]
         slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         t_r, n_r = int(rec.activity.shape[0]), len(neurons)
-        rows = chunk_rows or max(256, int(32e6 // max(1, 4 * n_r)))
+        rows = chunk_rows or max(256, int(32e6 // max(1, itemsize * n_r)))
         total = np.zeros(n_r)
         n_obs = np.zeros(n_r)
         for t0, t1 in _row_chunks(t_r, rows):
@@ -320,15 +336,15 @@ def prepare_data(
         frac = n_obs / t_r
         scale = 1.0 / frac
         ss = np.zeros(n_r)
-        data = torch.empty((t_r, n_r), dtype=torch.float32, device=device) if in_memory else None
-        mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device)
-        scale_t = torch.as_tensor(scale, dtype=torch.float32, device=device)
+        data = torch.empty((t_r, n_r), dtype=dtype, device=device) if in_memory else None
+        mean_t = torch.as_tensor(mean, dtype=torch.float64, device=device)
+        scale_t = torch.as_tensor(scale, dtype=torch.float64, device=device)
         for t0, t1 in _row_chunks(t_r, rows):
             y = np.asarray(rec.activity[t0:t1], dtype=np.float64)[:, order]
             ss += np.nansum((y - mean) ** 2, axis=0)
             if data is not None:
-                chunk = torch.as_tensor(y.astype(np.float32), device=device)
-                data[t0:t1] = prepare_chunk(chunk, mean_t, scale_t)
+                chunk = torch.as_tensor(y, device=device)
+                data[t0:t1] = prepare_chunk(chunk, mean_t, scale_t).to(dtype)
         sum_sq[neurons_sorted] += ss
         count[neurons_sorted] += n_obs
         sum_sq_scaled[neurons_sorted] += ss * scale**2
@@ -342,8 +358,10 @@ def prepare_data(
                 scale=scale,
                 n_time=t_r,
                 data=data,
-                source=None if in_memory else rec.activity,
+                source=rec.activity,
                 column_order=order,
+                has_missing=bool(np.any(n_obs < t_r)),
+                dtype=dtype,
                 chunk_rows=rows,
             )
         )

@@ -42,9 +42,8 @@ def project(data: StitchedData, C: torch.Tensor) -> list[torch.Tensor]:
     ``C``: (N_total, n) loadings (any float dtype, on the data's device).
     """
     out = []
-    C32 = C.detach().to(torch.float32)
     for rec in data.recordings:
-        Cr = C32[torch.as_tensor(rec.neurons, device=C.device)]
+        Cr = C.detach().to(rec.dtype)[torch.as_tensor(rec.neurons, device=C.device)]
         Z = torch.empty(
             (rec.n_time, len(rec.slices), C.shape[1]), dtype=torch.float64, device=C.device
         )
@@ -61,7 +60,7 @@ def data_gradient(data: StitchedData, dZ: list[torch.Tensor], n_latent: int) -> 
     grad = torch.zeros((data.n_neurons, n_latent), dtype=torch.float64, device=device)
     for rec, dz in zip(data.recordings, dZ, strict=True):
         acc = torch.zeros((len(rec.neurons), n_latent), dtype=torch.float64, device=device)
-        dz32 = dz.to(torch.float32)
+        dz32 = dz.to(rec.dtype)
         for t0, y in rec.chunks(device):
             d = dz32[t0 : t0 + y.shape[0]]
             for k, sl in enumerate(rec.slices):

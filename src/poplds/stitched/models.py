@@ -99,12 +99,12 @@ def _top_subspace(data: StitchedData, rec_index: int, n: int, seed: int, iters: 
     V = torch.randn((n_r, p), generator=g, dtype=torch.float64).to(dev)
     for _ in range(iters):
         W = torch.zeros_like(V)
-        V32 = V.to(torch.float32)
+        V32 = V.to(rec.dtype)
         for _, y in rec.chunks(dev):
             W += (y.T @ (y @ V32)).to(torch.float64)
         V, _ = torch.linalg.qr(W / rec.n_time)
     W = torch.zeros_like(V)
-    V32 = V.to(torch.float32)
+    V32 = V.to(rec.dtype)
     for _, y in rec.chunks(dev):
         W += (y.T @ (y @ V32)).to(torch.float64)
     small = V.T @ W / rec.n_time
@@ -117,7 +117,7 @@ def _project_columns(rec, cols: np.ndarray, Ck: torch.Tensor, dev) -> torch.Tens
     """``z[t] = C_k' y_k[t]``: (T_r, n) float64 for columns ``cols`` of a recording."""
     z = torch.empty((rec.n_time, Ck.shape[1]), dtype=torch.float64, device=dev)
     idx = torch.as_tensor(cols, device=dev)
-    C32 = Ck.to(torch.float32)
+    C32 = Ck.to(rec.dtype)
     for t0, y in rec.chunks(dev):
         z[t0 : t0 + y.shape[0]] = (y[:, idx] @ C32).to(torch.float64)
     return z
