@@ -15,7 +15,8 @@ so a step costs O(n^3) whatever N_r is. Filter (P: predicted, F: filtered)::
 
 RTS smoother::
 
-    G_t = F_t A' P_t+1^-1,  ms_t = m_t + G_t (ms_t+1 - mp_t+1),  S_t = F_t + G_t (S_t+1 - P_t+1) G_t'
+    G_t = F_t A' P_t+1^-1,   ms_t = m_t + G_t (ms_t+1 - mp_t+1)
+    S_t = F_t + G_t (S_t+1 - P_t+1) G_t'
     cov(x[t+1], x[t] | y) = S_t+1 G_t'
 
 Without missing values the covariances do not depend on the data and converge geometrically;
