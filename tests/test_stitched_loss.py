@@ -71,7 +71,6 @@ def test_reduced_loss_and_gradient_match_dense(heldout, missing):
         lags=4,
         device=torch.device("cpu"),
         heldout_fraction=heldout,
-        n_labels=3,
         seed=1,
         chunk_rows=16,
         dtype=torch.float64,
@@ -124,3 +123,14 @@ def test_linked_gradient_matches_finite_differences():
         ) / (2 * eps)
         an = float((gC * dC).sum() + (Ag.grad * dA).sum() + (Lg.grad * dL).sum())
         assert an == pytest.approx(fd, rel=1e-6, abs=1e-9)
+
+
+def test_cross_term_backward_passes_gradcheck():
+    """The hand-written backward of the model x data term, by torch.autograd.gradcheck."""
+    from poplds.stitched._loss import _CrossTerm
+
+    gen = torch.Generator().manual_seed(0)
+    Z = torch.randn(20, 3, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    X = torch.randn(4, 2, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(4, 3, 3, generator=gen, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda Z, X: _CrossTerm.apply(Z, X, w), (Z, X))

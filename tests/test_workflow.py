@@ -3,6 +3,7 @@ messages naming the key, and shows bad-input errors in the terminal."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+import zarr
 from conftest import REPO
 
 from poplds import DatasetStore
@@ -65,7 +67,8 @@ def test_workflow_runs_from_another_directory(tmp_path, rng):
         work,
         {
             "real": {
-                "recordings": [{"path": "data/a.npz"}, {"path": "data/b.npz", "name": "second"}]
+                "recordings": [{"path": "data/a.npz"}, {"path": "data/b.npz", "name": "second"}],
+                "stitched_lds": {"latent_dims": [2], "lags": 4},
             },
             "sim": {
                 "simulate": {
@@ -73,10 +76,11 @@ def test_workflow_runs_from_another_directory(tmp_path, rng):
                     "n_neurons": 20,
                     "latent_dim": 2,
                     "recordings": [
-                        {"name": "s1", "neurons": [0, 12], "n_time": 100},
-                        {"name": "s2", "neurons": [8, 20], "n_time": 100},
+                        {"name": "s1", "neurons": [0, 12], "n_time": 1500},
+                        {"name": "s2", "neurons": [8, 20], "n_time": 1500},
                     ],
-                }
+                },
+                "stitched_lds": {"latent_dims": [1, 2], "lags": 5, "device": "cpu"},
             },
         },
     )
@@ -92,13 +96,40 @@ def test_workflow_runs_from_another_directory(tmp_path, rng):
         assert (work / "results" / ds / "figures" / "coverage.png").stat().st_size > 10_000
         assert (work / "logs" / ds / "ingest.log").exists()
     assert not (REPO / "results" / "real").exists()  # nothing written beside the Snakefile
-    # the same config and data give the same store values
-    again = run_snakemake(work, "--forceall")
-    assert again.returncode == 0
-    np.testing.assert_array_equal(
-        DatasetStore(work / "results" / "sim" / "data.zarr").activity("s1").compute(),
-        sim.activity("s1").compute(),
+    # the stitched LDS output contract (README): model, latents, metrics, figures
+    fit = work / "results" / "sim" / "stitched_lds" / "n2"
+    model = zarr.open_group(str(fit / "model.zarr"), mode="r")
+    assert model["C"].shape == (20, 2) and model["A"].shape == (2, 2)
+    assert model["R"].shape == (20,) and model["X"].shape == (5, 2, 2)
+    assert model["recordings/s2/mean"].shape == (12,)
+    latents = zarr.open_group(str(fit / "latents.zarr"), mode="r")
+    assert latents["recordings/s1/mean"].shape == (1500, 2)
+    assert latents["recordings/s1/var"].shape == (1500, 2)
+    metrics = json.loads((fit / "metrics.json").read_text())
+    assert len(metrics["covariance"]["heldout"]) == 5
+    assert metrics["summary"]["never_corr_vs_truth"] > 0.8  # the true dimension recovers
+    figures = work / "results" / "sim" / "figures" / "stitched_lds"
+    for name in ("n1_loss", "n2_covariance", "n2_eigenvalues", "n2_latents", "dimension"):
+        assert (figures / f"{name}.png").stat().st_size > 10_000
+    assert (work / "results" / "real" / "stitched_lds" / "n2" / "metrics.json").exists()
+    # the same config and data give the same data and the same fitted model
+    first_C = np.asarray(model["C"][:])
+    first_y = sim.activity("s1").compute()
+    again = run_snakemake(
+        work,
+        "--forcerun",
+        "simulate",
+        "ingest",
+        "fit_stitched_lds",
+        "--",
+        "results/sim/stitched_lds/n2/metrics.json",
     )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "fit_stitched_lds" in again.stdout + again.stderr  # it did run again
+    again_store = DatasetStore(work / "results" / "sim" / "data.zarr")
+    np.testing.assert_array_equal(again_store.activity("s1").compute(), first_y)
+    again_model = zarr.open_group(str(fit / "model.zarr"), mode="r")
+    np.testing.assert_array_equal(np.asarray(again_model["C"][:]), first_C)
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ DATASETS = list(config["datasets"])
 
 wildcard_constraints:
     dataset="|".join(map(re.escape, DATASETS)),
+    n=r"\d+",
 
 
 def dataset_config(dataset):
@@ -56,7 +57,7 @@ def recording_entries(dataset):
 def ingest_inputs(wildcards):
     """Source files of a dataset (a simulated dataset's folder of npz files)."""
     if is_simulated(wildcards.dataset):
-        return [f"results/{wildcards.dataset}/simulated"]
+        return f"results/{wildcards.dataset}/simulated"
     return [r["path"] for r in recording_entries(wildcards.dataset)]
 
 
@@ -77,9 +78,53 @@ def simulate_params(wildcards):
     return dataset_config(wildcards.dataset)["simulate"]
 
 
+def truth_input(wildcards):
+    """The simulated ground truth's folder (simulated datasets only)."""
+    if is_simulated(wildcards.dataset):
+        return f"results/{wildcards.dataset}/simulated"
+    return []
+
+
+STITCHED_DEFAULTS = {
+    "latent_dims": [2, 4, 8],
+    "lags": 10,
+    "heldout_fraction": 0.1,
+    "seed": 0,
+    "device": "auto",
+    "restarts": 0,
+    "max_passes": 500,
+    "tol": 1e-7,
+}
+
+
+def stitched_config(dataset):
+    """The dataset's stitched_lds block with defaults filled in."""
+    return {**STITCHED_DEFAULTS, **dataset_config(dataset).get("stitched_lds", {})}
+
+
+def stitched_dims(dataset):
+    return sorted(set(stitched_config(dataset)["latent_dims"]))
+
+
+def stitched_params(wildcards):
+    """Fit settings (everything but the latent dimensions, which are the wildcard n)."""
+    cfg = stitched_config(wildcards.dataset)
+    return {k: v for k, v in cfg.items() if k != "latent_dims"}
+
+
+STITCHED_FIGURES = ("loss", "covariance", "eigenvalues", "latents")
+
+
 def all_outputs():
     """Every result the workflow makes by default."""
     out = []
     for ds in DATASETS:
         out += [f"results/{ds}/data.zarr", f"results/{ds}/figures/coverage.png"]
+        if "stitched_lds" in dataset_config(ds)["models"]:
+            for n in stitched_dims(ds):
+                out.append(f"results/{ds}/stitched_lds/n{n}/metrics.json")
+                out += [
+                    f"results/{ds}/figures/stitched_lds/n{n}_{fig}.png" for fig in STITCHED_FIGURES
+                ]
+            out.append(f"results/{ds}/figures/stitched_lds/dimension.png")
     return out

@@ -1,1 +1,26 @@
-"""Stitched linear dynamical system (Nonnenmacher, Turaga & Macke, NeurIPS 2017)."""
+"""Stitched linear dynamical system (Nonnenmacher, Turaga & Macke, NeurIPS 2017).
+
+One LDS for all neurons of several partial recordings, fitted by matching time-lagged
+covariances of the pairs recorded together; it predicts the covariances of pairs never recorded
+together and gives every recording latent trajectories in one shared latent space.
+
+- :func:`fit_store` — from a dataset store to ``model.zarr``, ``latents.zarr``, ``metrics.json``.
+- :func:`fit_stitched_lds` — the fit itself, on any (time, neurons) arrays.
+- :func:`smooth_recordings` — Kalman/RTS latents of each recording.
+"""
+
+from ._data import RecordingInput, prepare_data
+from .inference import Posterior, smooth_recordings
+from .models import StitchedFit, StitchedLDSParams, fit_stitched_lds
+from .run import fit_store
+
+__all__ = [
+    "Posterior",
+    "RecordingInput",
+    "StitchedFit",
+    "StitchedLDSParams",
+    "fit_stitched_lds",
+    "fit_store",
+    "prepare_data",
+    "smooth_recordings",
+]

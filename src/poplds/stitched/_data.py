@@ -207,22 +207,26 @@ def observation_groups(
     return group_of, membership
 
 
-def heldout_label_pairs(n_labels: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """(n_labels, n_labels) symmetric bool: label pairs whose neuron pairs are held out.
+def heldout_labels(
+    n_neurons: int, fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random labels (N,) and the (3, 3) label pairs held out of the fit.
 
-    Off-diagonal label pairs are drawn until about ``fraction`` of all label pairs are held
-    out; diagonal pairs (same label) always stay in the fit, so every neuron keeps pairs.
+    Each neuron is labelled A or B with probability ``pi = sqrt(fraction / 2)`` each, else
+    "rest" (label 0); the pairs between an A neuron and a B neuron (both orders) are held out:
+    a random bipartite block of about ``2 pi^2 = fraction`` of all co-observed pairs. Every
+    neuron keeps its pairs with its own label and with "rest" in the fit, and the split adds
+    only three label groups per observation pattern, so it costs little.
     """
-    out = np.zeros((n_labels, n_labels), dtype=bool)
-    if fraction <= 0 or n_labels < 2:
-        return out
-    iu = np.array(np.triu_indices(n_labels, 1)).T
-    n_pick = int(round(fraction * n_labels * n_labels / 2))
-    n_pick = min(max(n_pick, 1), len(iu))
-    pick = iu[rng.choice(len(iu), n_pick, replace=False)]
-    out[pick[:, 0], pick[:, 1]] = True
-    out[pick[:, 1], pick[:, 0]] = True
-    return out
+    held = np.zeros((3, 3), dtype=bool)
+    if fraction <= 0:
+        return np.zeros(n_neurons, dtype=np.int64), held
+    if fraction > 0.5:
+        raise InputError("stitched_lds.heldout_fraction", f"must be at most 0.5, got {fraction}")
+    pi = np.sqrt(fraction / 2)
+    label = rng.choice(3, size=n_neurons, p=[1 - 2 * pi, pi, pi]).astype(np.int64)
+    held[1, 2] = held[2, 1] = True
+    return label, held
 
 
 @dataclass(frozen=True)
@@ -250,7 +254,6 @@ def prepare_data(
     lags: int,
     device: torch.device,
     heldout_fraction: float = 0.0,
-    n_labels: int = 10,
     seed: int = 0,
     max_device_bytes: float | None = None,
     chunk_rows: int | None = None,
@@ -267,7 +270,7 @@ def prepare_data(
     n_neurons: N_total, the size of the neuron table.
     lags: K; covariances at lags 0..K-1 are matched.
     heldout_fraction: fraction of co-observed neuron pairs kept out of the fit (by random
-        neuron labels, see :func:`heldout_label_pairs`).
+        neuron labels, see :func:`heldout_labels`).
     seed: seed of the labels and the held-out choice.
     dtype: floating type of the data on the device and of its products (float32 halves
         memory and traffic; accumulation over time chunks is float64 either way).
@@ -281,8 +284,7 @@ def prepare_data(
                 rec.name, f"recording has {t} time steps; lags: {lags} needs more than {lags}"
             )
     rng = np.random.default_rng([seed, 7])
-    label = rng.integers(0, n_labels, n_neurons) if heldout_fraction > 0 else np.zeros(n_neurons)
-    held_labels = heldout_label_pairs(n_labels, heldout_fraction, rng)
+    label, held_labels = heldout_labels(n_neurons, heldout_fraction, rng)
     group_of, membership = observation_groups(
         [np.asarray(r.neurons) for r in recordings], n_neurons, label
     )

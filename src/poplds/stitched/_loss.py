@@ -23,7 +23,7 @@ with ``w_gh(s) = 1/n_gh(s)``, ``m_i = C_i X_0 C_i'``, ``d_i`` the lag-0 diagonal
 and ``Γ_r,hg(s) = sum_t z_r,h[t] z_r,g[t+s]'`` from the projections ``z_r,g[t] = C_g' y_r,g[t]``.
 The data enter only through ``Z_r = Y_r C`` (per group), so one pass costs two products with
 the data: ``Z = Y C`` and, for the gradient, ``dL/dC_g = sum_r Y_r,g' dL/dZ_r,g`` (about
-``4 T N n`` flops), plus ``O(T K (G_r n)^2)`` for the lagged products of Z.
+``4 T N n`` flops), plus ``O(T K G_r n (G_r + n))`` for the model x data term (``_CrossTerm``).
 
 float32 products of the data, accumulated over time chunks in float64; everything after
 ``Z`` is float64.
@@ -69,13 +69,42 @@ def data_gradient(data: StitchedData, dZ: list[torch.Tensor], n_latent: int) -> 
     return grad
 
 
-def lagged_products(Z: torch.Tensor, lags: int) -> torch.Tensor:
-    """``Γ(s) = Z[:T-s]' Z[s:]`` for s < K, as (K, G_r, n, G_r, n): entry ``[s, h, :, g, :]``
-    is ``sum_t z_h[t] z_g[t+s]'``."""
-    T, G, n = Z.shape
-    flat = Z.reshape(T, G * n)
-    out = torch.stack([flat[: T - s].T @ flat[s:] for s in range(lags)])
-    return out.reshape(lags, G, n, G, n)
+class _CrossTerm(torch.autograd.Function):
+    """``sum_s sum_t sum_(g,h) w_gh(s) z_g[t+s]' X_s z_h[t]`` for one recording.
+
+    Computed lag by lag through ``V_s[t, g] = sum_h w_gh(s) z_h[t]`` (T, G_r, n), which costs
+    ``O(T K G_r n (G_r + n))`` instead of the ``O(T K (G_r n)^2)`` of forming every lagged
+    product of Z; the backward pass recomputes V, so memory stays O(T G_r n).
+    Inputs: Z (T, G_r, n), X (K, n, n), w (K, G_r, G_r) (no gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, Z: torch.Tensor, X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        T, G, n = Z.shape
+        Zg = Z.permute(1, 0, 2).contiguous()  # (G, T, n): per lag, every step is one GEMM
+        ctx.save_for_backward(Zg, X, w)
+        flat = Zg.view(G, T * n)
+        total = Z.new_zeros(())
+        for s in range(X.shape[0]):
+            V = w[s] @ flat[:, : (T - s) * n]  # (G, (T-s) n): sum_h w_gh z_h[t]
+            ZX = (Zg.view(G * T, n) @ X[s]).view(G, T * n)  # z_g[t]' X_s
+            total = total + torch.sum(ZX[:, s * n :] * V)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        Zg, X, w = ctx.saved_tensors
+        G, T, n = Zg.shape
+        flat = Zg.view(G, T * n)
+        dZ = torch.zeros_like(flat)
+        dX = torch.zeros_like(X)
+        for s in range(X.shape[0]):
+            V = w[s] @ flat[:, : (T - s) * n]
+            ZX = (Zg.view(G * T, n) @ X[s]).view(G, T * n)
+            dZ[:, s * n :] += (V.view(-1, n) @ X[s].T).view(G, -1)  # through z_g[t+s]
+            dZ[:, : (T - s) * n] += w[s].T @ ZX[:, s * n :]  # through z_h[t]
+            dX[s] = Zg[:, s:].reshape(-1, n).T @ V.view(-1, n)
+        return grad * dZ.view(G, T, n).permute(1, 0, 2), grad * dX, None
 
 
 def reduced_loss(
@@ -103,9 +132,8 @@ def reduced_loss(
     # model x data
     cross = C.new_zeros(())
     for z, gidx in zip(Z, tensors["rec_groups"], strict=True):
-        gam = lagged_products(z, data.lags)  # (K, G_r, n, G_r, n): [s, h, b, g, a]
         w = weights[:, gidx][:, :, gidx]  # (K, G_r, G_r): [s, g, h]
-        cross = cross + torch.einsum("sab,shbga,sgh->", X, gam, w)
+        cross = cross + _CrossTerm.apply(z, X, w)
     # lag-0 diagonal: remove it from both terms, add the hinge of the profiled R
     m = torch.einsum("ia,ab,ib->i", Cg, X[0], Cg)
     d = tensors["diag0"]

@@ -138,11 +138,14 @@ def warm_start(
     K = data.lags
     C = torch.zeros((data.n_neurons, n), dtype=torch.float64, device=dev)
     known = np.zeros(data.n_neurons, dtype=bool)
-    sizes = [len(r.neurons) * r.n_time for r in data.recordings]
     first = int(np.argmax([len(r.neurons) for r in data.recordings]))
-    if len(data.recordings[first].neurons) < n:
-        first = int(np.argmax(sizes))
     rec = data.recordings[first]
+    if len(rec.neurons) < n:
+        raise InputError(
+            "stitched_lds.latent_dims",
+            f"latent dimension {n} exceeds the {len(rec.neurons)} neurons of the largest "
+            f"recording ({rec.name}); choose latent_dims of at most {len(rec.neurons)}",
+        )
     V, _ = _top_subspace(data, first, n, seed)
     C[torch.as_tensor(rec.neurons, device=dev)] = V
     known[rec.neurons] = True

@@ -1,0 +1,202 @@
+"""How well a stitched LDS predicts lagged covariances, and what the data leave undetermined.
+
+Pairs of neurons (i, j) at lag s fall into three classes:
+
+- ``observed``: recorded together and used in the fit;
+- ``heldout``: recorded together but kept out of the fit (random label pairs, see
+  ``_data.heldout_labels``): the real-data measure of stitching quality;
+- ``never``: never recorded together: predictions only, scored against the true covariances
+  when the data are simulated.
+
+Empirical covariances are computed on a sample of at most ``max_neurons`` neurons (dense
+``(K, m, m)`` over the sample only), pooled over the recordings that hold both neurons,
+exactly as the fit pools them. Per lag and class: Pearson correlation between predicted and
+empirical (or true) covariances and the relative error ``||pred - emp|| / ||emp||``. The lag-0
+diagonal (variances, fitted by R) is left out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from ._data import StitchedData
+from .models import StitchedLDSParams
+
+
+def sample_neurons(data: StitchedData, max_neurons: int, seed: int) -> np.ndarray:
+    """Sorted positions of at most ``max_neurons`` observed neurons, drawn evenly from every
+    group so that small groups (the overlaps) are represented."""
+    rng = np.random.default_rng([seed, 11])
+    observed = np.flatnonzero(data.group_of >= 0)
+    if len(observed) <= max_neurons:
+        return observed
+    per_group = max(2, max_neurons // max(1, data.n_groups))
+    picks = []
+    for g in range(data.n_groups):
+        members = np.flatnonzero(data.group_of == g)
+        picks.append(rng.choice(members, min(per_group, len(members)), replace=False))
+    pick = np.unique(np.concatenate(picks))
+    if len(pick) > max_neurons:
+        pick = np.sort(rng.choice(pick, max_neurons, replace=False))
+    return pick
+
+
+def empirical_sample(data: StitchedData, sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled empirical lagged covariances of the sampled neurons: ``(cov (K, m, m), counts
+    (K, m, m))``, ``cov[s, a, b] = sum y_a[t+s] y_b[t] / count``; 0 where never co-observed."""
+    K, m = data.lags, len(sample)
+    pos = np.full(data.n_neurons, -1)
+    pos[sample] = np.arange(m)
+    S = np.zeros((K, m, m))
+    N = np.zeros((K, m, m))
+    for rec in data.recordings:
+        cols = np.flatnonzero(pos[rec.neurons] >= 0)
+        if len(cols) == 0:
+            continue
+        idx = pos[rec.neurons[cols]]
+        dev = data.device
+        y = torch.empty((rec.n_time, len(cols)), dtype=torch.float64, device=dev)
+        c = torch.as_tensor(cols, device=dev)
+        for t0, chunk in rec.chunks(dev):
+            y[t0 : t0 + chunk.shape[0]] = chunk[:, c].to(torch.float64)
+        T = rec.n_time
+        for s in range(K):
+            S[s][np.ix_(idx, idx)] += (y[s:].T @ y[: T - s]).cpu().numpy()
+            N[s][np.ix_(idx, idx)] += T - s
+    cov = np.divide(S, N, out=np.zeros_like(S), where=N > 0)
+    return cov, N
+
+
+def _stats(pred: np.ndarray, ref: np.ndarray) -> dict[str, float | int]:
+    if pred.size < 3 or np.std(ref) == 0 or np.std(pred) == 0:
+        return {"n_pairs": int(pred.size), "corr": float("nan"), "rel_error": float("nan")}
+    return {
+        "n_pairs": int(pred.size),
+        "corr": float(np.corrcoef(pred, ref)[0, 1]),
+        "rel_error": float(np.linalg.norm(pred - ref) / np.linalg.norm(ref)),
+    }
+
+
+def pair_classes(data: StitchedData, sample: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(K, m, m) int: 0 observed (fitted), 1 held out, 2 never co-observed, -1 lag-0 diagonal."""
+    g = data.group_of[sample]
+    held = data.heldout[g[:, None], g[None, :]]
+    cls = np.where(counts > 0, np.where(held[None], 1, 0), 2)
+    diag = np.arange(len(sample))
+    cls[0, diag, diag] = -1
+    return cls
+
+
+def covariance_scores(
+    params: StitchedLDSParams,
+    data: StitchedData,
+    *,
+    truth: StitchedLDSParams | None = None,
+    max_neurons: int = 600,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Per-lag correlation and relative error of predicted lagged covariances, per pair class
+    (module docstring); with ``truth``, also every class against the true covariances.
+
+    Returns ``{"lags": [...], "observed": [...], "heldout": [...], "never": [...], ...}`` with
+    one ``{"n_pairs", "corr", "rel_error"}`` per lag, and the sample for the figures.
+    """
+    sample = sample_neurons(data, max_neurons, seed)
+    emp, counts = empirical_sample(data, sample)
+    cls = pair_classes(data, sample, counts)
+    K = data.lags
+    pred = np.stack([params.C[sample] @ params.X[s] @ params.C[sample].T for s in range(K)])
+    out: dict[str, Any] = {"lags": list(range(K)), "n_sampled_neurons": int(len(sample))}
+    true = None
+    if truth is not None:
+        true = np.stack(
+            [
+                truth.C[sample] @ np.linalg.matrix_power(truth.A, s) @ truth.Pi @ truth.C[sample].T
+                for s in range(K)
+            ]
+        )
+    for k, name in enumerate(("observed", "heldout", "never")):
+        rows, rows_true = [], []
+        for s in range(K):
+            sel = cls[s] == k
+            if k < 2:
+                rows.append(_stats(pred[s][sel], emp[s][sel]))
+            if true is not None:
+                rows_true.append(_stats(pred[s][sel], true[s][sel]))
+        if k < 2:
+            out[name] = rows
+        if true is not None:
+            out[f"{name}_vs_truth"] = rows_true
+    out["_figure"] = {"sample": sample, "pred": pred, "emp": emp, "true": true, "cls": cls}
+    return out
+
+
+def principal_angles_deg(C_true: np.ndarray, C_fit: np.ndarray) -> list[float]:
+    """Principal angles (degrees, largest first) between the column spaces of two loadings."""
+    return np.degrees(scipy.linalg.subspace_angles(C_true, C_fit)).tolist()
+
+
+def matched_eigenvalues(A_true: np.ndarray, A_fit: np.ndarray) -> dict[str, list]:
+    """Eigenvalues of both matrices, each fitted one matched to the nearest true one (Hungarian
+    assignment on |difference|)."""
+    from scipy.optimize import linear_sum_assignment
+
+    lt, lf = np.linalg.eigvals(A_true), np.linalg.eigvals(A_fit)
+    cost = np.abs(lt[:, None] - lf[None, :])
+    r, c = linear_sum_assignment(cost)
+    return {
+        "true": [[float(z.real), float(z.imag)] for z in lt[r]],
+        "fitted": [[float(z.real), float(z.imag)] for z in lf[c]],
+        "max_abs_error": float(cost[r, c].max()) if len(r) else 0.0,
+    }
+
+
+def symmetry_dimension(A: np.ndarray, Pi: np.ndarray, tol: float = 1e-8) -> int:
+    """Dimension of ``{S : S A = A S, S Pi + Pi S' = 0}``, the continuous transformations
+    ``C_r -> C_r T`` (``T = exp(S)``) of one recording's loadings that leave every lagged
+    covariance within it unchanged. Recordings not linked through shared neurons can be moved
+    independently by such T (and always by T = -I): their cross-covariances are determined
+    only up to these."""
+    n = A.shape[0]
+    cols = []
+    for a in range(n):
+        for b in range(n):
+            E = np.zeros((n, n))
+            E[a, b] = 1.0
+            cols.append(np.concatenate([(E @ A - A @ E).ravel(), (E @ Pi + Pi @ E.T).ravel()]))
+    M = np.array(cols).T
+    sv = np.linalg.svd(M, compute_uv=False)
+    return int(np.sum(sv <= tol * max(1.0, sv[0])))
+
+
+def identifiability(params: StitchedLDSParams, data: StitchedData) -> dict[str, Any]:
+    """Connected components of the overlap graph and, when there are several, the symmetries
+    left between them (see :func:`symmetry_dimension`)."""
+    from .models import _components
+
+    R = len(data.recordings)
+    sets = [set(r.neurons.tolist()) for r in data.recordings]
+    adj = np.array([[a != b and bool(sets[a] & sets[b]) for b in range(R)] for a in range(R)])
+    comp = _components(adj)
+    groups: dict[int, list[str]] = {}
+    for rec, c in zip(data.recordings, comp, strict=True):
+        groups.setdefault(c, []).append(rec.name)
+    out: dict[str, Any] = {"components": list(groups.values())}
+    if len(groups) > 1:
+        dim = symmetry_dimension(params.A, params.Pi)
+        out["sign_ambiguous"] = True
+        out["symmetry_dim"] = dim
+        out["note"] = (
+            f"{len(groups)} groups of recordings share no neuron: the covariances between "
+            "them are determined only up to a sign flip of each group's loadings"
+            + (f" and a {dim}-dimensional family of rotations" if dim else "")
+            + " that leave A and Pi unchanged"
+        )
+    else:
+        out["sign_ambiguous"] = False
+        out["symmetry_dim"] = 0
+    return out

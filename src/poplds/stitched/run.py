@@ -1,0 +1,248 @@
+"""Stitched LDS from a dataset store to result files: fit, latents, evaluation.
+
+:func:`fit_store` writes, under ``out_dir`` (``results/<dataset>/stitched_lds/n<n>``)::
+
+    model.zarr/    A (n, n), C (N_total, n) in the store's neuron order, Pi, Q (n, n),
+                   R (N_total,), X (K, n, n), loss_trace (passes, 3: stage, pass, loss),
+                   recordings/<name>/mean (N_r,) and neurons (N_r,) in the store's order
+                   for that recording; attributes: settings, convergence, provenance
+    latents.zarr/  recordings/<name>/mean, var (T_r, n) float32: smoothed means and
+                   marginal variances, all recordings in one latent space
+    covariance_sample.npz   the sampled neurons' predicted, empirical (and true) lagged
+                   covariances and pair classes, for the figures
+    metrics.json   per-lag covariance scores (observed, held-out, never co-observed vs truth),
+                   principal angles and eigenvalues against the truth when simulated,
+                   identifiability, timings, warnings
+
+``C[i] A^s Pi C[j]'`` (plus ``R[i]`` when s = 0 and i = j) is the predicted covariance of
+``y_i[t+s]`` and ``y_j[t]`` in the units of the ingested activity. Each file is written under a
+temporary name and renamed, so an interrupted run leaves no half-written result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .._errors import InputError
+from .._logging import get_logger
+from .._version import __version__
+from ..store import DatasetStore, write_array, write_strings
+from ._data import RecordingInput
+from .evaluate import covariance_scores, identifiability, matched_eigenvalues, principal_angles_deg
+from .inference import smooth_recordings
+from .models import StitchedFit, StitchedLDSParams, fit_stitched_lds
+
+log = get_logger()
+
+
+def recordings_from_store(store: DatasetStore) -> list[RecordingInput]:
+    """The store's recordings as lazy (time, neurons) inputs; trial data are refused."""
+    out = []
+    for name in store.recording_names:
+        arr = store.root[f"recordings/{name}/activity"]
+        if arr.ndim != 2:
+            raise InputError(
+                store.path,
+                f"recording {name} has trials {tuple(arr.shape)}; stitched_lds needs continuous "
+                "(time, neurons) recordings (use trials: false)",
+            )
+        out.append(RecordingInput(name, arr, store.neurons(name)))
+    return out
+
+
+def load_truth(path: str | Path, neuron_ids: np.ndarray, lags: int) -> StitchedLDSParams:
+    """Simulated ground truth (``truth.npz`` of :mod:`poplds.simulate`) in the store's order."""
+    z = np.load(path)
+    pos = {nid: k for k, nid in enumerate(z["neuron_ids"].tolist())}
+    try:
+        order = np.array([pos[n] for n in neuron_ids.tolist()])
+    except KeyError as exc:
+        raise InputError(path, f"neuron {exc} of the store is not in the truth") from exc
+    A, Pi = z["A"], z["Pi"]
+    X = np.stack([np.linalg.matrix_power(A, s) @ Pi for s in range(lags)])
+    return StitchedLDSParams(A=A, C=z["C"][order], Q=z["Q"], R=z["R"][order], Pi=Pi, X=X)
+
+
+def _json_clean(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _json_clean(v) for k, v in obj.items() if not k.startswith("_")}
+    if isinstance(obj, list | tuple):
+        return [_json_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _mean_of(rows: list[dict], key: str = "corr") -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key])]
+    return float(np.mean(vals)) if vals else None
+
+
+def evaluate_fit(
+    fit: StitchedFit, truth: StitchedLDSParams | None, seed: int, max_neurons: int = 600
+) -> dict[str, Any]:
+    """metrics.json content (without settings) and the arrays the figures need."""
+    scores = covariance_scores(
+        fit.params, fit.data, truth=truth, max_neurons=max_neurons, seed=seed
+    )
+    summary = {
+        "observed_corr": _mean_of(scores["observed"]),
+        "heldout_corr": _mean_of(scores["heldout"]),
+        "heldout_rel_error": _mean_of(scores["heldout"], "rel_error"),
+    }
+    metrics: dict[str, Any] = {"covariance": scores, "summary": summary}
+    if truth is not None:
+        summary["never_corr_vs_truth"] = _mean_of(scores["never_vs_truth"])
+        summary["never_min_corr_vs_truth"] = min(
+            (r["corr"] for r in scores["never_vs_truth"] if math.isfinite(r["corr"])),
+            default=None,
+        )
+        metrics["truth"] = {
+            "principal_angles_deg": principal_angles_deg(truth.C, fit.params.C),
+            "eigenvalues": matched_eigenvalues(truth.A, fit.params.A),
+        }
+    metrics["identifiability"] = identifiability(fit.params, fit.data)
+    return metrics
+
+
+def fit_store(
+    store_path: str | Path,
+    out_dir: str | Path,
+    *,
+    latent_dim: int,
+    lags: int = 10,
+    heldout_fraction: float = 0.1,
+    seed: int = 0,
+    device: str = "auto",
+    restarts: int = 0,
+    max_passes: int = 500,
+    tol: float = 1e-7,
+    truth: str | Path | None = None,
+    max_device_bytes: float | None = None,
+) -> dict[str, Any]:
+    """Fit a stitched LDS of dimension ``latent_dim`` to every recording of a dataset store and
+    write ``model.zarr``, ``latents.zarr`` and ``metrics.json`` to ``out_dir``.
+
+    Returns the metrics (also in ``metrics.json``); the keyword arguments are those of
+    :func:`poplds.stitched.models.fit_stitched_lds`; ``truth`` is a simulation's truth.npz.
+    """
+    store = DatasetStore(store_path)
+    recs = recordings_from_store(store)
+    neuron_ids = store.neuron_ids
+    fit = fit_stitched_lds(
+        recs,
+        len(neuron_ids),
+        latent_dim,
+        lags=lags,
+        device=device,
+        heldout_fraction=heldout_fraction,
+        seed=seed,
+        restarts=restarts,
+        max_passes=max_passes,
+        tol=tol,
+        max_device_bytes=max_device_bytes,
+    )
+    p = fit.params
+    posts = smooth_recordings(p.A, p.Q, p.Pi, p.C, p.R, fit.data.recordings, fit.data.device)
+    truth_params = load_truth(truth, neuron_ids, lags) if truth else None
+    metrics = evaluate_fit(fit, truth_params, seed)
+    settings = {
+        "latent_dim": latent_dim,
+        "lags": lags,
+        "heldout_fraction": heldout_fraction,
+        "seed": seed,
+        "device": fit.info["device"],
+        "restarts": restarts,
+        "max_passes": max_passes,
+        "tol": tol,
+    }
+    metrics.update(
+        {
+            "dataset": store.attrs.get("dataset"),
+            "settings": settings,
+            "fit": {
+                k: fit.info[k]
+                for k in ("start", "free", "linked", "seconds", "n_groups", "n_pairs")
+            },
+            "n_neurons": int(len(neuron_ids)),
+            "recordings": store.recording_names,
+            "warnings": fit.info["warnings"],
+            "poplds_version": __version__,
+        }
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_model(out / "model.zarr", fit, store, settings)
+    _write_latents(out / "latents.zarr", fit, posts)
+    fig = metrics["covariance"]["_figure"]
+    arrays = {k: v for k, v in fig.items() if v is not None}
+    tmp = out / "covariance_sample.tmp.npz"
+    np.savez_compressed(tmp, **arrays, rate_hz=float(store.attrs["rate_hz"]))
+    tmp.replace(out / "covariance_sample.npz")
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(_json_clean(metrics), indent=2))
+    tmp.replace(out / "metrics.json")
+    metrics["_fit"] = fit
+    metrics["_posteriors"] = posts
+    return metrics
+
+
+def _atomic_group(path: Path) -> tuple[zarr.Group, Path]:
+    tmp = path.with_name(path.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return zarr.open_group(str(tmp), mode="w", zarr_format=3), tmp
+
+
+def _finish(tmp: Path, path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def _write_model(path: Path, fit: StitchedFit, store: DatasetStore, settings: dict) -> None:
+    root, tmp = _atomic_group(path)
+    p = fit.params
+    for name in ("A", "C", "Pi", "Q", "R", "X"):
+        write_array(root, name, getattr(p, name))
+    stages = {"free": 0, "linked": 1}
+    trace = np.array([[stages[s], k, v] for s, k, v in fit.trace], dtype=np.float64)
+    write_array(root, "loss_trace", trace.reshape(-1, 3))
+    write_strings(root, "neuron_ids", store.neuron_ids)
+    recs = root.create_group("recordings")
+    for name in store.recording_names:
+        g = recs.create_group(name)
+        write_array(g, "mean", fit.means[name])
+        write_array(g, "neurons", store.neurons(name))
+    root.attrs.update(
+        {
+            "model": "stitched_lds",
+            "settings": settings,
+            "free": _json_clean(fit.info["free"]),
+            "linked": _json_clean(fit.info["linked"]),
+            "loss_trace_columns": ["stage (0 free, 1 linked)", "pass", "reduced loss per pair"],
+            "dataset_store": str(store.path),
+            "poplds_version": __version__,
+        }
+    )
+    _finish(tmp, path)
+
+
+def _write_latents(path: Path, fit: StitchedFit, posts) -> None:
+    root, tmp = _atomic_group(path)
+    recs = root.create_group("recordings")
+    for rec, post in zip(fit.data.recordings, posts, strict=True):
+        g = recs.create_group(rec.name)
+        write_array(g, "mean", post.mean.cpu().numpy().astype(np.float32))
+        write_array(g, "var", post.var.cpu().numpy().astype(np.float32))
+    root.attrs.update({"latent_dim": int(fit.params.A.shape[0]), "poplds_version": __version__})
+    _finish(tmp, path)
