@@ -105,15 +105,15 @@ class RecordingBlock:
             for t0 in range(0, self.n_time, self.chunk_rows):
                 yield t0, self.data[t0 : t0 + self.chunk_rows]
             return
-        if self._mean_t is None:
-            self._mean_t = torch.as_tensor(self.mean, dtype=self.dtype, device=device)
-            self._scale_t = torch.as_tensor(self.scale, dtype=self.dtype, device=device)
+        if self._mean_t is None:  # centred in float64, as the in-memory path does
+            self._mean_t = torch.as_tensor(self.mean, dtype=torch.float64, device=device)
+            self._scale_t = torch.as_tensor(self.scale, dtype=torch.float64, device=device)
         starts = list(range(0, self.n_time, self.chunk_rows))
         pin = device.type == "cuda"
 
         def read(t0: int) -> torch.Tensor:
             block = np.asarray(self.source[t0 : t0 + self.chunk_rows])[:, self.column_order]
-            host = torch.from_numpy(np.ascontiguousarray(block)).to(self.dtype)
+            host = torch.from_numpy(np.ascontiguousarray(block))
             return host.pin_memory() if pin else host
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
@@ -122,8 +122,8 @@ class RecordingBlock:
                 host = future.result()
                 if k + 1 < len(starts):
                     future = pool.submit(read, starts[k + 1])
-                y = host.to(device, non_blocking=pin)
-                yield t0, prepare_chunk(y, self._mean_t, self._scale_t)
+                y = host.to(device, non_blocking=pin).to(torch.float64)
+                yield t0, prepare_chunk(y, self._mean_t, self._scale_t).to(self.dtype)
 
 
 def prepare_chunk(y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

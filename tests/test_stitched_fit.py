@@ -1,0 +1,170 @@
+"""Stitched LDS fitting: recovery of a simulated truth, the held-out split, streaming, seeds,
+identifiability, bad input, and the CUDA path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from poplds import InputError, ingest_dataset, simulate
+from poplds.stitched import RecordingInput, fit_stitched_lds, fit_store, prepare_data
+from poplds.stitched.evaluate import (
+    covariance_scores,
+    identifiability,
+    principal_angles_deg,
+    symmetry_dimension,
+)
+from poplds.stitched.models import dynamics_from_lagged
+
+CPU = torch.device("cpu")
+
+
+def simulated(N=60, n=3, overlap=10, T=4000, seed=0, n_rec=2, moduli=(0.85, 0.95)):
+    p = simulate.random_stitched_lds(N, n, eig_moduli=moduli, noise_to_signal=1.0, seed=seed)
+    layout = simulate.overlapping_layout(N, n_rec, overlap, T)
+    ys, _ = simulate.simulate_stitched(p, layout, seed=seed)
+    recs = [
+        RecordingInput(r.name, y.astype(np.float32), np.arange(*r.neurons))
+        for r, y in zip(layout, ys, strict=True)
+    ]
+    return p, recs
+
+
+def truth_params(p, lags):
+    from poplds.stitched import StitchedLDSParams
+
+    X = np.stack([np.linalg.matrix_power(p.A, s) @ p.Pi for s in range(lags)])
+    return StitchedLDSParams(A=p.A, C=p.C, Q=p.Q, R=p.R, Pi=p.Pi, X=X)
+
+
+@pytest.fixture(scope="module")
+def recovered():
+    p, recs = simulated()
+    fit = fit_stitched_lds(recs, 60, 3, lags=6, device="cpu", heldout_fraction=0.1, seed=0)
+    return p, recs, fit
+
+
+def test_recovers_never_coobserved_covariances(recovered):
+    p, _, fit = recovered
+    scores = covariance_scores(fit.params, fit.data, truth=truth_params(p, 6))
+    never = [row["corr"] for row in scores["never_vs_truth"]]
+    assert min(never) > 0.95, never
+    assert all(row["n_pairs"] > 500 for row in scores["never_vs_truth"])
+    assert max(principal_angles_deg(p.C, fit.params.C)) < 10
+    true_mod = np.sort(np.abs(np.linalg.eigvals(p.A)))
+    fit_mod = np.sort(np.abs(np.linalg.eigvals(fit.params.A)))
+    np.testing.assert_allclose(fit_mod, true_mod, atol=0.03)
+    # R recovers the per-neuron noise (noise equals signal here)
+    assert np.corrcoef(fit.params.R, p.R)[0, 1] > 0.9
+    # Q = Pi - A Pi A' is PSD and A is stable
+    assert np.linalg.eigvalsh(fit.params.Q).min() >= -1e-12
+    assert np.abs(np.linalg.eigvals(fit.params.A)).max() < 1
+
+
+def test_heldout_pairs_are_predicted_as_well_as_fitted_ones(recovered):
+    _, _, fit = recovered
+    scores = covariance_scores(fit.params, fit.data)
+    for obs, held in zip(scores["observed"], scores["heldout"], strict=True):
+        assert held["n_pairs"] > 50
+        assert held["corr"] > 0.9 and held["corr"] > obs["corr"] - 0.05
+
+
+def test_fit_converges_and_loss_falls(recovered):
+    _, _, fit = recovered
+    assert fit.info["free"]["converged"] and fit.info["linked"]["converged"]
+    losses = [v for stage, _, v in fit.trace if stage == "free"]
+    assert losses[-1] < losses[0]
+
+
+def test_heldout_split_holds_out_the_asked_fraction():
+    rng = np.random.default_rng(0)
+    recs = [RecordingInput("a", rng.standard_normal((50, 3000)), np.arange(3000))]
+    data = prepare_data(recs, 3000, lags=2, device=CPU, heldout_fraction=0.2, seed=3)
+    sizes = data.group_size.astype(float)
+    held = np.einsum("gh,g,h->", data.heldout.astype(float), sizes, sizes)
+    assert held / 3000**2 == pytest.approx(0.2, abs=0.02)
+    # every neuron keeps pairs in the fit: its own group is never held out
+    assert not np.any(np.diagonal(data.heldout))
+
+
+def test_same_seed_same_fit_and_dynamics_estimate():
+    _, recs = simulated(N=30, n=2, T=1500)
+    a = fit_stitched_lds(recs, 30, 2, lags=4, device="cpu", seed=5)
+    b = fit_stitched_lds(recs, 30, 2, lags=4, device="cpu", seed=5)
+    np.testing.assert_array_equal(a.params.C, b.params.C)
+    np.testing.assert_array_equal(a.params.A, b.params.A)
+    # A from exact lagged covariances X_s = A^s Pi is A itself
+    p = simulate.random_stitched_lds(5, 4, seed=1)
+    X = np.stack([np.linalg.matrix_power(p.A, s) @ p.Pi for s in range(4)])
+    np.testing.assert_allclose(dynamics_from_lagged(X), p.A, atol=1e-10)
+
+
+def test_streamed_from_the_store_equals_in_memory(tmp_path):
+    paths = simulate.write_stitched_simulation(
+        tmp_path / "sim",
+        n_neurons=30,
+        latent_dim=2,
+        seed=2,
+        recordings=[
+            {"name": "a", "neurons": [0, 20], "n_time": 1200},
+            {"name": "b", "neurons": [12, 30], "n_time": 1000},
+        ],
+    )
+    store = ingest_dataset([{"path": str(p)} for p in paths], tmp_path / "ds" / "data.zarr")
+    kw = {"latent_dim": 2, "lags": 4, "device": "cpu", "max_passes": 40}
+    mem = fit_store(store, tmp_path / "mem", **kw)
+    streamed = fit_store(store, tmp_path / "stream", max_device_bytes=0, **kw)
+    assert all(r.data is None for r in streamed["_fit"].data.recordings)
+    assert all(r.data is not None for r in mem["_fit"].data.recordings)
+    np.testing.assert_array_equal(streamed["_fit"].params.C, mem["_fit"].params.C)
+    for a, b in zip(streamed["_posteriors"], mem["_posteriors"], strict=True):
+        np.testing.assert_allclose(a.mean.numpy(), b.mean.numpy(), atol=1e-5)
+
+
+def test_disconnected_recordings_are_reported(caplog):
+    _, recs = simulated(N=40, n=2, overlap=0, T=1500)
+    fit = fit_stitched_lds(recs, 40, 2, lags=4, device="cpu")
+    report = identifiability(fit.params, fit.data)
+    assert report["components"] == [["s1"], ["s2"]]
+    assert report["sign_ambiguous"] is True
+    assert any("disconnected" in w for w in fit.info["warnings"])
+    # a rotation-scaling A with isotropic Pi leaves a one-dimensional family of rotations;
+    # a generic Pi leaves none
+    A = 0.9 * np.array([[np.cos(0.3), -np.sin(0.3)], [np.sin(0.3), np.cos(0.3)]])
+    assert symmetry_dimension(A, np.eye(2)) == 1
+    assert symmetry_dimension(A, np.array([[2.0, 0.3], [0.3, 1.0]])) == 0
+
+
+def test_bad_input():
+    _, recs = simulated(N=20, n=2, T=200)
+    with pytest.raises(InputError, match="latent dimension 50 exceeds"):
+        fit_stitched_lds(recs, 20, 50, lags=4, device="cpu")
+    with pytest.raises(InputError, match="at least 2 lags"):
+        fit_stitched_lds(recs, 20, 2, lags=1, device="cpu")
+    with pytest.raises(InputError, match="needs more than 300"):
+        fit_stitched_lds(recs, 20, 2, lags=300, device="cpu")
+    with pytest.raises(InputError, match="at most 0.5"):
+        fit_stitched_lds(recs, 20, 2, lags=4, device="cpu", heldout_fraction=0.8)
+
+
+def test_trial_data_is_refused(tmp_path):
+    np.savez(
+        tmp_path / "t.npz", activity=np.zeros((3, 20, 4)), neuron_ids=np.arange(4), rate_hz=10.0
+    )
+    store = ingest_dataset(
+        [{"path": str(tmp_path / "t.npz")}], tmp_path / "d" / "data.zarr", trials=True
+    )
+    with pytest.raises(InputError, match="needs continuous"):
+        fit_store(store, tmp_path / "out", latent_dim=2)
+
+
+@pytest.mark.requires_cuda
+def test_cuda_path_matches_cpu():
+    _, recs = simulated(N=40, n=2, T=2000)
+    cpu = fit_stitched_lds(recs, 40, 2, lags=4, device="cpu", max_passes=60)
+    gpu = fit_stitched_lds(recs, 40, 2, lags=4, device="cuda", max_passes=60)
+    assert gpu.info["device"].startswith("cuda")
+    pred_c = cpu.params.C @ cpu.params.Pi @ cpu.params.C.T
+    pred_g = gpu.params.C @ gpu.params.Pi @ gpu.params.C.T
+    np.testing.assert_allclose(pred_g, pred_c, rtol=1e-3, atol=1e-3 * np.abs(pred_c).max())
