@@ -31,7 +31,11 @@ lint: $(STAMP)
 	$(BIN)/snakemake --lint
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
 	$(BIN)/python benchmarks/bench_ingest.py
+	$(BIN)/python benchmarks/bench_stitched.py paper
+	$(BIN)/python benchmarks/bench_stitched.py peer
+	$(BIN)/python benchmarks/bench_stitched.py real
 
 clean:
 	rm -rf results logs .snakemake
