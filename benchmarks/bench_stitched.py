@@ -3,6 +3,7 @@
     python benchmarks/bench_stitched.py paper [--seeds 5] [--overlaps 0 10 50 300 1000]
     python benchmarks/bench_stitched.py peer  [--neurons 50 100 200]     # needs pykalman
     python benchmarks/bench_stitched.py real  [--data ../shared/data/dentate_gyrus_events.nwb]
+    python benchmarks/bench_stitched.py scale [--neurons 1000000 --time 10000] [--stream]
 
 ``paper``: Nonnenmacher et al.'s two-recording setting: N = 1000 neurons, n = 10 latents,
 T = 1e5 steps split in two halves, each half observing its own neuron block, the blocks
@@ -18,6 +19,12 @@ n = 4), against ``fit_stitched_lds`` on the same data. Both are scored by the re
 their predicted lagged covariances (lags 0-4, off-diagonal) on the pairs our fit held out,
 against the empirical ones; EM runs iteration by iteration until it reaches our error or a
 time budget. Prints each one's time and the ratio.
+
+``scale``: a large two-recording dataset (default N = 1e6, T = 1e4, n = 10) written chunk by
+chunk into a dataset store, then fitted end to end from the store (``--stream`` forces
+streaming even where the data would fit on the device). Prints the time per pass against the
+memory-bandwidth floor, ``2 x data bytes / measured copy bandwidth`` (each pass reads the data
+twice). ``--neurons 20000`` makes a CPU-sized run.
 
 ``real``: the dentate gyrus recording (122 cells, 3596 frames at 10 Hz) cut into two partial
 recordings, the first ~60% of the cells observed in the first half of the time, the last ~60%
@@ -325,9 +332,136 @@ def real(args) -> dict:
     return out
 
 
+def write_large_store(path: Path, N: int, T: int, n: int, overlap: float, seed: int):
+    """A two-recording stitched LDS written chunk by chunk into a dataset store (the data are
+    never whole in memory): recording 1 sees neurons [0, N (1+overlap)/2), recording 2 the
+    rest plus the overlap, each for T/2 steps. Returns the truth."""
+    import zarr
+
+    from poplds.store import FORMAT, create_activity, write_array, write_strings
+
+    rng = np.random.default_rng(seed)
+    p = simulate.random_stitched_lds(min(N, 2000), n, eig_moduli=(0.9, 0.99), seed=seed)
+    C = rng.standard_normal((N, n)) / np.sqrt(n)  # loadings for all N neurons
+    signal = np.einsum("ik,kl,il->i", C, p.Pi, C)
+    x = simulate.sample_lds_latents(p.A, p.Q, p.Pi, T, rng)
+    size = int(N * (1 + overlap) / 2)
+    blocks = [np.arange(0, size), np.arange(N - size, N)]
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    write_strings(root, "neuron_ids", np.array([f"n{i}" for i in range(N)]))
+    recs = root.create_group("recordings")
+    names = []
+    for r, idx in enumerate(blocks):
+        name = f"s{r + 1}"
+        names.append(name)
+        g = recs.create_group(name)
+        Tr = T // 2
+        arr = create_activity(g, (Tr, len(idx)), 8.0)
+        rows = arr.chunks[0]
+        Cr, sd = C[idx].astype(np.float32), np.sqrt(signal[idx]).astype(np.float32)
+        for t0 in range(0, Tr, rows):
+            t1 = min(Tr, t0 + rows)
+            xs = x[r * Tr + t0 : r * Tr + t1].astype(np.float32)
+            noise = rng.standard_normal((t1 - t0, len(idx)), dtype=np.float32) * sd
+            arr[t0:t1] = xs @ Cr.T + noise
+        write_array(g, "neurons", idx)
+        g.attrs.update({"rate_hz": 10.0, "kind": "traces", "source": "simulated"})
+    root.attrs.update(
+        {
+            "format": FORMAT,
+            "dataset": "scale",
+            "recordings": names,
+            "rate_hz": 10.0,
+            "kind": "traces",
+            "trials": False,
+        }
+    )
+    return p, C
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Measured device copy bandwidth in bytes/s (bytes read plus bytes written)."""
+    x = torch.empty(int(5e8 // 4), dtype=torch.float32, device=device)
+    x.fill_(1.0)
+    y = x.clone()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(5):
+        y.copy_(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 5 * 2 * x.numel() * 4 / (time.perf_counter() - t)
+
+
+def scale(args) -> dict:
+    import tempfile
+
+    from poplds.stitched import fit_store
+
+    N, T, n = args.neurons[0], args.time, args.latents
+    dev = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="poplds-scale-"))
+    store = work / "data.zarr"
+    t = time.perf_counter()
+    write_large_store(store, N, T, n, overlap=0.1, seed=0)
+    t_write = time.perf_counter() - t
+    nbytes = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+    bw = copy_bandwidth(dev)
+    print(
+        f"# scale: N={N}, T={T} (two recordings, 10% overlap), n={n}; store "
+        f"{nbytes / 1e9:.2f} GB written in {t_write:.0f} s; device {dev}; {machine()}; "
+        f"copy bandwidth {bw / 1e9:.0f} GB/s"
+    )
+    t = time.perf_counter()
+    m = fit_store(
+        store,
+        work / "fit",
+        latent_dim=n,
+        lags=10,
+        device=str(dev),
+        max_passes=args.max_passes,
+        heldout_fraction=0.1,
+        max_device_bytes=0 if args.stream else None,
+    )
+    total = time.perf_counter() - t
+    fit = m["_fit"]
+    passes = fit.info["free"]["passes"] + fit.info["linked"]["passes"]
+    fit_s = fit.info["free"]["seconds"] + fit.info["linked"]["seconds"]
+    in_memory = all(r.data is not None for r in fit.data.recordings)
+    data_bytes = sum(4 * r.n_time * len(r.neurons) for r in fit.data.recordings)
+    per_pass = fit_s / passes
+    floor = 2 * data_bytes / bw  # each pass reads the data twice (Z = Y C, then Y' dZ)
+    print(
+        f"data {'in device memory' if in_memory else 'streamed from the store'}; "
+        f"end to end {total:.0f} s (fit {fit_s:.0f} s, {passes} passes); "
+        f"{per_pass:.2f} s per pass; floor {floor:.3f} s (2 x {data_bytes / 1e9:.1f} GB "
+        f"/ copy bandwidth); {per_pass / floor:.1f}x the floor"
+    )
+    return {
+        "N": N,
+        "T": T,
+        "n": n,
+        "store_gb": nbytes / 1e9,
+        "seconds": total,
+        "fit_seconds": fit_s,
+        "passes": passes,
+        "per_pass_s": per_pass,
+        "floor_s": floor,
+        "in_memory": in_memory,
+        "device": str(dev),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["paper", "peer", "real"])
+    ap.add_argument("what", choices=["paper", "peer", "real", "scale"])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--overlaps", type=int, nargs="+", default=[0, 10, 50, 300, 1000])
     ap.add_argument("--neurons", type=int, nargs="+", default=None)
@@ -341,12 +475,17 @@ def main() -> None:
     ap.add_argument("--latents-real", type=int, nargs="+", default=[2, 4, 6])
     ap.add_argument("--bin", type=int, default=1, help="real: frames summed per bin")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--max-passes", type=int, default=100, help="scale: passes per stage")
+    ap.add_argument("--stream", action="store_true", help="scale: stream even if it fits")
+    ap.add_argument("--workdir", type=Path, help="scale: where the store is written")
     args = ap.parse_args()
     if args.neurons is None:
-        args.neurons = [1000] if args.what == "paper" else [50, 100, 200]
+        args.neurons = {"paper": [1000], "scale": [1_000_000]}.get(args.what, [50, 100, 200])
     if args.what == "paper":
         args.neurons = args.neurons[0]
-    result = {"paper": paper, "peer": peer, "real": real}[args.what](args)
+    if args.what == "scale" and args.time == 100_000:
+        args.time = 10_000
+    result = {"paper": paper, "peer": peer, "real": real, "scale": scale}[args.what](args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=float))
 

@@ -168,3 +168,11 @@ def test_cuda_path_matches_cpu():
     pred_c = cpu.params.C @ cpu.params.Pi @ cpu.params.C.T
     pred_g = gpu.params.C @ gpu.params.Pi @ gpu.params.C.T
     np.testing.assert_allclose(pred_g, pred_c, rtol=1e-3, atol=1e-3 * np.abs(pred_c).max())
+
+
+def test_choose_dimension_prefers_the_smallest_near_best():
+    from poplds.stitched.plots import choose_dimension
+
+    assert choose_dimension([2, 4, 6], [0.34, 0.0656, 0.0683]) == 4
+    assert choose_dimension([2, 4, 8], [0.30, 0.101, 0.100]) == 4  # within 2% of the best
+    assert choose_dimension([2, 4], [float("nan"), float("nan")]) is None

@@ -153,6 +153,17 @@ def plot_latents(
     return _save(fig, out)
 
 
+def choose_dimension(dims: Sequence[int], heldout_error: np.ndarray, slack: float = 0.02):
+    """The smallest n whose held-out error is within ``slack`` (relative) of the lowest one,
+    or None when no error is known."""
+    err = np.asarray(heldout_error, dtype=float)
+    if not np.isfinite(err).any():
+        return None
+    best = np.nanmin(err)
+    ok = [d for d, e in zip(dims, err, strict=True) if np.isfinite(e) and e <= best * (1 + slack)]
+    return min(ok)
+
+
 def plot_dimension_choice(metrics_files: Sequence[str | Path], out: str | Path) -> Path:
     """Held-out covariance error and correlation against latent dimension (the basis for
     choosing n), with the never co-observed correlation against the truth when simulated."""
@@ -164,7 +175,19 @@ def plot_dimension_choice(metrics_files: Sequence[str | Path], out: str | Path) 
     dims = [d for d, _ in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
     heldout_err = [s.get("heldout_rel_error") for _, s in rows]
-    a.plot(dims, [np.nan if v is None else v for v in heldout_err], "o-", color="tab:blue")
+    err = np.array([np.nan if v is None else v for v in heldout_err], dtype=float)
+    a.plot(dims, err, "o-", color="tab:blue")
+    chosen = choose_dimension(dims, err)
+    if chosen is not None:
+        a.axvline(chosen, color="k", ls="--", lw=0.8)
+        a.annotate(
+            f"chosen n = {chosen}",
+            (chosen, np.nanmax(err)),
+            xytext=(4, -4),
+            textcoords="offset points",
+            va="top",
+            fontsize=8,
+        )
     a.set_xlabel("latent dimension n")
     a.set_ylabel("held-out relative error")
     a.set_title("held-out co-observed pairs")
