@@ -66,10 +66,15 @@ def plot_coverage(store_path: str | Path, out: str | Path) -> Path:
     ax.set_title("coverage")
     fig.suptitle(f"{store.attrs.get('dataset', '')}: {len(names)} recordings")
     fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def save_figure(fig: plt.Figure, out: str | Path, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``out`` under a temporary name, rename it, and close the figure."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".tmp" + out.suffix)
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     tmp.replace(out)
     return out

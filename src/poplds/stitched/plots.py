@@ -14,21 +14,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import zarr  # noqa: E402
 
+from ..plots import save_figure  # noqa: E402
+
 CLASS_STYLE = {
     "observed": ("0.55", "recorded together (fitted)"),
     "heldout": ("tab:blue", "recorded together, held out"),
     "never": ("tab:red", "never recorded together (vs truth)"),
 }
-
-
-def _save(fig, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp" + out.suffix)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
 
 
 def plot_loss(model_path: str | Path, out: str | Path) -> Path:
@@ -48,7 +40,7 @@ def plot_loss(model_path: str | Path, out: str | Path) -> Path:
     ax.legend()
     ax.set_title("moment-matching loss")
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_covariance_scatter(figdata: dict[str, Any], out: str | Path, lags: Sequence[int]) -> Path:
@@ -78,7 +70,7 @@ def plot_covariance_scatter(figdata: dict[str, Any], out: str | Path, lags: Sequ
     axes[0][0].set_ylabel("predicted")
     axes[0][0].legend(fontsize=7, markerscale=3, loc="upper left")
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_eigenvalues(
@@ -118,7 +110,7 @@ def plot_eigenvalues(
     table = tab.table(cellText=rows, colLabels=["|λ|", "τ (s)", "f (Hz)"], loc="center")
     table.scale(1, 1.2)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_latents(
@@ -150,7 +142,7 @@ def plot_latents(
     axes[-1, 0].set_xlabel("time in recording (s)")
     fig.suptitle("smoothed latents (one shared latent space), mean ± 2 sd")
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def choose_dimension(dims: Sequence[int], heldout_error: np.ndarray, slack: float = 0.02):
@@ -207,7 +199,7 @@ def plot_dimension_choice(metrics_files: Sequence[str | Path], out: str | Path) 
     for ax in (a, b):
         ax.set_xticks(dims)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def make_figures(
