@@ -259,8 +259,8 @@ def prepare_data(
     chunk_rows: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> StitchedData:
-    """Group neurons, compute means, observed fractions and variances (one pass over each
-    recording), and place the prepared data on ``device`` when it fits in
+    """Group neurons, compute means and observed fractions (a first pass over each recording),
+    then variances while placing the prepared data on ``device`` (a second pass) when it fits in
     ``max_device_bytes`` (default: half the free device memory, or 4 GB of host memory),
     else stream it from the source in time chunks at every pass.
 

@@ -132,8 +132,10 @@ def fit_store(
     """Fit a stitched LDS of dimension ``latent_dim`` to every recording of a dataset store and
     write ``model.zarr``, ``latents.zarr`` and ``metrics.json`` to ``out_dir``.
 
-    Returns the metrics (also in ``metrics.json``); the keyword arguments are those of
-    :func:`poplds.stitched.models.fit_stitched_lds`; ``truth`` is a simulation's truth.npz.
+    Returns the metrics (also in ``metrics.json``) plus, under ``_fit`` and ``_posteriors``,
+    the :class:`StitchedFit` and each recording's :class:`Posterior` for use from Python. The
+    keyword arguments are those of :func:`poplds.stitched.models.fit_stitched_lds`; ``truth`` is
+    a simulation's ``truth.npz``.
     """
     store = DatasetStore(store_path)
     recs = recordings_from_store(store)
