@@ -34,8 +34,7 @@ def simulated(N=60, n=3, overlap=10, T=4000, seed=0, n_rec=2, moduli=(0.85, 0.95
 def truth_params(p, lags):
     from poplds.stitched import StitchedLDSParams
 
-    X = np.stack([np.linalg.matrix_power(p.A, s) @ p.Pi for s in range(lags)])
-    return StitchedLDSParams(A=p.A, C=p.C, Q=p.Q, R=p.R, Pi=p.Pi, X=X)
+    return StitchedLDSParams.from_dynamics(p.A, p.C, p.Q, p.R, p.Pi, lags)
 
 
 @pytest.fixture(scope="module")

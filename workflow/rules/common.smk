@@ -85,21 +85,9 @@ def truth_input(wildcards):
     return []
 
 
-STITCHED_DEFAULTS = {
-    "latent_dims": [2, 4, 8],
-    "lags": 10,
-    "heldout_fraction": 0.1,
-    "seed": 0,
-    "device": "auto",
-    "restarts": 0,
-    "max_passes": 500,
-    "tol": 1e-7,
-}
-
-
 def stitched_config(dataset):
-    """The dataset's stitched_lds block with defaults filled in."""
-    return {**STITCHED_DEFAULTS, **dataset_config(dataset).get("stitched_lds", {})}
+    """The dataset's stitched_lds block; the schema fills in every default."""
+    return dataset_config(dataset)["stitched_lds"]
 
 
 def stitched_dims(dataset):

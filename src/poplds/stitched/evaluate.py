@@ -113,12 +113,7 @@ def covariance_scores(
     out: dict[str, Any] = {"lags": list(range(K)), "n_sampled_neurons": int(len(sample))}
     true = None
     if truth is not None:
-        true = np.stack(
-            [
-                truth.C[sample] @ np.linalg.matrix_power(truth.A, s) @ truth.Pi @ truth.C[sample].T
-                for s in range(K)
-            ]
-        )
+        true = np.stack([truth.C[sample] @ truth.X[s] @ truth.C[sample].T for s in range(K)])
     for k, name in enumerate(("observed", "heldout", "never")):
         rows, rows_true = [], []
         for s in range(K):
@@ -176,12 +171,9 @@ def symmetry_dimension(A: np.ndarray, Pi: np.ndarray, tol: float = 1e-8) -> int:
 def identifiability(params: StitchedLDSParams, data: StitchedData) -> dict[str, Any]:
     """Connected components of the overlap graph and, when there are several, the symmetries
     left between them (see :func:`symmetry_dimension`)."""
-    from .models import _components
+    from .models import overlap_graph
 
-    R = len(data.recordings)
-    sets = [set(r.neurons.tolist()) for r in data.recordings]
-    adj = np.array([[a != b and bool(sets[a] & sets[b]) for b in range(R)] for a in range(R)])
-    comp = _components(adj)
+    _, comp = overlap_graph(data)
     groups: dict[int, list[str]] = {}
     for rec, c in zip(data.recordings, comp, strict=True):
         groups.setdefault(c, []).append(rec.name)

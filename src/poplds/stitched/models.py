@@ -41,6 +41,7 @@ import torch
 
 from .._errors import InputError
 from .._logging import get_logger
+from ..store import coverage
 from ._data import RecordingInput, StitchedData, choose_device, prepare_data
 from ._loss import loss_and_grad, loss_tensors
 
@@ -62,9 +63,17 @@ class StitchedLDSParams(NamedTuple):
     Pi: np.ndarray
     X: np.ndarray
 
+    @classmethod
+    def from_dynamics(cls, A, C, Q, R, Pi, lags: int) -> StitchedLDSParams:
+        """Parameters with ``X_s = A^s Pi`` for s < ``lags`` filled in."""
+        X = [Pi]
+        for _ in range(1, lags):
+            X.append(A @ X[-1])
+        return cls(A=A, C=C, Q=Q, R=R, Pi=Pi, X=np.stack(X))
+
     def lagged_covariance(self, i: np.ndarray, j: np.ndarray, lag: int) -> np.ndarray:
         """Predicted ``cov(y_i[t+lag], y_j[t])`` (len(i), len(j)), ``+ R`` on the diagonal at 0."""
-        Xs = np.linalg.matrix_power(self.A, lag) @ self.Pi
+        Xs = self.X[lag] if lag < len(self.X) else np.linalg.matrix_power(self.A, lag) @ self.Pi
         out = self.C[i] @ Xs @ self.C[j].T
         if lag == 0:
             same = np.asarray(i)[:, None] == np.asarray(j)[None, :]
@@ -97,17 +106,14 @@ def _top_subspace(data: StitchedData, rec_index: int, n: int, seed: int, iters: 
     p = min(n_r, n + 8)
     g = torch.Generator(device="cpu").manual_seed(seed)
     V = torch.randn((n_r, p), generator=g, dtype=torch.float64).to(dev)
-    for _ in range(iters):
+    for it in range(iters + 1):
         W = torch.zeros_like(V)
         V32 = V.to(rec.dtype)
         for _, y in rec.chunks(dev):
             W += (y.T @ (y @ V32)).to(torch.float64)
-        V, _ = torch.linalg.qr(W / rec.n_time)
-    W = torch.zeros_like(V)
-    V32 = V.to(rec.dtype)
-    for _, y in rec.chunks(dev):
-        W += (y.T @ (y @ V32)).to(torch.float64)
-    small = V.T @ W / rec.n_time
+        if it < iters:
+            V, _ = torch.linalg.qr(W / rec.n_time)
+    small = V.T @ W / rec.n_time  # Rayleigh-Ritz on the last subspace
     evals, evecs = torch.linalg.eigh(0.5 * (small + small.T))
     order = torch.argsort(evals, descending=True)[:n]
     return V @ evecs[:, order], evals[order]
@@ -436,7 +442,6 @@ def fit_stitched_lds(
     signal = np.einsum("ia,ab,ib->i", C_np, Pi_np, C_np)
     var = np.nan_to_num(data.variance, nan=0.0)
     R = np.maximum(var - signal, r_floor * var)
-    X = np.stack([np.linalg.matrix_power(A_np, s) @ Pi_np for s in range(lags)])
     means = {rec.name: rec.mean_in_source_order() for rec in data.recordings}
     info = {
         "device": str(dev),
@@ -449,7 +454,7 @@ def fit_stitched_lds(
         "n_pairs": data.n_pairs(),
     }
     return StitchedFit(
-        params=StitchedLDSParams(A=A_np, C=C_np, Q=Q, R=R, Pi=Pi_np, X=X),
+        params=StitchedLDSParams.from_dynamics(A_np, C_np, Q, R, Pi_np, lags),
         means=means,
         trace=trace,
         info=info,
@@ -457,42 +462,14 @@ def fit_stitched_lds(
     )
 
 
-def connectivity_warnings(data: StitchedData, n: int) -> list[str]:
-    """Warnings for a disconnected overlap graph and for overlaps smaller than n."""
-    names = [r.name for r in data.recordings]
-    R = len(names)
-    shared = np.zeros((R, R), dtype=np.int64)
-    sets = [set(r.neurons.tolist()) for r in data.recordings]
-    for a in range(R):
-        for b in range(a + 1, R):
-            shared[a, b] = shared[b, a] = len(sets[a] & sets[b])
-    out = []
-    comp = _components(shared > 0)
-    if len(set(comp)) > 1:
-        groups = {}
-        for name, c in zip(names, comp, strict=True):
-            groups.setdefault(c, []).append(name)
-        out.append(
-            "the recordings' overlap graph is disconnected: "
-            + " | ".join(", ".join(g) for g in groups.values())
-            + "; covariances across components rest on the shared dynamics alone, and the "
-            "latent axes of each component are determined only up to symmetries of A and Pi"
-        )
-    for a in range(R):
-        for b in range(a + 1, R):
-            if 0 < shared[a, b] < n:
-                out.append(
-                    f"recordings {names[a]} and {names[b]} share {shared[a, b]} neurons, fewer "
-                    f"than the latent dimension {n}"
-                )
-    return out
-
-
-def _components(adj: np.ndarray) -> list[int]:
-    n = len(adj)
-    comp = [-1] * n
+def overlap_graph(data: StitchedData) -> tuple[np.ndarray, list[int]]:
+    """Shared-neuron counts (R, R) between the recordings (:func:`poplds.store.coverage`) and
+    the connected component of each recording in the graph of recordings sharing a neuron."""
+    shared, _ = coverage([r.neurons for r in data.recordings], data.n_neurons)
+    adj = shared > 0
+    comp = [-1] * len(adj)
     c = 0
-    for start in range(n):
+    for start in range(len(adj)):
         if comp[start] >= 0:
             continue
         stack = [start]
@@ -504,4 +481,29 @@ def _components(adj: np.ndarray) -> list[int]:
                     comp[b] = c
                     stack.append(int(b))
         c += 1
-    return comp
+    return shared, comp
+
+
+def connectivity_warnings(data: StitchedData, n: int) -> list[str]:
+    """Warnings for a disconnected overlap graph and for overlaps smaller than n."""
+    names = [r.name for r in data.recordings]
+    shared, comp = overlap_graph(data)
+    out = []
+    if len(set(comp)) > 1:
+        groups: dict[int, list[str]] = {}
+        for name, c in zip(names, comp, strict=True):
+            groups.setdefault(c, []).append(name)
+        out.append(
+            "the recordings' overlap graph is disconnected: "
+            + " | ".join(", ".join(g) for g in groups.values())
+            + "; covariances across components rest on the shared dynamics alone, and the "
+            "latent axes of each component are determined only up to symmetries of A and Pi"
+        )
+    for a in range(len(names)):
+        for b in range(a + 1, len(names)):
+            if 0 < shared[a, b] < n:
+                out.append(
+                    f"recordings {names[a]} and {names[b]} share {shared[a, b]} neurons, fewer "
+                    f"than the latent dimension {n}"
+                )
+    return out

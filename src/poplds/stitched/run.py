@@ -65,9 +65,9 @@ def load_truth(path: str | Path, neuron_ids: np.ndarray, lags: int) -> StitchedL
         order = np.array([pos[n] for n in neuron_ids.tolist()])
     except KeyError as exc:
         raise InputError(path, f"neuron {exc} of the store is not in the truth") from exc
-    A, Pi = z["A"], z["Pi"]
-    X = np.stack([np.linalg.matrix_power(A, s) @ Pi for s in range(lags)])
-    return StitchedLDSParams(A=A, C=z["C"][order], Q=z["Q"], R=z["R"][order], Pi=Pi, X=X)
+    return StitchedLDSParams.from_dynamics(
+        z["A"], z["C"][order], z["Q"], z["R"][order], z["Pi"], lags
+    )
 
 
 def _json_clean(obj: Any) -> Any:
