@@ -224,7 +224,8 @@ class PoissonTrialTruth(NamedTuple):
 
     A, Q, Pi: (latents, latents); C: (neurons, latents); d: (neurons,) log baseline per bin;
     h: (trials, latents) slow modulator; x: (trials, time, latents) latent paths;
-    trial_ids: (trials,); counts: (trials, time, neurons).
+    trial_ids: (trials,); counts: (trials, time, neurons); A_trials: (trials, latents,
+    latents) each trial's dynamics when they drift, else None.
     """
 
     A: np.ndarray
@@ -236,6 +237,7 @@ class PoissonTrialTruth(NamedTuple):
     x: np.ndarray
     trial_ids: np.ndarray
     counts: np.ndarray
+    A_trials: np.ndarray | None = None
 
 
 def gp_sample(
@@ -264,6 +266,8 @@ def simulate_poisson_trials(
     drift_tau: float = 20.0,
     drift_dims: int | None = None,
     opposite_groups: bool = False,
+    dynamics_drift_scale: float = 0.0,
+    dynamics_drift_tau: float | None = None,
     seed: int = 0,
 ) -> PoissonTrialTruth:
     """Sample a Poisson LDS with a slow GP drift across trials (see the module docstring).
@@ -272,6 +276,9 @@ def simulate_poisson_trials(
     latents (default all) carry the drift ``h``. With ``opposite_groups`` the first latent's
     loadings are positive for the first half of the neurons and negative for the second, so
     the two groups drift in opposite directions (the design of Park et al.'s Figure 2).
+    ``dynamics_drift_scale`` a > 0 makes the dynamics drift too: ``A[r] = A (1 + a g[r])``
+    with g a unit-variance GP over trials of length-scale ``dynamics_drift_tau`` (default
+    ``drift_tau``); every trial starts from its own stationary covariance.
     """
     rng = np.random.default_rng(seed)
     A = random_dynamics(latent_dim, tuple(eig_moduli), rng)
@@ -289,10 +296,28 @@ def simulate_poisson_trials(
     h = np.zeros((n_trials, latent_dim))
     if k_drift > 0 and drift_sigma2 > 0:
         h[:, :k_drift] = gp_sample(trial_ids, drift_sigma2, drift_tau, k_drift, rng)
-    x = np.stack([sample_lds_latents(A, Q, Pi, n_bins, rng) for _ in range(n_trials)])
+    A_trials = None
+    if dynamics_drift_scale > 0:
+        tau_g = drift_tau if dynamics_drift_tau is None else dynamics_drift_tau
+        g = gp_sample(trial_ids, 1.0, tau_g, 1, rng)[:, 0]
+        A_trials = A[None] * (1 + dynamics_drift_scale * g)[:, None, None]
+        radius = np.abs(np.linalg.eigvals(A_trials)).max()
+        if radius >= 1:
+            raise ValueError(
+                f"dynamics_drift_scale {dynamics_drift_scale} makes A unstable (|eig| "
+                f"{radius:.3f}); lower it or eig_moduli"
+            )
+        x = np.stack(
+            [
+                sample_lds_latents(Ar, Q, stationary_covariance(Ar, Q), n_bins, rng)
+                for Ar in A_trials
+            ]
+        )
+    else:
+        x = np.stack([sample_lds_latents(A, Q, Pi, n_bins, rng) for _ in range(n_trials)])
     log_rate = (x + h[:, None, :]) @ C.T + d
     counts = rng.poisson(np.exp(log_rate))
-    return PoissonTrialTruth(A, Q, Pi, C, d, h, x, trial_ids, counts)
+    return PoissonTrialTruth(A, Q, Pi, C, d, h, x, trial_ids, counts, A_trials)
 
 
 def write_poisson_trial_simulation(
@@ -313,7 +338,7 @@ def write_poisson_trial_simulation(
         rate_hz=1.0 / bin_size_s,
         trial_ids=truth.trial_ids,
     )
-    fields = {k: v for k, v in truth._asdict().items() if k != "counts"}
+    fields = {k: v for k, v in truth._asdict().items() if k != "counts" and v is not None}
     _save_npz(out / "truth.npz", **fields, log_rate_shift=truth.h @ truth.C.T, neuron_ids=ids)
     return [path]
 

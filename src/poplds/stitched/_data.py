@@ -32,8 +32,9 @@ from .._logging import get_logger
 log = get_logger()
 
 
-def choose_device(device: str = "auto") -> torch.device:
-    """``auto``: the first CUDA GPU when there is one, else the CPU (logged once)."""
+def choose_device(device: str = "auto", where: str = "stitched_lds.device") -> torch.device:
+    """``auto``: the first CUDA GPU when there is one, else the CPU (logged once). ``where``
+    names the setting in the error raised when CUDA is asked for but missing."""
     if device == "auto":
         if torch.cuda.is_available():
             dev = torch.device("cuda")
@@ -43,7 +44,7 @@ def choose_device(device: str = "auto") -> torch.device:
         return torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("stitched_lds.device", f"{device!r} asked for, but CUDA is not available")
+        raise InputError(where, f"{device!r} asked for, but CUDA is not available")
     return dev
 
 

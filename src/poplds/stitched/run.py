@@ -21,17 +21,15 @@ temporary name and renamed, so an interrupted run leaves no half-written result.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
 from .._errors import InputError
 from .._logging import get_logger
+from .._results import atomic_group, finish_group, json_clean, write_json
 from .._version import __version__
 from ..store import DatasetStore, write_array, write_strings
 from ._data import RecordingInput
@@ -68,18 +66,6 @@ def load_truth(path: str | Path, neuron_ids: np.ndarray, lags: int) -> StitchedL
     return StitchedLDSParams.from_dynamics(
         z["A"], z["C"][order], z["Q"], z["R"][order], z["Pi"], lags
     )
-
-
-def _json_clean(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _json_clean(v) for k, v in obj.items() if not k.startswith("_")}
-    if isinstance(obj, list | tuple):
-        return [_json_clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _mean_of(rows: list[dict], key: str = "corr") -> float | None:
@@ -190,29 +176,14 @@ def fit_store(
     tmp = out / "covariance_sample.tmp.npz"
     np.savez_compressed(tmp, **arrays, rate_hz=float(store.attrs["rate_hz"]))
     tmp.replace(out / "covariance_sample.npz")
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(_json_clean(metrics), indent=2))
-    tmp.replace(out / "metrics.json")
+    write_json(out / "metrics.json", metrics)
     metrics["_fit"] = fit
     metrics["_posteriors"] = posts
     return metrics
 
 
-def _atomic_group(path: Path) -> tuple[zarr.Group, Path]:
-    tmp = path.with_name(path.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    return zarr.open_group(str(tmp), mode="w", zarr_format=3), tmp
-
-
-def _finish(tmp: Path, path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
-
-
 def _write_model(path: Path, fit: StitchedFit, store: DatasetStore, settings: dict) -> None:
-    root, tmp = _atomic_group(path)
+    root, tmp = atomic_group(path)
     p = fit.params
     for name in ("A", "C", "Pi", "Q", "R", "X"):
         write_array(root, name, getattr(p, name))
@@ -229,22 +200,22 @@ def _write_model(path: Path, fit: StitchedFit, store: DatasetStore, settings: di
         {
             "model": "stitched_lds",
             "settings": settings,
-            "free": _json_clean(fit.info["free"]),
-            "linked": _json_clean(fit.info["linked"]),
+            "free": json_clean(fit.info["free"]),
+            "linked": json_clean(fit.info["linked"]),
             "loss_trace_columns": ["stage (0 free, 1 linked)", "pass", "reduced loss per pair"],
             "dataset_store": str(store.path),
             "poplds_version": __version__,
         }
     )
-    _finish(tmp, path)
+    finish_group(tmp, path)
 
 
 def _write_latents(path: Path, fit: StitchedFit, posts) -> None:
-    root, tmp = _atomic_group(path)
+    root, tmp = atomic_group(path)
     recs = root.create_group("recordings")
     for rec, post in zip(fit.data.recordings, posts, strict=True):
         g = recs.create_group(rec.name)
         write_array(g, "mean", post.mean.cpu().numpy().astype(np.float32))
         write_array(g, "var", post.var.cpu().numpy().astype(np.float32))
     root.attrs.update({"latent_dim": int(fit.params.A.shape[0]), "poplds_version": __version__})
-    _finish(tmp, path)
+    finish_group(tmp, path)

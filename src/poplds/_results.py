@@ -1,0 +1,50 @@
+"""Result files written atomically: a Zarr group or a JSON file appears complete or not at all."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+
+def atomic_group(path: Path) -> tuple[zarr.Group, Path]:
+    """A new Zarr v3 group at ``<path>.partial``; :func:`finish_group` renames it to path."""
+    tmp = path.with_name(path.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return zarr.open_group(str(tmp), mode="w", zarr_format=3), tmp
+
+
+def finish_group(tmp: Path, path: Path) -> None:
+    """Replace ``path`` by the completed group at ``tmp``."""
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def json_clean(obj: Any) -> Any:
+    """JSON-ready copy: numpy scalars to Python, non-finite floats to None, keys starting
+    with ``_`` dropped."""
+    if isinstance(obj, dict):
+        return {k: json_clean(v) for k, v in obj.items() if not k.startswith("_")}
+    if isinstance(obj, list | tuple):
+        return [json_clean(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_clean(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write :func:`json_clean` of obj under a temporary name, then rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(json_clean(obj), indent=2))
+    tmp.replace(path)

@@ -1,0 +1,244 @@
+"""Held-out evaluation of fitted Poisson LDS models over trials.
+
+Held-out trials are left out of the fit. Their modulator comes from the GP conditional given
+the training trials' q(h), integrating over its variance::
+
+    h*_j ~ N(K*_j K_j^-1 hm_j,  K**_j - K*_j K_j^-1 (K_j - hS_j) K_j^-1 K*_j')
+
+and likewise g* for the dynamics variant. Scores, all in the units of the Neural Latents
+Benchmark (bits per spike against each neuron's mean rate over the evaluated data)::
+
+    bits/spike = [LL(rate) - LL(mean rate)] / (spikes * ln 2),   LL = sum y log rate - rate
+
+- trial prediction: rates of a held-out trial before seeing any of its spikes,
+  ``E[exp(c'(x_t + h*) + d)]`` with x_t from the prior of the path;
+- co-smoothing: q(x) and q(h*) of a held-out trial inferred from the held-in neurons, then
+  ``E[exp(c'(x_t + h*) + d)]`` for the held-out neurons;
+- per-trial mean rate (Park et al. 2015): the mean over bins of the predicted rate of each
+  trial, from q(h) on training trials and the GP conditional on held-out ones, against the
+  observed mean, as an RMSE in Hz.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import vi
+
+
+def gp_conditional(
+    p: vi.PLDSParams, st: vi.VIState, n_train: torch.Tensor, n_test: torch.Tensor
+) -> vi.Priors:
+    """GP conditionals of h and g at trial numbers n_test given the training q (module
+    docstring): means (k, R*) / (R*,), covariances (k, R*, R*) / (R*, R*)."""
+    hmu = hK = gmu = gK = None
+    if p.drift:
+        s2, tau = torch.exp(p.log_sigma2), torch.exp(p.log_tau)
+        hmu, hK = _conditional(
+            vi.se_kernel(n_train, s2, tau),
+            vi.se_cross_kernel(n_test, n_train, s2, tau),
+            vi.se_kernel(n_test, s2, tau),
+            st.hm.T,
+            st.hS,
+        )
+    if p.dynamics_drift:
+        one, tau = n_train.new_ones(1), torch.exp(p.log_tau_g).reshape(1)
+        gmu, gK = _conditional(
+            vi.se_kernel(n_train, one, tau),
+            vi.se_cross_kernel(n_test, n_train, one, tau),
+            vi.se_kernel(n_test, one, tau),
+            st.gm[None],
+            st.gS[None],
+        )
+        gmu, gK = gmu[0], gK[0]
+    return vi.Priors(hmu, hK, gmu, gK)
+
+
+def _conditional(K, Ks, Kss, m, S):
+    L = torch.linalg.cholesky(K)
+    Ai = torch.cholesky_solve(Ks.mT, L)  # K^-1 K*'  (J, R, R*)
+    mean = (Ai.mT @ m[..., None])[..., 0]
+    cov = Kss - Ai.mT @ (K - S) @ Ai
+    return mean, 0.5 * (cov + cov.mT)
+
+
+def predicted_log_rates(
+    p: vi.PLDSParams,
+    R: int,
+    T: int,
+    h_mean: torch.Tensor | None,
+    h_var: torch.Tensor | None,
+    g_mean: torch.Tensor | None = None,
+    u: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(R, T, N) ``log E[rate]`` before seeing the trials' spikes: x from the prior of the
+    path (dynamics ``A + g_mean A1``), h ~ N(h_mean, diag h_var) (R, k) (None: h = 0)."""
+    mean, cov = vi.prior_path_moments(p, R, T, u, g_mean)
+    if h_mean is not None:
+        mean = mean + h_mean[:, None, :]
+        cov = cov + torch.diag_embed(h_var)[:, None]
+    return mean @ p.C.T + p.d + 0.5 * vi.quad_diag(p.C, cov).reshape(R, T, -1)
+
+
+def bits_per_spike(y: torch.Tensor, log_rate: torch.Tensor) -> float:
+    """NLB bits per spike of predicted log rates against each neuron's mean rate over y.
+    y, log_rate: (R, T, N)."""
+    spikes = float(y.sum())
+    if spikes == 0:
+        return math.nan
+    null = y.mean((0, 1)).clamp(min=1e-12)
+    ll = (y * log_rate - torch.exp(log_rate)).sum()
+    ll0 = (y * torch.log(null) - null).sum()
+    return float((ll - ll0) / (spikes * math.log(2)))
+
+
+def infer_trials(
+    y: torch.Tensor,
+    n_test: torch.Tensor,
+    p: vi.PLDSParams,
+    pri: vi.Priors,
+    mask: torch.Tensor | None = None,
+    u: torch.Tensor | None = None,
+    max_iter: int = 100,
+    tol: float = 1e-8,
+) -> vi.VIState:
+    """q of new trials under fixed parameters and priors ``pri`` (e.g. the GP conditional),
+    from the neurons in ``mask`` only; E-steps until the bound's relative change is below
+    tol."""
+    data = vi.TrialData(y, n_test, u, mask)
+    _, st = vi.initial_state(data, p, pri, learn=False)
+    last = float(vi.elbo(data, p, st, pri))
+    for _ in range(max_iter):
+        st = vi.estep(data, p, st, pri)
+        value = float(vi.elbo(data, p, st, pri))
+        if abs(value - last) <= tol * abs(value):
+            break
+        last = value
+    return st
+
+
+def evaluate(
+    fit: vi.FitResult,
+    y_train: torch.Tensor,
+    n_train: torch.Tensor,
+    y_test: torch.Tensor,
+    n_test: torch.Tensor,
+    heldout_neurons: np.ndarray,
+    bin_size_s: float,
+    u_train: torch.Tensor | None = None,
+    u_test: torch.Tensor | None = None,
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Scores of one fitted model (module docstring) and the per-trial quantities behind them.
+
+    y_train (R, T, N), n_train (R,): the fit's trials; y_test (R*, T, N), n_test (R*,):
+    held-out trials (R* may be 0); heldout_neurons: (N,) bool, the co-smoothing targets.
+    Returns (scores, arrays) with arrays ``h_mean``, ``h_var`` (R + R*, k) and ``g_mean``,
+    ``g_var`` (R + R*,) over training then held-out trials, and ``rate`` (R + R*, N) the
+    predicted per-trial mean rate in Hz.
+    """
+    p, st = fit.params, fit.state
+    R, T, N = y_train.shape
+    k = p.C.shape[1]
+    Rs = y_test.shape[0]
+    dt, dev = y_train.dtype, y_train.device
+    zeros = lambda *s: torch.zeros(s, dtype=dt, device=dev)  # noqa: E731
+    if Rs:
+        cond = gp_conditional(p, st, n_train, n_test)
+    else:
+        cond = vi.Priors(None, None)
+    h_train = (st.hm, st.hv) if p.drift else (zeros(R, k), zeros(R, k))
+    h_test = (
+        (cond.hmu.T, torch.diagonal(cond.hK, dim1=-2, dim2=-1).T)
+        if p.drift and Rs
+        else (zeros(Rs, k), zeros(Rs, k))
+    )
+    g_train = (st.gm, torch.diagonal(st.gS)) if p.dynamics_drift else (None, None)
+    g_test = (cond.gmu, torch.diagonal(cond.gK)) if p.dynamics_drift and Rs else (None, None)
+
+    log_rate_train = predicted_log_rates(p, R, T, *h_train, g_train[0], u_train)
+    scores: dict[str, float] = {}
+    rate_train = torch.exp(log_rate_train).mean(1) / bin_size_s
+    obs_train = y_train.mean(1) / bin_size_s
+    arrays = {"h_mean": h_train[0], "h_var": h_train[1], "rate": rate_train}
+    if p.dynamics_drift:
+        arrays["g_mean"], arrays["g_var"] = g_train
+    sq_train = ((rate_train - obs_train) ** 2).sum()
+    if Rs:
+        log_rate_test = predicted_log_rates(p, Rs, T, *h_test, g_test[0], u_test)
+        scores["heldout_trial_bits_per_spike"] = bits_per_spike(y_test, log_rate_test)
+        rate_test = torch.exp(log_rate_test).mean(1) / bin_size_s
+        obs_test = y_test.mean(1) / bin_size_s
+        scores["rate_rmse_heldout_hz"] = float(((rate_test - obs_test) ** 2).mean().sqrt())
+        scores["rate_rmse_hz"] = float(
+            ((sq_train + ((rate_test - obs_test) ** 2).sum()) / ((R + Rs) * N)).sqrt()
+        )
+        arrays["h_mean"] = torch.cat([h_train[0], h_test[0]])
+        arrays["h_var"] = torch.cat([h_train[1], h_test[1]])
+        arrays["rate"] = torch.cat([rate_train, rate_test])
+        if p.dynamics_drift:
+            arrays["g_mean"] = torch.cat([g_train[0], g_test[0]])
+            arrays["g_var"] = torch.cat([g_train[1], g_test[1]])
+        # co-smoothing: infer each held-out trial from the held-in neurons
+        held = torch.as_tensor(heldout_neurons, device=dev)
+        if bool(held.any()) and not bool(held.all()):
+            q = infer_trials(y_test, n_test, p, cond, mask=~held, u=u_test)
+            mean, log_lam = vi.expected_log_rate(p, q)
+            scores["cosmoothing_bits_per_spike"] = bits_per_spike(
+                y_test[..., held], log_lam[..., held]
+            )
+        else:
+            scores["cosmoothing_bits_per_spike"] = math.nan
+    else:
+        scores["heldout_trial_bits_per_spike"] = math.nan
+        scores["cosmoothing_bits_per_spike"] = math.nan
+        scores["rate_rmse_heldout_hz"] = math.nan
+        scores["rate_rmse_hz"] = float((sq_train / (R * N)).sqrt())
+    return scores, arrays
+
+
+def split_trials(n_trials: int, fraction: float, seed: int) -> np.ndarray:
+    """(n_trials,) bool, True for the held-out trials: ``round(fraction * n_trials)`` of them
+    (at least one when fraction > 0, at most all but two), drawn with ``seed``."""
+    if fraction <= 0:
+        return np.zeros(n_trials, dtype=bool)
+    n_out = int(min(max(1, round(fraction * n_trials)), n_trials - 2))
+    rng = np.random.default_rng(seed)
+    out = np.zeros(n_trials, dtype=bool)
+    out[rng.choice(n_trials, size=max(n_out, 0), replace=False)] = True
+    return out
+
+
+def split_neurons(n_neurons: int, fraction: float, seed: int) -> np.ndarray:
+    """(n_neurons,) bool, True for the co-smoothing targets (at least one, at most all but
+    one, when fraction > 0), drawn with ``seed + 1``."""
+    if fraction <= 0 or n_neurons < 2:
+        return np.zeros(n_neurons, dtype=bool)
+    n_out = int(min(max(1, round(fraction * n_neurons)), n_neurons - 1))
+    rng = np.random.default_rng(seed + 1)
+    out = np.zeros(n_neurons, dtype=bool)
+    out[rng.choice(n_neurons, size=n_out, replace=False)] = True
+    return out
+
+
+def centred_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Correlation of two (trials, neurons) arrays after removing each neuron's mean over
+    trials (the mean modulator is not identifiable apart from d)."""
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    den = np.sqrt((a**2).sum() * (b**2).sum())
+    return float((a * b).sum() / den) if den > 0 else math.nan
+
+
+__all__ = [
+    "bits_per_spike",
+    "centred_correlation",
+    "evaluate",
+    "gp_conditional",
+    "infer_trials",
+    "predicted_log_rates",
+    "split_neurons",
+    "split_trials",
+]

@@ -1,0 +1,337 @@
+"""Poisson LDS over trials from a dataset store to result files.
+
+:func:`fit_store` fits, with latent dimension k, the non-stationary model (``nplds``), the
+stationary one (``plds``) and, when asked, the variant with drifting dynamics
+(``nplds_dynamics``) on the same training trials, scores them on the same held-out trials and
+neurons, and writes under ``results/<dataset>/``::
+
+    <model>/k<k>/model.zarr   C (N_total, k) in the store's neuron order (NaN rows: neurons the
+                              recording lacks), d (N_total,), A, Q, V0 (k, k), x0 (k,),
+                              h_mean, h_var (trials, k), trial_ids, heldout (trials,) bool,
+                              sigma2, tau (k,) (plds: sigma2 = 0, tau = NaN), bound_trace,
+                              x_mean (trials, T, k) float32 (NaN on held-out trials);
+                              nplds_dynamics also A1 (k, k), g_mean, g_var (trials,), tau_g,
+                              A_trials (trials, k, k) = A + g_mean A1
+    nplds/k<k>/metrics.json   every model's scores (poplds.nplds.evaluate), bound trace,
+                              iterations, time; recovery against the truth when simulated
+    nplds/k<k>/predictions.npz  per-trial arrays for the figures
+
+Trials are in the store's order in every array. Files are written under temporary names and
+renamed, so an interrupted run leaves no half-written result.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._errors import InputError
+from .._logging import get_logger
+from .._results import atomic_group, finish_group, write_json
+from .._version import __version__
+from ..stitched._data import choose_device
+from ..store import DatasetStore, write_array, write_strings
+from . import vi
+from .evaluate import centred_correlation, evaluate, split_neurons, split_trials
+
+log = get_logger()
+
+#: Models fitted by :func:`fit_store`: name -> (drift, dynamics_drift).
+MODELS = {"nplds": (True, False), "plds": (False, False), "nplds_dynamics": (True, True)}
+
+
+def counts_from_store(store: DatasetStore) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Spike counts (trials, time, neurons) float64, trial numbers, the neurons' positions in
+    the store's neuron table, and the bin width in seconds, of the store's one recording."""
+    names = store.recording_names
+    if len(names) != 1:
+        raise InputError(
+            store.path,
+            f"nplds fits one recording of trials; this dataset has {len(names)} ({names})",
+        )
+    name = names[0]
+    arr = store.root[f"recordings/{name}/activity"]
+    if arr.ndim != 3:
+        raise InputError(
+            store.path,
+            f"recording {name} is {tuple(arr.shape)}, not (trials, time, neurons); "
+            "set trials: true for this dataset",
+        )
+    attrs = store.recording_attrs(name)
+    if attrs.get("kind") != "counts":
+        raise InputError(store.path, f"recording {name} holds {attrs.get('kind')}, not counts")
+    y = np.asarray(arr[...], dtype=np.float64)
+    if not np.all(np.isfinite(y)):
+        raise InputError(store.path, f"recording {name} has missing values; nplds needs all")
+    if np.any(y < 0) or np.any(y != np.round(y)):
+        raise InputError(store.path, f"recording {name}: counts must be non-negative integers")
+    if y.shape[0] < 3 or y.shape[1] < 2:
+        raise InputError(store.path, f"recording {name}: need >= 3 trials of >= 2 bins")
+    trial_ids = store.trial_ids(name)
+    if trial_ids is None:
+        trial_ids = np.arange(y.shape[0])
+    return y, np.asarray(trial_ids), store.neurons(name), 1.0 / float(attrs["rate_hz"])
+
+
+def load_truth(path: str | Path, neuron_ids: np.ndarray, trial_ids: np.ndarray) -> dict:
+    """A simulation's ``truth.npz`` in the store's neuron and trial order: log-rate shift
+    ``h C'`` (trials, N) and, when simulated, the per-trial dynamics ``A_trials``."""
+    z = np.load(path)
+    pos = {nid: k for k, nid in enumerate(z["neuron_ids"].tolist())}
+    tpos = {int(t): k for k, t in enumerate(z["trial_ids"].tolist())}
+    try:
+        order = np.array([pos[n] for n in neuron_ids.tolist()])
+        torder = np.array([tpos[int(t)] for t in trial_ids.tolist()])
+    except KeyError as exc:
+        raise InputError(path, f"{exc} of the store is not in the truth") from exc
+    out = {"log_rate_shift": z["log_rate_shift"][np.ix_(torder, order)]}
+    if "A_trials" in z.files:
+        out["A_trials"] = z["A_trials"][torder]
+    return out
+
+
+def _spectral_radius(A: np.ndarray) -> np.ndarray:
+    return np.abs(np.linalg.eigvals(A)).max(-1)
+
+
+def fit_store(
+    store_path: str | Path,
+    dataset_dir: str | Path,
+    latent_dim: int,
+    *,
+    heldout_trials: float = 0.2,
+    heldout_neurons: float = 0.25,
+    dynamics_drift: bool = False,
+    max_iter: int = 300,
+    tol: float = 1e-6,
+    seed: int = 0,
+    device: str = "auto",
+    truth: str | Path | None = None,
+) -> dict[str, Any]:
+    """Fit and score the Poisson LDS models (module docstring) on a store of trial counts.
+
+    heldout_trials: fraction of trials left out of every fit (drawn with ``seed``);
+    heldout_neurons: fraction of neurons predicted from the others on those trials
+    (co-smoothing); dynamics_drift: also fit the drifting-dynamics variant; max_iter, tol:
+    EM iterations and relative change of the bound; truth: a simulation's ``truth.npz``.
+    Returns the metrics written to ``nplds/k<k>/metrics.json``.
+    """
+    store = DatasetStore(store_path)
+    y, trial_ids, neurons, bin_s = counts_from_store(store)
+    R, T, N = y.shape
+    k = int(latent_dim)
+    if k < 1 or k > N:
+        raise InputError(store.path, f"latent dimension {k} must be in 1..{N} (the neurons)")
+    dev = choose_device(device, "nplds.device")
+    n = trial_ids.astype(np.float64)
+    out_mask = split_trials(R, heldout_trials, seed)
+    held = split_neurons(N, heldout_neurons, seed)
+    train, test = np.where(~out_mask)[0], np.where(out_mask)[0]
+    order = np.concatenate([train, test])
+    inverse = np.argsort(order)  # rows in [train, test] order -> store order
+    tt = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64, device=dev)  # noqa: E731
+    truth_d = load_truth(truth, store.neuron_ids[neurons], trial_ids) if truth else None
+    settings = {
+        "latent_dim": k,
+        "heldout_trials": heldout_trials,
+        "heldout_neurons": heldout_neurons,
+        "dynamics_drift": dynamics_drift,
+        "max_iter": max_iter,
+        "tol": tol,
+        "seed": seed,
+        "device": str(dev),
+    }
+    names = ["nplds", "plds"] + (["nplds_dynamics"] if dynamics_drift else [])
+    metrics: dict[str, Any] = {
+        "dataset": store.attrs.get("dataset"),
+        "settings": settings,
+        "n_trials": R,
+        "n_bins": T,
+        "n_neurons": N,
+        "bin_size_s": bin_s,
+        "n_heldout_trials": int(len(test)),
+        "heldout_trial_ids": trial_ids[test].tolist(),
+        "n_heldout_neurons": int(held.sum()),
+        "spikes": int(y.sum()),
+        "models": {},
+        "poplds_version": __version__,
+    }
+    figure: dict[str, np.ndarray] = {
+        "trial_ids": trial_ids,
+        "heldout": out_mask,
+        "observed_rate": y.mean(1) / bin_s,
+        "bin_size_s": np.array(bin_s),
+    }
+    if truth_d is not None:
+        figure["true_shift"] = truth_d["log_rate_shift"]
+        if "A_trials" in truth_d:
+            figure["true_radius"] = _spectral_radius(truth_d["A_trials"])
+    dataset_dir = Path(dataset_dir)
+    for name in names:
+        drift, dyn = MODELS[name]
+        log.info("fitting %s, k = %d, %d training trials on %s", name, k, len(train), dev)
+        t0 = time.perf_counter()
+        fit = vi.fit(
+            y[train],
+            n[train],
+            k,
+            drift=drift,
+            dynamics_drift=dyn,
+            max_iter=max_iter,
+            tol=tol,
+            device=dev,
+        )
+        scores, arrays = evaluate(
+            fit, tt(y[train]), tt(n[train]), tt(y[test]), tt(n[test]), held, bin_s
+        )
+        seconds = time.perf_counter() - t0
+        p = fit.params
+        C = p.C.cpu().numpy()
+        h_mean = arrays["h_mean"].cpu().numpy()[inverse]
+        h_var = arrays["h_var"].cpu().numpy()[inverse]
+        shift = h_mean @ C.T
+        shift_sd = np.sqrt(h_var @ (C**2).T)
+        entry: dict[str, Any] = {
+            **scores,
+            "bound": fit.bound[-1],
+            "bound_per_spike": fit.bound[-1] / max(float(y[train].sum()), 1.0),
+            "iterations": fit.iterations,
+            "converged": fit.converged,
+            "fit_seconds": fit.seconds,
+            "seconds": seconds,
+            "drift_sd": float(np.sqrt((shift - shift.mean(0)).var(0).mean())),
+            "bound_trace": fit.bound,
+        }
+        if p.drift:
+            entry["sigma2"] = np.exp(p.log_sigma2.cpu().numpy()).tolist()
+            entry["tau"] = np.exp(p.log_tau.cpu().numpy()).tolist()
+        A_trials = None
+        if dyn:
+            g = arrays["g_mean"].cpu().numpy()[inverse]
+            A_trials = p.A.cpu().numpy() + g[:, None, None] * p.A1.cpu().numpy()
+            entry["tau_g"] = float(np.exp(p.log_tau_g.cpu().numpy()))
+            radius = _spectral_radius(A_trials)
+            entry["radius_range"] = [float(radius.min()), float(radius.max())]
+            figure[f"{name}_eigenvalues"] = np.linalg.eigvals(A_trials)
+        if truth_d is not None:
+            entry["drift_corr_vs_truth"] = centred_correlation(shift, truth_d["log_rate_shift"])
+            if A_trials is not None and "A_trials" in truth_d:
+                entry["radius_corr_vs_truth"] = float(
+                    np.corrcoef(_spectral_radius(A_trials), figure["true_radius"])[0, 1]
+                )
+        metrics["models"][name] = entry
+        figure[f"{name}_rate"] = arrays["rate"].cpu().numpy()[inverse]
+        figure[f"{name}_shift"] = shift
+        figure[f"{name}_shift_sd"] = shift_sd
+        figure[f"{name}_bound"] = np.asarray(fit.bound)
+        x_mean = np.full((R, T, k), np.nan, dtype=np.float32)
+        x_mean[train] = fit.state.m.cpu().numpy()
+        _write_model(
+            dataset_dir / name / f"k{k}" / "model.zarr",
+            fit,
+            store,
+            neurons,
+            trial_ids,
+            out_mask,
+            h_mean,
+            h_var,
+            x_mean,
+            arrays,
+            inverse,
+            A_trials,
+            {**settings, "model": name},
+        )
+        log.info(
+            "%s k=%d: held-out trials %.4f bits/spike, co-smoothing %.4f, rate RMSE %.3f Hz",
+            name,
+            k,
+            scores["heldout_trial_bits_per_spike"],
+            scores["cosmoothing_bits_per_spike"],
+            scores["rate_rmse_hz"],
+        )
+    mm = metrics["models"]
+    metrics["comparison"] = {
+        "nplds_minus_plds_heldout_bits_per_spike": _diff(mm, "heldout_trial_bits_per_spike"),
+        "nplds_minus_plds_cosmoothing_bits_per_spike": _diff(mm, "cosmoothing_bits_per_spike"),
+        "nplds_minus_plds_rate_rmse_hz": _diff(mm, "rate_rmse_hz"),
+    }
+    out = dataset_dir / "nplds" / f"k{k}"
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "predictions.tmp.npz"
+    np.savez_compressed(tmp, **figure)
+    tmp.replace(out / "predictions.npz")
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _diff(models: dict, key: str) -> float | None:
+    a, b = models["nplds"].get(key), models["plds"].get(key)
+    if a is None or b is None or not (np.isfinite(a) and np.isfinite(b)):
+        return None
+    return float(a - b)
+
+
+def _write_model(
+    path: Path,
+    fit: vi.FitResult,
+    store: DatasetStore,
+    neurons: np.ndarray,
+    trial_ids: np.ndarray,
+    heldout: np.ndarray,
+    h_mean: np.ndarray,
+    h_var: np.ndarray,
+    x_mean: np.ndarray,
+    arrays: dict[str, torch.Tensor],
+    inverse: np.ndarray,
+    A_trials: np.ndarray | None,
+    settings: dict,
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root, tmp = atomic_group(path)
+    p = fit.params.to_numpy()
+    n_total = len(store.neuron_ids)
+    k = p["A"].shape[0]
+    C = np.full((n_total, k), np.nan)
+    d = np.full(n_total, np.nan)
+    C[neurons], d[neurons] = p["C"], p["d"]
+    write_array(root, "C", C)
+    write_array(root, "d", d)
+    for name in ("A", "Q", "x0", "V0"):
+        write_array(root, name, p[name])
+    if "B" in p:
+        write_array(root, "B", p["B"])
+    write_array(root, "h_mean", h_mean)
+    write_array(root, "h_var", h_var)
+    write_array(root, "trial_ids", trial_ids.astype(np.int64))
+    write_array(root, "heldout", heldout)
+    if fit.params.drift:
+        write_array(root, "sigma2", np.exp(p["log_sigma2"]))
+        write_array(root, "tau", np.exp(p["log_tau"]))
+    else:
+        write_array(root, "sigma2", np.zeros(k))
+        write_array(root, "tau", np.full(k, np.nan))
+    write_array(root, "bound_trace", np.asarray(fit.bound))
+    write_array(root, "x_mean", x_mean)
+    if A_trials is not None:
+        write_array(root, "A1", p["A1"])
+        write_array(root, "g_mean", arrays["g_mean"].cpu().numpy()[inverse])
+        write_array(root, "g_var", arrays["g_var"].cpu().numpy()[inverse])
+        write_array(root, "tau_g", np.exp(p["log_tau_g"]).reshape(()))
+        write_array(root, "A_trials", A_trials)
+    write_strings(root, "neuron_ids", store.neuron_ids)
+    root.attrs.update(
+        {
+            "model": settings["model"],
+            "settings": settings,
+            "iterations": fit.iterations,
+            "converged": fit.converged,
+            "seconds": fit.seconds,
+            "dataset_store": str(store.path),
+            "poplds_version": __version__,
+        }
+    )
+    finish_group(tmp, path)
