@@ -23,6 +23,7 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/ingest.smk"
 include: "workflow/rules/stitched.smk"
+include: "workflow/rules/nplds.smk"
 
 
 rule all:

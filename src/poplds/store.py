@@ -75,7 +75,7 @@ def write_array(group: zarr.Group, name: str, values: np.ndarray) -> None:
         name,
         shape=values.shape,
         dtype=values.dtype,
-        chunks=tuple(max(1, s) for s in values.shape) or None,
+        chunks=tuple(max(1, s) for s in values.shape),
         compressors=compressor(),
     )
     arr[...] = values

@@ -26,6 +26,7 @@ DATASETS = list(config["datasets"])
 wildcard_constraints:
     dataset="|".join(map(re.escape, DATASETS)),
     n=r"\d+",
+    k=r"\d+",
 
 
 def dataset_config(dataset):
@@ -103,6 +104,37 @@ def stitched_params(wildcards):
 STITCHED_FIGURES = ("loss", "covariance", "eigenvalues", "latents")
 
 
+def nplds_config(dataset):
+    """The dataset's nplds block; the schema fills in every default."""
+    return dataset_config(dataset)["nplds"]
+
+
+def nplds_dims(dataset):
+    return sorted(set(nplds_config(dataset)["latent_dims"]))
+
+
+def nplds_params(wildcards):
+    """Fit settings (everything but the latent dimensions, which are the wildcard k)."""
+    cfg = nplds_config(wildcards.dataset)
+    return {k: v for k, v in cfg.items() if k != "latent_dims"}
+
+
+def dataset_pattern(names):
+    """A wildcard constraint matching exactly these dataset names (none: matches nothing)."""
+    return "|".join(map(re.escape, names)) if names else "(?!)"
+
+
+# datasets whose nplds job also fits the drifting-dynamics variant (rule fit_nplds_dynamics)
+NPLDS_DYNAMICS = [
+    ds
+    for ds in DATASETS
+    if "nplds" in dataset_config(ds)["models"] and dataset_config(ds)["nplds"]["dynamics_drift"]
+]
+
+
+NPLDS_FIGURES = ("bound", "drift", "rates")
+
+
 def all_outputs():
     """Every result the workflow makes by default."""
     out = []
@@ -115,4 +147,11 @@ def all_outputs():
                     f"results/{ds}/figures/stitched_lds/n{n}_{fig}.png" for fig in STITCHED_FIGURES
                 ]
             out.append(f"results/{ds}/figures/stitched_lds/dimension.png")
+        if "nplds" in dataset_config(ds)["models"]:
+            for k in nplds_dims(ds):
+                out.append(f"results/{ds}/nplds/k{k}/metrics.json")
+                out += [f"results/{ds}/figures/nplds/k{k}_{fig}.png" for fig in NPLDS_FIGURES]
+                if nplds_config(ds)["dynamics_drift"]:
+                    out.append(f"results/{ds}/figures/nplds/k{k}_eigenvalues.png")
+            out.append(f"results/{ds}/figures/nplds/dimension.png")
     return out

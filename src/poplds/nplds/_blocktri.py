@@ -25,10 +25,13 @@ import torch
 
 
 class BlockTriCholesky(NamedTuple):
-    """Factor of a block-tridiagonal matrix: L (..., T, k, k), E (..., T-1, k, k)."""
+    """Factor of a block-tridiagonal matrix: L (..., T, k, k), E (..., T-1, k, k), and the
+    inverses ``Li[t] = L[t]^-1`` (..., T, k, k), formed in one batched call so that the
+    sweeps below are matrix products only."""
 
     L: torch.Tensor
     E: torch.Tensor
+    Li: torch.Tensor
 
 
 def _solve_lower(L: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -36,57 +39,56 @@ def _solve_lower(L: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L, B, upper=False)
 
 
-def _solve_upper_t(L: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """L^-T B for lower-triangular L."""
-    return torch.linalg.solve_triangular(L.mT, B, upper=True)
-
-
 def cholesky(D: torch.Tensor, Lo: torch.Tensor) -> BlockTriCholesky:
     """Block Cholesky factor of the SPD block-tridiagonal matrix (D, Lo) (module docstring).
 
     Raises ``torch.linalg.LinAlgError`` when the matrix is not positive definite.
     """
-    T = D.shape[-3]
+    T, k = D.shape[-3], D.shape[-1]
     Ls = [torch.linalg.cholesky(D[..., 0, :, :])]
     Es = []
     for t in range(T - 1):
         E = _solve_lower(Ls[-1], Lo[..., t, :, :].mT).mT  # Lo[t] L[t]^-T
         Es.append(E)
         Ls.append(torch.linalg.cholesky(D[..., t + 1, :, :] - E @ E.mT))
-    E = torch.stack(Es, -3) if Es else D.new_zeros((*D.shape[:-3], 0, *D.shape[-2:]))
-    return BlockTriCholesky(torch.stack(Ls, -3), E)
+    L = torch.stack(Ls, -3)
+    E = torch.stack(Es, -3) if Es else D.new_zeros((*D.shape[:-3], 0, k, k))
+    eye = torch.eye(k, dtype=D.dtype, device=D.device)
+    return BlockTriCholesky(L, E, _solve_lower(L, eye.expand(L.shape)))
 
 
 def solve(factor: BlockTriCholesky, b: torch.Tensor) -> torch.Tensor:
     """x with H x = b; b: (..., T, k)."""
-    L, E = factor
-    T = L.shape[-3]
-    z = [_solve_lower(L[..., 0, :, :], b[..., 0, :, None])]
+    return solve_matrix(factor, b[..., None])[..., 0]
+
+
+def solve_matrix(factor: BlockTriCholesky, B: torch.Tensor) -> torch.Tensor:
+    """X with H X = B for m right-hand sides; B: (..., T, k, m)."""
+    _, E, Li = factor
+    T = Li.shape[-3]
+    z = [Li[..., 0, :, :] @ B[..., 0, :, :]]
     for t in range(T - 1):
-        rhs = b[..., t + 1, :, None] - E[..., t, :, :] @ z[-1]
-        z.append(_solve_lower(L[..., t + 1, :, :], rhs))
+        z.append(Li[..., t + 1, :, :] @ (B[..., t + 1, :, :] - E[..., t, :, :] @ z[-1]))
     x = [None] * T
-    x[T - 1] = _solve_upper_t(L[..., T - 1, :, :], z[T - 1])
+    x[T - 1] = Li[..., T - 1, :, :].mT @ z[T - 1]
     for t in range(T - 2, -1, -1):
-        rhs = z[t] - E[..., t, :, :].mT @ x[t + 1]
-        x[t] = _solve_upper_t(L[..., t, :, :], rhs)
-    return torch.stack(x, -3)[..., 0]
+        x[t] = Li[..., t, :, :].mT @ (z[t] - E[..., t, :, :].mT @ x[t + 1])
+    return torch.stack(x, -3)
 
 
 def inverse_blocks(factor: BlockTriCholesky) -> tuple[torch.Tensor, torch.Tensor]:
     """Diagonal blocks (..., T, k, k) and sub-diagonal blocks ``[H^-1][t+1, t]``
     (..., T-1, k, k) of the inverse (module docstring)."""
-    L, E = factor
+    L, E, Li = factor
     T, k = L.shape[-3], L.shape[-1]
-    eye = torch.eye(k, dtype=L.dtype, device=L.device).expand(L[..., 0, :, :].shape)
-    Linv = [_solve_lower(L[..., t, :, :], eye) for t in range(T)]
+    own = Li.mT @ Li  # L[t]^-T L[t]^-1, all t at once
+    G = -(Li[..., :-1, :, :].mT @ E.mT)  # -L[t]^-T E[t]', all t at once
     S = [None] * T
     cross = [None] * (T - 1)
-    S[T - 1] = Linv[T - 1].mT @ Linv[T - 1]
+    S[T - 1] = own[..., T - 1, :, :]
     for t in range(T - 2, -1, -1):
-        G = -_solve_upper_t(L[..., t, :, :], E[..., t, :, :].mT)  # -L[t]^-T E[t]'
-        cross[t] = S[t + 1] @ G.mT
-        S[t] = Linv[t].mT @ Linv[t] + G @ cross[t]
+        cross[t] = S[t + 1] @ G[..., t, :, :].mT
+        S[t] = own[..., t, :, :] + G[..., t, :, :] @ cross[t]
     diag = torch.stack(S, -3)
     off = torch.stack(cross, -3) if T > 1 else L.new_zeros((*L.shape[:-3], 0, k, k))
     return 0.5 * (diag + diag.mT), off

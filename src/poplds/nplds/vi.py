@@ -479,13 +479,12 @@ def step_means(
         return st
     g_x = resid - (bt.matvec(prior.D, prior.Lo, st.m) - prior.eta)
     g_h = resid.sum(1) - _kernel_solve(Lk, st.hm - pri.hmu.T)
-    fac_k = bt.BlockTriCholesky(fac.L[:, None], fac.E[:, None])
-    U = bt.solve(fac_k, W.permute(0, 3, 1, 2))  # (R, k cols, T, k): column c of U[r, t]
+    U = bt.solve_matrix(fac, W)  # (R, T, k, k): blocks of H_xx^-1 H_xh
     v = bt.solve(fac, g_x)
     # Schur_r = sum_t W_t - sum_t W_t' U_t ; rhs = g_h - sum_t W_t' v_t
-    schur = W.sum(1) - torch.einsum("rtab,rcta->rbc", W, U)
+    schur = W.sum(1) - (W.mT @ U).sum(1)
     schur = 0.5 * (schur + schur.mT)
-    rhs = g_h - torch.einsum("rtab,rta->rb", W, v)
+    rhs = g_h - (W.mT @ v[..., None]).sum(1)[..., 0]
     dg = torch.diagonal(schur, dim1=-2, dim2=-1).clamp(min=0)  # (R, k)
     sq = torch.sqrt(dg).T  # (k, R)
     K = pri.hK
@@ -501,7 +500,7 @@ def step_means(
         return (Pm @ r.T[..., None])[..., 0].T
 
     dh = _cg(apply, precond, rhs)
-    dx = v - torch.einsum("rcta,rc->rta", U, dh)
+    dx = v - (U @ dh[:, None, :, None])[..., 0]
 
     def total(cand):
         value = _trial_objective(data, p, prior, cand).sum()
@@ -764,7 +763,7 @@ def mstep_emissions(data: TrialData, p: PLDSParams, st: VIState, steps: int = 1)
     return replace(p, C=Cd[:, :k].contiguous(), d=Cd[:, k].contiguous())
 
 
-def mstep_kernels(p: PLDSParams, st: VIState, n: torch.Tensor, iters: int = 10) -> PLDSParams:
+def mstep_kernels(p: PLDSParams, st: VIState, n: torch.Tensor, iters: int = 3) -> PLDSParams:
     """L-BFGS on the kernels' log hyperparameters (minimising the KL terms of the bound);
     a result that does not lower the KL is discarded. Length-scales stay within
     ``TAU_RANGE`` times the span of the trial numbers, variances within [1e-8, 1e3]."""

@@ -1,0 +1,202 @@
+"""Report figures of the Poisson LDS over trials; each reads result files, writes one PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..plots import plt, save_figure
+
+#: Model names as drawn, and their colours.
+LABELS = {"plds": "PLDS", "nplds": "N-PLDS", "nplds_dynamics": "N-PLDS, drifting A"}
+COLOURS = {"plds": "tab:blue", "nplds": "tab:red", "nplds_dynamics": "tab:purple"}
+
+
+def _load(metrics_path: str | Path) -> tuple[dict, dict]:
+    metrics_path = Path(metrics_path)
+    metrics = json.loads(metrics_path.read_text())
+    with np.load(metrics_path.parent / "predictions.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    return metrics, arrays
+
+
+def _models(metrics: dict) -> list[str]:
+    return [m for m in ("plds", "nplds", "nplds_dynamics") if m in metrics["models"]]
+
+
+def _mark_heldout(ax, trial_ids: np.ndarray, heldout: np.ndarray) -> None:
+    for t in trial_ids[heldout]:
+        ax.axvline(t, color="0.85", lw=1.5, zorder=0)
+
+
+def plot_bound(metrics_path: str | Path, out: str | Path) -> Path:
+    """Evidence lower bound per EM iteration of every model, per spike, relative to its
+    final value (log scale), and the raw bound."""
+    metrics, _ = _load(metrics_path)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    spikes = max(metrics["spikes"], 1)
+    for name in _models(metrics):
+        trace = np.asarray(metrics["models"][name]["bound_trace"], dtype=float)
+        it = np.arange(len(trace))
+        axes[0].plot(it, trace / spikes, color=COLOURS[name], label=LABELS[name])
+        gap = (trace[-1] - trace[:-1]) / spikes
+        axes[1].semilogy(it[:-1], np.maximum(gap, 1e-12), color=COLOURS[name])
+    axes[0].set_xlabel("EM iteration")
+    axes[0].set_ylabel("bound / training spike (nats)")
+    axes[0].legend(frameon=False)
+    axes[1].set_xlabel("EM iteration")
+    axes[1].set_ylabel("final bound - bound (nats / spike)")
+    k = metrics["settings"]["latent_dim"]
+    fig.suptitle(f"{metrics['dataset']}: evidence lower bound, k = {k}")
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def _drift_neurons(shift: np.ndarray, n: int = 6) -> np.ndarray:
+    """The n neurons whose modulator varies most across trials."""
+    return np.argsort(-shift.std(0))[:n]
+
+
+def plot_drift(metrics_path: str | Path, out: str | Path) -> Path:
+    """Per-trial log-rate modulator ``c_i' h[r]`` (centred per neuron) with a band of two
+    posterior standard deviations, against trial number, for the six neurons that drift
+    most; the truth when simulated; held-out trials shaded (their h is the GP prediction)."""
+    metrics, a = _load(metrics_path)
+    shift, sd = a["nplds_shift"], a["nplds_shift_sd"]
+    trials, heldout = a["trial_ids"], a["heldout"]
+    picks = _drift_neurons(shift)
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6), sharex=True)
+    for ax, i in zip(axes.ravel(), picks, strict=False):
+        _mark_heldout(ax, trials, heldout)
+        centre = shift[:, i] - shift[:, i].mean()
+        ax.fill_between(
+            trials, centre - 2 * sd[:, i], centre + 2 * sd[:, i], color="tab:red", alpha=0.2, lw=0
+        )
+        ax.plot(trials, centre, color="tab:red", label="N-PLDS (mean, 2 sd)")
+        if "true_shift" in a:
+            truth = a["true_shift"][:, i]
+            ax.plot(trials, truth - truth.mean(), "k--", lw=1, label="truth")
+        ax.set_title(f"neuron {i}")
+    for ax in axes[-1]:
+        ax.set_xlabel("trial")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("log-rate shift c'h")
+    axes[0, 0].legend(frameon=False, fontsize=8)
+    corr = metrics["models"]["nplds"].get("drift_corr_vs_truth")
+    extra = f", correlation with truth {corr:.3f}" if corr is not None else ""
+    fig.suptitle(f"{metrics['dataset']}: slow modulator per trial (grey: held-out){extra}")
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def neuron_groups(shift: np.ndarray) -> np.ndarray:
+    """Split neurons by the sign of their loading on the leading principal component of the
+    modulator across trials: (N,) bool, True for the group that rises with it."""
+    centred = shift - shift.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return vt[0] >= 0
+
+
+def plot_rates(metrics_path: str | Path, out: str | Path) -> Path:
+    """Per-trial mean firing rate of each neuron group (the two signs of the leading drift
+    direction), data against every model's prediction (held-out trials shaded)."""
+    metrics, a = _load(metrics_path)
+    group = neuron_groups(a["nplds_shift"])
+    trials, heldout = a["trial_ids"], a["heldout"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), sharex=True)
+    for ax, sel, title in zip(axes, (group, ~group), ("group 1", "group 2"), strict=True):
+        _mark_heldout(ax, trials, heldout)
+        if not sel.any():
+            ax.set_title(f"{title}: no neurons")
+            continue
+        ax.plot(trials, a["observed_rate"][:, sel].mean(1), "k.", ms=4, label="data")
+        for name in _models(metrics):
+            rmse = metrics["models"][name]["rate_rmse_hz"]
+            ax.plot(
+                trials,
+                a[f"{name}_rate"][:, sel].mean(1),
+                color=COLOURS[name],
+                label=f"{LABELS[name]} (RMSE {rmse:.2f} Hz)",
+            )
+        ax.set_title(f"{title} ({int(sel.sum())} neurons)")
+        ax.set_xlabel("trial")
+        ax.set_ylabel("mean rate (Hz)")
+    axes[0].legend(frameon=False, fontsize=8)
+    fig.suptitle(
+        f"{metrics['dataset']}: per-trial mean rate, k = {metrics['settings']['latent_dim']}"
+    )
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def plot_eigenvalues(metrics_path: str | Path, out: str | Path) -> Path:
+    """Eigenvalues of each trial's dynamics ``A[r] = A + g[r] A1``: moduli against trial
+    number (truth's spectral radius when simulated) and the complex plane, coloured by trial."""
+    metrics, a = _load(metrics_path)
+    ev = a["nplds_dynamics_eigenvalues"]  # (trials, k) complex
+    trials, heldout = a["trial_ids"], a["heldout"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    _mark_heldout(ax, trials, heldout)
+    mod = np.sort(np.abs(ev), axis=1)[:, ::-1]
+    for j in range(mod.shape[1]):
+        ax.plot(trials, mod[:, j], color=plt.cm.viridis(j / max(mod.shape[1] - 1, 1)))
+    if "true_radius" in a:
+        ax.plot(trials, a["true_radius"], "k--", lw=1, label="true spectral radius")
+        ax.legend(frameon=False)
+    ax.set_xlabel("trial")
+    ax.set_ylabel("|eigenvalue| of A[r]")
+    ax = axes[1]
+    theta = np.linspace(0, 2 * np.pi, 200)
+    ax.plot(np.cos(theta), np.sin(theta), color="0.7", lw=1)
+    colours = np.repeat(trials[:, None], ev.shape[1], 1).ravel()
+    sc = ax.scatter(ev.real.ravel(), ev.imag.ravel(), c=colours, s=6, cmap="viridis")
+    fig.colorbar(sc, ax=ax, label="trial")
+    ax.set_aspect("equal")
+    ax.set_xlabel("real")
+    ax.set_ylabel("imaginary")
+    fig.suptitle(
+        f"{metrics['dataset']}: dynamics per trial, k = {metrics['settings']['latent_dim']}"
+    )
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def plot_dimension(metrics_paths: list[str | Path], out: str | Path) -> Path:
+    """Held-out-trial and co-smoothing bits per spike of every model against k."""
+    rows = [json.loads(Path(p).read_text()) for p in metrics_paths]
+    rows.sort(key=lambda m: m["settings"]["latent_dim"])
+    ks = [m["settings"]["latent_dim"] for m in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    keys = ("heldout_trial_bits_per_spike", "cosmoothing_bits_per_spike")
+    titles = ("held-out trials (predicted before seeing them)", "co-smoothing (held-out neurons)")
+    for ax, key, title in zip(axes, keys, titles, strict=True):
+        for name in ("plds", "nplds", "nplds_dynamics"):
+            vals = [m["models"].get(name, {}).get(key) for m in rows]
+            if all(v is None for v in vals):
+                continue
+            y = [np.nan if v is None else v for v in vals]
+            ax.plot(ks, y, "o-", color=COLOURS[name], label=LABELS[name])
+        ax.axhline(0, color="0.6", lw=1)
+        ax.set_xlabel("latent dimension k")
+        ax.set_ylabel("bits / spike")
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks(ks)
+    axes[0].legend(frameon=False)
+    fig.suptitle(f"{rows[0]['dataset']}: choice of latent dimension")
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def make_figures(metrics_path: str | Path, outputs: dict[str, str | Path]) -> None:
+    """Every per-k figure named in outputs (keys bound, drift, rates, eigenvalues)."""
+    makers = {
+        "bound": plot_bound,
+        "drift": plot_drift,
+        "rates": plot_rates,
+        "eigenvalues": plot_eigenvalues,
+    }
+    for key, path in outputs.items():
+        makers[key](metrics_path, path)

@@ -1,0 +1,126 @@
+# Stage 3: Poisson LDS over trials, stationary (PLDS) and non-stationary (N-PLDS), one job per
+# latent dimension k fitting every model on the same training trials; figures; choice of k.
+
+
+rule fit_nplds:
+    input:
+        store="results/{dataset}/data.zarr",
+        truth=truth_input,
+    output:
+        nplds=directory("results/{dataset}/nplds/k{k}/model.zarr"),
+        plds=directory("results/{dataset}/plds/k{k}/model.zarr"),
+        metrics="results/{dataset}/nplds/k{k}/metrics.json",
+        predictions="results/{dataset}/nplds/k{k}/predictions.npz",
+    params:
+        settings=nplds_params,
+    wildcard_constraints:
+        dataset=dataset_pattern([d for d in DATASETS if d not in NPLDS_DYNAMICS]),
+    log:
+        "logs/{dataset}/fit_nplds_k{k}.log",
+    threads: 2
+    conda:
+        "../../envs/poplds.yaml"
+    script:
+        "../scripts/fit_nplds.py"
+
+
+# the same job for datasets with nplds.dynamics_drift: true, which also writes the variant
+rule fit_nplds_dynamics:
+    input:
+        store="results/{dataset}/data.zarr",
+        truth=truth_input,
+    output:
+        nplds=directory("results/{dataset}/nplds/k{k}/model.zarr"),
+        plds=directory("results/{dataset}/plds/k{k}/model.zarr"),
+        nplds_dynamics=directory("results/{dataset}/nplds_dynamics/k{k}/model.zarr"),
+        metrics="results/{dataset}/nplds/k{k}/metrics.json",
+        predictions="results/{dataset}/nplds/k{k}/predictions.npz",
+    params:
+        settings=nplds_params,
+    wildcard_constraints:
+        dataset=dataset_pattern(NPLDS_DYNAMICS),
+    log:
+        "logs/{dataset}/fit_nplds_k{k}.log",
+    threads: 2
+    conda:
+        "../../envs/poplds.yaml"
+    script:
+        "../scripts/fit_nplds.py"
+
+
+rule nplds_figures:
+    input:
+        metrics="results/{dataset}/nplds/k{k}/metrics.json",
+        predictions="results/{dataset}/nplds/k{k}/predictions.npz",
+    output:
+        bound=report(
+            "results/{dataset}/figures/nplds/k{k}_bound.png",
+            caption="../report/nplds_bound.rst",
+            category="Poisson LDS over trials",
+            subcategory="{dataset}",
+            labels={"dataset": "{dataset}", "k": "{k}", "figure": "bound"},
+        ),
+        drift=report(
+            "results/{dataset}/figures/nplds/k{k}_drift.png",
+            caption="../report/nplds_drift.rst",
+            category="Poisson LDS over trials",
+            subcategory="{dataset}",
+            labels={"dataset": "{dataset}", "k": "{k}", "figure": "modulator"},
+        ),
+        rates=report(
+            "results/{dataset}/figures/nplds/k{k}_rates.png",
+            caption="../report/nplds_rates.rst",
+            category="Poisson LDS over trials",
+            subcategory="{dataset}",
+            labels={"dataset": "{dataset}", "k": "{k}", "figure": "per-trial rates"},
+        ),
+    log:
+        "logs/{dataset}/nplds_figures_k{k}.log",
+    conda:
+        "../../envs/poplds.yaml"
+    script:
+        "../scripts/plot_nplds.py"
+
+
+rule nplds_eigenvalues:
+    input:
+        metrics="results/{dataset}/nplds/k{k}/metrics.json",
+        predictions="results/{dataset}/nplds/k{k}/predictions.npz",
+        model="results/{dataset}/nplds_dynamics/k{k}/model.zarr",
+    output:
+        eigenvalues=report(
+            "results/{dataset}/figures/nplds/k{k}_eigenvalues.png",
+            caption="../report/nplds_eigenvalues.rst",
+            category="Poisson LDS over trials",
+            subcategory="{dataset}",
+            labels={"dataset": "{dataset}", "k": "{k}", "figure": "dynamics per trial"},
+        ),
+    log:
+        "logs/{dataset}/nplds_eigenvalues_k{k}.log",
+    conda:
+        "../../envs/poplds.yaml"
+    script:
+        "../scripts/plot_nplds.py"
+
+
+rule nplds_dimension:
+    input:
+        metrics=lambda wc: expand(
+            "results/{dataset}/nplds/k{k}/metrics.json",
+            dataset=wc.dataset,
+            k=nplds_dims(wc.dataset),
+        ),
+    output:
+        report(
+            "results/{dataset}/figures/nplds/dimension.png",
+            caption="../report/nplds_dimension.rst",
+            category="Poisson LDS over trials",
+            subcategory="{dataset}",
+            labels={"dataset": "{dataset}", "k": "all", "figure": "latent dimension"},
+        ),
+    log:
+        "logs/{dataset}/nplds_dimension.log",
+    conda:
+        "../../envs/poplds.yaml"
+    script:
+        "../scripts/plot_nplds_dimension.py"

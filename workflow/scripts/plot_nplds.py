@@ -1,0 +1,7 @@
+"""Snakemake script: figures of one Poisson LDS fit (poplds.nplds.plots.make_figures)."""
+
+from poplds._logging import setup_logging
+from poplds.nplds.plots import make_figures
+
+setup_logging(snakemake.log[0])  # noqa: F821
+make_figures(snakemake.input.metrics, dict(snakemake.output.items()))  # noqa: F821
