@@ -42,9 +42,13 @@ def _solve_lower(L: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 def cholesky(D: torch.Tensor, Lo: torch.Tensor) -> BlockTriCholesky:
     """Block Cholesky factor of the SPD block-tridiagonal matrix (D, Lo) (module docstring).
 
-    Raises ``torch.linalg.LinAlgError`` when the matrix is not positive definite.
+    D and Lo broadcast over their leading axes. Raises ``torch.linalg.LinAlgError`` when the
+    matrix is not positive definite.
     """
     T, k = D.shape[-3], D.shape[-1]
+    batch = torch.broadcast_shapes(D.shape[:-3], Lo.shape[:-3])
+    D = D.expand(*batch, *D.shape[-3:])
+    Lo = Lo.expand(*batch, *Lo.shape[-3:])
     Ls = [torch.linalg.cholesky(D[..., 0, :, :])]
     Es = []
     for t in range(T - 1):

@@ -1,0 +1,448 @@
+"""Variational EM of the (non-stationary) Poisson LDS: each term of the bound against an
+independent computation, gradients, monotonicity, and recovery of simulated ground truth."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from poplds.nplds import _blocktri as bt
+from poplds.nplds import evaluate as ev
+from poplds.nplds import vi
+from poplds.simulate import simulate_poisson_trials
+
+torch.set_default_dtype(torch.float64)
+
+
+def tt(a):
+    return torch.as_tensor(np.asarray(a), dtype=torch.float64)
+
+
+def random_params(rng, k=2, N=5, m=0, drift=True, dyn=False) -> vi.PLDSParams:
+    A = 0.6 * np.linalg.qr(rng.standard_normal((k, k)))[0]
+    M = rng.standard_normal((k, k))
+    p = vi.PLDSParams(
+        C=tt(0.4 * rng.standard_normal((N, k))),
+        d=tt(np.log(0.3) + 0.2 * rng.standard_normal(N)),
+        A=tt(A),
+        Q=tt(0.3 * np.eye(k) + 0.05 * M @ M.T),
+        x0=tt(0.2 * rng.standard_normal(k)),
+        V0=tt(0.5 * np.eye(k) + 0.1 * M.T @ M),
+    )
+    if m:
+        p.B = tt(0.3 * rng.standard_normal((k, m)))
+    if drift:
+        p.log_sigma2 = tt(np.log(0.2 + 0.1 * rng.random(k)))
+        p.log_tau = tt(np.log(3.0 + rng.random(k)))
+    if dyn:
+        p.A1 = tt(0.1 * rng.standard_normal((k, k)))
+        p.log_tau_g = tt(np.log(4.0))
+    return p
+
+
+def random_state(rng, p, R, T, N) -> vi.VIState:
+    """A valid q with dense random path covariances (their blocks) and GP-like q(h), q(g)."""
+    k = p.A.shape[0]
+    S_full, S, cross, logdet = [], [], [], []
+    for _ in range(R):
+        M = rng.standard_normal((T * k, T * k))
+        Sf = 0.05 * M @ M.T / (T * k) + 0.1 * np.eye(T * k)
+        S_full.append(Sf)
+        S.append([Sf[t * k : (t + 1) * k, t * k : (t + 1) * k] for t in range(T)])
+        cross.append([Sf[(t + 1) * k : (t + 2) * k, t * k : (t + 1) * k] for t in range(T - 1)])
+        logdet.append(np.linalg.slogdet(Sf)[1])
+    hS = np.stack([0.05 * np.eye(R) + 0.02 for _ in range(k)])
+    gS = 0.1 * np.eye(R) + 0.03
+    st = vi.VIState(
+        m=tt(0.3 * rng.standard_normal((R, T, k))),
+        S=tt(np.array(S)),
+        cross=tt(np.array(cross)),
+        logdet_s=tt(logdet),
+        w=tt(np.zeros((R, T, N))),
+        hm=tt(0.2 * rng.standard_normal((R, k))),
+        hS=tt(hS),
+        gm=tt(0.3 * rng.standard_normal(R)) if p.A1 is not None else None,
+        gS=tt(gS) if p.A1 is not None else None,
+    )
+    return st, S_full
+
+
+# ----------------------------------------------------------------------------- bound terms
+
+
+def dense_path_prior(A, Q, x0, V0, b, T):
+    """Mean (T k,) and covariance (T k, T k) of one LDS path, by stacking the recursion."""
+    k = A.shape[0]
+    mean = np.zeros((T, k))
+    mean[0] = x0
+    for t in range(1, T):
+        mean[t] = A @ mean[t - 1] + b[t]
+    # x = F (e), e = [x0 noise, w_1..w_{T-1}], F block lower-triangular with powers of A
+    F = np.zeros((T * k, T * k))
+    for t in range(T):
+        for s in range(t + 1):
+            F[t * k : (t + 1) * k, s * k : (s + 1) * k] = np.linalg.matrix_power(A, t - s)
+    noise = np.zeros((T * k, T * k))
+    noise[:k, :k] = V0
+    for t in range(1, T):
+        noise[t * k : (t + 1) * k, t * k : (t + 1) * k] = Q
+    return mean.ravel(), F @ noise @ F.T
+
+
+def dense_expected_log_prior_plus_entropy(m, S, mu, P):
+    """E_q log N(x; mu, P) + H[q] for q = N(m, S), dense."""
+    n = len(m)
+    Pi = np.linalg.inv(P)
+    d = m - mu
+    e_log = -0.5 * (
+        np.trace(Pi @ S) + d @ Pi @ d + np.linalg.slogdet(P)[1] + n * math.log(2 * math.pi)
+    )
+    entropy = 0.5 * (np.linalg.slogdet(S)[1] + n * (1 + math.log(2 * math.pi)))
+    return e_log + entropy
+
+
+def test_path_prior_matches_dense_gaussian_with_inputs():
+    rng = np.random.default_rng(0)
+    R, T, N, k, mu_in = 3, 5, 4, 2, 2
+    p = random_params(rng, k, N, m=mu_in, drift=False)
+    u = rng.standard_normal((R, T, mu_in))
+    st, S_full = random_state(rng, p, R, T, N)
+    prior = vi.path_prior(p, R, T, tt(u))
+    got = prior.value(st.m, st.S, st.cross, st.logdet_s).numpy()
+    for r in range(R):
+        b = u[r] @ p.B.numpy().T
+        mu, P = dense_path_prior(p.A.numpy(), p.Q.numpy(), p.x0.numpy(), p.V0.numpy(), b, T)
+        want = dense_expected_log_prior_plus_entropy(st.m[r].numpy().ravel(), S_full[r], mu, P)
+        assert got[r] == pytest.approx(want, rel=1e-10, abs=1e-9)
+
+
+def test_path_prior_averages_the_drifting_dynamics_exactly():
+    """With A[r] = A + g A1 and g ~ N(gm, gv), E_g log p(x | g) is quadratic in g, so
+    Gauss-Hermite quadrature with 5 nodes is exact."""
+    rng = np.random.default_rng(1)
+    R, T, N, k = 2, 4, 3, 2
+    p = random_params(rng, k, N, drift=False, dyn=True)
+    st, S_full = random_state(rng, p, R, T, N)
+    gv = torch.diagonal(st.gS)
+    prior = vi.path_prior(p, R, T, None, st.gm, gv)
+    got = prior.value(st.m, st.S, st.cross, st.logdet_s).numpy()
+    nodes, weights = np.polynomial.hermite_e.hermegauss(5)
+    weights = weights / weights.sum()
+    for r in range(R):
+        want = 0.0
+        for z, wgt in zip(nodes, weights, strict=True):
+            g = float(st.gm[r]) + math.sqrt(float(gv[r])) * z
+            A = p.A.numpy() + g * p.A1.numpy()
+            mu, P = dense_path_prior(
+                A, p.Q.numpy(), p.x0.numpy(), p.V0.numpy(), np.zeros((T, k)), T
+            )
+            want += wgt * dense_expected_log_prior_plus_entropy(
+                st.m[r].numpy().ravel(), S_full[r], mu, P
+            )
+        assert got[r] == pytest.approx(want, rel=1e-9)
+
+
+def test_expected_rate_matches_monte_carlo():
+    """E[exp(c'(x + h) + d)] = exp(c' mu + c' Sigma c / 2) with x ~ q(x_t), h ~ q(h[r])."""
+    rng = np.random.default_rng(2)
+    R, T, N, k = 2, 3, 4, 2
+    p = random_params(rng, k, N)
+    st, _ = random_state(rng, p, R, T, N)
+    _, log_lam = vi.expected_log_rate(p, st)
+    n_mc = 400_000
+    r, t = 1, 2
+    x = rng.multivariate_normal(st.m[r, t].numpy(), st.S[r, t].numpy(), n_mc)
+    h = st.hm[r].numpy() + np.sqrt(st.hv[r].numpy()) * rng.standard_normal((n_mc, k))
+    samples = np.exp((x + h) @ p.C.numpy().T + p.d.numpy())  # (n_mc, N)
+    mc = samples.mean(0)
+    se = samples.std(0) / math.sqrt(n_mc)
+    np.testing.assert_array_less(np.abs(mc - np.exp(log_lam[r, t].numpy())), 4 * se)
+
+
+def test_gaussian_kl_matches_scipy_entropy_and_cross_entropy():
+    rng = np.random.default_rng(3)
+    R = 6
+    M1, M2 = rng.standard_normal((2, R, R))
+    S, K = M1 @ M1.T / R + 0.1 * np.eye(R), M2 @ M2.T / R + 0.2 * np.eye(R)
+    m, mu = rng.standard_normal((2, R))
+    q, prior = stats.multivariate_normal(m, S), stats.multivariate_normal(mu, K)
+    # KL = -H[q] - E_q log p, with E_q log p in closed form checked by sampling in scipy
+    x = q.rvs(200_000, random_state=rng)
+    kl_mc = np.mean(q.logpdf(x) - prior.logpdf(x))
+    kl = float(vi.gaussian_kl(tt(m)[None], tt(S)[None], tt(mu)[None], tt(K)[None])[0])
+    assert kl == pytest.approx(kl_mc, abs=0.03)
+    assert kl == pytest.approx(
+        0.5
+        * (
+            np.trace(np.linalg.solve(K, S))
+            + (m - mu) @ np.linalg.solve(K, m - mu)
+            - R
+            + np.linalg.slogdet(K)[1]
+            - np.linalg.slogdet(S)[1]
+        ),
+        rel=1e-12,
+    )
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def test_gradcheck_block_tridiagonal_algebra():
+    rng = np.random.default_rng(4)
+    T, k = 4, 2
+    M = rng.standard_normal((T * k, T * k))
+    H = M @ M.T + T * k * np.eye(T * k)
+    D = tt(np.stack([H[t * k : (t + 1) * k, t * k : (t + 1) * k] for t in range(T)]))
+    Lo = tt(np.stack([H[(t + 1) * k : (t + 2) * k, t * k : (t + 1) * k] for t in range(T - 1)]))
+    b = tt(rng.standard_normal((T, k)))
+
+    def f(D, Lo, b):
+        Ds = 0.5 * (D + D.mT)
+        fac = bt.cholesky(Ds, Lo)
+        cov, cross = bt.inverse_blocks(fac)
+        return bt.solve(fac, b), cov, cross, bt.logdet(fac)
+
+    for x in (D, Lo, b):
+        x.requires_grad_(True)
+    assert torch.autograd.gradcheck(f, (D, Lo, b))
+
+
+def test_gradcheck_bound_in_parameters():
+    """The bound is a smooth function of every parameter (L-BFGS differentiates the GP
+    terms); gradcheck compares autograd with finite differences."""
+    rng = np.random.default_rng(5)
+    R, T, N, k = 3, 4, 3, 2
+    p = random_params(rng, k, N, dyn=True)
+    st, _ = random_state(rng, p, R, T, N)
+    y = tt(rng.poisson(0.5, (R, T, N)))
+    n = tt(np.array([0.0, 1.5, 4.0]))
+    data = vi.TrialData(y, n)
+    names = ("C", "d", "A", "Q", "x0", "V0", "A1", "log_sigma2", "log_tau", "log_tau_g")
+    leaves = [getattr(p, k).clone().requires_grad_(True) for k in names]
+
+    def bound(*vals):
+        q = replace(p, **dict(zip(names, vals, strict=True)))
+        q = replace(q, Q=0.5 * (q.Q + q.Q.T), V0=0.5 * (q.V0 + q.V0.T))
+        return vi.elbo(data, q, st, vi.training_priors(q, n))
+
+    assert torch.autograd.gradcheck(bound, leaves)
+
+
+def fitted_problem(seed=6, R=8, T=12, N=6, k=2):
+    rng = np.random.default_rng(seed)
+    p = random_params(rng, k, N)
+    y = rng.poisson(0.6, (R, T, N)).astype(float)
+    n = np.arange(R, dtype=float) * 1.5
+    data = vi.TrialData(tt(y), tt(n))
+    pri = vi.training_priors(p, data.n)
+    return data, p, pri
+
+
+def test_e_steps_reach_a_stationary_point_of_the_bound():
+    """After many E-steps at fixed parameters, autograd's gradient of the bound in the means
+    (paths and modulator) vanishes: the analytic gradients in the Newton steps are right."""
+    data, p, pri = fitted_problem()
+    p, st = vi.initial_state(data, p, pri)
+    trace = [float(vi.elbo(data, p, st, pri))]
+    for _ in range(60):
+        st = vi.estep(data, p, st, pri)
+        trace.append(float(vi.elbo(data, p, st, pri)))
+    assert np.all(np.diff(trace) >= -1e-9 * abs(trace[-1]))
+    m = st.m.clone().requires_grad_(True)
+    hm = st.hm.clone().requires_grad_(True)
+    value = vi.elbo(data, p, replace(st, m=m, hm=hm), pri)
+    gm, gh = torch.autograd.grad(value, (m, hm))
+    assert gm.abs().max() < 1e-6 and gh.abs().max() < 1e-6
+
+
+def test_m_step_for_emissions_reaches_a_stationary_point():
+    data, p, pri = fitted_problem(seed=7)
+    p, st = vi.initial_state(data, p, pri)
+    before = float(vi.elbo(data, p, st, pri))
+    p2 = vi.mstep_emissions(data, p, st, steps=40)
+    assert float(vi.elbo(data, p2, st, pri)) >= before
+    C = p2.C.clone().requires_grad_(True)
+    d = p2.d.clone().requires_grad_(True)
+    value = vi.elbo(data, replace(p2, C=C, d=d), st, pri)
+    gC, gd = torch.autograd.grad(value, (C, d))
+    assert gC.abs().max() < 1e-6 and gd.abs().max() < 1e-6
+
+
+def test_m_step_for_dynamics_is_the_exact_maximiser():
+    """x0, V0, A, A1, B, Q in closed form: autograd's gradient of the bound there is zero."""
+    rng = np.random.default_rng(8)
+    R, T, N, k, mu_in = 5, 10, 4, 2, 1
+    p = random_params(rng, k, N, m=mu_in, dyn=True)
+    u = rng.standard_normal((R, T, mu_in))
+    data = vi.TrialData(tt(rng.poisson(0.6, (R, T, N))), tt(np.arange(R) * 2.0), tt(u))
+    pri = vi.training_priors(p, data.n)
+    p, st = vi.initial_state(data, p, pri)
+    q = vi.mstep_dynamics(data, p, st)
+    names = ("A", "Q", "x0", "V0", "A1", "B")
+    leaves = [getattr(q, n).clone().requires_grad_(True) for n in names]
+    value = vi.elbo(data, replace(q, **dict(zip(names, leaves, strict=True))), st, pri)
+    grads = torch.autograd.grad(value, leaves)
+    for name, g in zip(names, grads, strict=True):
+        assert g.abs().max() < 1e-6 * max(1.0, abs(float(value.detach()))), name
+
+
+# ----------------------------------------------------------------------------- fits
+
+
+def test_bound_never_decreases_in_any_model():
+    tr = simulate_poisson_trials(
+        n_neurons=12, latent_dim=2, n_trials=20, n_bins=30, drift_sigma2=0.3, drift_tau=5, seed=3
+    )
+    u = np.random.default_rng(0).standard_normal((20, 30, 1))
+    for kw in ({"drift": False}, {"drift": True}, {"drift": True, "dynamics_drift": True}):
+        for inputs in (None, u):
+            fit = vi.fit(tr.counts, None, 2, inputs=inputs, max_iter=25, progress_every=0, **kw)
+            b = np.asarray(fit.bound)
+            assert np.all(np.diff(b) >= -1e-9 * abs(b[-1])), (kw, inputs is None)
+
+
+def test_fit_is_deterministic_and_checks_its_input():
+    tr = simulate_poisson_trials(n_neurons=8, latent_dim=2, n_trials=10, n_bins=20, seed=4)
+    a = vi.fit(tr.counts, None, 2, max_iter=5, progress_every=0)
+    b = vi.fit(tr.counts, None, 2, max_iter=5, progress_every=0)
+    np.testing.assert_array_equal(a.params.C.numpy(), b.params.C.numpy())
+    assert a.bound == b.bound
+    with pytest.raises(ValueError, match="trials, time, neurons"):
+        vi.fit(tr.counts[0], None, 2)
+    with pytest.raises(ValueError, match="non-negative"):
+        vi.fit(-tr.counts, None, 2)
+    with pytest.raises(ValueError, match="distinct"):
+        vi.fit(tr.counts, np.zeros(10), 2)
+    with pytest.raises(ValueError, match="exceeds"):
+        vi.fit(tr.counts, None, 9)
+
+
+def fit_both(counts, out, held, k):
+    n = np.arange(len(counts), dtype=float)
+    res = {}
+    for name, drift in (("nplds", True), ("plds", False)):
+        fit = vi.fit(counts[~out], n[~out], k, drift=drift, progress_every=0)
+        scores, arrays = ev.evaluate(
+            fit, tt(counts[~out]), tt(n[~out]), tt(counts[out]), tt(n[out]), held, 0.02
+        )
+        res[name] = (fit, scores, arrays)
+    return res
+
+
+def test_recovers_drift_of_two_opposite_groups():
+    """Park et al.'s Figure 2 design: N = 40, k = 4, 100 trials of 200 bins, two neuron
+    groups drifting in opposite directions."""
+    tr = simulate_poisson_trials(
+        n_neurons=40,
+        latent_dim=4,
+        n_trials=100,
+        n_bins=200,
+        drift_sigma2=0.25,
+        drift_tau=20,
+        drift_dims=1,
+        opposite_groups=True,
+        seed=1,
+    )
+    out = ev.split_trials(100, 0.2, 0)
+    held = ev.split_neurons(40, 0.25, 0)
+    res = fit_both(tr.counts, out, held, 4)
+    fit, scores, arrays = res["nplds"]
+    order = np.concatenate([np.where(~out)[0], np.where(out)[0]])
+    shift = arrays["h_mean"].numpy() @ fit.params.C.numpy().T
+    true = (tr.h @ tr.C.T)[order]
+    assert ev.centred_correlation(shift, true) >= 0.95
+    plds = res["plds"][1]
+    assert scores["heldout_trial_bits_per_spike"] > plds["heldout_trial_bits_per_spike"] + 0.01
+    assert scores["rate_rmse_hz"] < 0.8 * plds["rate_rmse_hz"]
+    assert fit.converged
+
+
+def test_null_simulation_fits_no_drift():
+    tr = simulate_poisson_trials(
+        n_neurons=30, latent_dim=2, n_trials=60, n_bins=100, drift_sigma2=0.0, seed=5
+    )
+    out = ev.split_trials(60, 0.2, 0)
+    held = ev.split_neurons(30, 0.25, 0)
+    res = fit_both(tr.counts, out, held, 2)
+    fit, scores, arrays = res["nplds"]
+    shift = arrays["h_mean"].numpy() @ fit.params.C.numpy().T
+    drift_sd = np.sqrt((shift - shift.mean(0)).var(0).mean())
+    assert drift_sd < 0.03  # a true drift of this design has sd ~0.3
+    plds = res["plds"][1]
+    assert scores["heldout_trial_bits_per_spike"] >= plds["heldout_trial_bits_per_spike"] - 0.003
+    assert scores["cosmoothing_bits_per_spike"] >= plds["cosmoothing_bits_per_spike"] - 0.003
+
+
+def test_dynamics_variant_recovers_a_slow_change_of_A():
+    tr = simulate_poisson_trials(
+        n_neurons=40,
+        latent_dim=2,
+        n_trials=100,
+        n_bins=200,
+        drift_sigma2=0.0,
+        eig_moduli=(0.75, 0.8),
+        dynamics_drift_scale=0.08,
+        drift_tau=20,
+        latent_std=0.8,
+        seed=3,
+    )
+    fit = vi.fit(tr.counts, None, 2, dynamics_drift=True, progress_every=0)
+    p = fit.params
+    A_r = p.A.numpy() + fit.state.gm.numpy()[:, None, None] * p.A1.numpy()
+    radius = np.abs(np.linalg.eigvals(A_r)).max(-1)
+    true = np.abs(np.linalg.eigvals(tr.A_trials)).max(-1)
+    assert np.corrcoef(radius, true)[0, 1] > 0.95
+    assert np.ptp(radius) == pytest.approx(np.ptp(true), rel=0.25)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_gp_conditional_matches_dense_gaussian_conditioning():
+    """With q(h) the exact posterior of a Gaussian likelihood, the conditional at new trial
+    numbers equals the joint Gaussian posterior over all trial numbers."""
+    rng = np.random.default_rng(9)
+    k, R, Rs = 1, 7, 3
+    n_tr, n_te = np.sort(rng.uniform(0, 20, R)), rng.uniform(0, 20, Rs)
+    p = random_params(rng, k, 3)
+    s2, tau = torch.exp(p.log_sigma2), torch.exp(p.log_tau)
+    noise = 0.3
+    z = rng.standard_normal(R)
+    K = vi.se_kernel(tt(n_tr), s2, tau)[0].numpy()
+    S = np.linalg.inv(np.linalg.inv(K) + np.eye(R) / noise)
+    m = S @ z / noise
+    st = vi.VIState(
+        m=None, S=None, cross=None, logdet_s=None, w=None, hm=tt(m[:, None]), hS=tt(S[None])
+    )
+    cond = ev.gp_conditional(p, st, tt(n_tr), tt(n_te))
+    allK = vi.se_kernel(tt(np.concatenate([n_tr, n_te])), s2, tau)[0].numpy()
+    H = np.concatenate([np.eye(R), np.zeros((R, Rs))], 1)  # observe the training trials
+    post = np.linalg.inv(np.linalg.inv(allK) + H.T @ H / noise)
+    mean = post @ H.T @ z / noise
+    np.testing.assert_allclose(cond.hmu[0].numpy(), mean[R:], rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(cond.hK[0].numpy(), post[R:, R:], rtol=1e-5, atol=1e-8)
+
+
+def test_bits_per_spike_against_scipy_poisson():
+    rng = np.random.default_rng(10)
+    rate = rng.gamma(2.0, 0.3, (4, 6, 5))
+    y = rng.poisson(rate)
+    got = ev.bits_per_spike(tt(y), tt(np.log(rate)))
+    null = y.mean((0, 1))
+    ll = stats.poisson.logpmf(y, rate).sum()
+    ll0 = stats.poisson.logpmf(y, np.broadcast_to(null, y.shape)).sum()
+    assert got == pytest.approx((ll - ll0) / (y.sum() * math.log(2)), rel=1e-10)
+
+
+def test_splits_are_seeded_and_sized():
+    a, b = ev.split_trials(50, 0.2, 3), ev.split_trials(50, 0.2, 3)
+    np.testing.assert_array_equal(a, b)
+    assert a.sum() == 10 and not ev.split_trials(50, 0.2, 4).tolist() == a.tolist()
+    assert ev.split_trials(5, 0.0, 0).sum() == 0
+    assert ev.split_neurons(10, 0.25, 0).sum() == 2
+    assert 1 <= ev.split_neurons(2, 0.9, 0).sum() <= 1
