@@ -216,3 +216,26 @@ def test_changed_source_is_not_resumed_from_stale_data(tmp_path, rng, monkeypatc
     npz(paths[0], new)  # r0 changed after it was written to the partial store
     store = DatasetStore(ingest(tmp_path, *paths))
     np.testing.assert_array_equal(store.activity("r0").compute(), new.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    ("arrays", "kw", "match"),
+    [
+        ([np.random.default_rng(0).poisson(1.0, (50, 4))], {}, r"not \(trials, time, neurons\)"),
+        ([np.random.default_rng(0).random((5, 10, 4))], {"trials": True}, "not counts"),
+        (
+            [np.ones((5, 10, 4), dtype=np.int32), np.ones((5, 10, 4), dtype=np.int32)],
+            {"trials": True},
+            "one recording of trials",
+        ),
+    ],
+)
+def test_nplds_refuses_unsuitable_stores(tmp_path, arrays, kw, match):
+    from poplds.nplds import fit_store
+
+    paths = [npz(tmp_path / f"r{i}.npz", a) for i, a in enumerate(arrays)]
+    store = ingest(tmp_path, *paths, **kw)
+    with pytest.raises(InputError, match=match) as info:
+        fit_store(store, tmp_path / "ds", 1, max_iter=2)
+    assert str(store) in str(info.value)
+    assert not (tmp_path / "ds" / "nplds").exists()

@@ -446,3 +446,70 @@ def test_splits_are_seeded_and_sized():
     assert ev.split_trials(5, 0.0, 0).sum() == 0
     assert ev.split_neurons(10, 0.25, 0).sum() == 2
     assert 1 <= ev.split_neurons(2, 0.9, 0).sum() <= 1
+
+
+@pytest.mark.shared_data
+def test_real_units_recording_end_to_end(tmp_path):
+    """gpe_bandit_units.nwb (18 units, 50 trials): ingest with trials, fit every model."""
+    from conftest import SHARED_DATA
+
+    from poplds import ingest_dataset
+    from poplds.nplds import fit_store
+
+    store = ingest_dataset(
+        [{"path": str(SHARED_DATA / "gpe_bandit_units.nwb"), "name": "gpe"}],
+        tmp_path / "data.zarr",
+        bin_size_s=0.05,
+        trials=True,
+        trial_window=(0.0, 1.0),
+    )
+    m = fit_store(store, tmp_path, 2, device="cpu")
+    assert m["n_trials"] == 50 and m["n_neurons"] == 18 and m["n_bins"] == 20
+    nplds, plds = m["models"]["nplds"], m["models"]["plds"]
+    for e in (nplds, plds):
+        assert all(math.isfinite(e[k]) for k in ("heldout_trial_bits_per_spike", "rate_rmse_hz"))
+        assert np.all(np.diff(e["bound_trace"]) >= -1e-9 * abs(e["bound_trace"][-1]))
+    # firing rates of these units drift over the session: the drift model predicts held-out
+    # trials better and fits per-trial rates more closely
+    assert nplds["drift_sd"] > 0.05
+    assert nplds["heldout_trial_bits_per_spike"] > plds["heldout_trial_bits_per_spike"]
+    assert nplds["rate_rmse_hz"] < plds["rate_rmse_hz"]
+    assert (tmp_path / "nplds" / "k2" / "model.zarr").exists()
+
+
+def test_silent_neurons_are_left_out_with_a_warning(tmp_path):
+    import zarr
+
+    from poplds import ingest_dataset
+    from poplds.nplds import fit_store
+
+    tr = simulate_poisson_trials(n_neurons=6, latent_dim=1, n_trials=12, n_bins=20, seed=6)
+    counts = tr.counts.astype(np.int32)
+    counts[..., 2] = 0
+    np.savez(
+        tmp_path / "r.npz",
+        activity=counts,
+        neuron_ids=np.arange(6),
+        rate_hz=50.0,
+        trial_ids=np.arange(12),
+    )
+    store = ingest_dataset([{"path": str(tmp_path / "r.npz")}], tmp_path / "data.zarr", trials=True)
+    m = fit_store(store, tmp_path, 1, max_iter=3, device="cpu")
+    assert m["n_neurons"] == 5 and "without spikes" in m["warnings"][0]
+    C = zarr.open_group(str(tmp_path / "nplds" / "k1" / "model.zarr"), mode="r")["C"][:]
+    assert np.isnan(C[2]).all() and np.isfinite(np.delete(C, 2, 0)).all()
+    with pytest.raises(ValueError, match="no spikes"):
+        vi.fit(counts, None, 1)
+
+
+@pytest.mark.requires_cuda
+def test_cuda_fit_matches_cpu():
+    tr = simulate_poisson_trials(
+        n_neurons=10, latent_dim=2, n_trials=16, n_bins=30, drift_sigma2=0.3, seed=7
+    )
+    kw = {"max_iter": 8, "min_iter": 8, "progress_every": 0, "dynamics_drift": True}
+    cpu = vi.fit(tr.counts, None, 2, device="cpu", **kw)
+    gpu = vi.fit(tr.counts, None, 2, device="cuda", **kw)
+    assert gpu.params.C.device.type == "cuda"
+    np.testing.assert_allclose(gpu.bound, cpu.bound, rtol=1e-7)
+    np.testing.assert_allclose(gpu.params.C.cpu().numpy(), cpu.params.C.numpy(), atol=1e-6)

@@ -133,6 +133,80 @@ def test_workflow_runs_from_another_directory(tmp_path, rng):
 
 
 @pytest.mark.slow
+def test_nplds_workflow_contract_and_reproducibility(tmp_path):
+    work = tmp_path / "project"
+    sim = {
+        "model": "poisson_trials",
+        "n_neurons": 12,
+        "latent_dim": 2,
+        "n_trials": 30,
+        "n_bins": 40,
+        "drift_sigma2": 0.3,
+        "drift_tau": 8.0,
+        "eig_moduli": [0.5, 0.7],
+    }
+    write_config(
+        work,
+        {
+            "drifting": {
+                "simulate": {**sim, "seed": 1, "dynamics_drift_scale": 0.2},
+                "models": ["nplds"],
+                "nplds": {"latent_dims": [1, 2], "dynamics_drift": True, "max_iter": 40},
+            },
+            "plain": {
+                "simulate": {**sim, "seed": 2},
+                "models": ["nplds"],
+                "nplds": {"latent_dims": [2], "max_iter": 40, "heldout_trials": 0.1},
+            },
+        },
+    )
+    proc = run_snakemake(work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = work / "results" / "drifting"
+    for name in ("nplds", "plds", "nplds_dynamics"):
+        model = zarr.open_group(str(res / name / "k2" / "model.zarr"), mode="r")
+        assert model["C"].shape == (12, 2) and model["d"].shape == (12,)
+        assert model["A"].shape == (2, 2) and model["Q"].shape == (2, 2)
+        assert model["h_mean"].shape == (30, 2) and model["h_var"].shape == (30, 2)
+        np.testing.assert_array_equal(model["trial_ids"][:], np.arange(30))
+        assert int(np.sum(model["heldout"][:])) == 6
+        assert model["sigma2"].shape == (2,) and model["tau"].shape == (2,)
+        assert model["x_mean"].shape == (30, 40, 2)
+    plds = zarr.open_group(str(res / "plds" / "k2" / "model.zarr"), mode="r")
+    assert not np.any(plds["sigma2"][:]) and not np.any(plds["h_mean"][:])
+    dyn = zarr.open_group(str(res / "nplds_dynamics" / "k1" / "model.zarr"), mode="r")
+    assert dyn["A_trials"].shape == (30, 1, 1) and dyn["g_mean"].shape == (30,)
+    metrics = json.loads((res / "nplds" / "k2" / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"nplds", "plds", "nplds_dynamics"}
+    for entry in metrics["models"].values():
+        for key in (
+            "heldout_trial_bits_per_spike",
+            "cosmoothing_bits_per_spike",
+            "rate_rmse_hz",
+            "bound_trace",
+        ):
+            assert entry[key] is not None, key
+        assert np.all(np.diff(entry["bound_trace"]) >= -1e-9 * abs(entry["bound_trace"][-1]))
+    assert metrics["models"]["nplds"]["drift_corr_vs_truth"] > 0.5
+    figures = res / "figures" / "nplds"
+    for name in ("k1_bound", "k2_drift", "k2_rates", "k2_eigenvalues", "dimension"):
+        assert (figures / f"{name}.png").stat().st_size > 10_000
+    plain = work / "results" / "plain"
+    assert not (plain / "nplds_dynamics").exists()
+    assert not (plain / "figures" / "nplds" / "k2_eigenvalues.png").exists()
+    assert (plain / "figures" / "nplds" / "k2_rates.png").exists()
+    # the same config and data give the same fit
+    first_C = np.asarray(zarr.open_group(str(res / "nplds" / "k2" / "model.zarr"))["C"][:])
+    again = run_snakemake(
+        work, "--forcerun", "fit_nplds_dynamics", "--", "results/drifting/nplds/k2/metrics.json"
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "fit_nplds_dynamics" in again.stdout + again.stderr
+    again_C = zarr.open_group(str(res / "nplds" / "k2" / "model.zarr"), mode="r")["C"][:]
+    np.testing.assert_array_equal(np.asarray(again_C), first_C)
+
+
+@pytest.mark.slow
 def test_bad_input_error_shown_in_terminal(tmp_path):
     work = tmp_path / "project"
     (work / "data").mkdir(parents=True)

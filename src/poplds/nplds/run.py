@@ -124,13 +124,26 @@ def fit_store(
     y, trial_ids, neurons, bin_s = counts_from_store(store)
     R, T, N = y.shape
     k = int(latent_dim)
-    if k < 1 or k > N:
-        raise InputError(store.path, f"latent dimension {k} must be in 1..{N} (the neurons)")
+    if k < 1:
+        raise InputError(store.path, f"latent dimension {k} must be at least 1")
     dev = choose_device(device, "nplds.device")
     n = trial_ids.astype(np.float64)
     out_mask = split_trials(R, heldout_trials, seed)
-    held = split_neurons(N, heldout_neurons, seed)
     train, test = np.where(~out_mask)[0], np.where(out_mask)[0]
+    # neurons without a spike in the training trials have no finite rate: left out (NaN rows)
+    active = y[train].sum((0, 1)) > 0
+    warnings = []
+    if not active.all():
+        silent = store.neuron_ids[neurons[~active]].tolist()
+        warnings.append(
+            f"{len(silent)} neurons without spikes in the training trials left out: {silent[:20]}"
+        )
+        log.warning(warnings[-1])
+    if active.sum() < k:
+        raise InputError(store.path, f"{int(active.sum())} neurons with spikes, fewer than k = {k}")
+    y, neurons = y[..., active], neurons[active]
+    N = y.shape[-1]
+    held = split_neurons(N, heldout_neurons, seed)
     order = np.concatenate([train, test])
     inverse = np.argsort(order)  # rows in [train, test] order -> store order
     tt = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64, device=dev)  # noqa: E731
@@ -156,6 +169,7 @@ def fit_store(
         "n_heldout_trials": int(len(test)),
         "heldout_trial_ids": trial_ids[test].tolist(),
         "n_heldout_neurons": int(held.sum()),
+        "warnings": warnings,
         "spikes": int(y.sum()),
         "models": {},
         "poplds_version": __version__,

@@ -844,6 +844,8 @@ def _moment_covariances(
     mm = mu[:, None] * mu[None, :]
     sig0 = torch.log(torch.clamp(1 + cov0 / mm, min=mask_frac))
     sig1 = torch.log(torch.clamp(1 + cov1 / mm, min=mask_frac))
+    # sub-Poisson variance (a negative corrected variance) means no detectable rate variance
+    sig0.diagonal().clamp_(min=0)
     return mu, 0.5 * (sig0 + sig0.T), sig1
 
 
@@ -977,7 +979,7 @@ def initial_state(
 class FitResult:
     """A fitted model: params, the posterior over the training trials, the bound trace
     (one value per iteration, the initial state first), iterations, whether the relative
-    change fell below tol, and seconds taken."""
+    change fell below tol, seconds taken in all and per iteration (after the start)."""
 
     params: PLDSParams
     state: VIState
@@ -985,6 +987,7 @@ class FitResult:
     iterations: int
     converged: bool
     seconds: float
+    iteration_seconds: list[float] = field(default_factory=list)
 
 
 def estep(data: TrialData, p: PLDSParams, st: VIState, pri: Priors) -> VIState:
@@ -1027,6 +1030,12 @@ def fit(
         raise ValueError(f"counts must be (trials, time, neurons), got shape {y.shape}")
     if not np.all(np.isfinite(y)) or np.any(y < 0):
         raise ValueError("counts must be finite and non-negative")
+    silent = np.flatnonzero(y.sum((0, 1)) == 0)
+    if len(silent):
+        raise ValueError(
+            f"neurons {silent.tolist()[:10]} have no spikes: their rate's maximum-likelihood "
+            "log is -inf; leave them out"
+        )
     R, T, N = y.shape
     n = np.arange(R, dtype=np.float64) if n is None else np.asarray(n, dtype=np.float64)
     if n.shape != (R,):
@@ -1052,13 +1061,16 @@ def fit(
     bound = [float(elbo(data, p, st, pri))]
     converged = False
     it = 0
+    per_iteration = []
     for it in range(1, max_iter + 1):
+        t_it = time.perf_counter()
         st = estep(data, p, st, pri)
         p = mstep_dynamics(data, p, st)
         p = mstep_emissions(data, p, st)
         p = mstep_kernels(p, st, data.n)
         pri = training_priors(p, data.n)
         bound.append(float(elbo(data, p, st, pri)))
+        per_iteration.append(time.perf_counter() - t_it)
         change = bound[-1] - bound[-2]
         if progress_every and (it % progress_every == 0 or it == 1):
             log.info("iteration %d: bound %.6g (change %.3g)", it, bound[-1], change)
@@ -1073,4 +1085,4 @@ def fit(
         seconds,
         bound[-1],
     )
-    return FitResult(p, st, bound, it, converged, seconds)
+    return FitResult(p, st, bound, it, converged, seconds, per_iteration)
