@@ -356,6 +356,12 @@ def test_recovers_drift_of_two_opposite_groups():
     shift = arrays["h_mean"].numpy() @ fit.params.C.numpy().T
     true = (tr.h @ tr.C.T)[order]
     assert ev.centred_correlation(shift, true) >= 0.95
+    # GP hyperparameters by gradient: the drifting dimension's length-scale (true 20 trials),
+    # the other dimensions' variances pruned towards zero
+    s2, tau = np.exp(fit.params.log_sigma2.numpy()), np.exp(fit.params.log_tau.numpy())
+    j = np.argmax(s2 * (fit.params.C.numpy() ** 2).sum(0))
+    assert tau[j] == pytest.approx(20.0, rel=0.25)
+    assert np.all(np.delete(s2, j) < 0.05 * s2[j])
     plds = res["plds"][1]
     assert scores["heldout_trial_bits_per_spike"] > plds["heldout_trial_bits_per_spike"] + 0.01
     assert scores["rate_rmse_hz"] < 0.8 * plds["rate_rmse_hz"]

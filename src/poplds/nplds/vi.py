@@ -763,34 +763,123 @@ def mstep_emissions(data: TrialData, p: PLDSParams, st: VIState, steps: int = 1)
     return replace(p, C=Cd[:, :k].contiguous(), d=Cd[:, k].contiguous())
 
 
-def mstep_kernels(p: PLDSParams, st: VIState, n: torch.Tensor, iters: int = 3) -> PLDSParams:
-    """L-BFGS on the kernels' log hyperparameters (minimising the KL terms of the bound);
-    a result that does not lower the KL is discarded. Length-scales stay within
-    ``TAU_RANGE`` times the span of the trial numbers, variances within [1e-8, 1e3]."""
+def _site_posterior(K: torch.Tensor, w: torch.Tensor, b: torch.Tensor):
+    """``S = (K^-1 + diag w)^-1`` and ``m = S b`` per dimension (K (J, R, R); w, b (J, R)),
+    formed as ``K - K W^1/2 (I + W^1/2 K W^1/2)^-1 W^1/2 K`` (no K^-1)."""
+    sw = torch.sqrt(torch.clamp(w, min=0))
+    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
+    Lb = torch.linalg.cholesky(eye + sw[:, :, None] * K * sw[:, None, :])
+    KW = K * sw[:, None, :]
+    S = K - KW @ torch.cholesky_solve(KW.mT, Lb)
+    S = 0.5 * (S + S.mT)
+    return (S @ b[..., None])[..., 0], S
+
+
+def _kernel_step(kernel, theta, bounds, w, b, value, m0, S0, iters):
+    """Move GP hyperparameters and their q together: with the site terms (w, b) fixed,
+    ``q_theta = N(S b, S)``, ``S = (K_theta^-1 + diag w)^-1``, and L-BFGS maximises
+    ``value(m, S) - KL(q_theta || N(0, K_theta))``, the exact part of the bound that depends
+    on them. The result replaces the current (theta, q) only if that part of the bound rises.
+    Returns (theta, m, S)."""
+    zero = torch.zeros_like(m0)
+
+    def objective(*th):
+        K = kernel(*th)
+        m, S = _site_posterior(K, w, b)
+        return -(value(m, S) - gaussian_kl(m, S, zero, K).sum())
+
+    with torch.no_grad():
+        current = -(value(m0, S0) - gaussian_kl(m0, S0, zero, kernel(*theta)).sum())
+    new = _lbfgs(objective, theta, bounds, iters)
+    try:
+        with torch.no_grad():
+            K = kernel(*new)
+            m, S = _site_posterior(K, w, b)
+            after = -(value(m, S) - gaussian_kl(m, S, zero, K).sum())
+    except torch.linalg.LinAlgError:
+        return theta, m0, S0
+    if torch.isfinite(after) and after < current:
+        return new, m, S
+    return theta, m0, S0
+
+
+def mstep_kernels(
+    data: TrialData, p: PLDSParams, st: VIState, iters: int = 10
+) -> tuple[PLDSParams, VIState]:
+    """GP hyperparameters by L-BFGS on their log, moving q(h) and q(g) with them
+    (:func:`_kernel_step`); without that, q's covariance, shaped by the current kernel, pins
+    the hyperparameters where they started.
+
+    Sites for h: ``w[j, r] = sum_i c_ij^2 Lam[r, i]`` (the fixed point of the covariance step)
+    and ``b = (K^-1 + W) hm`` (so the site q at the current kernel has the current means); the
+    bound's h part is ``sum_{r,i} [Y c_i'h_r - Lam exp(c_i'(dm_r) + c_i^2'dv_r / 2)] - KL``.
+    Sites for g are exact (the bound is quadratic in g): ``w = a``, ``b`` of
+    :func:`step_dynamics_drift`. Length-scales stay within ``TAU_RANGE`` times the span of the
+    trial numbers, variances within [1e-8, 1e3]. Returns the new parameters and q.
+    """
+    n = data.n
     span = float((n.max() - n.min()).clamp(min=1.0))
     lo_tau, hi_tau = math.log(TAU_RANGE[0]), math.log(TAU_RANGE[1] * span)
-    out = p
     if p.drift:
-        m, S = st.hm.T, st.hS
-        mu = torch.zeros_like(m)
+        y = data.y * data.mask
+        Y = y.sum(1)  # (R, N)
+        _, log_lam = expected_log_rate(p, st)
+        Lam = (torch.exp(log_lam) * data.mask).sum(1)  # (R, N)
+        C2 = p.C**2
+        m0, S0 = st.hm.T, st.hS  # (k, R), (k, R, R)
+        v0 = torch.diagonal(S0, dim1=-2, dim2=-1)
+        w = (Lam @ C2).T  # (k, R)
+        K0 = se_kernel(n, torch.exp(p.log_sigma2), torch.exp(p.log_tau))
+        b = w * m0 + torch.cholesky_solve(m0[..., None], torch.linalg.cholesky(K0))[..., 0]
+        YC = Y @ p.C  # (R, k)
 
-        def kl_h(ls2, lt):
-            K = se_kernel(n, torch.exp(ls2), torch.exp(lt))
-            return gaussian_kl(m, S, mu, K).sum()
+        def value(m, S):
+            dm = (m - m0).T
+            dv = (torch.diagonal(S, dim1=-2, dim2=-1) - v0).T
+            rate = Lam * torch.exp(dm @ p.C.T + 0.5 * dv @ C2.T)
+            return (YC * m.T).sum() - rate.sum()
 
-        ls2, lt = _lbfgs(kl_h, [p.log_sigma2, p.log_tau], [(-18.4, 6.9), (lo_tau, hi_tau)], iters)
-        out = replace(out, log_sigma2=ls2, log_tau=lt)
+        def kernel(ls2, lt):
+            return se_kernel(n, torch.exp(ls2), torch.exp(lt))
+
+        (ls2, lt), m, S = _kernel_step(
+            kernel,
+            [p.log_sigma2, p.log_tau],
+            [(-18.4, 6.9), (lo_tau, hi_tau)],
+            w,
+            b,
+            value,
+            m0,
+            S0,
+            iters,
+        )
+        p = replace(p, log_sigma2=ls2, log_tau=lt)
+        st = replace(st, hm=m.T.contiguous(), hS=S)
     if p.dynamics_drift:
-        gm, gS = st.gm[None], st.gS[None]
-        mu = torch.zeros_like(gm)
+        a, bg = _g_quadratic(data, p, st)
         one = n.new_ones(1)
 
-        def kl_g(lt):
-            return gaussian_kl(gm, gS, mu, se_kernel(n, one, torch.exp(lt).reshape(1))).sum()
+        def value_g(m, S):
+            v = torch.diagonal(S, dim1=-2, dim2=-1)
+            return (-0.5 * a * (m**2 + v) + bg * m).sum()
 
-        (lt,) = _lbfgs(kl_g, [p.log_tau_g], [(lo_tau, hi_tau)], iters)
-        out = replace(out, log_tau_g=lt)
-    return out
+        def kernel_g(lt):
+            return se_kernel(n, one, torch.exp(lt).reshape(1))
+
+        (lt,), m, S = _kernel_step(
+            kernel_g,
+            [p.log_tau_g],
+            [(lo_tau, hi_tau)],
+            a[None],
+            bg[None],
+            value_g,
+            st.gm[None],
+            st.gS[None],
+            iters,
+        )
+        p = replace(p, log_tau_g=lt)
+        st = replace(st, gm=m[0], gS=S[0])
+    return p, st
 
 
 def _lbfgs(fn, params, bounds, iters):
@@ -1067,7 +1156,7 @@ def fit(
         st = estep(data, p, st, pri)
         p = mstep_dynamics(data, p, st)
         p = mstep_emissions(data, p, st)
-        p = mstep_kernels(p, st, data.n)
+        p, st = mstep_kernels(data, p, st)
         pri = training_priors(p, data.n)
         bound.append(float(elbo(data, p, st, pri)))
         per_iteration.append(time.perf_counter() - t_it)
