@@ -5,7 +5,7 @@
 - :mod:`poplds.nplds.run`: from a dataset store to result files (:func:`fit_store`);
 - :mod:`poplds.nplds.plots`: the report's figures;
 - :mod:`poplds.nplds.inference`, :mod:`poplds.nplds._blocktri`: block-tridiagonal algebra and
-  the exact / Laplace latent-path posteriors.
+  the exact latent-path posterior with Gaussian emissions (the Kalman/RTS smoother's answer).
 """
 
 from .run import fit_store
