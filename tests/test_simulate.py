@@ -78,31 +78,23 @@ def test_gp_drift_covariance():
 
 
 def test_poisson_trials_truth(tmp_path):
-    t = simulate.simulate_poisson_trials(
-        n_neurons=10,
-        latent_dim=3,
-        n_trials=80,
-        n_bins=50,
-        drift_dims=1,
-        opposite_groups=True,
-        seed=7,
-    )
+    kw = {
+        "n_neurons": 10,
+        "latent_dim": 3,
+        "n_trials": 80,
+        "n_bins": 50,
+        "drift_dims": 1,
+        "opposite_groups": True,
+        "seed": 7,
+    }
+    t = simulate.simulate_poisson_trials(**kw)
     assert t.counts.shape == (80, 50, 10) and t.counts.min() >= 0
     assert np.all(t.h[:, 1:] == 0) and t.h[:, 0].std() > 0.1
     assert np.all(t.C[:5, 0] > 0) and np.all(t.C[5:, 0] < 0)
     rate = np.exp((t.x + t.h[:, None, :]) @ t.C.T + t.d)
     # the counts are Poisson draws around the rates: means agree within sampling error
     assert abs(t.counts.mean() - rate.mean()) < 4 * np.sqrt(rate.mean() / t.counts.size)
-    paths = simulate.write_poisson_trial_simulation(
-        tmp_path,
-        n_neurons=10,
-        latent_dim=3,
-        n_trials=80,
-        n_bins=50,
-        drift_dims=1,
-        opposite_groups=True,
-        seed=7,
-    )
+    paths = simulate.write_poisson_trial_simulation(tmp_path, **kw)
     z = np.load(paths[0])
     np.testing.assert_array_equal(z["activity"], t.counts)  # same seed, same data
     assert float(z["rate_hz"]) == 50.0

@@ -139,6 +139,19 @@ def gaussian_kl(
     return 0.5 * ((B**2).sum((-1, -2)) + (a**2).sum((-1, -2)) - R + logdet_k - logdet_s)
 
 
+def site_covariance(K: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``(K^-1 + diag w)^-1`` for K (..., R, R), w (..., R) >= 0, formed as
+    ``K - K W^1/2 (I + W^1/2 K W^1/2)^-1 W^1/2 K``: no K^-1, and the matrix factored has
+    eigenvalues >= 1 however ill-conditioned K is (the GP posterior covariance of Gaussian
+    site terms with precisions w)."""
+    sw = torch.sqrt(torch.clamp(w, min=0))
+    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
+    Lb = torch.linalg.cholesky(eye + sw[..., :, None] * K * sw[..., None, :])
+    KW = K * sw[..., None, :]
+    S = K - KW @ torch.cholesky_solve(KW.mT, Lb)
+    return 0.5 * (S + S.mT)
+
+
 def _outer_flat(X: torch.Tensor) -> torch.Tensor:
     """(..., a) -> (..., a*a) rows of x x'."""
     return (X[..., :, None] * X[..., None, :]).flatten(-2)
@@ -485,13 +498,8 @@ def step_means(
     schur = W.sum(1) - (W.mT @ U).sum(1)
     schur = 0.5 * (schur + schur.mT)
     rhs = g_h - (W.mT @ v[..., None]).sum(1)[..., 0]
-    dg = torch.diagonal(schur, dim1=-2, dim2=-1).clamp(min=0)  # (R, k)
-    sq = torch.sqrt(dg).T  # (k, R)
-    K = pri.hK
-    eye = torch.eye(R, dtype=K.dtype, device=K.device)
-    Lb = torch.linalg.cholesky(eye + sq[:, :, None] * K * sq[:, None, :])
-    KD = K * sq[:, None, :]
-    Pm = K - KD @ torch.cholesky_solve(KD.mT, Lb)  # (K^-1 + diag)^-1 per dimension
+    # preconditioner: (K^-1 + diag(Schur_jj))^-1 per dimension
+    Pm = site_covariance(pri.hK, torch.diagonal(schur, dim1=-2, dim2=-1).T)
 
     def apply(x):
         return (schur @ x[..., None])[..., 0] + _kernel_solve(Lk, x)
@@ -593,7 +601,6 @@ def step_modulator_cov(data: TrialData, p: PLDSParams, st: VIState, pri: Priors)
     hm, hS = st.hm, st.hS.clone()
     _, log_lam = expected_log_rate(p, st)
     Lam = (torch.exp(log_lam) * data.mask).sum(1)  # (R, N)
-    eye = torch.eye(hm.shape[0], dtype=hm.dtype, device=hm.device)
     for j in range(k):
         c = p.C[:, j : j + 1]  # (N, 1)
         m, v_ref = hm[:, j][None], torch.diagonal(hS[j])[None]
@@ -601,11 +608,7 @@ def step_modulator_cov(data: TrialData, p: PLDSParams, st: VIState, pri: Priors)
         K, mu = pri.hK[j : j + 1], pri.hmu[j : j + 1]
         S_old = hS[j : j + 1]
         old = _h_objective(terms, m, S_old, mu, K)
-        sw = torch.sqrt((Lam @ c**2)[:, 0])
-        Lb = torch.linalg.cholesky(eye + sw[:, None] * K[0] * sw[None, :])
-        KW = K[0] * sw[None, :]  # K W^1/2
-        S_new = K[0] - KW @ torch.cholesky_solve(KW.T, Lb)
-        S_new = 0.5 * (S_new + S_new.T)
+        S_new = site_covariance(K[0], (Lam @ c**2)[:, 0])
 
         def propose(rho, S_old=S_old, S_new=S_new, terms=terms, m=m, mu=mu, K=K):
             S = S_old + rho[0] * (S_new[None] - S_old)
@@ -626,13 +629,8 @@ def step_dynamics_drift(data: TrialData, p: PLDSParams, st: VIState, pri: Priors
     if pri.gK is None:
         return st
     a, b = _g_quadratic(data, p, st)
-    sa = torch.sqrt(torch.clamp(a, min=0))
     K = pri.gK
-    eye = torch.eye(len(a), dtype=a.dtype, device=a.device)
-    Lb = torch.linalg.cholesky(eye + sa[:, None] * K * sa[None, :])
-    KW = K * sa[None, :]
-    gS = K - KW @ torch.cholesky_solve(KW.T, Lb)
-    gS = 0.5 * (gS + gS.T)
+    gS = site_covariance(K, a)
     # posterior mean of N(gmu, K) times exp(-a g^2/2 + b g): solve (K^-1 + diag a) m = K^-1 gmu + b
     gm = gS @ (torch.cholesky_solve(pri.gmu[:, None], torch.linalg.cholesky(K))[:, 0] + b)
     return replace(st, gm=gm, gS=gS)
@@ -764,14 +762,9 @@ def mstep_emissions(data: TrialData, p: PLDSParams, st: VIState, steps: int = 1)
 
 
 def _site_posterior(K: torch.Tensor, w: torch.Tensor, b: torch.Tensor):
-    """``S = (K^-1 + diag w)^-1`` and ``m = S b`` per dimension (K (J, R, R); w, b (J, R)),
-    formed as ``K - K W^1/2 (I + W^1/2 K W^1/2)^-1 W^1/2 K`` (no K^-1)."""
-    sw = torch.sqrt(torch.clamp(w, min=0))
-    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
-    Lb = torch.linalg.cholesky(eye + sw[:, :, None] * K * sw[:, None, :])
-    KW = K * sw[:, None, :]
-    S = K - KW @ torch.cholesky_solve(KW.mT, Lb)
-    S = 0.5 * (S + S.mT)
+    """``S = (K^-1 + diag w)^-1`` (:func:`site_covariance`) and ``m = S b`` per dimension
+    (K (J, R, R); w, b (J, R))."""
+    S = site_covariance(K, w)
     return (S @ b[..., None])[..., 0], S
 
 
@@ -939,7 +932,7 @@ def _moment_covariances(
 
 
 def initial_params(
-    y: np.ndarray,
+    y: np.ndarray | torch.Tensor,
     n: np.ndarray,
     k: int,
     *,
@@ -1137,7 +1130,7 @@ def fit(
     p = init
     if p is None:
         p = initial_params(
-            y,
+            data.y,
             n,
             latent_dim,
             drift=drift,
