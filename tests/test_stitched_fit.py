@@ -76,6 +76,68 @@ def test_fit_converges_and_loss_falls(recovered):
     assert losses[-1] < losses[0]
 
 
+def test_warm_start_never_sees_heldout_pairs():
+    """The start's PCA is that of the covariance with the held-out pairs' entries zeroed, so
+    a held-out score never rests on the pairs it scores, however early a fit stops."""
+    from poplds.stitched.models import _top_subspace
+
+    _, recs = simulated(N=40, n_rec=1, T=3000)
+    data = prepare_data(recs, 40, lags=3, device=CPU, heldout_fraction=0.3, seed=1)
+    rec = data.recordings[0]
+    y = rec.data.numpy().astype(np.float64)
+    cov = y.T @ y / rec.n_time
+    g = data.group_of[rec.neurons]
+    masked = np.where(data.heldout[g[:, None], g[None, :]], 0.0, cov)
+    assert (masked != cov).mean() > 0.1  # the split holds pairs out of this recording
+    V, lam = _top_subspace(data, 0, 3, seed=0, iters=60)
+    w, U = np.linalg.eigh(masked)
+    np.testing.assert_allclose(lam.numpy(), w[::-1][:3], rtol=1e-5)
+    # same subspace as the masked covariance's top eigenvectors
+    angles = principal_angles_deg(U[:, ::-1][:, :3], V.numpy())
+    assert max(angles) < 0.1, angles
+
+
+def test_convergence_test_does_not_depend_on_the_data_units():
+    """The stop rests on the loss's own sampling noise: data in other units (here 1e-3 times)
+    give the same passes and the same fit up to the units."""
+    _, recs = simulated(N=40, T=3000)
+    small = [RecordingInput(r.name, r.activity * 1e-3, r.neurons) for r in recs]
+    a = fit_stitched_lds(recs, 40, 3, lags=5, device="cpu", heldout_fraction=0.1)
+    b = fit_stitched_lds(small, 40, 3, lags=5, device="cpu", heldout_fraction=0.1)
+    for stage in ("free", "linked"):
+        assert a.info[stage]["stop"] != "max_passes"
+        assert abs(a.info[stage]["passes"] - b.info[stage]["passes"]) <= 2
+    pa = a.params.C @ a.params.Pi @ a.params.C.T
+    pb = b.params.C @ b.params.Pi @ b.params.C.T * 1e6
+    np.testing.assert_allclose(pb, pa, rtol=1e-3, atol=1e-4 * np.abs(pa).max())
+
+
+def test_a_fit_at_the_cap_warns():
+    _, recs = simulated(N=40, T=2000)
+    fit = fit_stitched_lds(recs, 40, 3, lags=5, device="cpu", max_passes=8)
+    assert fit.info["stop"] == "max_passes"
+    assert fit.info["free"]["stop"] == "max_passes" and fit.info["free"]["passes"] == 8
+    assert any("max_passes (8)" in w for w in fit.info["warnings"])
+
+
+@pytest.mark.shared_data
+def test_sparse_real_events_fit_moves_and_converges():
+    """dentate_gyrus_events.nwb: sparse deconvolved events, whose covariances are tiny
+    against their variances. The old test (scaled by the squared mean variance) stopped this
+    fit at its warm start after 6 passes; now it converges by its test, having moved."""
+    import h5py
+    from conftest import SHARED_DATA
+
+    with h5py.File(SHARED_DATA / "dentate_gyrus_events.nwb", "r") as f:
+        y = np.asarray(f["processing/ophys/events/data"][:], dtype=np.float32)
+    N = y.shape[1]
+    fit = fit_stitched_lds([RecordingInput("dg", y, np.arange(N))], N, 4, device="cpu")
+    assert fit.info["stop"] == "converged", fit.info
+    assert fit.info["free"]["passes"] > 20
+    assert fit.info["moved_noise_units"] > 10 * 1e-3
+    assert not any("barely moved" in w for w in fit.info["warnings"])
+
+
 def test_heldout_split_holds_out_the_asked_fraction():
     rng = np.random.default_rng(0)
     recs = [RecordingInput("a", rng.standard_normal((50, 3000)), np.arange(3000))]

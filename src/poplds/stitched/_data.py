@@ -185,6 +185,25 @@ class StitchedData:
         per_lag = np.einsum("sgh,g,h->", (self.pair_count > 0).astype(np.float64), sizes, sizes)
         return float(per_lag - np.sum(self.group_size))
 
+    def noise_floor(self) -> float:
+        """The sampling noise of the matched covariances, per pair of the loss:
+
+            (1/P) sum_(i,j,s) v_i v_j / n_ij(s)
+
+        over the fitted pairs (lag-0 diagonal excluded), ``v`` the variances and ``n_ij(s)``
+        the co-observed samples: the variance of an empirical lagged covariance of weakly
+        correlated neurons. Changes of the loss far below it change no prediction that the
+        data can resolve, so the convergence test is set against it (scale-free: it is in the
+        loss's units whatever the units, rates or sparsity of the data)."""
+        obs = self.group_of >= 0
+        v = np.nan_to_num(self.variance[obs], nan=0.0)
+        g = self.group_of[obs]
+        vg = np.bincount(g, weights=v, minlength=self.n_groups)
+        w = np.zeros_like(self.pair_count)
+        np.divide(1.0, self.pair_count, out=w, where=self.pair_count > 0)
+        total = np.einsum("sgh,g,h->", w, vg, vg) - np.sum(v**2 * w[0, g, g])
+        return float(total) / max(1.0, self.n_pairs())
+
 
 def observation_groups(
     neurons_per_recording: Sequence[np.ndarray], n_total: int, label: np.ndarray

@@ -97,20 +97,38 @@ class StitchedFit:
     data: StitchedData = field(repr=False)
 
 
+def _allowed(data: StitchedData, rec) -> torch.Tensor:
+    """(G_r, G_r) float64 on the device: 1 where a pair of the recording's groups is in the
+    fit, 0 where it is held out. The warm start sees only the pairs the loss sees, so
+    held-out scores stay honest however early a fit stops."""
+    g = np.asarray(rec.groups)
+    ok = ~data.heldout[np.ix_(g, g)]
+    return torch.as_tensor(ok.astype(np.float64), device=data.device)
+
+
+def _group_products(rec, y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``y_g V_g`` for every group g of the recording: (rows, G_r, p)."""
+    return torch.stack([y[:, sl] @ V[sl] for sl in rec.slices], dim=1)
+
+
 def _top_subspace(data: StitchedData, rec_index: int, n: int, seed: int, iters: int = 8):
-    """Top-n eigenvectors (N_r, n) and eigenvalues of recording ``rec_index``'s covariance by
-    subspace iteration (two products with the data per iteration), in its column order."""
+    """Top-n eigenvectors (N_r, n) and eigenvalues of recording ``rec_index``'s covariance,
+    with the held-out pairs' entries set to zero, by subspace iteration (two products with
+    the data per iteration), in its column order."""
     rec = data.recordings[rec_index]
     dev = data.device
     n_r = len(rec.neurons)
     p = min(n_r, n + 8)
+    allowed = _allowed(data, rec).to(rec.dtype)
     g = torch.Generator(device="cpu").manual_seed(seed)
     V = torch.randn((n_r, p), generator=g, dtype=torch.float64).to(dev)
     for it in range(iters + 1):
         W = torch.zeros_like(V)
         V32 = V.to(rec.dtype)
         for _, y in rec.chunks(dev):
-            W += (y.T @ (y @ V32)).to(torch.float64)
+            Zg = torch.einsum("gh,thp->tgp", allowed, _group_products(rec, y, V32))
+            for k, sl in enumerate(rec.slices):
+                W[sl] += (y[:, sl].T @ Zg[:, k]).to(torch.float64)
         if it < iters:
             V, _ = torch.linalg.qr(W / rec.n_time)
     small = V.T @ W / rec.n_time  # Rayleigh-Ritz on the last subspace
@@ -119,13 +137,13 @@ def _top_subspace(data: StitchedData, rec_index: int, n: int, seed: int, iters: 
     return V @ evecs[:, order], evals[order]
 
 
-def _project_columns(rec, cols: np.ndarray, Ck: torch.Tensor, dev) -> torch.Tensor:
-    """``z[t] = C_k' y_k[t]``: (T_r, n) float64 for columns ``cols`` of a recording."""
-    z = torch.empty((rec.n_time, Ck.shape[1]), dtype=torch.float64, device=dev)
-    idx = torch.as_tensor(cols, device=dev)
-    C32 = Ck.to(rec.dtype)
+def _project_groups(rec, C: torch.Tensor, dev) -> torch.Tensor:
+    """``z[t, g] = C_g' y_g[t]`` for every group of a recording: (T_r, G_r, n) float64, with
+    ``C`` (N_r, n) in the recording's column order (zero rows for unplaced neurons)."""
+    z = torch.empty((rec.n_time, len(rec.slices), C.shape[1]), dtype=torch.float64, device=dev)
+    C32 = C.to(rec.dtype)
     for t0, y in rec.chunks(dev):
-        z[t0 : t0 + y.shape[0]] = (y[:, idx] @ C32).to(torch.float64)
+        z[t0 : t0 + y.shape[0]] = _group_products(rec, y, C32).to(torch.float64)
     return z
 
 
@@ -139,7 +157,8 @@ def warm_start(
     data: StitchedData, n: int, seed: int = 0, ridge: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Deterministic start ``(C (N, n), X (K, n, n))`` (module docstring, step 1), and warnings
-    for recordings that share no neuron with the recordings placed before them."""
+    for recordings that share no neuron with the recordings placed before them. Held-out
+    pairs take no part in it."""
     dev = data.device
     K = data.lags
     C = torch.zeros((data.n_neurons, n), dtype=torch.float64, device=dev)
@@ -155,54 +174,69 @@ def warm_start(
     V, _ = _top_subspace(data, first, n, seed)
     C[torch.as_tensor(rec.neurons, device=dev)] = V
     known[rec.neurons] = True
-    z = _project_columns(rec, np.arange(len(rec.neurons)), V, dev)
-    X = _lagged_z(z, K)
+    X = _lagged_z(_project_groups(rec, V, dev).sum(1), K)
     warnings: list[str] = []
     todo = [k for k in range(len(data.recordings)) if k != first]
     while todo:
         overlap = [int(known[data.recordings[k].neurons].sum()) for k in todo]
         k = todo.pop(int(np.argmax(overlap)))
         rec = data.recordings[k]
-        cols_k = np.flatnonzero(known[rec.neurons])
-        cols_u = np.flatnonzero(~known[rec.neurons])
-        if len(cols_u) == 0:
+        new = ~known[rec.neurons]
+        if not new.any():
             continue
-        if len(cols_k) == 0:
+        if not (~new).any():
             warnings.append(
                 f"recording {rec.name} shares no neuron with the recordings placed before it: "
                 "its loadings start from its own PCA and are tied to the others only through "
                 "the shared dynamics"
             )
             Vr, _ = _top_subspace(data, k, n, seed + k)
-            C[torch.as_tensor(rec.neurons[cols_u], device=dev)] = Vr[torch.as_tensor(cols_u)]
-            known[rec.neurons[cols_u]] = True
+            C[torch.as_tensor(rec.neurons[new], device=dev)] = Vr[torch.as_tensor(new)]
+            known[rec.neurons[new]] = True
             continue
-        Ck = C[torch.as_tensor(rec.neurons[cols_k], device=dev)]
-        zk = _project_columns(rec, cols_k, Ck, dev)
-        Gk = Ck.T @ Ck
-        T = rec.n_time
-        F = torch.zeros((K, len(cols_u), n), dtype=torch.float64, device=dev)
+        _place_new_neurons(data, rec, C, X, known, ridge)
+        known[rec.neurons[new]] = True
+    return C, X, warnings
+
+
+def _place_new_neurons(data: StitchedData, rec, C, X, known: np.ndarray, ridge: float) -> None:
+    """Least-squares loadings (module docstring, step 1) of the recording's neurons not yet
+    placed, group by group, against the placed neurons it may pair with (not held out);
+    written into ``C`` in place."""
+    dev = data.device
+    K, n, T = data.lags, C.shape[1], rec.n_time
+    rows = torch.as_tensor(rec.neurons, device=dev)
+    placed = torch.as_tensor(known[rec.neurons].astype(np.float64), device=dev)
+    Ck = C[rows] * placed[:, None]  # the recording's placed loadings, zero elsewhere
+    zk = _project_groups(rec, Ck, dev)  # (T, G_r, n)
+    allowed = _allowed(data, rec)
+    counts = torch.as_tensor([T - s for s in range(K)], dtype=torch.float64, device=dev)
+    for g, sl in enumerate(rec.slices):
+        if known[rec.neurons[sl]].all():
+            continue
+        z = torch.einsum("h,thn->tn", allowed[g], zk)  # placed partners of group g
+        G = sum(
+            Ck[h.start : h.stop].T @ Ck[h.start : h.stop] * allowed[g, j]
+            for j, h in enumerate(rec.slices)
+        )
+        F = torch.zeros((K, sl.stop - sl.start, n), dtype=torch.float64, device=dev)
         B = torch.zeros_like(F)
-        iu = torch.as_tensor(cols_u, device=dev)
         for t0, y in rec.chunks(dev):
-            yu = y[:, iu].to(torch.float64)
+            yu = y[:, sl].to(torch.float64)
             t1 = t0 + y.shape[0]
             for s in range(K):
                 a = max(t0, s)  # rows t with t - s >= 0
                 if a < t1:
-                    F[s] += yu[a - t0 :].T @ zk[a - s : t1 - s]
+                    F[s] += yu[a - t0 :].T @ z[a - s : t1 - s]
                 b = min(t1, T - s)  # rows t with t + s < T
                 if b > t0:
-                    B[s] += yu[: b - t0].T @ zk[t0 + s : b + s]
-        counts = torch.as_tensor([T - s for s in range(K)], dtype=torch.float64, device=dev)
+                    B[s] += yu[: b - t0].T @ z[t0 + s : b + s]
         F /= counts[:, None, None]
         B /= counts[:, None, None]
-        H = sum(X[s] @ Gk @ X[s].T + X[s].T @ Gk @ X[s] for s in range(K))
+        H = sum(X[s] @ G @ X[s].T + X[s].T @ G @ X[s] for s in range(K))
         rhs = sum(F[s] @ X[s].T + B[s] @ X[s] for s in range(K))
         H = H + ridge * torch.trace(H) / n * torch.eye(n, dtype=H.dtype, device=dev)
-        C[torch.as_tensor(rec.neurons[cols_u], device=dev)] = torch.linalg.solve(H, rhs.T).T
-        known[rec.neurons[cols_u]] = True
-    return C, X, warnings
+        C[rows[sl]] = torch.linalg.solve(H, rhs.T).T  # a group is placed whole or not at all
 
 
 def dynamics_from_lagged(X: np.ndarray, stable: bool = True, max_radius: float = 0.995):
@@ -235,6 +269,15 @@ def psd_project(M: np.ndarray, floor: float = 0.0) -> np.ndarray:
     return (V * np.maximum(w, floor)) @ V.T
 
 
+#: The free stage's tolerance, in multiples of ``tol``: its ``X_s`` only start the linked
+#: stage, and in directions the data barely determine (spare latent dimensions) it creeps.
+FREE_STAGE_TOL = 10.0
+
+
+class _Stop(Exception):
+    """Raised from the closure to end an L-BFGS run (converged or out of passes)."""
+
+
 def _lbfgs(
     params: list[torch.Tensor],
     closure: Callable[[], torch.Tensor],
@@ -244,74 +287,109 @@ def _lbfgs(
     scale: float,
     trace: list[tuple[str, int, float]],
     stage: str,
+    window: int = 10,
     log_every: int = 25,
 ) -> dict[str, Any]:
-    """Run L-BFGS (strong Wolfe line search) until the loss changes by less than
-    ``tol * scale`` over 5 consecutive passes, or ``max_passes`` passes (each one evaluation of
-    loss and gradient, two products with the data)."""
+    """Run L-BFGS (strong Wolfe line search) on ``closure`` and return the best point seen.
+
+    A pass is one evaluation of loss and gradient (two products with the data). With
+    ``b_k`` the lowest loss after pass k, the run has converged when, over the last
+    ``window`` passes,
+
+        b_{k-window} - b_k <= tol * scale
+
+    with ``scale`` the sampling noise of the loss per pair (:meth:`StitchedData.noise_floor`),
+    so the test does not depend on the units, rates or sparsity of the data; it stops at
+    ``max_passes`` otherwise. L-BFGS sees the loss in units of ``scale``, so its first step
+    is of a sensible size whatever the data's units. Line-search evaluations that do
+    not improve count as passes but never end a run by themselves. The parameters are left at
+    the best evaluated point (torch's L-BFGS may be in the middle of a line search).
+
+    Returns ``passes``, ``stop`` (``converged``, ``max_passes`` or ``no_descent``: L-BFGS found
+    no descent direction, a stationary point to machine precision), ``converged`` (True unless
+    it stopped at the cap), ``loss_start``, ``loss``, ``relative_decrease``
+    (``(loss_start - loss) / |loss|``) and ``seconds``.
+    """
     opt = torch.optim.LBFGS(
         params,
         lr=1.0,
         max_iter=max_passes,
-        max_eval=max_passes,
+        max_eval=max_passes + 25,  # the cap is ours (below): L-BFGS must not stop first
         history_size=20,
         tolerance_grad=0.0,
         tolerance_change=0.0,
         line_search_fn="strong_wolfe",
     )
-    state = {"passes": 0, "best": math.inf, "still": 0, "converged": False}
-
-    class _Converged(Exception):
-        pass
+    best: list[float] = []
+    state: dict[str, Any] = {"stop": None, "params": None}
+    t = time.perf_counter()
 
     def wrapped() -> torch.Tensor:
-        if state["converged"]:
-            raise _Converged
+        if state["stop"] is not None:
+            raise _Stop
         loss = closure()
-        for p in params:  # L-BFGS flattens gradients with view()
-            if p.grad is not None and not p.grad.is_contiguous():
-                p.grad = p.grad.contiguous()
-        state["passes"] += 1
+        for p in params:  # in units of `scale`, and contiguous: L-BFGS flattens with view()
+            if p.grad is not None:
+                p.grad = (p.grad / scale).contiguous()
         value = float(loss)
-        trace.append((stage, state["passes"], value))
-        if state["passes"] % log_every == 0:
-            log.info("%s: pass %d, loss %.6g", stage, state["passes"], value)
-        if state["best"] - value < tol * scale:
-            state["still"] += 1
-        else:
-            state["still"] = 0
-        state["best"] = min(state["best"], value)
-        if state["still"] >= 5:
-            state["converged"] = True
-        return loss
+        k = len(best) + 1
+        trace.append((stage, k, value))
+        if not best or value < best[-1]:
+            state["params"] = [p.detach().clone() for p in params]
+        best.append(min(value, best[-1]) if best else value)
+        if k % log_every == 0:
+            log.info(
+                "%s: pass %d / at most %d, loss %.6g, %.1f s",
+                stage,
+                k,
+                max_passes,
+                best[-1],
+                time.perf_counter() - t,
+            )
+        if k > window and best[-1 - window] - best[-1] <= tol * scale:
+            state["stop"] = "converged"
+        elif k >= max_passes:
+            state["stop"] = "max_passes"
+        return loss / scale
 
-    t = time.perf_counter()
     try:
         opt.step(wrapped)
-    except _Converged:
+    except _Stop:
         pass
+    if state["params"] is not None:
+        with torch.no_grad():
+            for p, b in zip(params, state["params"], strict=True):
+                p.copy_(b)
+    stop = state["stop"] or "no_descent"
+    start, end = best[0], best[-1]
     return {
-        "passes": state["passes"],
-        "converged": state["converged"],
-        "loss": state["best"],
+        "passes": len(best),
+        "stop": stop,
+        "converged": stop != "max_passes",
+        "loss_start": start,
+        "loss": end,
+        "relative_decrease": (start - end) / max(abs(end), 1e-300),
         "seconds": time.perf_counter() - t,
     }
 
 
-def _free_stage(data, tens, weights, C0, X0, opts, trace, stage="free"):
+def _free_stage(data, tens, weights, C0, X0, unit, opts, trace, stage="free"):
+    """L-BFGS on C and every X_s (X_0 symmetric). The optimiser moves ``X_s / unit`` (``unit``
+    the mean variance), so its path does not depend on the units of the data."""
     C = C0.clone().requires_grad_(True)
-    X = X0.clone().requires_grad_(True)
+    Xt = (X0 / unit).clone().requires_grad_(True)
 
     def closure() -> torch.Tensor:
-        if X.grad is not None:
-            X.grad = None
-        Xe = torch.cat([(0.5 * (X[0] + X[0].T))[None], X[1:]])
-        loss, gC = loss_and_grad(data, C, Xe, weights, tens)
+        Xt.grad = None
+        X = unit * torch.cat([(0.5 * (Xt[0] + Xt[0].T))[None], Xt[1:]])
+        loss, gC = loss_and_grad(data, C, X, weights, tens)
         C.grad = gC
         return loss
 
-    info = _lbfgs([C, X], closure, trace=trace, stage=stage, **opts)
-    Xf = X.detach().clone()
+    # the free stage only starts the linked one, which carries the user's tolerance
+    opts = {**opts, "tol": FREE_STAGE_TOL * opts["tol"]}
+    info = _lbfgs([C, Xt], closure, trace=trace, stage=stage, **opts)
+    Xf = unit * Xt.detach().clone()
     Xf[0] = 0.5 * (Xf[0] + Xf[0].T)
     return C.detach(), Xf, info
 
@@ -324,24 +402,27 @@ def linked_lagged(A: torch.Tensor, Pi: torch.Tensor, lags: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _linked_stage(data, tens, weights, C0, A0, Pi0, opts, trace, stage="linked"):
+def _linked_stage(data, tens, weights, C0, A0, Pi0, unit, opts, trace, stage="linked"):
+    """L-BFGS on C, A and ``Pi = L L'`` (L lower triangular); the optimiser moves
+    ``L / sqrt(unit)``, as :func:`_free_stage` does ``X_s / unit``."""
     dev = C0.device
     C = C0.clone().requires_grad_(True)
     A = torch.as_tensor(A0, device=dev).clone().requires_grad_(True)
-    L = torch.linalg.cholesky(torch.as_tensor(Pi0, device=dev)).clone().requires_grad_(True)
+    L0 = torch.linalg.cholesky(torch.as_tensor(Pi0, device=dev) / unit)
+    L = L0.clone().requires_grad_(True)
 
     def closure() -> torch.Tensor:
         A.grad = None
         L.grad = None
         Ltri = torch.tril(L)
-        X = linked_lagged(A, Ltri @ Ltri.T, data.lags)
+        X = linked_lagged(A, unit * (Ltri @ Ltri.T), data.lags)
         loss, gC = loss_and_grad(data, C, X, weights, tens)
         C.grad = gC
         return loss
 
     info = _lbfgs([C, A, L], closure, trace=trace, stage=stage, **opts)
     Lf = torch.tril(L.detach())
-    return C.detach(), A.detach(), Lf @ Lf.T, info
+    return C.detach(), A.detach(), unit * (Lf @ Lf.T), info
 
 
 def fit_stitched_lds(
@@ -355,7 +436,7 @@ def fit_stitched_lds(
     seed: int = 0,
     restarts: int = 0,
     max_passes: int = 500,
-    tol: float = 1e-7,
+    tol: float = 1e-3,
     stable: bool = True,
     r_floor: float = 1e-3,
     max_device_bytes: float | None = None,
@@ -374,7 +455,8 @@ def fit_stitched_lds(
     seed: seeds the warm start's subspace iteration, the held-out split and the restarts.
     restarts: extra random starts; the lowest final loss wins.
     max_passes: per stage; a pass is one loss and gradient evaluation.
-    tol: stop when the loss falls by less than ``tol * mean(variance)^2`` over 5 passes.
+    tol: a stage has converged when its loss falls by less than ``tol`` times the sampling
+        noise of the loss per pair over 10 passes (see :func:`_lbfgs`).
     stable: keep the spectral radius of A below 1.
     r_floor: ``R_i >= r_floor * v_i`` (the smoother needs R > 0).
     max_device_bytes: hold the data on the device up to this size, else stream it.
@@ -397,7 +479,8 @@ def fit_stitched_lds(
     tens = loss_tensors(data, dev)
     weights = data.weights(dev)
     v = data.variance[data.group_of >= 0]
-    opts = {"max_passes": max_passes, "tol": tol, "scale": float(np.mean(v)) ** 2}
+    opts = {"max_passes": max_passes, "tol": tol, "scale": data.noise_floor()}
+    unit = float(np.mean(v))  # the optimisers move X_s / unit: their paths are unit-free
     warnings = connectivity_warnings(data, latent_dim)
     for w in warnings:
         log.warning(w)
@@ -409,30 +492,49 @@ def fit_stitched_lds(
     warnings += w0
     starts.append(("warm", C0, X0))
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
-    for k in range(restarts):
-        scale = math.sqrt(float(np.mean(v)) / latent_dim)
-        Cr = (torch.randn(C0.shape, generator=gen, dtype=torch.float64) * scale).to(dev)
+    for k in range(restarts):  # loadings of unit scale, latents of the data's mean variance
+        Cr = torch.randn(C0.shape, generator=gen, dtype=torch.float64) / math.sqrt(latent_dim)
         Xr = torch.stack([torch.eye(latent_dim, dtype=torch.float64) * 0.9**s for s in range(lags)])
-        starts.append((f"restart{k + 1}", Cr, Xr.to(dev)))
+        starts.append((f"restart{k + 1}", Cr.to(dev), unit * Xr.to(dev)))
 
     best = None
     for name, Cs, Xs in starts:
         trace: list[tuple[str, int, float]] = []
-        C1, X1, info1 = _free_stage(data, tens, weights, Cs, Xs, opts, trace)
+        C1, X1, info1 = _free_stage(data, tens, weights, Cs, Xs, unit, opts, trace)
         A1 = dynamics_from_lagged(X1.cpu().numpy(), stable=stable)
         Pi1 = psd_project(X1[0].cpu().numpy(), floor=1e-6 * float(torch.trace(X1[0])) / latent_dim)
-        C2, A2, Pi2, info2 = _linked_stage(data, tens, weights, C1, A1, Pi1, opts, trace)
-        log.info(
-            "%s: free stage %d passes (loss %.6g), linked stage %d passes (loss %.6g)",
-            name,
-            info1["passes"],
-            info1["loss"],
-            info2["passes"],
-            info2["loss"],
-        )
+        C2, A2, Pi2, info2 = _linked_stage(data, tens, weights, C1, A1, Pi1, unit, opts, trace)
+        for stage, info in (("free", info1), ("linked", info2)):
+            log.info(
+                "%s: %s stage %s after %d passes (at most %d), %.1f s: loss %.6g -> %.6g",
+                name,
+                stage,
+                "stopped at the cap" if info["stop"] == "max_passes" else "converged",
+                info["passes"],
+                max_passes,
+                info["seconds"],
+                info["loss_start"],
+                info["loss"],
+            )
         if best is None or info2["loss"] < best[0]:
             best = (info2["loss"], name, C2, A2, Pi2, trace, info1, info2)
     _, name, C, A, Pi, trace, info1, info2 = best
+    floor = opts["scale"]
+    moved = (info1["loss_start"] - info2["loss"]) / floor
+    fit_warnings = [
+        f"the {stage} stage stopped at stitched_lds.max_passes ({max_passes}) before its "
+        "convergence test held; raise max_passes (or tol) for a converged fit"
+        for stage, info in (("free", info1), ("linked", info2))
+        if info["stop"] == "max_passes"
+    ]
+    if moved < 10 * tol:
+        fit_warnings.append(
+            f"the fit barely moved from its warm start (the loss fell by {moved:.2g} times its "
+            "sampling noise per pair): the result is essentially the deterministic start"
+        )
+    for w in fit_warnings:
+        log.warning(w)
+    warnings += fit_warnings
     A_np = A.cpu().numpy()
     if stable:
         A_np = stabilise(A_np)
@@ -448,6 +550,9 @@ def fit_stitched_lds(
         "start": name,
         "free": info1,
         "linked": info2,
+        "stop": "max_passes" if "max_passes" in (info1["stop"], info2["stop"]) else "converged",
+        "noise_floor": floor,
+        "moved_noise_units": moved,
         "seconds": time.perf_counter() - t_start,
         "warnings": warnings,
         "n_groups": data.n_groups,

@@ -29,6 +29,7 @@ import numpy as np
 
 from .._errors import InputError
 from .._logging import get_logger
+from .._provenance import provenance
 from .._results import atomic_group, finish_group, json_clean, write_json
 from .._version import __version__
 from ..store import DatasetStore, write_array, write_strings
@@ -111,7 +112,7 @@ def fit_store(
     device: str = "auto",
     restarts: int = 0,
     max_passes: int = 500,
-    tol: float = 1e-7,
+    tol: float = 1e-3,
     truth: str | Path | None = None,
     max_device_bytes: float | None = None,
 ) -> dict[str, Any]:
@@ -159,12 +160,23 @@ def fit_store(
             "settings": settings,
             "fit": {
                 k: fit.info[k]
-                for k in ("start", "free", "linked", "seconds", "n_groups", "n_pairs")
+                for k in (
+                    "start",
+                    "stop",
+                    "free",
+                    "linked",
+                    "noise_floor",
+                    "moved_noise_units",
+                    "seconds",
+                    "n_groups",
+                    "n_pairs",
+                )
             },
             "n_neurons": int(len(neuron_ids)),
             "recordings": store.recording_names,
             "warnings": fit.info["warnings"],
             "poplds_version": __version__,
+            "provenance": provenance(fit.data.device),
         }
     )
     out = Path(out_dir)
