@@ -78,3 +78,17 @@ def save_figure(fig: plt.Figure, out: str | Path, dpi: int = 110) -> Path:
     plt.close(fig)
     tmp.replace(out)
     return out
+
+
+def warning_footer(fig, warnings: list[str], width: int = 130) -> None:
+    """Lay the figure out, with the warnings (wrapped) in dark red below the axes."""
+    import textwrap
+
+    if not warnings:
+        fig.tight_layout()
+        return
+    lines = [line for w in warnings for line in textwrap.wrap("warning: " + w, width)]
+    height = fig.get_size_inches()[1]
+    bottom = min(0.5, (0.16 * len(lines) + 0.1) / height)
+    fig.text(0.01, 0.01, "\n".join(lines), fontsize=7, color="darkred", va="bottom")
+    fig.tight_layout(rect=(0, bottom, 1, 1))

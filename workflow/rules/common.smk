@@ -135,11 +135,25 @@ NPLDS_DYNAMICS = [
 NPLDS_FIGURES = ("bound", "drift", "rates")
 
 
+def fit_metrics(dataset):
+    """Every fit's metrics.json of a dataset."""
+    out = []
+    if "stitched_lds" in dataset_config(dataset)["models"]:
+        out += [f"results/{dataset}/stitched_lds/n{n}/metrics.json" for n in stitched_dims(dataset)]
+    if "nplds" in dataset_config(dataset)["models"]:
+        out += [f"results/{dataset}/nplds/k{k}/metrics.json" for k in nplds_dims(dataset)]
+    return out
+
+
 def all_outputs():
     """Every result the workflow makes by default."""
     out = []
     for ds in DATASETS:
-        out += [f"results/{ds}/data.zarr", f"results/{ds}/figures/coverage.png"]
+        out += [
+            f"results/{ds}/data.zarr",
+            f"results/{ds}/figures/coverage.png",
+            f"results/{ds}/provenance.html",
+        ]
         if "stitched_lds" in dataset_config(ds)["models"]:
             for n in stitched_dims(ds):
                 out.append(f"results/{ds}/stitched_lds/n{n}/metrics.json")
@@ -147,6 +161,7 @@ def all_outputs():
                     f"results/{ds}/figures/stitched_lds/n{n}_{fig}.png" for fig in STITCHED_FIGURES
                 ]
             out.append(f"results/{ds}/figures/stitched_lds/dimension.png")
+            out.append(f"results/{ds}/stitched_lds/scores.html")
         if "nplds" in dataset_config(ds)["models"]:
             for k in nplds_dims(ds):
                 out.append(f"results/{ds}/nplds/k{k}/metrics.json")
@@ -154,4 +169,5 @@ def all_outputs():
                 if nplds_config(ds)["dynamics_drift"]:
                     out.append(f"results/{ds}/figures/nplds/k{k}_eigenvalues.png")
             out.append(f"results/{ds}/figures/nplds/dimension.png")
+            out.append(f"results/{ds}/nplds/scores.html")
     return out

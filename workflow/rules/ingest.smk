@@ -47,3 +47,25 @@ rule coverage_figure:
         "../../envs/poplds.yaml"
     script:
         "../scripts/plot_coverage.py"
+
+
+rule provenance:
+    input:
+        store="results/{dataset}/data.zarr",
+        metrics=lambda wc: fit_metrics(wc.dataset),
+    output:
+        html=report(
+            "results/{dataset}/provenance.html",
+            caption="../report/provenance.rst",
+            category="Data",
+            subcategory="{dataset}",
+            labels={"dataset": "{dataset}", "figure": "provenance"},
+        ),
+    params:
+        config=lambda wc: dataset_config(wc.dataset),
+    log:
+        "logs/{dataset}/provenance.log",
+    conda:
+        "../../envs/poplds.yaml"
+    script:
+        "../scripts/provenance.py"

@@ -124,3 +124,28 @@ rule nplds_dimension:
         "../../envs/poplds.yaml"
     script:
         "../scripts/plot_nplds_dimension.py"
+
+
+rule nplds_scores:
+    input:
+        metrics=lambda wc: expand(
+            "results/{dataset}/nplds/k{k}/metrics.json",
+            dataset=wc.dataset,
+            k=nplds_dims(wc.dataset),
+        ),
+    output:
+        html=report(
+            "results/{dataset}/nplds/scores.html",
+            caption="../report/nplds_scores.rst",
+            category="Poisson LDS over trials",
+            subcategory="{dataset}",
+            labels={"dataset": "{dataset}", "k": "all", "figure": "scores table"},
+        ),
+        csv="results/{dataset}/nplds/scores.csv",
+        choice="results/{dataset}/nplds/dimension.json",
+    log:
+        "logs/{dataset}/nplds_scores.log",
+    conda:
+        "../../envs/poplds.yaml"
+    script:
+        "../scripts/nplds_scores.py"

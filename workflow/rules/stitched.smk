@@ -85,3 +85,28 @@ rule stitched_lds_dimension:
         "../../envs/poplds.yaml"
     script:
         "../scripts/plot_stitched_dimension.py"
+
+
+rule stitched_lds_scores:
+    input:
+        metrics=lambda wc: expand(
+            "results/{dataset}/stitched_lds/n{n}/metrics.json",
+            dataset=wc.dataset,
+            n=stitched_dims(wc.dataset),
+        ),
+    output:
+        html=report(
+            "results/{dataset}/stitched_lds/scores.html",
+            caption="../report/stitched_scores.rst",
+            category="Stitched LDS",
+            subcategory="{dataset}",
+            labels={"dataset": "{dataset}", "n": "all", "figure": "scores table"},
+        ),
+        csv="results/{dataset}/stitched_lds/scores.csv",
+        choice="results/{dataset}/stitched_lds/dimension.json",
+    log:
+        "logs/{dataset}/stitched_lds_scores.log",
+    conda:
+        "../../envs/poplds.yaml"
+    script:
+        "../scripts/stitched_scores.py"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..plots import plt, save_figure
+from ..plots import plt, save_figure, warning_footer
+from ..report import choose_nplds
 
 #: Model names as drawn, and their colours.
 LABELS = {"plds": "PLDS", "nplds": "N-PLDS", "nplds_dynamics": "N-PLDS, drifting A"}
@@ -184,9 +185,21 @@ def plot_dimension(metrics_paths: list[str | Path], out: str | Path) -> Path:
         ax.set_ylabel("bits / spike")
         ax.set_title(title, fontsize=10)
         ax.set_xticks(ks)
+    choice = choose_nplds(rows)
+    if choice["chosen"] is not None:
+        axes[0].axvline(choice["chosen"], color="k", ls="--", lw=0.8)
+        axes[0].annotate(
+            f"chosen k = {choice['chosen']}",
+            (choice["chosen"], 1),
+            xycoords=("data", "axes fraction"),
+            xytext=(4, -4),
+            textcoords="offset points",
+            va="top",
+            fontsize=8,
+        )
     axes[0].legend(frameon=False)
     fig.suptitle(f"{rows[0]['dataset']}: choice of latent dimension")
-    fig.tight_layout()
+    warning_footer(fig, choice["warnings"])
     return save_figure(fig, out)
 
 

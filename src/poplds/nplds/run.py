@@ -31,6 +31,7 @@ import torch
 
 from .._errors import InputError
 from .._logging import get_logger
+from .._provenance import provenance
 from .._results import atomic_group, finish_group, write_json
 from .._version import __version__
 from ..stitched._data import choose_device
@@ -106,7 +107,7 @@ def fit_store(
     heldout_trials: float = 0.2,
     heldout_neurons: float = 0.25,
     dynamics_drift: bool = False,
-    max_iter: int = 300,
+    max_iter: int = 3000,
     tol: float = 1e-6,
     seed: int = 0,
     device: str = "auto",
@@ -173,6 +174,7 @@ def fit_store(
         "spikes": int(y.sum()),
         "models": {},
         "poplds_version": __version__,
+        "provenance": provenance(dev),
     }
     figure: dict[str, np.ndarray] = {
         "trial_ids": trial_ids,
@@ -215,6 +217,10 @@ def fit_store(
             "bound_per_spike": fit.bound[-1] / max(float(y[train].sum()), 1.0),
             "iterations": fit.iterations,
             "converged": fit.converged,
+            "stop": "converged" if fit.converged else "max_iter",
+            "bound_start": fit.bound[0],
+            "bound_rise": fit.bound[-1] - fit.bound[0],
+            "extrapolations_kept": fit.extrapolations,
             "fit_seconds": fit.seconds,
             "seconds": seconds,
             "drift_sd": float(np.sqrt((shift - shift.mean(0)).var(0).mean())),
@@ -237,6 +243,13 @@ def fit_store(
                 entry["radius_corr_vs_truth"] = float(
                     np.corrcoef(_spectral_radius(A_trials), figure["true_radius"])[0, 1]
                 )
+        if not fit.converged:
+            warnings.append(
+                f"{name} k={k} stopped at nplds.max_iter ({max_iter}) before its convergence "
+                f"test held (bound rose {vi.recent_gain(fit.bound):.3g} over the last "
+                f"{vi.WINDOW} iterations); raise max_iter"
+            )
+            log.warning(warnings[-1])
         metrics["models"][name] = entry
         figure[f"{name}_rate"] = arrays["rate"].cpu().numpy()[inverse]
         figure[f"{name}_shift"] = shift
@@ -343,6 +356,10 @@ def _write_model(
             "settings": settings,
             "iterations": fit.iterations,
             "converged": fit.converged,
+            "stop": "converged" if fit.converged else "max_iter",
+            "bound_start": fit.bound[0],
+            "bound_rise": fit.bound[-1] - fit.bound[0],
+            "extrapolations_kept": fit.extrapolations,
             "seconds": fit.seconds,
             "dataset_store": str(store.path),
             "poplds_version": __version__,

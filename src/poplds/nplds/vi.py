@@ -33,8 +33,9 @@ fixed-point step ``w <- lambda`` (expected rates) for S, a Newton/fixed-point st
 ``q(h[:,j])``, the exact update of ``q(g)``, then the M-step: closed forms for x0, V0, A, A1, B,
 Q; per-neuron Newton steps for (c_i, d_i); L-BFGS on the kernels' log hyperparameters. Every
 step that is not an exact maximiser is damped (halved per trial, neuron or dimension) until the
-bound does not fall, so the bound never decreases. Iteration stops when the relative change of
-the bound over an iteration falls below ``tol``.
+bound does not fall, so the bound never decreases. Iteration stops when the bound rose by less
+than ``tol * |bound|`` over the last ``WINDOW`` (10) iterations: a slow phase of EM, whose
+increments shrink for a while and then grow again, is not taken for convergence.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import torch
 
 from .._logging import get_logger
 from . import _blocktri as bt
+from ._accelerate import extrapolate
 
 log = get_logger()
 
@@ -1057,11 +1059,27 @@ def initial_state(
 # ----------------------------------------------------------------------------- the fit
 
 
+#: Iterations over which the bound's rise is measured by the convergence test.
+WINDOW = 10
+
+
+def recent_gain(bound: list[float], window: int = WINDOW) -> float:
+    """The bound's rise over the last ``window`` iterations (inf before there are that many).
+
+    EM's increments can shrink for a while and grow again when the fit moves from one
+    configuration to another (on real data this happens after hundreds of iterations), so one
+    small step is no sign of convergence; ``window`` small steps in a row are."""
+    if len(bound) <= window:
+        return math.inf
+    return float(bound[-1] - bound[-1 - window])
+
+
 @dataclass
 class FitResult:
     """A fitted model: params, the posterior over the training trials, the bound trace
-    (one value per iteration, the initial state first), iterations, whether the relative
-    change fell below tol, seconds taken in all and per iteration (after the start)."""
+    (one value per iteration, the initial state first), iterations, whether the convergence
+    test held, seconds taken in all and per iteration (after the start), and how many SQUAREM
+    extrapolations were kept."""
 
     params: PLDSParams
     state: VIState
@@ -1070,6 +1088,7 @@ class FitResult:
     converged: bool
     seconds: float
     iteration_seconds: list[float] = field(default_factory=list)
+    extrapolations: int = 0
 
 
 def estep(data: TrialData, p: PLDSParams, st: VIState, pri: Priors) -> VIState:
@@ -1084,6 +1103,18 @@ def estep(data: TrialData, p: PLDSParams, st: VIState, pri: Priors) -> VIState:
     return st
 
 
+def em_iteration(
+    data: TrialData, p: PLDSParams, st: VIState, pri: Priors
+) -> tuple[PLDSParams, VIState, Priors, float]:
+    """One EM iteration (E-step, then every M-step): new parameters, q, priors and bound."""
+    st = estep(data, p, st, pri)
+    p = mstep_dynamics(data, p, st)
+    p = mstep_emissions(data, p, st)
+    p, st = mstep_kernels(data, p, st)
+    pri = training_priors(p, data.n)
+    return p, st, pri, float(elbo(data, p, st, pri))
+
+
 def fit(
     y: np.ndarray,
     n: np.ndarray | None = None,
@@ -1092,19 +1123,24 @@ def fit(
     drift: bool = True,
     dynamics_drift: bool = False,
     inputs: np.ndarray | None = None,
-    max_iter: int = 300,
+    max_iter: int = 3000,
     min_iter: int = 5,
     tol: float = 1e-6,
     device: str | torch.device = "cpu",
     init: PLDSParams | None = None,
     progress_every: int = 10,
+    accelerate: bool = True,
 ) -> FitResult:
     """Fit the (non-stationary) Poisson LDS by variational EM (module docstring).
 
     y: (R, T, N) spike counts; n: (R,) trial numbers (default 0..R-1); latent_dim: k;
     drift: fit the GP modulator h (False gives the stationary PLDS); dynamics_drift: also fit
-    ``A[r] = A + g[r] A1``; inputs: (R, T, m) known inputs u. Stops when
-    ``|bound change| <= tol * |bound|`` after ``min_iter`` iterations, or at ``max_iter``.
+    ``A[r] = A + g[r] A1``; inputs: (R, T, m) known inputs u. Stops when the bound rose by
+    at most ``tol * |bound|`` over the last ``WINDOW`` iterations (:func:`recent_gain`),
+    after ``min_iter`` iterations, or at ``max_iter``. With ``accelerate`` every two EM
+    iterations are extrapolated by SQUAREM (:mod:`._accelerate`) and the extrapolation is
+    kept only when, after one more iteration, the bound is at least that of the plain EM
+    step; ``max_iter`` and the trace count EM iterations either way.
     Deterministic: the same data give the same fit.
     """
     y = np.asarray(y)
@@ -1140,31 +1176,65 @@ def fit(
         )
     pri = training_priors(p, data.n)
     p, st = initial_state(data, p, pri)
+    bound_state = (p, st)  # the iterate the next extrapolation starts from
     bound = [float(elbo(data, p, st, pri))]
     converged = False
     it = 0
-    per_iteration = []
-    for it in range(1, max_iter + 1):
+    per_iteration: list[float] = []
+    accepted = 0
+
+    def rebuild(pn: PLDSParams, sn: VIState) -> VIState:
+        prior = path_prior(pn, R, T, data.u, *_g_moments(sn))
+        S, cross, logdet_s = _paths_cov(prior, pn.C, sn.w)
+        return replace(sn, S=S, cross=cross, logdet_s=logdet_s)
+
+    while it < max_iter:
         t_it = time.perf_counter()
-        st = estep(data, p, st, pri)
-        p = mstep_dynamics(data, p, st)
-        p = mstep_emissions(data, p, st)
-        p, st = mstep_kernels(data, p, st)
-        pri = training_priors(p, data.n)
-        bound.append(float(elbo(data, p, st, pri)))
-        per_iteration.append(time.perf_counter() - t_it)
-        change = bound[-1] - bound[-2]
-        if progress_every and (it % progress_every == 0 or it == 1):
-            log.info("iteration %d: bound %.6g (change %.3g)", it, bound[-1], change)
-        if it >= min_iter and abs(change) <= tol * abs(bound[-1]):
+        p1, st1, pri1, b1 = em_iteration(data, p, st, pri)
+        steps = [b1]
+        p, st, pri = p1, st1, pri1
+        if accelerate and it + 3 <= max_iter:
+            p2, st2, pri2, b2 = em_iteration(data, p1, st1, pri1)
+            steps.append(b2)
+            p, st, pri = p2, st2, pri2
+            pe, se, a = extrapolate(bound_state[0], bound_state[1], p1, st1, p2, st2, rebuild)
+            if pe is not None and a < -1:
+                p3, st3, pri3, b3 = em_iteration(data, pe, se, training_priors(pe, data.n))
+                if math.isfinite(b3) and b3 >= b2:
+                    p, st, pri, accepted = p3, st3, pri3, accepted + 1
+                    steps.append(b3)
+                else:
+                    steps.append(b2)  # rejected: the EM step t2 stands
+        bound += steps
+        bound_state = (p, st)
+        it += len(steps)
+        per_iteration += [(time.perf_counter() - t_it) / len(steps)] * len(steps)
+        change = bound[-1] - bound[-1 - len(steps)]
+        remaining = recent_gain(bound)
+        if progress_every and (
+            it // progress_every > (it - len(steps)) // progress_every or it <= 3
+        ):
+            log.info(
+                "iteration %d / at most %d, %.1f s: bound %.6g (change %.3g, %.3g over the "
+                "last %d)",
+                it,
+                max_iter,
+                time.perf_counter() - t0,
+                bound[-1],
+                change,
+                remaining,
+                WINDOW,
+            )
+        if it >= min_iter and remaining <= tol * abs(bound[-1]):
             converged = True
             break
     seconds = time.perf_counter() - t0
     log.info(
-        "%s after %d iterations, %.1f s: bound %.8g",
-        "converged" if converged else "stopped",
+        "%s after %d iterations, %.1f s: bound %.8g%s",
+        "converged" if converged else "stopped at nplds.max_iter",
         it,
         seconds,
         bound[-1],
+        f" ({accepted} SQUAREM extrapolations kept)" if accelerate else "",
     )
-    return FitResult(p, st, bound, it, converged, seconds, per_iteration)
+    return FitResult(p, st, bound, it, converged, seconds, per_iteration, accepted)

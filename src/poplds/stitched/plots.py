@@ -14,7 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import zarr  # noqa: E402
 
-from ..plots import save_figure  # noqa: E402
+from ..plots import save_figure, warning_footer  # noqa: E402
+from ..report import choose_dimension, choose_stitched  # noqa: E402, F401
 
 CLASS_STYLE = {
     "observed": ("0.55", "recorded together (fitted)"),
@@ -145,17 +146,6 @@ def plot_latents(
     return save_figure(fig, out)
 
 
-def choose_dimension(dims: Sequence[int], heldout_error: np.ndarray, slack: float = 0.02):
-    """The smallest n whose held-out error is within ``slack`` (relative) of the lowest one,
-    or None when no error is known."""
-    err = np.asarray(heldout_error, dtype=float)
-    if not np.isfinite(err).any():
-        return None
-    best = np.nanmin(err)
-    ok = [d for d, e in zip(dims, err, strict=True) if np.isfinite(e) and e <= best * (1 + slack)]
-    return min(ok)
-
-
 def plot_dimension_choice(metrics_files: Sequence[str | Path], out: str | Path) -> Path:
     """Held-out covariance error and correlation against latent dimension (the basis for
     choosing n), with the never co-observed correlation against the truth when simulated."""
@@ -169,7 +159,8 @@ def plot_dimension_choice(metrics_files: Sequence[str | Path], out: str | Path) 
     heldout_err = [s.get("heldout_rel_error") for _, s in rows]
     err = np.array([np.nan if v is None else v for v in heldout_err], dtype=float)
     a.plot(dims, err, "o-", color="tab:blue")
-    chosen = choose_dimension(dims, err)
+    choice = choose_stitched([json.loads(Path(p).read_text()) for p in metrics_files])
+    chosen = choice["chosen"]
     if chosen is not None:
         a.axvline(chosen, color="k", ls="--", lw=0.8)
         a.annotate(
@@ -198,7 +189,7 @@ def plot_dimension_choice(metrics_files: Sequence[str | Path], out: str | Path) 
     b.legend(fontsize=8)
     for ax in (a, b):
         ax.set_xticks(dims)
-    fig.tight_layout()
+    warning_footer(fig, choice["warnings"])
     return save_figure(fig, out)
 
 

@@ -1,0 +1,387 @@
+"""Tables for the Snakemake report: provenance, scores, and the choice of latent dimension.
+
+The workflow puts these HTML files into ``snakemake --report`` as report items (one table per
+file, next to the figures) and writes the same numbers as CSV and JSON for scripts:
+
+- :func:`write_provenance`: a dataset's configuration as it ran (validated, defaults filled
+  in), its recordings (source, sha256, size, rate, shape, neurons, missing values) and, per
+  fit, the software versions and the device it ran on (from each ``metrics.json``).
+- :func:`write_stitched_scores` / :func:`write_nplds_scores`: one row per latent dimension
+  with every score of ``metrics.json``, iterations, stop reason, time and warnings, and the
+  chosen dimension with warnings when it sits at the edge of the grid.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from ._results import json_clean, write_json
+from .store import DatasetStore
+
+#: Slack of the stitched choice: the smallest n within 2% of the lowest held-out error.
+STITCHED_SLACK = 0.02
+#: Slack of the N-PLDS choice: the smallest k within 0.001 bits/spike of the best.
+NPLDS_SLACK_BITS = 1e-3
+
+_STYLE = (
+    "<style>body{font-family:sans-serif;font-size:13px}table{border-collapse:collapse;"
+    "margin:6px 0 14px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:left;"
+    "vertical-align:top}th{background:#eee}pre{background:#f6f6f6;padding:8px}"
+    ".warn{color:#a40000}</style>"
+)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float | np.floating):
+        if not np.isfinite(value):
+            return "–"
+        return f"{value:.4g}"
+    if isinstance(value, list | tuple):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """An HTML table of dict rows (columns: the keys of the first row by default)."""
+    if not rows:
+        return "<p>(none)</p>"
+    cols = list(columns or rows[0].keys())
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>"
+        for r in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _page(title: str, sections: Sequence[tuple[str, str]]) -> str:
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"]
+    parts.append(f"</title>{_STYLE}</head><body><h2>{html.escape(title)}</h2>")
+    for head, content in sections:
+        parts.append(f"<h3>{html.escape(head)}</h3>{content}")
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def _write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _write_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
+    cols: list[str] = []
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: _fmt(r.get(c)) if r.get(c) is not None else "" for c in cols})
+    _write_text(path, buf.getvalue())
+
+
+def _warnings_html(warnings: Sequence[str]) -> str:
+    if not warnings:
+        return "<p>none</p>"
+    return "<ul>" + "".join(f"<li class='warn'>{html.escape(w)}</li>" for w in warnings) + "</ul>"
+
+
+def _load(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    rows = [json.loads(Path(p).read_text()) for p in paths]
+    return sorted(rows, key=lambda m: m["settings"]["latent_dim"])
+
+
+def edge_warnings(dims: Sequence[int], chosen: int | None, name: str, key: str) -> list[str]:
+    """Warnings for a chosen dimension at the edge of the grid that was tried."""
+    if chosen is None or len(dims) < 2:
+        return []
+    out = []
+    if chosen == max(dims):
+        out.append(
+            f"the chosen {name} = {chosen} is the largest tried: a larger {name} may do better; "
+            f"add larger values to {key}"
+        )
+    if chosen == min(dims) and chosen > 1:
+        out.append(
+            f"the chosen {name} = {chosen} is the smallest tried: add smaller values to {key}"
+        )
+    return out
+
+
+def choose_dimension(dims: Sequence[int], heldout_error: Sequence[float], slack: float = 0.02):
+    """The smallest n whose held-out error is within ``slack`` (relative) of the lowest one,
+    or None when no error is known."""
+    err = np.asarray(heldout_error, dtype=float)
+    if not np.isfinite(err).any():
+        return None
+    best = np.nanmin(err)
+    ok = [d for d, e in zip(dims, err, strict=True) if np.isfinite(e) and e <= best * (1 + slack)]
+    return min(ok)
+
+
+def choose_stitched(metrics: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The stitched choice of n: the smallest n whose held-out relative error (mean over lags)
+    is within 2% of the lowest; warnings at the grid's edge and when no n predicts the
+    held-out pairs better than zero (error >= 1)."""
+    dims = [int(m["settings"]["latent_dim"]) for m in metrics]
+    err = np.array(
+        [
+            np.nan
+            if m["summary"].get("heldout_rel_error") is None
+            else m["summary"]["heldout_rel_error"]
+            for m in metrics
+        ],
+        dtype=float,
+    )
+    chosen = choose_dimension(dims, err, STITCHED_SLACK)
+    warnings = edge_warnings(dims, chosen, "n", "stitched_lds.latent_dims")
+    if np.isfinite(err).any() and np.nanmin(err) >= 1:
+        warnings.append(
+            f"the held-out relative error is at least 1 at every n (lowest {np.nanmin(err):.3g}): "
+            "no fit predicts the held-out pairs' covariances better than zero; these data carry "
+            "little reproducible low-rank covariance"
+        )
+    return {"dims": dims, "heldout_rel_error": err.tolist(), "chosen": chosen, "warnings": warnings}
+
+
+def stitched_rows(metrics: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row of scores per fitted n (``metrics.json`` of :func:`poplds.stitched.fit_store`)."""
+    rows = []
+    for m in metrics:
+        s, f, cov = m["summary"], m["fit"], m["covariance"]
+        row: dict[str, Any] = {
+            "n": m["settings"]["latent_dim"],
+            "held-out rel. error": s.get("heldout_rel_error"),
+            "held-out r": s.get("heldout_corr"),
+            "fitted r": s.get("observed_corr"),
+        }
+        if s.get("never_corr_vs_truth") is not None:
+            row["never co-observed r vs truth"] = s["never_corr_vs_truth"]
+        for lag, h in zip(cov["lags"], cov["heldout"], strict=True):
+            row[f"held-out error lag {lag}"] = h.get("rel_error")
+        row.update(
+            {
+                "passes (free + linked)": f"{f['free']['passes']} + {f['linked']['passes']}",
+                "stop": f.get("stop"),
+                "loss moved (noise units)": f.get("moved_noise_units"),
+                "seconds": f.get("seconds"),
+                "device": m.get("provenance", {}).get("device", m["settings"].get("device")),
+                "warnings": len(m.get("warnings", [])),
+            }
+        )
+        rows.append(row)
+    return rows
+
+
+def write_stitched_scores(
+    metrics_paths: Sequence[str | Path],
+    html_out: str | Path,
+    csv_out: str | Path,
+    choice_out: str | Path,
+) -> dict[str, Any]:
+    """The stitched scores table (HTML for the report, CSV) and the choice of n (JSON)."""
+    metrics = _load(metrics_paths)
+    rows = stitched_rows(metrics)
+    choice = choose_stitched(metrics)
+    fit_warnings = [
+        f"n={m['settings']['latent_dim']}: {w}" for m in metrics for w in m.get("warnings", [])
+    ]
+    dataset = metrics[0].get("dataset")
+    chosen = choice["chosen"]
+    sections = [
+        (
+            "Choice of n",
+            f"<p>chosen n = {chosen} (the smallest within "
+            f"{STITCHED_SLACK:.0%} of the lowest held-out error)</p>"
+            + _warnings_html(choice["warnings"]),
+        ),
+        ("Scores per latent dimension", html_table(rows)),
+        ("Warnings of the fits", _warnings_html(fit_warnings)),
+    ]
+    _write_text(html_out, _page(f"{dataset}: stitched LDS scores", sections))
+    _write_csv(csv_out, rows)
+    write_json(Path(choice_out), {**choice, "fit_warnings": fit_warnings})
+    return choice
+
+
+def choose_nplds(metrics: Sequence[dict[str, Any]], model: str = "nplds") -> dict[str, Any]:
+    """The N-PLDS choice of k: the smallest k whose held-out-trial bits/spike is within
+    0.001 of the best; warnings at the grid's edge."""
+    ks = [int(m["settings"]["latent_dim"]) for m in metrics]
+    bits = np.array(
+        [
+            np.nan
+            if m["models"][model].get("heldout_trial_bits_per_spike") is None
+            else m["models"][model]["heldout_trial_bits_per_spike"]
+            for m in metrics
+        ],
+        dtype=float,
+    )
+    chosen = None
+    if np.isfinite(bits).any():
+        best = np.nanmax(bits)
+        chosen = min(
+            k
+            for k, b in zip(ks, bits, strict=True)
+            if np.isfinite(b) and b >= best - NPLDS_SLACK_BITS
+        )
+    warnings = edge_warnings(ks, chosen, "k", "nplds.latent_dims")
+    return {
+        "dims": ks,
+        "heldout_trial_bits_per_spike": bits.tolist(),
+        "chosen": chosen,
+        "model": model,
+        "warnings": warnings,
+    }
+
+
+NPLDS_COLUMNS = (
+    ("held-out trials bits/spike", "heldout_trial_bits_per_spike"),
+    ("co-smoothing bits/spike", "cosmoothing_bits_per_spike"),
+    ("rate RMSE (Hz)", "rate_rmse_hz"),
+    ("drift sd (log rate)", "drift_sd"),
+    ("drift r vs truth", "drift_corr_vs_truth"),
+    ("bound", "bound"),
+    ("iterations", "iterations"),
+    ("stop", "stop"),
+    ("seconds", "seconds"),
+)
+
+
+def nplds_rows(metrics: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (k, model) (``metrics.json`` of :func:`poplds.nplds.fit_store`)."""
+    rows = []
+    for m in metrics:
+        for name, entry in m["models"].items():
+            row: dict[str, Any] = {"k": m["settings"]["latent_dim"], "model": name}
+            for label, key in NPLDS_COLUMNS:
+                if key in entry:
+                    row[label] = entry[key]
+            row["device"] = m.get("provenance", {}).get("device", m["settings"].get("device"))
+            rows.append(row)
+    return rows
+
+
+def write_nplds_scores(
+    metrics_paths: Sequence[str | Path],
+    html_out: str | Path,
+    csv_out: str | Path,
+    choice_out: str | Path,
+) -> dict[str, Any]:
+    """The Poisson LDS scores table (HTML, CSV) and the choice of k (JSON)."""
+    metrics = _load(metrics_paths)
+    rows = nplds_rows(metrics)
+    choice = choose_nplds(metrics)
+    fit_warnings = [
+        f"k={m['settings']['latent_dim']}: {w}" for m in metrics for w in m.get("warnings", [])
+    ]
+    first = metrics[0]
+    data_rows = [
+        {
+            "trials": first.get("n_trials"),
+            "bins per trial": first.get("n_bins"),
+            "bin (s)": first.get("bin_size_s"),
+            "neurons": first.get("n_neurons"),
+            "spikes": first.get("spikes"),
+            "missing bins": first.get("missing_bins"),
+            "held-out trials": first.get("n_heldout_trials"),
+            "held-out neurons": first.get("n_heldout_neurons"),
+        }
+    ]
+    sections = [
+        (
+            "Choice of k",
+            f"<p>chosen k = {choice['chosen']} (N-PLDS: the smallest within "
+            f"{NPLDS_SLACK_BITS} bits/spike of the best held-out-trial score)</p>"
+            + _warnings_html(choice["warnings"]),
+        ),
+        ("Data", html_table(data_rows)),
+        ("Scores per latent dimension and model", html_table(rows)),
+        ("Warnings of the fits", _warnings_html(fit_warnings)),
+    ]
+    _write_text(html_out, _page(f"{first.get('dataset')}: Poisson LDS scores", sections))
+    _write_csv(csv_out, rows)
+    write_json(Path(choice_out), {**choice, "fit_warnings": fit_warnings})
+    return choice
+
+
+def recording_rows(store: DatasetStore) -> list[dict[str, Any]]:
+    """One row per recording of a store: source, sha256, size, rate, shape, missing values."""
+    rows = []
+    for name in store.recording_names:
+        attrs = store.recording_attrs(name)
+        arr = store.root[f"recordings/{name}/activity"]
+        source = Path(str(attrs.get("source", "")))
+        size = None
+        if source.is_file():
+            size = source.stat().st_size
+        elif source.is_dir():
+            size = sum(f.stat().st_size for f in source.rglob("*") if f.is_file())
+        n_values = int(np.prod(arr.shape))
+        missing = int(attrs.get("n_missing", 0))
+        rows.append(
+            {
+                "recording": name,
+                "source": str(source),
+                "sha256": attrs.get("sha256"),
+                "size (bytes)": size,
+                "kind": attrs.get("kind"),
+                "rate (Hz)": attrs.get("rate_hz"),
+                "shape": " x ".join(map(str, arr.shape)),
+                "neurons": int(arr.shape[-1]),
+                "missing values": missing,
+                "missing (%)": 100.0 * missing / max(n_values, 1),
+            }
+        )
+    return rows
+
+
+def write_provenance(
+    store_path: str | Path,
+    metrics_paths: Sequence[str | Path],
+    dataset_config: dict[str, Any],
+    html_out: str | Path,
+) -> None:
+    """A dataset's provenance page: its configuration as it ran, its recordings, and per fit
+    the software versions and the device."""
+    store = DatasetStore(store_path)
+    fits = []
+    for path in metrics_paths:
+        m = json.loads(Path(path).read_text())
+        prov = m.get("provenance", {})
+        label = f"{Path(path).parent.parent.name} {Path(path).parent.name}"
+        fits.append({"fit": label, **{k: v for k, v in prov.items() if k != "host"}})
+    config_text = yaml.safe_dump(json_clean(dataset_config), sort_keys=False)
+    sections = [
+        ("Configuration (validated, defaults filled in)", f"<pre>{html.escape(config_text)}</pre>"),
+        ("Recordings", html_table(recording_rows(store))),
+        (
+            "Store",
+            html_table(
+                [
+                    {
+                        "path": str(store.path),
+                        "neurons in all": len(store.neuron_ids),
+                        "format": store.attrs.get("format"),
+                        "written by poplds": store.attrs.get("poplds_version"),
+                    }
+                ]
+            ),
+        ),
+        ("Software and device of each fit", html_table(fits)),
+    ]
+    _write_text(html_out, _page(f"{store.attrs.get('dataset')}: provenance", sections))
