@@ -471,8 +471,12 @@ def test_real_units_recording_end_to_end(tmp_path):
     )
     m = fit_store(store, tmp_path, 2, device="cpu")
     assert m["n_trials"] == 50 and m["n_neurons"] == 18 and m["n_bins"] == 20
+    # two trials are shorter than the window: their last bins are missing, not zero
+    assert m["missing_bins"] > 0
+    assert m["trials_as_ingested"]["trial_time_kept_fraction"] < 0.6
     nplds, plds = m["models"]["nplds"], m["models"]["plds"]
     for e in (nplds, plds):
+        assert e["stop"] == "converged"
         assert all(math.isfinite(e[k]) for k in ("heldout_trial_bits_per_spike", "rate_rmse_hz"))
         assert np.all(np.diff(e["bound_trace"]) >= -1e-9 * abs(e["bound_trace"][-1]))
     # firing rates of these units drift over the session: the drift model predicts held-out
@@ -519,3 +523,59 @@ def test_cuda_fit_matches_cpu():
     assert gpu.params.C.device.type == "cuda"
     np.testing.assert_allclose(gpu.bound, cpu.bound, rtol=1e-7)
     np.testing.assert_allclose(gpu.params.C.cpu().numpy(), cpu.params.C.numpy(), atol=1e-6)
+
+
+def test_missing_bins_are_left_out_of_the_bound():
+    """Bins marked missing (NaN) contribute nothing: the bound with them missing equals the
+    bound of the complete data less exactly their expected log-likelihood terms."""
+    rng = np.random.default_rng(12)
+    p = random_params(rng, k=2, N=5)
+    R, T = 6, 15
+    n = tt(np.arange(R, dtype=float))
+    y = rng.poisson(2.0, size=(R, T, 5)).astype(float)
+    miss = rng.random((R, T, 5)) < 0.2
+    miss[2, 9:] = True  # a short trial, padded
+    full = vi.TrialData(tt(y), n)
+    pri = vi.training_priors(p, n)
+    _, st = vi.initial_state(full, p, pri)
+    mean, log_lam = vi.expected_log_rate(p, st)
+    terms = tt(y) * mean - torch.exp(log_lam) - torch.lgamma(tt(y) + 1)
+    gap = float(terms[torch.as_tensor(miss)].sum())
+    y_nan = np.where(miss, np.nan, y)
+    partial = vi.TrialData(tt(y_nan), n)
+    assert float(partial.y.isnan().sum()) == 0 and float(partial.weight.sum()) == (~miss).sum()
+    want = float(vi.elbo(full, p, st, pri)) - gap
+    assert float(vi.elbo(partial, p, st, pri)) == pytest.approx(want, rel=1e-12, abs=1e-9)
+    # and the NaN-aware score counts only the observed bins
+    lr = log_lam.detach()
+    o = ~miss
+    null = y_nan[o].reshape(-1)  # per-neuron mean over observed bins:
+    mu = np.array([y[..., i][o[..., i]].mean() for i in range(5)])
+    ll = (y * lr.numpy() - np.exp(lr.numpy()))[o].sum()
+    ll0 = (y * np.log(mu) - mu)[o].sum()
+    assert null.size == o.sum()
+    assert ev.bits_per_spike(tt(y_nan), lr) == pytest.approx(
+        (ll - ll0) / (y[o].sum() * math.log(2)), rel=1e-10
+    )
+
+
+def test_fit_with_unequal_trials_padded():
+    """Trials of unequal length, padded with NaN: the fit converges, its bound never falls,
+    and its rates match the observed bins only."""
+    tr = simulate_poisson_trials(n_neurons=12, latent_dim=1, n_trials=20, n_bins=40, seed=8)
+    y = tr.counts.astype(float)
+    lengths = np.random.default_rng(3).integers(20, 41, size=20)
+    for r, L in enumerate(lengths):
+        y[r, L:] = np.nan
+    fit = vi.fit(y, None, 1, max_iter=400, progress_every=0)
+    b = np.asarray(fit.bound)
+    assert fit.converged and np.all(np.isfinite(b))
+    assert np.all(np.diff(b) >= -1e-9 * abs(b[-1]))
+    # the fitted rates match the data over the observed bins: were the padding read as zero
+    # counts, every rate would be about a quarter too low (a quarter of the bins are missing)
+    o = ~np.isnan(y)
+    assert 0.15 < 1 - o.mean() < 0.35
+    _, log_lam = vi.expected_log_rate(fit.params, fit.state)
+    fitted = np.where(o, np.exp(log_lam.numpy()), 0).sum((0, 1))
+    observed = np.nansum(y, (0, 1))
+    np.testing.assert_allclose(fitted, observed, rtol=0.05)

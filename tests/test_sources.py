@@ -65,16 +65,34 @@ def test_nwb_ophys_series_choice_and_timestamps(tmp_path, rng):
     assert store.recording_attrs("r")["series"] == "ophys/dff"
 
 
-def test_nwb_ophys_trials(tmp_path, rng):
+def test_nwb_ophys_trials_whole_cropped_and_windowed(tmp_path, rng):
     data = rng.standard_normal((300, 5)).astype(np.float32)
-    trials = [(1.0, 2.0), (3.0, 3.5), (5.0, 7.0)]  # shortest: 0.5 s = 5 frames at 10 Hz
+    trials = [(1.0, 2.0), (3.0, 3.5), (5.0, 7.0)]  # 10, 5 and 20 frames at 10 Hz
     path = write_ophys_nwb(tmp_path / "a.nwb", data, rate=10.0, trials=trials)
+    # whole trials, padded with missing values to the longest: nothing is dropped
     store = ingest_one(tmp_path, path, trials=True)
     x = store.activity("r").compute()
-    assert x.shape == (3, 5, 5)
+    assert x.shape == (3, 20, 5)
+    for r, (start, stop) in enumerate(trials):
+        n = int(round((stop - start) * 10))
+        assert_same(x[r, :n], data[int(start * 10) : int(start * 10) + n])
+        assert np.isnan(x[r, n:]).all()
+    assert store.recording_attrs("r")["trial_time_kept_fraction"] == pytest.approx(1.0)
+    np.testing.assert_array_equal(store.trial_ids("r"), [0, 1, 2])
+    # crop, as an explicit choice: every trial cut to the shortest, the loss recorded
+    store = ingest_one(tmp_path, path, trials=True, trial_crop=True)
+    x = store.activity("r").compute()
+    assert x.shape == (3, 5, 5) and not np.isnan(x).any()
     for r, (start, _) in enumerate(trials):
         assert_same(x[r], data[int(start * 10) : int(start * 10) + 5])
-    np.testing.assert_array_equal(store.trial_ids("r"), [0, 1, 2])
+    assert store.recording_attrs("r")["trial_time_kept_fraction"] == pytest.approx(15 / 35)
+    # a window past a trial's end: those frames are missing, not taken from between trials
+    store = ingest_one(tmp_path, path, trials=True, trial_window=(0.0, 1.0))
+    x = store.activity("r").compute()
+    assert x.shape == (3, 10, 5)
+    assert_same(x[1, :5], data[30:35])
+    assert np.isnan(x[1, 5:]).all()
+    assert_same(x[2], data[50:60])
 
 
 def _reference_counts(spikes, edges):
@@ -116,23 +134,45 @@ def test_nwb_units_binning_and_obs_intervals(tmp_path, rng):
     assert attrs["kind"] == "counts" and attrs["rate_hz"] == pytest.approx(50.0)
 
 
-def test_nwb_units_trials_crop_and_window(tmp_path, rng):
+def test_nwb_units_trials_whole_crop_and_window(tmp_path, rng):
     spikes = [np.sort(rng.uniform(0, 20, 400)) for _ in range(4)]
     trials = [(1.0, 2.0), (5.0, 5.7), (10.0, 11.3)]
     path = write_units_nwb(tmp_path / "u.nwb", spikes, trials=trials, trial_numbers=[7, 8, 10])
+    in_trials = sum(int(((st >= a) & (st < b)).sum()) for st in spikes for a, b in trials)
+    # whole trials (the default): every bin inside its trial, the rest missing
     store = ingest_one(tmp_path, path, bin_size_s=0.05, trials=True)
     x = store.activity("r").compute()
-    assert x.shape == (3, 14, 4)  # cropped to the shortest trial: 0.7 s / 0.05 s
+    assert x.shape == (3, 26, 4)  # the longest trial: 1.3 s / 0.05 s
     np.testing.assert_array_equal(store.trial_ids("r"), [7, 8, 10])
-    for r, (start, _) in enumerate(trials):
-        edges = start + 0.05 * np.arange(15)
-        assert_same(x[r], _reference_counts(spikes, edges))
+    for r, (start, stop) in enumerate(trials):
+        n = int(round((stop - start) / 0.05))
+        assert_same(x[r, :n], _reference_counts(spikes, start + 0.05 * np.arange(n + 1)))
+        assert np.isnan(x[r, n:]).all()
+    assert np.nansum(x) == in_trials  # no spike of a trial is lost, none from between trials
+    attrs = store.recording_attrs("r")
+    assert attrs["trial_spikes"] == in_trials
+    assert attrs["trial_spikes_kept_fraction"] == pytest.approx(1.0)
     assert store.neuron_ids.tolist() == ["10", "11", "12", "13"]  # unit ids
+    # crop to the shortest trial, as an explicit choice, with what it dropped recorded
+    store = ingest_one(tmp_path, path, bin_size_s=0.05, trials=True, trial_crop=True)
+    x = store.activity("r").compute()
+    assert x.shape == (3, 14, 4) and not np.isnan(x).any()
+    for r, (start, _) in enumerate(trials):
+        assert_same(x[r], _reference_counts(spikes, start + 0.05 * np.arange(15)))
+    attrs = store.recording_attrs("r")
+    assert attrs["trial_time_kept_fraction"] == pytest.approx(2.1 / 3.0)
+    assert attrs["trial_spikes_kept_fraction"] == pytest.approx(np.nansum(x) / in_trials)
+    # a window reaching before and past the trials: only bins inside a trial are counted
     store = ingest_one(tmp_path, path, bin_size_s=0.05, trials=True, trial_window=(-0.5, 1.5))
     x = store.activity("r").compute()
     assert x.shape == (3, 40, 4)
-    for r, (start, _) in enumerate(trials):
-        assert_same(x[r], _reference_counts(spikes, start - 0.5 + 0.05 * np.arange(41)))
+    for r, (start, stop) in enumerate(trials):
+        edges = start - 0.5 + 0.05 * np.arange(41)
+        inside = (edges[:-1] >= start - 1e-9) & (edges[1:] <= stop + 1e-9)
+        expected = _reference_counts(spikes, edges).astype(np.float32)
+        expected[~inside] = np.nan
+        assert_same(x[r], expected)
+    assert np.nansum(x) == in_trials
 
 
 def test_count_spikes_half_open_bins():
@@ -239,13 +279,29 @@ def test_real_gpe_units_with_trials(tmp_path):
         stops = f["intervals/trials/stop_time"][:]
         numbers = f["intervals/trials/trial_number"][:]
     spikes = np.split(flat, ends[:-1])
-    n_bins = int(np.floor((stops - starts).min() / 0.02 + 1e-6))
+    # trials of 0.97-3.1 s, kept whole: padded with missing values, no spike lost
+    n_bins = int(np.floor((stops - starts).max() / 0.02 + 1e-6))
     x = store.activity("r").compute()
     assert x.shape == (50, n_bins, 18)
-    expected = np.stack(
-        [_reference_counts(spikes, s + 0.02 * np.arange(n_bins + 1)) for s in starts]
+    for r, (a, b) in enumerate(zip(starts, stops, strict=True)):
+        edges = a + 0.02 * np.arange(n_bins + 1)
+        inside = (edges[:-1] >= a - 1e-9) & (edges[1:] <= b + 1e-9)
+        expected = _reference_counts(spikes, edges).astype(np.float32)
+        expected[~inside] = np.nan
+        assert_same(x[r], expected)
+    in_trials = sum(
+        int(((st >= a) & (st < b)).sum()) for st in spikes for a, b in zip(starts, stops)
     )
-    assert_same(x, expected)
+    # only a spike in a trial's last, partial bin can be missed
+    assert in_trials - 50 * 18 <= np.nansum(x) <= in_trials
+    # the README's window [0, 1] runs past the end of two trials: those bins are missing
+    store = ingest_one(tmp_path, path, bin_size_s=0.02, trials=True, trial_window=(0.0, 1.0))
+    w = store.activity("r").compute()
+    short = np.flatnonzero(stops - starts < 1.0)
+    assert len(short) == 2
+    assert (
+        np.isnan(w[short, -1]).all() and not np.isnan(w[np.setdiff1d(np.arange(50), short)]).any()
+    )
     assert store.neuron_ids.tolist() == ids
     np.testing.assert_array_equal(store.trial_ids("r"), numbers)
 

@@ -173,6 +173,29 @@ def _write_recording(
         nbytes / 1e6 / max(dt, 1e-9),
         int(stats["n_missing"]),
     )
+    if x.ndim == 3:
+        n_values = int(np.prod(x.shape))
+        kept = rec.attrs.get("trial_time_kept_fraction", 1.0)
+        spikes = rec.attrs.get("trial_spikes_kept_fraction")
+        log.info(
+            "%s: %d trials of up to %d bins; %.1f%% of the values missing (outside their trial "
+            "or unobserved)",
+            rec.name,
+            x.shape[0],
+            x.shape[1],
+            100.0 * int(stats["n_missing"]) / max(n_values, 1),
+        )
+        if kept < 0.999 or (spikes is not None and spikes < 0.999):
+            log.warning(
+                "%s: the trial windows keep %.1f%% of the trials' time%s; the rest is dropped "
+                "(%s)",
+                rec.name,
+                100 * kept,
+                "" if spikes is None else f" and {100 * spikes:.1f}% of their spikes",
+                "trial_crop: true"
+                if rec.attrs.get("trial_crop")
+                else "the trial_window is shorter than the trials",
+            )
 
 
 def _jsonable(v: Any) -> Any:
@@ -191,6 +214,7 @@ def ingest_dataset(
     bin_size_s: float = 0.02,
     trials: bool = False,
     trial_window: tuple[float, float] | None = None,
+    trial_crop: bool = False,
     chunk_mb: float = 4.0,
     base_dir: str | Path | None = None,
 ) -> Path:
@@ -204,8 +228,11 @@ def ingest_dataset(
     dataset: the dataset's name, stored as an attribute (default: the parent folder's name).
     bin_size_s: bin width for NWB spike times.
     trials: cut trials out of each NWB file's trials table (or require 3-D npz data).
-    trial_window: ``(start, stop)`` seconds relative to each trial's start; default crops every
-        trial to the shortest.
+    trial_window: ``(start, stop)`` seconds relative to each trial's start; bins outside a
+        trial's own ``[start_time, stop_time)`` are missing. Default: every trial whole,
+        padded with missing values (NaN) to the longest.
+    trial_crop: without a window, crop every trial to the shortest instead (the fraction of
+        the trials' time and spikes that this drops is logged and stored).
     chunk_mb: target chunk size in MB.
     base_dir: folder relative recording paths are resolved against (default: current folder).
 
@@ -225,7 +252,11 @@ def ingest_dataset(
     ]
     if not specs:
         raise InputError(out, "no recordings to ingest")
-    trial_opts = TrialOptions(tuple(trial_window) if trial_window else None) if trials else None
+    trial_opts = (
+        TrialOptions(tuple(trial_window) if trial_window else None, crop=trial_crop)
+        if trials
+        else None
+    )
     opened: list[Recording] = []
     tmp = out.with_name(out.name + ".partial")
     try:
@@ -243,6 +274,7 @@ def ingest_dataset(
             "bin_size_s": bin_size_s,
             "trials": trials,
             "trial_window": list(trial_window) if trial_window else None,
+            "trial_crop": trial_crop,
         }
         root = _open_partial(tmp, plan)
         recs = root.require_group("recordings")

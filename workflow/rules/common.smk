@@ -71,6 +71,7 @@ def ingest_params(wildcards):
         "trials": ds["trials"] or (is_simulated(wildcards.dataset)
                                    and ds["simulate"]["model"] == "poisson_trials"),
         "trial_window": ds["trial_window"],
+        "trial_crop": ds["trial_crop"],
         "chunk_mb": ds["chunk_mb"],
     }
 

@@ -85,14 +85,23 @@ def predicted_log_rates(
 
 def bits_per_spike(y: torch.Tensor, log_rate: torch.Tensor) -> float:
     """NLB bits per spike of predicted log rates against each neuron's mean rate over y.
-    y, log_rate: (R, T, N)."""
-    spikes = float(y.sum())
+    y, log_rate: (R, T, N); bins where y is NaN (missing) are left out."""
+    o = ~torch.isnan(y)
+    y0 = torch.where(o, y, torch.zeros_like(y))
+    spikes = float(y0.sum())
     if spikes == 0:
         return math.nan
-    null = y.mean((0, 1)).clamp(min=1e-12)
-    ll = (y * log_rate - torch.exp(log_rate)).sum()
-    ll0 = (y * torch.log(null) - null).sum()
+    null = (y0.sum((0, 1)) / o.sum((0, 1)).clamp(min=1)).clamp(min=1e-12)
+    ll = torch.where(o, y0 * log_rate - torch.exp(log_rate), torch.zeros_like(y0)).sum()
+    ll0 = torch.where(o, y0 * torch.log(null) - null, torch.zeros_like(y0)).sum()
     return float((ll - ll0) / (spikes * math.log(2)))
+
+
+def trial_mean(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(R, N) mean over each trial's bins of x (R, T, N), over the bins where ``like`` is not
+    NaN (the observed bins of the data x is compared with)."""
+    o = ~torch.isnan(like)
+    return torch.where(o, x, torch.zeros_like(x)).sum(1) / o.sum(1).clamp(min=1)
 
 
 def infer_trials(
@@ -160,8 +169,8 @@ def evaluate(
 
     log_rate_train = predicted_log_rates(p, R, T, *h_train, g_train[0], u_train)
     scores: dict[str, float] = {}
-    rate_train = torch.exp(log_rate_train).mean(1) / bin_size_s
-    obs_train = y_train.mean(1) / bin_size_s
+    rate_train = trial_mean(torch.exp(log_rate_train), y_train) / bin_size_s
+    obs_train = trial_mean(y_train, y_train) / bin_size_s
     arrays = {"h_mean": h_train[0], "h_var": h_train[1], "rate": rate_train}
     if p.dynamics_drift:
         arrays["g_mean"], arrays["g_var"] = g_train
@@ -169,8 +178,8 @@ def evaluate(
     if Rs:
         log_rate_test = predicted_log_rates(p, Rs, T, *h_test, g_test[0], u_test)
         scores["heldout_trial_bits_per_spike"] = bits_per_spike(y_test, log_rate_test)
-        rate_test = torch.exp(log_rate_test).mean(1) / bin_size_s
-        obs_test = y_test.mean(1) / bin_size_s
+        rate_test = trial_mean(torch.exp(log_rate_test), y_test) / bin_size_s
+        obs_test = trial_mean(y_test, y_test) / bin_size_s
         scores["rate_rmse_heldout_hz"] = float(((rate_test - obs_test) ** 2).mean().sqrt())
         scores["rate_rmse_hz"] = float(
             ((sq_train + ((rate_test - obs_test) ** 2).sum()) / ((R + Rs) * N)).sqrt()
@@ -241,4 +250,5 @@ __all__ = [
     "predicted_log_rates",
     "split_neurons",
     "split_trials",
+    "trial_mean",
 ]

@@ -65,11 +65,12 @@ def counts_from_store(store: DatasetStore) -> tuple[np.ndarray, np.ndarray, np.n
     attrs = store.recording_attrs(name)
     if attrs.get("kind") != "counts":
         raise InputError(store.path, f"recording {name} holds {attrs.get('kind')}, not counts")
-    y = np.asarray(arr[...], dtype=np.float64)
-    if not np.all(np.isfinite(y)):
-        raise InputError(store.path, f"recording {name} has missing values; nplds needs all")
-    if np.any(y < 0) or np.any(y != np.round(y)):
+    y = np.asarray(arr[...], dtype=np.float64)  # NaN: missing bins (skipped by the fit)
+    seen = y[~np.isnan(y)]
+    if np.any(np.isinf(seen)) or np.any(seen < 0) or np.any(seen != np.round(seen)):
         raise InputError(store.path, f"recording {name}: counts must be non-negative integers")
+    if seen.size == 0:
+        raise InputError(store.path, f"recording {name}: every bin is missing")
     if y.shape[0] < 3 or y.shape[1] < 2:
         raise InputError(store.path, f"recording {name}: need >= 3 trials of >= 2 bins")
     trial_ids = store.trial_ids(name)
@@ -93,6 +94,13 @@ def load_truth(path: str | Path, neuron_ids: np.ndarray, trial_ids: np.ndarray) 
     if "A_trials" in z.files:
         out["A_trials"] = z["A_trials"][torder]
     return out
+
+
+def _observed_rate(y: np.ndarray) -> np.ndarray:
+    """(trials, neurons) mean count per observed bin (0 where a trial has none)."""
+    seen = ~np.isnan(y)
+    total = np.where(seen, y, 0.0).sum(1)
+    return np.divide(total, seen.sum(1), out=np.zeros_like(total), where=seen.sum(1) > 0)
 
 
 def _spectral_radius(A: np.ndarray) -> np.ndarray:
@@ -132,7 +140,7 @@ def fit_store(
     out_mask = split_trials(R, heldout_trials, seed)
     train, test = np.where(~out_mask)[0], np.where(out_mask)[0]
     # neurons without a spike in the training trials have no finite rate: left out (NaN rows)
-    active = y[train].sum((0, 1)) > 0
+    active = np.nansum(y[train], (0, 1)) > 0
     warnings = []
     if not active.all():
         silent = store.neuron_ids[neurons[~active]].tolist()
@@ -171,7 +179,18 @@ def fit_store(
         "heldout_trial_ids": trial_ids[test].tolist(),
         "n_heldout_neurons": int(held.sum()),
         "warnings": warnings,
-        "spikes": int(y.sum()),
+        "spikes": int(np.nansum(y)),
+        "missing_bins": int(np.isnan(y).sum()),
+        "missing_fraction": float(np.isnan(y).mean()),
+        "trials_as_ingested": {
+            key: store.recording_attrs(store.recording_names[0]).get(key)
+            for key in (
+                "trial_crop",
+                "trial_duration_s",
+                "trial_time_kept_fraction",
+                "trial_spikes_kept_fraction",
+            )
+        },
         "models": {},
         "poplds_version": __version__,
         "provenance": provenance(dev),
@@ -179,7 +198,7 @@ def fit_store(
     figure: dict[str, np.ndarray] = {
         "trial_ids": trial_ids,
         "heldout": out_mask,
-        "observed_rate": y.mean(1) / bin_s,
+        "observed_rate": _observed_rate(y) / bin_s,
         "bin_size_s": np.array(bin_s),
     }
     if truth_d is not None:
@@ -214,7 +233,7 @@ def fit_store(
         entry: dict[str, Any] = {
             **scores,
             "bound": fit.bound[-1],
-            "bound_per_spike": fit.bound[-1] / max(float(y[train].sum()), 1.0),
+            "bound_per_spike": fit.bound[-1] / max(float(np.nansum(y[train])), 1.0),
             "iterations": fit.iterations,
             "converged": fit.converged,
             "stop": "converged" if fit.converged else "max_iter",

@@ -303,21 +303,29 @@ class VIState:
 class TrialData:
     """Counts of R trials and what belongs to them.
 
-    y: (R, T, N) float64 counts; mask: (N,) bool neurons that enter the likelihood (all by
+    y: (R, T, N) float64 counts, NaN where a bin is missing (set to 0 here, and left out of
+    every term through ``weight``); mask: (N,) bool neurons that enter the likelihood (all by
     default; co-smoothing hides some); n: (R,) trial numbers; u: (R, T, m) inputs or None;
-    lgamma: () sum of log y! over the masked neurons.
+    weight: (N,) or, with missing bins, (R, T, N) float64: 1 where ``y[r, t, i]`` enters the
+    bound; lgamma: () sum of log y! over those entries.
     """
 
     y: torch.Tensor
     n: torch.Tensor
     u: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    weight: torch.Tensor = field(init=False)
     lgamma: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         if self.mask is None:
             self.mask = torch.ones(self.y.shape[-1], dtype=torch.bool, device=self.y.device)
-        self.lgamma = (torch.lgamma(self.y + 1) * self.mask).sum()
+        missing = torch.isnan(self.y)
+        self.weight = self.mask.to(self.y.dtype)
+        if bool(missing.any()):
+            self.weight = self.weight * (~missing).to(self.y.dtype)
+            self.y = torch.where(missing, torch.zeros_like(self.y), self.y)
+        self.lgamma = (torch.lgamma(self.y + 1) * self.weight).sum()
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -362,7 +370,7 @@ def expected_log_rate(p: PLDSParams, st: VIState) -> tuple[torch.Tensor, torch.T
 
 def expected_loglik(data: TrialData, mean: torch.Tensor, log_lam: torch.Tensor) -> torch.Tensor:
     """(R,) ``sum_{t,i} mask_i (y eta_mean - E[exp(eta)])`` (without log y!)."""
-    return ((data.y * mean - torch.exp(log_lam)) * data.mask).sum((-1, -2))
+    return ((data.y * mean - torch.exp(log_lam)) * data.weight).sum((-1, -2))
 
 
 def _trial_objective(data: TrialData, p: PLDSParams, prior: PathPrior, st: VIState) -> torch.Tensor:
@@ -418,8 +426,8 @@ def step_paths_mean(data: TrialData, p: PLDSParams, st: VIState, prior: PathPrio
     """One damped Newton step of every trial's path mean m at fixed S (concave in m)."""
     R = data.shape[0]
     _, log_lam = expected_log_rate(p, st)
-    lam = torch.exp(log_lam) * data.mask
-    grad = (data.y * data.mask - lam) @ p.C - (bt.matvec(prior.D, prior.Lo, st.m) - prior.eta)
+    lam = torch.exp(log_lam) * data.weight
+    grad = (data.y * data.weight - lam) @ p.C - (bt.matvec(prior.D, prior.Lo, st.m) - prior.eta)
     Lo = prior.Lo.expand(R, *prior.Lo.shape[1:])
     try:
         fac = bt.cholesky(prior.D + _weighted_gram(lam, p.C), Lo)
@@ -483,8 +491,8 @@ def step_means(
         return step_paths_mean(data, p, st, prior)
     R = data.shape[0]
     _, log_lam = expected_log_rate(p, st)
-    lam = torch.exp(log_lam) * data.mask
-    resid = (data.y * data.mask - lam) @ p.C  # (R, T, k)
+    lam = torch.exp(log_lam) * data.weight
+    resid = (data.y * data.weight - lam) @ p.C  # (R, T, k)
     W = _weighted_gram(lam, p.C)  # (R, T, k, k)
     Lo = prior.Lo.expand(R, *prior.Lo.shape[1:])
     try:
@@ -540,7 +548,7 @@ def step_paths_cov(data: TrialData, p: PLDSParams, st: VIState, prior: PathPrior
     (``w <- w + rho (E[rate] - w)``) until the bound does not fall."""
     R = data.shape[0]
     _, log_lam = expected_log_rate(p, st)
-    target = torch.exp(log_lam) * data.mask
+    target = torch.exp(log_lam) * data.weight
     old = _trial_objective(data, p, prior, st)
 
     def propose(rho):
@@ -599,10 +607,10 @@ def step_modulator_cov(data: TrialData, p: PLDSParams, st: VIState, pri: Priors)
     if pri.hK is None:
         return st
     k = p.C.shape[1]
-    Y = (data.y * data.mask).sum(1)  # (R, N)
+    Y = (data.y * data.weight).sum(1)  # (R, N)
     hm, hS = st.hm, st.hS.clone()
     _, log_lam = expected_log_rate(p, st)
-    Lam = (torch.exp(log_lam) * data.mask).sum(1)  # (R, N)
+    Lam = (torch.exp(log_lam) * data.weight).sum(1)  # (R, N)
     for j in range(k):
         c = p.C[:, j : j + 1]  # (N, 1)
         m, v_ref = hm[:, j][None], torch.diagonal(hS[j])[None]
@@ -734,18 +742,19 @@ def mstep_emissions(data: TrialData, p: PLDSParams, st: VIState, steps: int = 1)
     MtMt = _outer_flat(Mt)
     Cd = torch.cat([p.C, p.d[:, None]], 1)  # (N, k+1)
     mask = data.mask
+    W = data.weight.expand(R, T, N).reshape(R * T, N)  # 0 on missing bins
 
     def neuron_terms(Cd):
         C = Cd[:, :k]
         mean = Mt @ Cd.T
         log_lam = mean + 0.5 * (Vq @ _outer_flat(C).T)
-        lam = torch.exp(log_lam)
-        return ((y * mean - lam).sum(0)), lam
+        lam = torch.exp(log_lam) * W
+        return ((y * W * mean - lam).sum(0)), lam
 
     for _ in range(steps):
         old, lam = neuron_terms(Cd)
         P = (lam.T @ Vq).reshape(N, k, k)
-        grad = (y - lam).T @ Mt
+        grad = (y * W - lam).T @ Mt
         grad[:, :k] -= (P @ Cd[:, :k, None])[..., 0]
         H = (lam.T @ MtMt).reshape(N, k + 1, k + 1)
         H[:, :k, :k] += P
@@ -816,10 +825,10 @@ def mstep_kernels(
     span = float((n.max() - n.min()).clamp(min=1.0))
     lo_tau, hi_tau = math.log(TAU_RANGE[0]), math.log(TAU_RANGE[1] * span)
     if p.drift:
-        y = data.y * data.mask
+        y = data.y * data.weight
         Y = y.sum(1)  # (R, N)
         _, log_lam = expected_log_rate(p, st)
-        Lam = (torch.exp(log_lam) * data.mask).sum(1)  # (R, N)
+        Lam = (torch.exp(log_lam) * data.weight).sum(1)  # (R, N)
         C2 = p.C**2
         m0, S0 = st.hm.T, st.hS  # (k, R), (k, R, R)
         v0 = torch.diagonal(S0, dim1=-2, dim2=-1)
@@ -918,13 +927,18 @@ def _moment_covariances(
         Sigma_0 = log(1 + (Cov(y_t) - diag(mu)) / (mu mu')),
         Sigma_1 = log(1 + Cov(y_{t+1}, y_t) / (mu mu'))
 
-    pooled over trials and bins; arguments of the log are floored at ``mask_frac``."""
+    pooled over trials and bins (missing bins, NaN, left out of each sum and its count);
+    arguments of the log are floored at ``mask_frac``."""
     R, T, N = y.shape
-    mu = y.mean((0, 1)).clamp(min=1e-3 / T)
-    yc = (y - mu).reshape(R * T, N)
-    cov0 = yc.T @ yc / (R * T) - torch.diag(mu)
-    a, b = (y[:, 1:] - mu).reshape(-1, N), (y[:, :-1] - mu).reshape(-1, N)
-    cov1 = a.T @ b / len(a)
+    o = (~torch.isnan(y)).to(y.dtype)  # missing bins (NaN) are left out of every moment
+    y = torch.nan_to_num(y, nan=0.0)
+    mu = ((y * o).sum((0, 1)) / o.sum((0, 1)).clamp(min=1)).clamp(min=1e-3 / T)
+    yc = ((y - mu) * o).reshape(R * T, N)
+    of = o.reshape(R * T, N)
+    cov0 = yc.T @ yc / (of.T @ of).clamp(min=1) - torch.diag(mu)
+    a, b = yc.reshape(R, T, N)[:, 1:].reshape(-1, N), yc.reshape(R, T, N)[:, :-1].reshape(-1, N)
+    oa, ob = o[:, 1:].reshape(-1, N), o[:, :-1].reshape(-1, N)
+    cov1 = a.T @ b / (oa.T @ ob).clamp(min=1)
     mm = mu[:, None] * mu[None, :]
     sig0 = torch.log(torch.clamp(1 + cov0 / mm, min=mask_frac))
     sig1 = torch.log(torch.clamp(1 + cov1 / mm, min=mask_frac))
@@ -1037,7 +1051,7 @@ def initial_state(
     )
     prior = path_prior(p, R, T, data.u, *_g_moments(st))
     _, log_lam = expected_log_rate(p, st)
-    w = torch.exp(log_lam) * data.mask
+    w = torch.exp(log_lam) * data.weight
     S, cross, logdet_s = _paths_cov(prior, p.C, w)
     st = replace(st, S=S, cross=cross, logdet_s=logdet_s, w=w)
     for _ in range(steps):
@@ -1133,7 +1147,9 @@ def fit(
 ) -> FitResult:
     """Fit the (non-stationary) Poisson LDS by variational EM (module docstring).
 
-    y: (R, T, N) spike counts; n: (R,) trial numbers (default 0..R-1); latent_dim: k;
+    y: (R, T, N) spike counts, NaN where a bin is missing (trials of unequal length padded,
+    bins outside a trial): every term of the bound skips them; n: (R,) trial numbers
+    (default 0..R-1); latent_dim: k;
     drift: fit the GP modulator h (False gives the stationary PLDS); dynamics_drift: also fit
     ``A[r] = A + g[r] A1``; inputs: (R, T, m) known inputs u. Stops when the bound rose by
     at most ``tol * |bound|`` over the last ``WINDOW`` iterations (:func:`recent_gain`),
@@ -1146,9 +1162,9 @@ def fit(
     y = np.asarray(y)
     if y.ndim != 3:
         raise ValueError(f"counts must be (trials, time, neurons), got shape {y.shape}")
-    if not np.all(np.isfinite(y)) or np.any(y < 0):
-        raise ValueError("counts must be finite and non-negative")
-    silent = np.flatnonzero(y.sum((0, 1)) == 0)
+    if np.any(np.isinf(y)) or np.any(y < 0):
+        raise ValueError("counts must be finite and non-negative (NaN marks a missing bin)")
+    silent = np.flatnonzero(np.nansum(y, (0, 1)) == 0)
     if len(silent):
         raise ValueError(
             f"neurons {silent.tolist()[:10]} have no spikes: their rate's maximum-likelihood "
@@ -1166,7 +1182,7 @@ def fit(
     p = init
     if p is None:
         p = initial_params(
-            data.y,
+            tt(y),  # with its NaN: the start's moments skip missing bins
             n,
             latent_dim,
             drift=drift,

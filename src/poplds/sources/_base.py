@@ -87,10 +87,15 @@ class TrialOptions:
     Attributes
     ----------
     window: ``(start, stop)`` in seconds relative to each trial's ``start_time``; every trial
-        gets the same window. ``None`` crops every trial to the shortest trial's duration.
+        gets the same window, and its bins outside the trial's own ``[start_time, stop_time)``
+        are missing (NaN): they are never taken from between trials. ``None`` keeps every
+        trial whole, padded with missing values to the longest trial.
+    crop: without a window, crop every trial to the shortest trial's duration instead (an
+        explicit choice: the data dropped is logged and recorded).
     """
 
     window: tuple[float, float] | None = None
+    crop: bool = False
 
 
 @dataclass
@@ -235,17 +240,32 @@ def time_chunk_rows(n_columns: int, itemsize: int = 4, target_mb: float = 4.0) -
     return max(1, int(target_mb * 1e6 // max(1, n_columns * itemsize)))
 
 
+@dataclass(frozen=True)
+class TrialWindows:
+    """Where each trial's bins lie: bin ``k`` of trial ``r`` is
+    ``[start[r] + k * bin, start[r] + (k + 1) * bin)`` for ``k < duration / bin``; bins not
+    wholly inside ``[lo[r], hi[r])`` are missing. ``kept`` is the fraction of the trials'
+    total time that the windows keep."""
+
+    start: np.ndarray
+    duration: float
+    lo: np.ndarray
+    hi: np.ndarray
+    kept: float
+
+
 def trial_windows(
     source: Path,
     starts: np.ndarray,
     stops: np.ndarray,
     options: TrialOptions,
-) -> tuple[np.ndarray, float]:
-    """Window start times (trials,) and the common duration in seconds.
+) -> TrialWindows:
+    """The trials' windows (:class:`TrialWindows`).
 
-    Without a configured window every trial is cropped to the shortest one:
-    ``[start_r, start_r + min_r(stop_r - start_r))``. With ``window=(a, b)`` the window is
-    ``[start_r + a, start_r + b)``.
+    Whole trials (the default): ``[start_r, start_r + max_r(stop_r - start_r))``, the part
+    past each trial's stop missing. ``crop``: every trial cut to the shortest,
+    ``[start_r, start_r + min_r(stop_r - start_r))``. ``window=(a, b)``:
+    ``[start_r + a, start_r + b)``, the part outside ``[start_r, stop_r)`` missing.
     """
     starts = np.asarray(starts, dtype=np.float64)
     stops = np.asarray(stops, dtype=np.float64)
@@ -253,13 +273,18 @@ def trial_windows(
         raise InputError(source, "the trials table is empty")
     if np.any(~np.isfinite(starts)) or np.any(~np.isfinite(stops)):
         raise InputError(source, "the trials table has non-finite start or stop times")
-    if options.window is not None:
-        a, b = (float(v) for v in options.window)
-        if not b > a:
-            raise InputError(source, f"trial window must have stop > start, got [{a}, {b}]")
-        return starts + a, b - a
     durations = stops - starts
     if np.any(durations <= 0):
         bad = int(np.argmax(durations <= 0))
         raise InputError(source, f"trial {bad} has stop_time <= start_time")
-    return starts.copy(), float(durations.min())
+    if options.window is not None:
+        a, b = (float(v) for v in options.window)
+        if not b > a:
+            raise InputError(source, f"trial window must have stop > start, got [{a}, {b}]")
+        start, duration = starts + a, b - a
+    elif options.crop:
+        start, duration = starts.copy(), float(durations.min())
+    else:
+        start, duration = starts.copy(), float(durations.max())
+    inside = np.clip(np.minimum(start + duration, stops) - np.maximum(start, starts), 0, None)
+    return TrialWindows(start, duration, starts, stops, float(inside.sum() / durations.sum()))

@@ -6,7 +6,10 @@ dask, so a recording larger than memory is read chunk by chunk while the store i
 Spike times are binned on the grid ``edges[k] = t0 + k * bin_size_s``; bin ``k`` counts spikes
 with ``edges[k] <= t < edges[k+1]``. A bin that is not wholly inside one of a unit's
 ``obs_intervals`` is missing (NaN), never zero. With trials, bin ``k`` of trial ``r`` is
-``[w_r + k * bin, w_r + (k+1) * bin)`` where ``w_r`` is the trial's window start.
+``[w_r + k * bin, w_r + (k+1) * bin)`` where ``w_r`` is the trial's window start, and a bin
+(or frame) not wholly inside the trial's own ``[start_time, stop_time)`` is missing: trials of
+unequal length are kept whole, padded with NaN, and a window that runs past a trial's end
+never takes data from between trials (:func:`poplds.sources._base.trial_windows`).
 """
 
 from __future__ import annotations
@@ -206,20 +209,38 @@ def _read_roi_series(
     trial_ids = None
     if trials is not None:
         starts, stops, trial_ids = _trial_table(path, nwb)
-        wstart, duration = trial_windows(path, starts, stops, trials)
-        n_frames = int(math.floor(duration * rate + 1e-6))
+        win = trial_windows(path, starts, stops, trials)
+        n_frames = int(math.floor(win.duration * rate + 1e-6))
         if n_frames < 1:
-            raise InputError(path, f"trial window of {duration} s holds no frame at {rate} Hz")
-        first = np.rint((wstart - t0) * rate).astype(np.int64)
+            raise InputError(path, f"trial window of {win.duration} s holds no frame at {rate} Hz")
+        first = np.rint((win.start - t0) * rate).astype(np.int64)
+        # frame j of trial r is observed when it lies wholly inside the trial
+        frame_t = t0 + (first[:, None] + np.arange(n_frames)[None, :]) / rate  # (R, frames)
+        tol = 1e-6 / rate
+        inside = (frame_t >= win.lo[:, None] - tol) & (frame_t + 1 / rate <= win.hi[:, None] + tol)
+        blocks = []
         for r, i0 in enumerate(first):
-            if i0 < 0 or i0 + n_frames > n_time:
+            idx = i0 + np.flatnonzero(inside[r])
+            if idx.size and (idx[0] < 0 or idx[-1] >= n_time):
                 raise InputError(
                     path,
-                    f"trial {trial_ids[r]} (frames {i0}..{i0 + n_frames}) extends outside the "
+                    f"trial {trial_ids[r]} (frames {idx[0]}..{idx[-1] + 1}) extends outside the "
                     f"recording (frames 0..{n_time})",
                 )
-        x = da.stack([x[i0 : i0 + n_frames] for i0 in first])
-        attrs.update(trial_window_start_s=wstart.tolist(), trial_duration_s=n_frames / rate)
+            i0 = int(i0)
+            a, b = max(i0, 0), min(i0 + n_frames, n_time)
+            if b > a:  # frames outside the recording are padding, and outside the trial
+                block = da.pad(x[a:b], ((a - i0, i0 + n_frames - b), (0, 0)), constant_values=np.nan)
+            else:
+                block = da.full((n_frames, n_rois), np.nan, dtype=np.float32)
+            blocks.append(da.where(da.from_array(inside[r][:, None]), block, np.nan))
+        x = da.stack(blocks).astype(np.float32)
+        attrs.update(
+            trial_window_start_s=win.start.tolist(),
+            trial_duration_s=n_frames / rate,
+            trial_crop=bool(trials.crop),
+            trial_time_kept_fraction=win.kept,
+        )
     return Recording(
         name=spec.display_name,
         activity=x,
@@ -329,20 +350,24 @@ def _read_units(
         trial_ids = None
     else:
         starts, stops, trial_ids = _trial_table(path, nwb)
-        wstart, duration = trial_windows(path, starts, stops, trials)
-        n_bins = int(math.floor(duration / bin_size_s + 1e-6))
+        win = trial_windows(path, starts, stops, trials)
+        n_bins = int(math.floor(win.duration / bin_size_s + 1e-6))
         if n_bins < 1:
-            raise InputError(path, f"trial window of {duration} s is shorter than one bin")
+            raise InputError(path, f"trial window of {win.duration} s is shorter than one bin")
         per_chunk = max(1, time_chunk_rows(n_units * n_bins, 4, chunk_mb))
+        eps = 1e-6 * bin_size_s
 
         def trial_block(r0: int, r1: int) -> np.ndarray:
             out = np.empty((r1 - r0, n_bins, n_units), dtype=np.float32)
             for i, r in enumerate(range(r0, r1)):
-                edges = wstart[r] + bin_size_s * np.arange(n_bins + 1, dtype=np.float64)
+                edges = win.start[r] + bin_size_s * np.arange(n_bins + 1, dtype=np.float64)
                 out[i] = mask_unobserved(count_spikes(spikes, edges), intervals, edges)
+                # bins not wholly inside the trial are missing, never taken from between trials
+                outside = (edges[:-1] < win.lo[r] - eps) | (edges[1:] > win.hi[r] + eps)
+                out[i, outside] = np.nan
             return out
 
-        n_trials = len(wstart)
+        n_trials = len(win.start)
         parts = [
             da.from_delayed(
                 dask.delayed(trial_block)(r0, min(r0 + per_chunk, n_trials)),
@@ -352,7 +377,23 @@ def _read_units(
             for r0 in range(0, n_trials, per_chunk)
         ]
         x = da.concatenate(parts, axis=0)
-        attrs.update(trial_window_start_s=wstart.tolist(), trial_duration_s=n_bins * bin_size_s)
+        in_trials = sum(
+            int(np.sum(np.searchsorted(st, win.hi) - np.searchsorted(st, win.lo))) for st in spikes
+        )
+        lo = np.maximum(win.start, win.lo)
+        hi = np.minimum(win.start + n_bins * bin_size_s, win.hi)
+        kept = sum(
+            int(np.sum(np.clip(np.searchsorted(st, hi) - np.searchsorted(st, lo), 0, None)))
+            for st in spikes
+        )
+        attrs.update(
+            trial_window_start_s=win.start.tolist(),
+            trial_duration_s=n_bins * bin_size_s,
+            trial_crop=bool(trials.crop),
+            trial_time_kept_fraction=win.kept,
+            trial_spikes=in_trials,
+            trial_spikes_kept_fraction=kept / in_trials if in_trials else 1.0,
+        )
     return Recording(
         name=spec.display_name,
         activity=x,
