@@ -290,7 +290,9 @@ def test_real_gpe_units_with_trials(tmp_path):
         expected[~inside] = np.nan
         assert_same(x[r], expected)
     in_trials = sum(
-        int(((st >= a) & (st < b)).sum()) for st in spikes for a, b in zip(starts, stops)
+        int(((st >= a) & (st < b)).sum())
+        for st in spikes
+        for a, b in zip(starts, stops, strict=True)
     )
     # only a spike in a trial's last, partial bin can be missed
     assert in_trials - 50 * 18 <= np.nansum(x) <= in_trials

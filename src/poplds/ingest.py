@@ -187,8 +187,7 @@ def _write_recording(
         )
         if kept < 0.999 or (spikes is not None and spikes < 0.999):
             log.warning(
-                "%s: the trial windows keep %.1f%% of the trials' time%s; the rest is dropped "
-                "(%s)",
+                "%s: the trial windows keep %.1f%% of the trials' time%s; the rest is dropped (%s)",
                 rec.name,
                 100 * kept,
                 "" if spikes is None else f" and {100 * spikes:.1f}% of their spikes",

@@ -230,7 +230,8 @@ def _read_roi_series(
             i0 = int(i0)
             a, b = max(i0, 0), min(i0 + n_frames, n_time)
             if b > a:  # frames outside the recording are padding, and outside the trial
-                block = da.pad(x[a:b], ((a - i0, i0 + n_frames - b), (0, 0)), constant_values=np.nan)
+                pad = ((a - i0, i0 + n_frames - b), (0, 0))
+                block = da.pad(x[a:b], pad, constant_values=np.nan)
             else:
                 block = da.full((n_frames, n_rois), np.nan, dtype=np.float32)
             blocks.append(da.where(da.from_array(inside[r][:, None]), block, np.nan))
