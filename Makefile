@@ -35,11 +35,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ingest.py
 	$(BIN)/python benchmarks/bench_stitched.py paper
 	$(BIN)/python benchmarks/bench_stitched.py peer
-	$(BIN)/python benchmarks/bench_stitched.py real
 	$(BIN)/python benchmarks/bench_nplds.py v1
 	$(BIN)/python benchmarks/bench_nplds.py scaling
 	$(BIN)/python benchmarks/bench_nplds.py peer
-	$(BIN)/python benchmarks/bench_nplds.py real
+	$(BIN)/python benchmarks/bench_real.py all
 
 clean:
 	rm -rf results logs .snakemake

@@ -1,10 +1,9 @@
-"""Poisson LDS over trials: fit times at the paper's size, scaling, a peer library, real data.
+"""Poisson LDS over trials: fit times at the paper's size, scaling, a peer library.
 
     python benchmarks/bench_nplds.py v1      [--ks 1 2 4 8] [--bins 100]
     python benchmarks/bench_nplds.py scaling [--iters 5]
     python benchmarks/bench_nplds.py peer    [--trials 100]          # needs pykalman
     python benchmarks/bench_nplds.py large   [--neurons 1000 --trials 1000 --bins 100 --k 10]
-    python benchmarks/bench_nplds.py real    [--data ../shared/data/gpe_bandit_units.nwb]
 
 ``v1``: the size of Park et al.'s V1 data, 64 neurons x 100 trials (``--bins`` bins each), a
 simulation with a slow drift; N-PLDS and PLDS fitted to convergence (relative change of the
@@ -22,17 +21,13 @@ gaussian_latents`` (all trials in one batched block-tridiagonal solve), against 
 ``large``: one EM iteration at the issue's GPU size (1000 neurons x 1000 trials x 100 bins,
 k = 10) on the available device, and the projected time of a fit.
 
-``real``: ``gpe_bandit_units.nwb`` (18 units, 50 trials, first second in 50 ms bins), ingested
-and fitted through ``poplds.nplds.fit_store`` for k = 1..4 with the drifting-dynamics variant;
-prints every model's held-out-trial and co-smoothing bits per spike, per-trial rate RMSE and
-fitted drift.
+Real recordings: ``benchmarks/bench_real.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -151,36 +146,6 @@ def bench_large(args) -> None:
     print(f"projected fit of 100 iterations: {(start + 100 * s) / 60:.1f} min")
 
 
-def bench_real(args) -> None:
-    from poplds import ingest_dataset
-    from poplds.nplds import fit_store
-
-    path = Path(args.data)
-    if not path.exists():
-        raise SystemExit(f"{path}: not found (the shared data folder sits beside the checkout)")
-    with tempfile.TemporaryDirectory() as tmp:
-        store = ingest_dataset(
-            [{"path": str(path), "name": "gpe"}],
-            Path(tmp) / "data.zarr",
-            bin_size_s=0.05,
-            trials=True,
-            trial_window=(0.0, 1.0),
-        )
-        print(f"{path.name}: first second of 50 trials, 50 ms bins ({machine()})")
-        print(
-            f"{'k':>2} {'model':>15} {'held-out b/s':>12} {'co-smooth b/s':>13} "
-            f"{'rate RMSE Hz':>12} {'drift sd':>8} {'iters':>5} {'s':>5}"
-        )
-        for k in args.ks:
-            m = fit_store(store, tmp, k, dynamics_drift=True, device="cpu")
-            for name, e in m["models"].items():
-                print(
-                    f"{k:>2} {name:>15} {e['heldout_trial_bits_per_spike']:12.4f} "
-                    f"{e['cosmoothing_bits_per_spike']:13.4f} {e['rate_rmse_hz']:12.3f} "
-                    f"{e['drift_sd']:8.3f} {e['iterations']:>5} {e['fit_seconds']:5.1f}"
-                )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="mode", required=True)
@@ -197,16 +162,12 @@ def main() -> None:
     p.add_argument("--bins", type=int, default=100)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--iters", type=int, default=3)
-    p = sub.add_parser("real")
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "gpe_bandit_units.nwb"))
-    p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4])
     args = ap.parse_args()
     {
         "v1": bench_v1,
         "scaling": bench_scaling,
         "peer": bench_peer,
         "large": bench_large,
-        "real": bench_real,
     }[args.mode](args)
 
 

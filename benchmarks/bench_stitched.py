@@ -2,7 +2,6 @@
 
     python benchmarks/bench_stitched.py paper [--seeds 5] [--overlaps 0 10 50 300 1000]
     python benchmarks/bench_stitched.py peer  [--neurons 50 100 200]     # needs pykalman
-    python benchmarks/bench_stitched.py real  [--data ../shared/data/dentate_gyrus_events.nwb]
     python benchmarks/bench_stitched.py scale [--neurons 1000000 --time 10000] [--stream]
 
 ``paper``: Nonnenmacher et al.'s two-recording setting: N = 1000 neurons, n = 10 latents,
@@ -26,11 +25,7 @@ streaming even where the data would fit on the device). Prints the time per pass
 memory-bandwidth floor, ``2 x data bytes / measured copy bandwidth`` (each pass reads the data
 twice). ``--neurons 20000`` makes a CPU-sized run.
 
-``real``: the dentate gyrus recording (122 cells, 3596 frames at 10 Hz) cut into two partial
-recordings, the first ~60% of the cells observed in the first half of the time, the last ~60%
-in the second half; the fit never sees the first block's cells together with the second's.
-Prints, per lag, the correlation of predicted covariances of those never co-observed pairs with
-their empirical covariances in the full recording, and the same for the co-observed pairs.
+Real recordings: ``benchmarks/bench_real.py``.
 """
 
 from __future__ import annotations
@@ -237,101 +232,6 @@ def peer(args) -> dict:
     return {"rows": rows}
 
 
-def real(args) -> dict:
-    import h5py
-
-    with h5py.File(args.data, "r") as f:
-        y = np.asarray(f["processing/ophys/events/data"][:], dtype=np.float64)
-    if args.bin > 1:  # sum sparse events over bins of `bin` frames
-        y = y[: len(y) // args.bin * args.bin].reshape(-1, args.bin, y.shape[1]).sum(1)
-    T, N = y.shape
-    K = 5
-    cut = int(0.6 * N)
-    a = np.arange(0, cut)
-    b = np.arange(N - cut, N)
-    a_only, b_only = np.setdiff1d(a, b), np.setdiff1d(b, a)
-    half = T // 2
-    recs = [RecordingInput("first", y[:half, a], a), RecordingInput("second", y[half:, b], b)]
-    yc = y - y.mean(0)
-    emp = [yc[s:].T @ yc[: T - s] / (T - s) for s in range(K)]
-    print(
-        f"# real: {args.data.name}, {N} cells x {T} frames; first half sees {len(a)} cells, "
-        f"second half {len(b)}, {len(a) + len(b) - N} shared; {machine()}"
-    )
-
-    def pairs(M):
-        return np.concatenate(
-            [M[np.ix_(a_only, b_only)].ravel(), M[np.ix_(b_only, a_only)].ravel()]
-        )
-
-    # noise ceiling: the same pairs' covariances in the first half against the second half
-    h1, h2 = yc[:half] - yc[:half].mean(0), yc[half:] - yc[half:].mean(0)
-    ceiling = [
-        float(
-            np.corrcoef(pairs(h1[s:].T @ h1[: half - s]), pairs(h2[s:].T @ h2[: T - half - s]))[
-                0, 1
-            ]
-        )
-        for s in range(K)
-    ]
-    print(
-        "split-half reliability of those pairs' empirical covariances per lag (the ceiling): "
-        + " ".join(f"{v:.3f}" for v in ceiling)
-    )
-    out = {"ceiling": ceiling}
-    for n in args.latents_real:
-        full = fit_stitched_lds(
-            [RecordingInput("all", y, np.arange(N))],
-            N,
-            n,
-            lags=K,
-            device="cpu",
-            heldout_fraction=0.0,
-        )
-        full_r = [
-            float(
-                np.corrcoef(
-                    pairs(full.params.C @ full.params.X[s] @ full.params.C.T), pairs(emp[s])
-                )[0, 1]
-            )
-            for s in range(K)
-        ]
-        t = time.perf_counter()
-        fit = fit_stitched_lds(recs, N, n, lags=K, device="cpu", heldout_fraction=0.1)
-        dt = time.perf_counter() - t
-        never, observed = [], []
-        for s in range(K):
-            pred = fit.params.C @ fit.params.X[s] @ fit.params.C.T
-            blk = np.concatenate(
-                [pred[np.ix_(a_only, b_only)].ravel(), pred[np.ix_(b_only, a_only)].ravel()]
-            )
-            ref = np.concatenate(
-                [emp[s][np.ix_(a_only, b_only)].ravel(), emp[s][np.ix_(b_only, a_only)].ravel()]
-            )
-            never.append(float(np.corrcoef(blk, ref)[0, 1]))
-            off = ~np.eye(len(a), dtype=bool) if s == 0 else np.ones((len(a), len(a)), bool)
-            obs_pred = pred[np.ix_(a, a)][off]
-            obs_ref = y[:half, a] - y[:half, a].mean(0)
-            obs_emp = (obs_ref[s:].T @ obs_ref[: half - s] / (half - s))[off]
-            observed.append(float(np.corrcoef(obs_pred, obs_emp)[0, 1]))
-        out[n] = {
-            "seconds": dt,
-            "never_corr": never,
-            "observed_corr": observed,
-            "fully_observed_fit_corr": full_r,
-        }
-        print(
-            f"n={n}: fit {dt:.1f} s; never co-observed r per lag "
-            + " ".join(f"{v:.3f}" for v in never)
-            + "; same pairs, fully observed fit "
-            + " ".join(f"{v:.3f}" for v in full_r)
-            + "; co-observed r "
-            + " ".join(f"{v:.3f}" for v in observed),
-            flush=True,
-        )
-    return out
-
-
 def write_large_store(path: Path, N: int, T: int, n: int, overlap: float, seed: int):
     """A two-recording stitched LDS written chunk by chunk into a dataset store (the data are
     never whole in memory): recording 1 sees neurons [0, N (1+overlap)/2), recording 2 the
@@ -461,7 +361,7 @@ def scale(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["paper", "peer", "real", "scale"])
+    ap.add_argument("what", choices=["paper", "peer", "scale"])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--overlaps", type=int, nargs="+", default=[0, 10, 50, 300, 1000])
     ap.add_argument("--neurons", type=int, nargs="+", default=None)
@@ -469,11 +369,6 @@ def main() -> None:
     ap.add_argument("--time", type=int, default=100_000)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--budget", type=float, default=300.0, help="peer: EM seconds at most")
-    ap.add_argument(
-        "--data", type=Path, default=REPO.parent / "shared" / "data" / "dentate_gyrus_events.nwb"
-    )
-    ap.add_argument("--latents-real", type=int, nargs="+", default=[2, 4, 6])
-    ap.add_argument("--bin", type=int, default=1, help="real: frames summed per bin")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--max-passes", type=int, default=100, help="scale: passes per stage")
     ap.add_argument("--stream", action="store_true", help="scale: stream even if it fits")
@@ -485,7 +380,7 @@ def main() -> None:
         args.neurons = args.neurons[0]
     if args.what == "scale" and args.time == 100_000:
         args.time = 10_000
-    result = {"paper": paper, "peer": peer, "real": real, "scale": scale}[args.what](args)
+    result = {"paper": paper, "peer": peer, "scale": scale}[args.what](args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=float))
 

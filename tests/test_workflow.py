@@ -130,6 +130,47 @@ def test_workflow_runs_from_another_directory(tmp_path, rng):
     np.testing.assert_array_equal(again_store.activity("s1").compute(), first_y)
     again_model = zarr.open_group(str(fit / "model.zarr"), mode="r")
     np.testing.assert_array_equal(np.asarray(again_model["C"][:]), first_C)
+    check_report(work)
+
+
+def report_items(path: Path) -> tuple[str, dict[str, str]]:
+    """The landing page's text and every report item's decoded content (text items only) of a
+    Snakemake HTML report, read from the data the report embeds."""
+    import base64
+    import re
+
+    text = path.read_text()
+    decoder = json.JSONDecoder()
+    desc, _ = decoder.raw_decode(text[re.search(r"workflow_desc\s*=\s*", text).end() :])
+    results, _ = decoder.raw_decode(text[re.search(r"results\s*=\s*(?=\{\")", text).end() :])
+    items = {}
+    for key, entry in results.items():
+        if entry["mime_type"] == "text/html":
+            items[key] = base64.b64decode(entry["data_uri"].split(",", 1)[1]).decode()
+    return desc, {**items, **{k: "" for k in results if k not in items}}
+
+
+def check_report(work: Path) -> None:
+    """The report carries the configuration, the provenance with software versions, and the
+    score tables with the chosen dimension."""
+    import torch
+
+    proc = run_snakemake(work, "--report", "results/report.html")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    desc, items = report_items(work / "results" / "report.html")
+    # the validated configuration, defaults filled in, on the landing page
+    assert "Configuration" in desc and "heldout_fraction" in desc and "max_passes" in desc
+    prov = items["results/sim/provenance.html"]
+    assert "sha256" in prov and torch.__version__ in prov and "snakemake" in prov
+    assert "latent_dims" in prov  # the dataset's configuration as it ran
+    real = items["results/real/provenance.html"]
+    assert "data/a.npz" in real and "second" in real
+    scores = items["results/sim/stitched_lds/scores.html"]
+    assert "held-out rel. error" in scores and "chosen n =" in scores and "converged" in scores
+    assert scores.count("<tr>") == 3  # the header and one row per n
+    assert "results/sim/figures/stitched_lds/dimension.png" in items
+    choice = json.loads((work / "results" / "sim" / "stitched_lds" / "dimension.json").read_text())
+    assert choice["chosen"] in (1, 2) and choice["dims"] == [1, 2]
 
 
 @pytest.mark.slow
@@ -191,6 +232,13 @@ def test_nplds_workflow_contract_and_reproducibility(tmp_path):
     figures = res / "figures" / "nplds"
     for name in ("k1_bound", "k2_drift", "k2_rates", "k2_eigenvalues", "dimension"):
         assert (figures / f"{name}.png").stat().st_size > 10_000
+    scores = (res / "nplds" / "scores.html").read_text()
+    assert "held-out trials bits/spike" in scores and "chosen k =" in scores
+    choice = json.loads((res / "nplds" / "dimension.json").read_text())
+    assert choice["chosen"] in (1, 2) and choice["dims"] == [1, 2]
+    assert "trials" in (res / "provenance.html").read_text()
+    for entry in metrics["models"].values():
+        assert entry["stop"] in ("converged", "max_iter") and entry["iterations"] <= 40
     plain = work / "results" / "plain"
     assert not (plain / "nplds_dynamics").exists()
     assert not (plain / "figures" / "nplds" / "k2_eigenvalues.png").exists()

@@ -46,7 +46,7 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float | np.floating):
         if not np.isfinite(value):
             return "–"
-        return f"{value:.4g}"
+        return f"{value:.1f}" if abs(value) >= 1e4 else f"{value:.4g}"
     if isinstance(value, list | tuple):
         return ", ".join(_fmt(v) for v in value)
     return str(value)
@@ -255,6 +255,7 @@ NPLDS_COLUMNS = (
     ("rate RMSE (Hz)", "rate_rmse_hz"),
     ("drift sd (log rate)", "drift_sd"),
     ("drift r vs truth", "drift_corr_vs_truth"),
+    ("2-sd band covers truth", "drift_band_coverage"),
     ("bound", "bound"),
     ("iterations", "iterations"),
     ("stop", "stop"),

@@ -86,9 +86,19 @@ def plot_drift(metrics_path: str | Path, out: str | Path) -> Path:
         ax.set_ylabel("log-rate shift c'h")
     axes[0, 0].legend(frameon=False, fontsize=8)
     corr = metrics["models"]["nplds"].get("drift_corr_vs_truth")
+    cover = metrics["models"]["nplds"].get("drift_band_coverage")
     extra = f", correlation with truth {corr:.3f}" if corr is not None else ""
+    if cover is not None:
+        extra += f", band covers {100 * cover:.0f}% of the truth"
     fig.suptitle(f"{metrics['dataset']}: slow modulator per trial (grey: held-out){extra}")
-    fig.tight_layout()
+    warnings = []
+    if cover is not None and cover < 0.8:
+        warnings.append(
+            f"the 2-sd band covers only {100 * cover:.0f}% of the true shift (95% expected if "
+            "the model were right): it is the posterior uncertainty under the fitted model, "
+            "which does not include a wrong latent dimension k or other misspecification"
+        )
+    warning_footer(fig, warnings)
     return save_figure(fig, out)
 
 

@@ -258,6 +258,10 @@ def fit_store(
             figure[f"{name}_eigenvalues"] = np.linalg.eigvals(A_trials)
         if truth_d is not None:
             entry["drift_corr_vs_truth"] = centred_correlation(shift, truth_d["log_rate_shift"])
+            if p.drift:  # share of (trial, neuron) whose true shift lies in the 2-sd band
+                true_c = truth_d["log_rate_shift"] - truth_d["log_rate_shift"].mean(0)
+                inside = np.abs(true_c - (shift - shift.mean(0))) <= 2 * shift_sd
+                entry["drift_band_coverage"] = float(inside.mean())
             if A_trials is not None and "A_trials" in truth_d:
                 entry["radius_corr_vs_truth"] = float(
                     np.corrcoef(_spectral_radius(A_trials), figure["true_radius"])[0, 1]

@@ -1,0 +1,185 @@
+"""Both model families on the real recordings in ../shared/data, each score next to its ceiling.
+
+    python benchmarks/bench_real.py stitched [--latents 2 4 6] [--bin 1]
+    python benchmarks/bench_real.py nplds    [--bins-s 0.02 0.05] [--ks 1 2 3 4]
+    python benchmarks/bench_real.py all
+
+``stitched``: ``dentate_gyrus_events.nwb`` (122 cells, 3596 frames at 10 Hz) cut into two
+partial recordings: the first ~60% of the cells observed in the first half of the time, the
+last ~60% in the second half, so the fit never sees a first-block cell with a second-block
+one. Per lag it prints the correlation of the predicted covariances of those never co-observed
+pairs with their empirical covariances in the full recording; the ceiling, the split-half
+reliability of those same covariances (first half of the time against the second); their ratio
+where the ceiling is above 0.3; and the same pairs' correlation for a fit to the full,
+fully observed recording. Every fit runs with the workflow's defaults and reports its passes,
+seconds and why it stopped.
+
+``nplds``: ``gpe_bandit_units.nwb`` (18 units, 50 trials of 0.97-3.1 s) ingested with whole
+trials (padded with missing bins, the workflow's default) at each bin width, fitted through
+``poplds.nplds.fit_store`` for every k: each model's held-out-trial and co-smoothing bits per
+spike, per-trial rate RMSE, EM iterations, seconds and stop reason. The ceiling of the
+held-out-trial score is 0 bits/spike for a model no better than each neuron's mean rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from poplds.stitched import RecordingInput, fit_stitched_lds
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def _fit_line(fit) -> str:
+    i = fit.info
+    return (
+        f"{i['free']['passes']}+{i['linked']['passes']} passes, {i['seconds']:.1f} s, "
+        f"{i['free']['stop']}/{i['linked']['stop']}"
+    )
+
+
+def stitched(args) -> dict:
+    import h5py
+
+    path = DATA / "dentate_gyrus_events.nwb"
+    with h5py.File(path, "r") as f:
+        y = np.asarray(f["processing/ophys/events/data"][:], dtype=np.float64)
+    if args.bin > 1:  # sum sparse events over bins of `bin` frames
+        y = y[: len(y) // args.bin * args.bin].reshape(-1, args.bin, y.shape[1]).sum(1)
+    T, N = y.shape
+    K = 5
+    cut = int(0.6 * N)
+    a, b = np.arange(0, cut), np.arange(N - cut, N)
+    a_only, b_only = np.setdiff1d(a, b), np.setdiff1d(b, a)
+    half = T // 2
+    recs = [RecordingInput("first", y[:half, a], a), RecordingInput("second", y[half:, b], b)]
+    yc = y - y.mean(0)
+    emp = [yc[s:].T @ yc[: T - s] / (T - s) for s in range(K)]
+
+    def pairs(M):
+        return np.concatenate(
+            [M[np.ix_(a_only, b_only)].ravel(), M[np.ix_(b_only, a_only)].ravel()]
+        )
+
+    def corr(pred, s):
+        return float(np.corrcoef(pairs(pred), pairs(emp[s]))[0, 1])
+
+    h1, h2 = yc[:half] - yc[:half].mean(0), yc[half:] - yc[half:].mean(0)
+    ceiling = [
+        float(
+            np.corrcoef(pairs(h1[s:].T @ h1[: half - s]), pairs(h2[s:].T @ h2[: T - half - s]))[
+                0, 1
+            ]
+        )
+        for s in range(K)
+    ]
+    print(
+        f"# stitched: {path.name}, {N} cells x {T} frames (bin {args.bin}); first half sees "
+        f"{len(a)} cells, second half {len(b)}, {len(a) + len(b) - N} shared; {machine()}"
+    )
+    print(
+        "ceiling (split-half r of the never co-observed pairs) per lag: "
+        + " ".join(f"{v:.3f}" for v in ceiling)
+    )
+    out: dict = {"ceiling": ceiling}
+    for n in args.latents:
+        full = fit_stitched_lds(
+            [RecordingInput("all", y, np.arange(N))], N, n, lags=K, device="cpu"
+        )
+        full_r = [corr(full.params.C @ full.params.X[s] @ full.params.C.T, s) for s in range(K)]
+        t = time.perf_counter()
+        fit = fit_stitched_lds(recs, N, n, lags=K, device="cpu", heldout_fraction=0.1)
+        dt = time.perf_counter() - t
+        never = [corr(fit.params.C @ fit.params.X[s] @ fit.params.C.T, s) for s in range(K)]
+        ratio = [nv / c if c > 0.3 else None for nv, c in zip(never, ceiling, strict=True)]
+        out[n] = {
+            "seconds": dt,
+            "never_corr": never,
+            "fully_observed_corr": full_r,
+            "ratio_to_ceiling": ratio,
+            "stop": fit.info["stop"],
+        }
+        print(
+            f"n={n}: split fit {_fit_line(fit)}; never co-observed r "
+            + " ".join(f"{v:.3f}" for v in never)
+            + "; fully observed fit "
+            + " ".join(f"{v:.3f}" for v in full_r)
+            + f" ({_fit_line(full)}); ratio to ceiling where > 0.3: "
+            + (" ".join("-" if r is None else f"{r:.2f}" for r in ratio)),
+            flush=True,
+        )
+    return out
+
+
+def nplds(args) -> dict:
+    from poplds import ingest_dataset
+    from poplds.nplds import fit_store
+
+    path = DATA / "gpe_bandit_units.nwb"
+    out: dict = {}
+    print(f"# nplds: {path.name}, whole trials (padded with missing bins); {machine()}")
+    print(
+        f"{'bin':>5} {'k':>2} {'model':>6} {'held-out b/s':>12} {'co-smooth b/s':>13} "
+        f"{'RMSE Hz':>8} {'iters':>5} {'s':>6} {'stop':>9}"
+    )
+    for bin_s in args.bins_s:
+        with tempfile.TemporaryDirectory() as tmp:
+            store = ingest_dataset(
+                [{"path": str(path), "name": "gpe"}],
+                Path(tmp) / "data.zarr",
+                bin_size_s=bin_s,
+                trials=True,
+            )
+            for k in args.ks:
+                m = fit_store(store, tmp, k, device="cpu")
+                for name, e in m["models"].items():
+                    out[f"{bin_s}/{k}/{name}"] = {
+                        key: e[key]
+                        for key in (
+                            "heldout_trial_bits_per_spike",
+                            "cosmoothing_bits_per_spike",
+                            "rate_rmse_hz",
+                            "iterations",
+                            "fit_seconds",
+                            "stop",
+                        )
+                    }
+                    print(
+                        f"{bin_s:5.2f} {k:>2} {name:>6} {e['heldout_trial_bits_per_spike']:12.4f} "
+                        f"{e['cosmoothing_bits_per_spike']:13.4f} {e['rate_rmse_hz']:8.3f} "
+                        f"{e['iterations']:>5} {e['fit_seconds']:6.1f} {e['stop']:>9}",
+                        flush=True,
+                    )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("what", choices=["stitched", "nplds", "all"])
+    ap.add_argument("--latents", type=int, nargs="+", default=[2, 4, 6])
+    ap.add_argument("--bin", type=int, default=1, help="stitched: frames summed per bin")
+    ap.add_argument("--bins-s", type=float, nargs="+", default=[0.02, 0.05])
+    ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4])
+    args = ap.parse_args()
+    if not DATA.is_dir():
+        raise SystemExit(f"{DATA}: not found (the shared data folder sits beside the checkout)")
+    if args.what in ("stitched", "all"):
+        stitched(args)
+    if args.what in ("nplds", "all"):
+        nplds(args)
+
+
+if __name__ == "__main__":
+    main()
