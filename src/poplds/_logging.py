@@ -32,3 +32,15 @@ def setup_logging(log_file: str | PathLike[str] | None = None, level: int = logg
         handler.setFormatter(fmt)
         logger.addHandler(handler)
     logger.propagate = False
+
+
+def setup_job(log_file: str | PathLike[str] | None, threads: int | None = None) -> None:
+    """Set up a workflow job: logging (:func:`setup_logging`) and, when given, torch's
+    intra-op threads to the job's ``threads``. torch defaults to every core of the machine;
+    two such jobs side by side, or one job on a cluster node shared with others, oversubscribe
+    the cores and slow every fit many times over."""
+    setup_logging(log_file)
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from poplds._logging import setup_logging
+from poplds._logging import setup_job
 from poplds.stitched import fit_store
 
-setup_logging(snakemake.log[0])  # noqa: F821
+setup_job(snakemake.log[0], snakemake.threads)  # noqa: F821
 truth = snakemake.input.get("truth")  # noqa: F821
 fit_store(
     snakemake.input.store,  # noqa: F821
