@@ -229,7 +229,7 @@ def fit_store(
         t0 = time.perf_counter()
         opts = {"drift": drift, "dynamics_drift": dyn, "max_iter": max_iter, "tol": tol}
         fit = vi.fit(y[train], n[train], k, device=dev, **opts)
-        start = "moments"
+        start, iterations_all = "moments", fit.iterations
         if drift and stationary is not None and fit.bound[-1] < stationary.bound[-1]:
             log.warning(
                 "%s k=%d ended below the stationary fit's bound (%.6g < %.6g): a worse local "
@@ -247,6 +247,7 @@ def fit_store(
                 init=from_stationary(stationary.params, fit.params),
                 **opts,
             )
+            iterations_all += again.iterations
             if again.bound[-1] > fit.bound[-1]:
                 fit, start = again, "plds"
         if not drift:
@@ -272,6 +273,7 @@ def fit_store(
             "bound_rise": fit.bound[-1] - fit.bound[0],
             "extrapolations_kept": fit.extrapolations,
             "start": start,
+            "iterations_all_starts": iterations_all,
             "fit_seconds": fit.seconds,
             "seconds": seconds,
             "drift_sd": float(np.sqrt((shift - shift.mean(0)).var(0).mean())),
