@@ -24,8 +24,11 @@ from typing import Any
 import numpy as np
 import yaml
 
+from ._logging import get_logger
 from ._results import json_clean, write_json
 from .store import DatasetStore
+
+log = get_logger()
 
 #: Slack of the stitched choice: the smallest n within 2% of the lowest held-out error.
 STITCHED_SLACK = 0.02
@@ -187,6 +190,45 @@ def stitched_rows(metrics: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _write_scores(
+    metrics: Sequence[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    choice: dict[str, Any],
+    *,
+    letter: str,
+    rule: str,
+    title: str,
+    extra: Sequence[tuple[str, str]],
+    outputs: tuple[str | Path, str | Path, str | Path],
+) -> dict[str, Any]:
+    """The scores page (HTML: the choice with its warnings, ``extra`` sections, the table,
+    the fits' warnings), the table as CSV and the choice as JSON; the choice is logged."""
+    html_out, csv_out, choice_out = outputs
+    fit_warnings = [
+        f"{letter}={m['settings']['latent_dim']}: {w}"
+        for m in metrics
+        for w in m.get("warnings", [])
+    ]
+    dataset = metrics[0].get("dataset")
+    sections = [
+        (
+            f"Choice of {letter}",
+            f"<p>chosen {letter} = {choice['chosen']} ({rule})</p>"
+            + _warnings_html(choice["warnings"]),
+        ),
+        *extra,
+        ("Scores", html_table(rows)),
+        ("Warnings of the fits", _warnings_html(fit_warnings)),
+    ]
+    log.info("%s: chosen %s = %s", dataset, letter, choice["chosen"])
+    for w in choice["warnings"]:
+        log.warning(w)
+    _write_text(html_out, _page(f"{dataset}: {title}", sections))
+    _write_csv(csv_out, rows)
+    write_json(Path(choice_out), {**choice, "fit_warnings": fit_warnings})
+    return choice
+
+
 def write_stitched_scores(
     metrics_paths: Sequence[str | Path],
     html_out: str | Path,
@@ -195,27 +237,16 @@ def write_stitched_scores(
 ) -> dict[str, Any]:
     """The stitched scores table (HTML for the report, CSV) and the choice of n (JSON)."""
     metrics = _load(metrics_paths)
-    rows = stitched_rows(metrics)
-    choice = choose_stitched(metrics)
-    fit_warnings = [
-        f"n={m['settings']['latent_dim']}: {w}" for m in metrics for w in m.get("warnings", [])
-    ]
-    dataset = metrics[0].get("dataset")
-    chosen = choice["chosen"]
-    sections = [
-        (
-            "Choice of n",
-            f"<p>chosen n = {chosen} (the smallest within "
-            f"{STITCHED_SLACK:.0%} of the lowest held-out error)</p>"
-            + _warnings_html(choice["warnings"]),
-        ),
-        ("Scores per latent dimension", html_table(rows)),
-        ("Warnings of the fits", _warnings_html(fit_warnings)),
-    ]
-    _write_text(html_out, _page(f"{dataset}: stitched LDS scores", sections))
-    _write_csv(csv_out, rows)
-    write_json(Path(choice_out), {**choice, "fit_warnings": fit_warnings})
-    return choice
+    return _write_scores(
+        metrics,
+        stitched_rows(metrics),
+        choose_stitched(metrics),
+        letter="n",
+        rule=f"the smallest within {STITCHED_SLACK:.0%} of the lowest held-out error",
+        title="stitched LDS scores",
+        extra=(),
+        outputs=(html_out, csv_out, choice_out),
+    )
 
 
 def choose_nplds(metrics: Sequence[dict[str, Any]], model: str = "nplds") -> dict[str, Any]:
@@ -285,39 +316,28 @@ def write_nplds_scores(
 ) -> dict[str, Any]:
     """The Poisson LDS scores table (HTML, CSV) and the choice of k (JSON)."""
     metrics = _load(metrics_paths)
-    rows = nplds_rows(metrics)
-    choice = choose_nplds(metrics)
-    fit_warnings = [
-        f"k={m['settings']['latent_dim']}: {w}" for m in metrics for w in m.get("warnings", [])
-    ]
     first = metrics[0]
-    data_rows = [
-        {
-            "trials": first.get("n_trials"),
-            "bins per trial": first.get("n_bins"),
-            "bin (s)": first.get("bin_size_s"),
-            "neurons": first.get("n_neurons"),
-            "spikes": first.get("spikes"),
-            "missing bins": first.get("missing_bins"),
-            "held-out trials": first.get("n_heldout_trials"),
-            "held-out neurons": first.get("n_heldout_neurons"),
-        }
-    ]
-    sections = [
-        (
-            "Choice of k",
-            f"<p>chosen k = {choice['chosen']} (N-PLDS: the smallest within "
-            f"{NPLDS_SLACK_BITS} bits/spike of the best held-out-trial score)</p>"
-            + _warnings_html(choice["warnings"]),
-        ),
-        ("Data", html_table(data_rows)),
-        ("Scores per latent dimension and model", html_table(rows)),
-        ("Warnings of the fits", _warnings_html(fit_warnings)),
-    ]
-    _write_text(html_out, _page(f"{first.get('dataset')}: Poisson LDS scores", sections))
-    _write_csv(csv_out, rows)
-    write_json(Path(choice_out), {**choice, "fit_warnings": fit_warnings})
-    return choice
+    data = {
+        "trials": first.get("n_trials"),
+        "bins per trial": first.get("n_bins"),
+        "bin (s)": first.get("bin_size_s"),
+        "neurons": first.get("n_neurons"),
+        "spikes": first.get("spikes"),
+        "missing bins": first.get("missing_bins"),
+        "held-out trials": first.get("n_heldout_trials"),
+        "held-out neurons": first.get("n_heldout_neurons"),
+    }
+    return _write_scores(
+        metrics,
+        nplds_rows(metrics),
+        choose_nplds(metrics),
+        letter="k",
+        rule=f"N-PLDS: the smallest within {NPLDS_SLACK_BITS} bits/spike of the best "
+        "held-out-trial score",
+        title="Poisson LDS scores",
+        extra=(("Data", html_table([data])),),
+        outputs=(html_out, csv_out, choice_out),
+    )
 
 
 def recording_rows(store: DatasetStore) -> list[dict[str, Any]]:

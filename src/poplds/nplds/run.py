@@ -300,6 +300,13 @@ def fit_store(
                 entry["radius_corr_vs_truth"] = float(
                     np.corrcoef(_spectral_radius(A_trials), figure["true_radius"])[0, 1]
                 )
+        moved = fit.bound[-1] - fit.bound[0]
+        if start == "moments" and fit.converged and moved <= 10 * tol * abs(fit.bound[-1]):
+            warnings.append(
+                f"{name} k={k} barely moved from its start (the bound rose {moved:.3g}): the "
+                "result is essentially the start"
+            )
+            log.warning(warnings[-1])
         if not fit.converged:
             warnings.append(
                 f"{name} k={k} stopped at nplds.max_iter ({max_iter}) before its convergence "
