@@ -386,7 +386,14 @@ def write_provenance(
         prov = m.get("provenance", {})
         label = f"{Path(path).parent.parent.name} {Path(path).parent.name}"
         fits.append({"fit": label, **{k: v for k, v in prov.items() if k != "host"}})
-    config_text = yaml.safe_dump(json_clean(dataset_config), sort_keys=False)
+    # the settings blocks of model families this dataset does not fit are left out
+    families = ("stitched_lds", "nplds")
+    shown = {
+        k: v
+        for k, v in dataset_config.items()
+        if k not in families or k in dataset_config.get("models", families)
+    }
+    config_text = yaml.safe_dump(json_clean(shown), sort_keys=False, default_flow_style=None)
     sections = [
         ("Configuration (validated, defaults filled in)", f"<pre>{html.escape(config_text)}</pre>"),
         ("Recordings", html_table(recording_rows(store))),
