@@ -39,7 +39,7 @@ from .._version import __version__
 from ..stitched._data import choose_device
 from ..store import DatasetStore, write_array, write_strings
 from . import vi
-from .evaluate import centred_correlation, evaluate, split_neurons, split_trials
+from .evaluate import centred_correlation, evaluate, split_neurons, split_trials, trial_mean
 
 log = get_logger()
 
@@ -108,13 +108,6 @@ def from_stationary(plds: vi.PLDSParams, drifting: vi.PLDSParams) -> vi.PLDSPara
         A1=None if drifting.A1 is None else 0.05 * plds.A,
         log_tau_g=drifting.log_tau_g,
     )
-
-
-def _observed_rate(y: np.ndarray) -> np.ndarray:
-    """(trials, neurons) mean count per observed bin (0 where a trial has none)."""
-    seen = ~np.isnan(y)
-    total = np.where(seen, y, 0.0).sum(1)
-    return np.divide(total, seen.sum(1), out=np.zeros_like(total), where=seen.sum(1) > 0)
 
 
 def _spectral_radius(A: np.ndarray) -> np.ndarray:
@@ -214,7 +207,7 @@ def fit_store(
     figure: dict[str, np.ndarray] = {
         "trial_ids": trial_ids,
         "heldout": out_mask,
-        "observed_rate": _observed_rate(y) / bin_s,
+        "observed_rate": trial_mean(tt(y), tt(y)).cpu().numpy() / bin_s,
         "bin_size_s": np.array(bin_s),
     }
     if truth_d is not None:

@@ -1192,7 +1192,6 @@ def fit(
         )
     pri = training_priors(p, data.n)
     p, st = initial_state(data, p, pri)
-    bound_state = (p, st)  # the iterate the next extrapolation starts from
     bound = [float(elbo(data, p, st, pri))]
     converged = False
     it = 0
@@ -1206,6 +1205,7 @@ def fit(
 
     while it < max_iter:
         t_it = time.perf_counter()
+        p0, st0 = p, st  # the iterate an extrapolation starts from
         p1, st1, pri1, b1 = em_iteration(data, p, st, pri)
         steps = [b1]
         p, st, pri = p1, st1, pri1
@@ -1213,7 +1213,7 @@ def fit(
             p2, st2, pri2, b2 = em_iteration(data, p1, st1, pri1)
             steps.append(b2)
             p, st, pri = p2, st2, pri2
-            pe, se, a = extrapolate(bound_state[0], bound_state[1], p1, st1, p2, st2, rebuild)
+            pe, se, a = extrapolate(p0, st0, p1, st1, p2, st2, rebuild)
             if pe is not None and a < -1:
                 p3, st3, pri3, b3 = em_iteration(data, pe, se, training_priors(pe, data.n))
                 if math.isfinite(b3) and b3 >= b2:
@@ -1222,7 +1222,6 @@ def fit(
                 else:
                     steps.append(b2)  # rejected: the EM step t2 stands
         bound += steps
-        bound_state = (p, st)
         it += len(steps)
         per_iteration += [(time.perf_counter() - t_it) / len(steps)] * len(steps)
         change = bound[-1] - bound[-1 - len(steps)]

@@ -307,8 +307,7 @@ def _lbfgs(
 
     Returns ``passes``, ``stop`` (``converged``, ``max_passes`` or ``no_descent``: L-BFGS found
     no descent direction, a stationary point to machine precision), ``converged`` (True unless
-    it stopped at the cap), ``loss_start``, ``loss``, ``relative_decrease``
-    (``(loss_start - loss) / |loss|``) and ``seconds``.
+    it stopped at the cap), ``loss_start``, ``loss`` and ``seconds``.
     """
     opt = torch.optim.LBFGS(
         params,
@@ -368,7 +367,6 @@ def _lbfgs(
         "converged": stop != "max_passes",
         "loss_start": start,
         "loss": end,
-        "relative_decrease": (start - end) / max(abs(end), 1e-300),
         "seconds": time.perf_counter() - t,
     }
 
