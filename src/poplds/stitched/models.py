@@ -433,7 +433,7 @@ def fit_stitched_lds(
     heldout_fraction: float = 0.1,
     seed: int = 0,
     restarts: int = 0,
-    max_passes: int = 500,
+    max_passes: int = 2000,
     tol: float = 1e-3,
     stable: bool = True,
     r_floor: float = 1e-3,

@@ -111,7 +111,7 @@ def fit_store(
     seed: int = 0,
     device: str = "auto",
     restarts: int = 0,
-    max_passes: int = 500,
+    max_passes: int = 2000,
     tol: float = 1e-3,
     truth: str | Path | None = None,
     max_device_bytes: float | None = None,
