@@ -31,7 +31,7 @@ Each EM iteration takes, in turn, a Newton step in m (Hessian
 ``Jbar + blockdiag(C' diag(lambda) C)``, block-tridiagonal, batched over trials), the
 fixed-point step ``w <- lambda`` (expected rates) for S, a Newton/fixed-point step for each
 ``q(h[:,j])``, the exact update of ``q(g)``, then the M-step: closed forms for x0, V0, A, A1, B,
-Q; per-neuron Newton steps for (c_i, d_i); L-BFGS on the kernels' log hyperparameters. Every
+Q; per-neuron Newton steps for (c_i, d_i); L-BFGS-B on the kernels' log hyperparameters. Every
 step that is not an exact maximiser is damped (halved per trial, neuron or dimension) until the
 bound does not fall, so the bound never decreases. Iteration stops when the bound rose by less
 than ``tol * |bound|`` over the last ``WINDOW`` (10) iterations: a slow phase of EM, whose
@@ -46,6 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import threadpoolctl
 import torch
 
 from .._logging import get_logger
@@ -779,38 +780,94 @@ def _site_posterior(K: torch.Tensor, w: torch.Tensor, b: torch.Tensor):
     return (S @ b[..., None])[..., 0], S
 
 
+def _site_part(K, dKs, w, b, value):
+    """The part of the bound that GP hyperparameters move, and its gradient, in closed form.
+
+    With the site terms ``t(h) = exp(b'h - h'Wh / 2)`` fixed (W = diag w), q is the site
+    posterior ``N(m, S)``, ``S = (K^-1 + W)^-1 = K A``, ``m = K alpha`` with
+    ``A = (I + W K)^-1`` and ``alpha = A b``, and the bound's part is::
+
+        F = value(m, diag S) - KL(q || N(0, K))
+        -KL = -b'm / 2 - log det(I + K W) / 2 + m'W m / 2 + tr(W S) / 2
+
+    (``KL = E_q log t - log Z``, ``Z = det(I + KW)^-1/2 exp(b'S b / 2)``). Since
+    ``dS = A' dK A`` and ``dm = A' dK alpha``, the gradient with respect to K is::
+
+        dF/dK = sym(A diag(h_s) A' + (A h_m) alpha' - A W / 2),
+        h_s = dvalue/d(diag S) + w / 2,   h_m = dvalue/dm - b / 2 + W m,
+
+    which needs no K^-1 (I + WK has eigenvalues >= 1 however ill-conditioned K is).
+
+    K (J, R, R); dKs: list of (J, R, R), dK/dtheta_p for each hyperparameter vector; w, b
+    (J, R); value(m, v) -> (value, d/dm, d/dv) with m, v (J, R). Returns ``(-F, [-dF/dtheta_p
+    (J,)])``.
+    """
+    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
+    X = eye + w[..., :, None] * K
+    A = torch.linalg.inv(X)
+    alpha = (A @ b[..., None])[..., 0]
+    m = (K @ alpha[..., None])[..., 0]
+    v = torch.diagonal(K @ A, dim1=-2, dim2=-1)
+    val, g_m, g_v = value(m, v)
+    logdet = torch.linalg.slogdet(X)[1]
+    F = val + 0.5 * ((w * m * m).sum() + (w * v).sum() - (b * m).sum() - logdet.sum())
+    h_s = g_v + 0.5 * w
+    h_m = g_m - 0.5 * b + w * m
+    G = (A * h_s[..., None, :]) @ A.mT + (A @ h_m[..., None]) * alpha[..., None, :]
+    G = G - 0.5 * A * w[..., None, :]
+    G = 0.5 * (G + G.mT)
+    return -F, [-(G * dK).sum((-1, -2)) for dK in dKs]
+
+
 def _kernel_step(kernel, theta, bounds, w, b, value, m0, S0, iters):
     """Move GP hyperparameters and their q together: with the site terms (w, b) fixed,
-    ``q_theta = N(S b, S)``, ``S = (K_theta^-1 + diag w)^-1``, and L-BFGS maximises
-    ``value(m, S) - KL(q_theta || N(0, K_theta))``, the exact part of the bound that depends
-    on them. The result replaces the current (theta, q) only if that part of the bound rises.
-    Returns (theta, m, S)."""
-    zero = torch.zeros_like(m0)
+    ``q_theta = N(S b, S)``, ``S = (K_theta^-1 + diag w)^-1``, and L-BFGS-B maximises
+    ``value(m, S) - KL(q_theta || N(0, K_theta))`` (:func:`_site_part`, with its gradient in
+    closed form), the exact part of the bound that depends on them, within ``bounds`` (one
+    ``(lo, hi)`` per hyperparameter vector). The result replaces the current (theta, q) only
+    if that part of the bound rises. ``kernel(*theta) -> (K, [dK/dtheta_p])``. Returns
+    (theta, m, S)."""
+    import scipy.optimize
 
-    def objective(*th):
-        K = kernel(*th)
-        m, S = _site_posterior(K, w, b)
-        return -(value(m, S) - gaussian_kl(m, S, zero, K).sum())
+    sizes = [t.numel() for t in theta]
+    like = theta[0]
 
+    def unpack(x: np.ndarray) -> list[torch.Tensor]:
+        parts = np.split(np.asarray(x, dtype=np.float64), np.cumsum(sizes)[:-1])
+        return [torch.as_tensor(q, dtype=like.dtype, device=like.device) for q in parts]
+
+    def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
+        K, dKs = kernel(*unpack(x))
+        f, grads = _site_part(K, dKs, w, b, value)
+        return float(f), torch.cat(grads).cpu().numpy()
+
+    x0 = torch.cat([t.reshape(-1) for t in theta]).cpu().numpy()
+    box = [lohi for lohi, n in zip(bounds, sizes, strict=True) for _ in range(n)]
+    x0 = np.clip(x0, [lo for lo, _ in box], [hi for _, hi in box])
     with torch.no_grad():
-        current = -(value(m0, S0) - gaussian_kl(m0, S0, zero, kernel(*theta)).sum())
-    new = _lbfgs(objective, theta, bounds, iters)
-    try:
-        with torch.no_grad():
-            K = kernel(*new)
-            m, S = _site_posterior(K, w, b)
-            after = -(value(m, S) - gaussian_kl(m, S, zero, K).sum())
-    except torch.linalg.LinAlgError:
-        return theta, m0, S0
-    if torch.isfinite(after) and after < current:
-        return new, m, S
-    return theta, m0, S0
+        try:
+            current = objective(x0)[0]
+            res = scipy.optimize.minimize(
+                objective,
+                x0,
+                jac=True,
+                method="L-BFGS-B",
+                bounds=box,
+                options={"maxiter": iters},
+            )
+        except torch.linalg.LinAlgError:
+            return theta, m0, S0
+        if not (np.isfinite(res.fun) and res.fun < current):
+            return theta, m0, S0
+        new = [q.reshape(t.shape) for q, t in zip(unpack(res.x), theta, strict=True)]
+        m, S = _site_posterior(kernel(*new)[0], w, b)
+    return new, m, S
 
 
 def mstep_kernels(
     data: TrialData, p: PLDSParams, st: VIState, iters: int = 10
 ) -> tuple[PLDSParams, VIState]:
-    """GP hyperparameters by L-BFGS on their log, moving q(h) and q(g) with them
+    """GP hyperparameters by L-BFGS-B on their log, moving q(h) and q(g) with them
     (:func:`_kernel_step`); without that, q's covariance, shaped by the current kernel, pins
     the hyperparameters where they started.
 
@@ -837,14 +894,18 @@ def mstep_kernels(
         b = w * m0 + torch.cholesky_solve(m0[..., None], torch.linalg.cholesky(K0))[..., 0]
         YC = Y @ p.C  # (R, k)
 
-        def value(m, S):
-            dm = (m - m0).T
-            dv = (torch.diagonal(S, dim1=-2, dim2=-1) - v0).T
-            rate = Lam * torch.exp(dm @ p.C.T + 0.5 * dv @ C2.T)
-            return (YC * m.T).sum() - rate.sum()
+        def value(m, v):
+            rate = Lam * torch.exp((m - m0).T @ p.C.T + 0.5 * (v - v0).T @ C2.T)
+            return (YC * m.T).sum() - rate.sum(), (YC - rate @ p.C).T, -0.5 * (rate @ C2).T
+
+        d2 = (n[:, None] - n[None, :]) ** 2
+        eye = torch.eye(len(n), dtype=n.dtype, device=n.device)
 
         def kernel(ls2, lt):
-            return se_kernel(n, torch.exp(ls2), torch.exp(lt))
+            sigma2 = torch.exp(ls2)[:, None, None]
+            K = se_kernel(n, torch.exp(ls2), torch.exp(lt))
+            dtau = (K - sigma2 * NUGGET * eye) * d2 / torch.exp(2 * lt)[:, None, None]
+            return K, [K, dtau]
 
         (ls2, lt), m, S = _kernel_step(
             kernel,
@@ -863,12 +924,16 @@ def mstep_kernels(
         a, bg = _g_quadratic(data, p, st)
         one = n.new_ones(1)
 
-        def value_g(m, S):
-            v = torch.diagonal(S, dim1=-2, dim2=-1)
-            return (-0.5 * a * (m**2 + v) + bg * m).sum()
+        def value_g(m, v):
+            value = (-0.5 * a * (m**2 + v) + bg * m).sum()
+            return value, (bg - a * m).expand_as(m), (-0.5 * a).expand_as(v)
+
+        d2g = (n[:, None] - n[None, :]) ** 2
+        eye = torch.eye(len(n), dtype=n.dtype, device=n.device)
 
         def kernel_g(lt):
-            return se_kernel(n, one, torch.exp(lt).reshape(1))
+            K = se_kernel(n, one, torch.exp(lt).reshape(1))
+            return K, [(K - NUGGET * eye) * d2g / torch.exp(2 * lt).reshape(1, 1, 1)]
 
         (lt,), m, S = _kernel_step(
             kernel_g,
@@ -884,35 +949,6 @@ def mstep_kernels(
         p = replace(p, log_tau_g=lt)
         st = replace(st, gm=m[0], gS=S[0])
     return p, st
-
-
-def _lbfgs(fn, params, bounds, iters):
-    """Minimise fn over box-clamped copies of params; returns the better of start and end."""
-    start = [q.detach().clone() for q in params]
-    xs = [q.detach().clone().requires_grad_(True) for q in params]
-    opt = torch.optim.LBFGS(xs, max_iter=iters, line_search_fn="strong_wolfe")
-
-    def clamped():
-        return [torch.clamp(x, lo, hi) for x, (lo, hi) in zip(xs, bounds, strict=True)]
-
-    def closure():
-        opt.zero_grad()
-        value = fn(*clamped())
-        value.backward()
-        return value
-
-    try:
-        with torch.no_grad():
-            before = fn(*start)
-        opt.step(closure)
-        with torch.no_grad():
-            new = [c.detach() for c in clamped()]
-            after = fn(*new)
-    except torch.linalg.LinAlgError:
-        return start
-    if torch.isfinite(after) and after <= before:
-        return new
-    return start
 
 
 # ----------------------------------------------------------------------------- initialisation
@@ -1203,46 +1239,49 @@ def fit(
         S, cross, logdet_s = _paths_cov(prior, pn.C, sn.w)
         return replace(sn, S=S, cross=cross, logdet_s=logdet_s)
 
-    while it < max_iter:
-        t_it = time.perf_counter()
-        p0, st0 = p, st  # the iterate an extrapolation starts from
-        p1, st1, pri1, b1 = em_iteration(data, p, st, pri)
-        steps = [b1]
-        p, st, pri = p1, st1, pri1
-        if accelerate and it + 3 <= max_iter:
-            p2, st2, pri2, b2 = em_iteration(data, p1, st1, pri1)
-            steps.append(b2)
-            p, st, pri = p2, st2, pri2
-            pe, se, a = extrapolate(p0, st0, p1, st1, p2, st2, rebuild)
-            if pe is not None and a < -1:
-                p3, st3, pri3, b3 = em_iteration(data, pe, se, training_priors(pe, data.n))
-                if math.isfinite(b3) and b3 >= b2:
-                    p, st, pri, accepted = p3, st3, pri3, accepted + 1
-                    steps.append(b3)
-                else:
-                    steps.append(b2)  # rejected: the EM step t2 stands
-        bound += steps
-        it += len(steps)
-        per_iteration += [(time.perf_counter() - t_it) / len(steps)] * len(steps)
-        change = bound[-1] - bound[-1 - len(steps)]
-        remaining = recent_gain(bound)
-        if progress_every and (
-            it // progress_every > (it - len(steps)) // progress_every or it <= 3
-        ):
-            log.info(
-                "iteration %d / at most %d, %.1f s: bound %.6g (change %.3g, %.3g over the "
-                "last %d)",
-                it,
-                max_iter,
-                time.perf_counter() - t0,
-                bound[-1],
-                change,
-                remaining,
-                WINDOW,
-            )
-        if it >= min_iter and remaining <= tol * abs(bound[-1]):
-            converged = True
-            break
+    # numpy/scipy work on tiny arrays here (the kernel step's L-BFGS-B); OpenBLAS's idle
+    # worker threads spinning beside torch's OpenMP threads halve the speed of every torch op
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        while it < max_iter:
+            t_it = time.perf_counter()
+            p0, st0 = p, st  # the iterate an extrapolation starts from
+            p1, st1, pri1, b1 = em_iteration(data, p, st, pri)
+            steps = [b1]
+            p, st, pri = p1, st1, pri1
+            if accelerate and it + 3 <= max_iter:
+                p2, st2, pri2, b2 = em_iteration(data, p1, st1, pri1)
+                steps.append(b2)
+                p, st, pri = p2, st2, pri2
+                pe, se, a = extrapolate(p0, st0, p1, st1, p2, st2, rebuild)
+                if pe is not None and a < -1:
+                    p3, st3, pri3, b3 = em_iteration(data, pe, se, training_priors(pe, data.n))
+                    if math.isfinite(b3) and b3 >= b2:
+                        p, st, pri, accepted = p3, st3, pri3, accepted + 1
+                        steps.append(b3)
+                    else:
+                        steps.append(b2)  # rejected: the EM step t2 stands
+            bound += steps
+            it += len(steps)
+            per_iteration += [(time.perf_counter() - t_it) / len(steps)] * len(steps)
+            change = bound[-1] - bound[-1 - len(steps)]
+            remaining = recent_gain(bound)
+            if progress_every and (
+                it // progress_every > (it - len(steps)) // progress_every or it <= 3
+            ):
+                log.info(
+                    "iteration %d / at most %d, %.1f s: bound %.6g (change %.3g, %.3g over the "
+                    "last %d)",
+                    it,
+                    max_iter,
+                    time.perf_counter() - t0,
+                    bound[-1],
+                    change,
+                    remaining,
+                    WINDOW,
+                )
+            if it >= min_iter and remaining <= tol * abs(bound[-1]):
+                converged = True
+                break
     seconds = time.perf_counter() - t0
     log.info(
         "%s after %d iterations, %.1f s: bound %.8g%s",
