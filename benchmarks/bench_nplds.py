@@ -13,7 +13,7 @@ authors' MATLAB code took about an hour per fit of this size (their paper and re
 ``scaling``: seconds per EM iteration of N-PLDS (after the start) from a base of R = 100
 trials, T = 100 bins, N = 64 neurons, k = 4, doubling one of R, T, N, k at a time.
 
-``peer``: the latent-path step with Gaussian emissions, ``poplds.nplds.inference.
+``peer``: the latent-path step with Gaussian emissions, ``poplds.nplds.kalman_reference.
 gaussian_latents`` (all trials in one batched block-tridiagonal solve), against pykalman's
 ``KalmanFilter.smooth`` run trial by trial with identical parameters; the two must agree to
 1e-8 (means, covariances). Prints both times and the ratio.
@@ -93,7 +93,7 @@ def bench_scaling(args) -> None:
 def bench_peer(args) -> None:
     from pykalman import KalmanFilter
 
-    from poplds.nplds.inference import gaussian_latents
+    from poplds.nplds.kalman_reference import gaussian_latents
 
     rng = np.random.default_rng(0)
     R, T, N, k = args.trials, 100, 64, 4

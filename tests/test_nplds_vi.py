@@ -12,8 +12,9 @@ import torch
 from scipy import stats
 
 from poplds.nplds import _blocktri as bt
+from poplds.nplds import _numerics as numerics
+from poplds.nplds import estep, init, model, mstep, vi
 from poplds.nplds import evaluate as ev
-from poplds.nplds import vi
 from poplds.simulate import simulate_poisson_trials
 
 torch.set_default_dtype(torch.float64)
@@ -23,10 +24,10 @@ def tt(a):
     return torch.as_tensor(np.asarray(a), dtype=torch.float64)
 
 
-def random_params(rng, k=2, N=5, m=0, drift=True, dyn=False) -> vi.PLDSParams:
+def random_params(rng, k=2, N=5, m=0, drift=True, dyn=False) -> model.PLDSParams:
     A = 0.6 * np.linalg.qr(rng.standard_normal((k, k)))[0]
     M = rng.standard_normal((k, k))
-    p = vi.PLDSParams(
+    p = model.PLDSParams(
         C=tt(0.4 * rng.standard_normal((N, k))),
         d=tt(np.log(0.3) + 0.2 * rng.standard_normal(N)),
         A=tt(A),
@@ -45,7 +46,7 @@ def random_params(rng, k=2, N=5, m=0, drift=True, dyn=False) -> vi.PLDSParams:
     return p
 
 
-def random_state(rng, p, R, T, N) -> vi.VIState:
+def random_state(rng, p, R, T, N) -> model.VIState:
     """A valid q with dense random path covariances (their blocks) and GP-like q(h), q(g)."""
     k = p.A.shape[0]
     S_full, S, cross, logdet = [], [], [], []
@@ -58,7 +59,7 @@ def random_state(rng, p, R, T, N) -> vi.VIState:
         logdet.append(np.linalg.slogdet(Sf)[1])
     hS = np.stack([0.05 * np.eye(R) + 0.02 for _ in range(k)])
     gS = 0.1 * np.eye(R) + 0.03
-    st = vi.VIState(
+    st = model.VIState(
         m=tt(0.3 * rng.standard_normal((R, T, k))),
         S=tt(np.array(S)),
         cross=tt(np.array(cross)),
@@ -112,7 +113,7 @@ def test_path_prior_matches_dense_gaussian_with_inputs():
     p = random_params(rng, k, N, m=mu_in, drift=False)
     u = rng.standard_normal((R, T, mu_in))
     st, S_full = random_state(rng, p, R, T, N)
-    prior = vi.path_prior(p, R, T, tt(u))
+    prior = model.path_prior(p, R, T, tt(u))
     got = prior.value(st.m, st.S, st.cross, st.logdet_s).numpy()
     for r in range(R):
         b = u[r] @ p.B.numpy().T
@@ -129,7 +130,7 @@ def test_path_prior_averages_the_drifting_dynamics_exactly():
     p = random_params(rng, k, N, drift=False, dyn=True)
     st, S_full = random_state(rng, p, R, T, N)
     gv = torch.diagonal(st.gS)
-    prior = vi.path_prior(p, R, T, None, st.gm, gv)
+    prior = model.path_prior(p, R, T, None, st.gm, gv)
     got = prior.value(st.m, st.S, st.cross, st.logdet_s).numpy()
     nodes, weights = np.polynomial.hermite_e.hermegauss(5)
     weights = weights / weights.sum()
@@ -153,7 +154,7 @@ def test_expected_rate_matches_monte_carlo():
     R, T, N, k = 2, 3, 4, 2
     p = random_params(rng, k, N)
     st, _ = random_state(rng, p, R, T, N)
-    _, log_lam = vi.expected_log_rate(p, st)
+    _, log_lam = model.expected_log_rate(p, st)
     n_mc = 400_000
     r, t = 1, 2
     x = rng.multivariate_normal(st.m[r, t].numpy(), st.S[r, t].numpy(), n_mc)
@@ -174,7 +175,7 @@ def test_gaussian_kl_matches_scipy_entropy_and_cross_entropy():
     # KL = -H[q] - E_q log p, with E_q log p in closed form checked by sampling in scipy
     x = q.rvs(200_000, random_state=rng)
     kl_mc = np.mean(q.logpdf(x) - prior.logpdf(x))
-    kl = float(vi.gaussian_kl(tt(m)[None], tt(S)[None], tt(mu)[None], tt(K)[None])[0])
+    kl = float(numerics.gaussian_kl(tt(m)[None], tt(S)[None], tt(mu)[None], tt(K)[None])[0])
     assert kl == pytest.approx(kl_mc, abs=0.03)
     assert kl == pytest.approx(
         0.5
@@ -194,7 +195,7 @@ def test_gaussian_kl_matches_scipy_entropy_and_cross_entropy():
 
 def test_kernel_step_part_and_gradient_match_the_dense_site_posterior():
     """The closed form of the bound's kernel part (no K^-1) against the dense expression:
-    S = inv(inv(K) + W), m = S b, value(m, diag S) - KL by :func:`vi.gaussian_kl`, with the
+    S = inv(inv(K) + W), m = S b, value(m, diag S) - KL by :func:`numerics.gaussian_kl`, with the
     gradient in the log hyperparameters by autograd through both inverses."""
     rng = np.random.default_rng(8)
     R, J, N = 12, 3, 5
@@ -209,19 +210,19 @@ def test_kernel_step_part_and_gradient_match_the_dense_site_posterior():
 
     ls2 = tt([-1.0, 0.5, 2.0]).requires_grad_(True)
     lt = tt([1.0, 2.0, 3.5]).requires_grad_(True)
-    K = vi.se_kernel(n, torch.exp(ls2), torch.exp(lt))
+    K = model.se_kernel(n, torch.exp(ls2), torch.exp(lt))
     S = torch.linalg.inv(torch.linalg.inv(K) + torch.diag_embed(w))
     S = 0.5 * (S + S.mT)
     m = (S @ b[..., None])[..., 0]
     dense = value(m, torch.diagonal(S, dim1=-2, dim2=-1))[0]
-    dense = dense - vi.gaussian_kl(m, S, torch.zeros_like(m), K).sum()
+    dense = dense - numerics.gaussian_kl(m, S, torch.zeros_like(m), K).sum()
     (-dense).backward()
     with torch.no_grad():
         Kd = K.detach()
         d2 = (n[:, None] - n[None, :]) ** 2
-        nugget = torch.exp(ls2)[:, None, None] * vi.NUGGET * torch.eye(R, dtype=K.dtype)
+        nugget = torch.exp(ls2)[:, None, None] * model.NUGGET * torch.eye(R, dtype=K.dtype)
         dtau = (Kd - nugget) * d2 / torch.exp(2 * lt)[:, None, None]
-        f, (g_sigma, g_tau) = vi._site_part(Kd, [Kd, dtau], w, b, value)
+        f, (g_sigma, g_tau) = mstep._site_part(Kd, [Kd, dtau], w, b, value)
     assert float(f) == pytest.approx(-float(dense), rel=1e-10)
     np.testing.assert_allclose(g_sigma.numpy(), ls2.grad.numpy(), rtol=1e-7)
     np.testing.assert_allclose(g_tau.numpy(), lt.grad.numpy(), rtol=1e-7)
@@ -256,14 +257,14 @@ def test_gradcheck_bound_in_parameters():
     st, _ = random_state(rng, p, R, T, N)
     y = tt(rng.poisson(0.5, (R, T, N)))
     n = tt(np.array([0.0, 1.5, 4.0]))
-    data = vi.TrialData(y, n)
+    data = model.TrialData(y, n)
     names = ("C", "d", "A", "Q", "x0", "V0", "A1", "log_sigma2", "log_tau", "log_tau_g")
     leaves = [getattr(p, k).clone().requires_grad_(True) for k in names]
 
     def bound(*vals):
         q = replace(p, **dict(zip(names, vals, strict=True)))
         q = replace(q, Q=0.5 * (q.Q + q.Q.T), V0=0.5 * (q.V0 + q.V0.T))
-        return vi.elbo(data, q, st, vi.training_priors(q, n))
+        return model.elbo(data, q, st, model.gp_priors(q, n))
 
     assert torch.autograd.gradcheck(bound, leaves)
 
@@ -273,37 +274,37 @@ def fitted_problem(seed=6, R=8, T=12, N=6, k=2):
     p = random_params(rng, k, N)
     y = rng.poisson(0.6, (R, T, N)).astype(float)
     n = np.arange(R, dtype=float) * 1.5
-    data = vi.TrialData(tt(y), tt(n))
-    pri = vi.training_priors(p, data.n)
-    return data, p, pri
+    data = model.TrialData(tt(y), tt(n))
+    gp = model.gp_priors(p, data.n)
+    return data, p, gp
 
 
 def test_e_steps_reach_a_stationary_point_of_the_bound():
     """After many E-steps at fixed parameters, autograd's gradient of the bound in the means
     (paths and modulator) vanishes: the analytic gradients in the Newton steps are right."""
-    data, p, pri = fitted_problem()
-    p, st = vi.initial_state(data, p, pri)
-    trace = [float(vi.elbo(data, p, st, pri))]
+    data, p, gp = fitted_problem()
+    p, st = init.initial_state(data, p, gp)
+    trace = [float(model.elbo(data, p, st, gp))]
     for _ in range(60):
-        st = vi.estep(data, p, st, pri)
-        trace.append(float(vi.elbo(data, p, st, pri)))
+        st = estep.estep(data, p, st, gp)
+        trace.append(float(model.elbo(data, p, st, gp)))
     assert np.all(np.diff(trace) >= -1e-9 * abs(trace[-1]))
     m = st.m.clone().requires_grad_(True)
     hm = st.hm.clone().requires_grad_(True)
-    value = vi.elbo(data, p, replace(st, m=m, hm=hm), pri)
+    value = model.elbo(data, p, replace(st, m=m, hm=hm), gp)
     gm, gh = torch.autograd.grad(value, (m, hm))
     assert gm.abs().max() < 1e-6 and gh.abs().max() < 1e-6
 
 
 def test_m_step_for_emissions_reaches_a_stationary_point():
-    data, p, pri = fitted_problem(seed=7)
-    p, st = vi.initial_state(data, p, pri)
-    before = float(vi.elbo(data, p, st, pri))
-    p2 = vi.mstep_emissions(data, p, st, steps=40)
-    assert float(vi.elbo(data, p2, st, pri)) >= before
+    data, p, gp = fitted_problem(seed=7)
+    p, st = init.initial_state(data, p, gp)
+    before = float(model.elbo(data, p, st, gp))
+    p2 = mstep.mstep_emissions(data, p, st, steps=40)
+    assert float(model.elbo(data, p2, st, gp)) >= before
     C = p2.C.clone().requires_grad_(True)
     d = p2.d.clone().requires_grad_(True)
-    value = vi.elbo(data, replace(p2, C=C, d=d), st, pri)
+    value = model.elbo(data, replace(p2, C=C, d=d), st, gp)
     gC, gd = torch.autograd.grad(value, (C, d))
     assert gC.abs().max() < 1e-6 and gd.abs().max() < 1e-6
 
@@ -314,13 +315,13 @@ def test_m_step_for_dynamics_is_the_exact_maximiser():
     R, T, N, k, mu_in = 5, 10, 4, 2, 1
     p = random_params(rng, k, N, m=mu_in, dyn=True)
     u = rng.standard_normal((R, T, mu_in))
-    data = vi.TrialData(tt(rng.poisson(0.6, (R, T, N))), tt(np.arange(R) * 2.0), tt(u))
-    pri = vi.training_priors(p, data.n)
-    p, st = vi.initial_state(data, p, pri)
-    q = vi.mstep_dynamics(data, p, st)
+    data = model.TrialData(tt(rng.poisson(0.6, (R, T, N))), tt(np.arange(R) * 2.0), tt(u))
+    gp = model.gp_priors(p, data.n)
+    p, st = init.initial_state(data, p, gp)
+    q = mstep.mstep_dynamics(data, p, st)
     names = ("A", "Q", "x0", "V0", "A1", "B")
     leaves = [getattr(q, n).clone().requires_grad_(True) for n in names]
-    value = vi.elbo(data, replace(q, **dict(zip(names, leaves, strict=True))), st, pri)
+    value = model.elbo(data, replace(q, **dict(zip(names, leaves, strict=True))), st, gp)
     grads = torch.autograd.grad(value, leaves)
     for name, g in zip(names, grads, strict=True):
         assert g.abs().max() < 1e-6 * max(1.0, abs(float(value.detach()))), name
@@ -454,14 +455,14 @@ def test_gp_conditional_matches_dense_gaussian_conditioning():
     s2, tau = torch.exp(p.log_sigma2), torch.exp(p.log_tau)
     noise = 0.3
     z = rng.standard_normal(R)
-    K = vi.se_kernel(tt(n_tr), s2, tau)[0].numpy()
+    K = model.se_kernel(tt(n_tr), s2, tau)[0].numpy()
     S = np.linalg.inv(np.linalg.inv(K) + np.eye(R) / noise)
     m = S @ z / noise
-    st = vi.VIState(
+    st = model.VIState(
         m=None, S=None, cross=None, logdet_s=None, w=None, hm=tt(m[:, None]), hS=tt(S[None])
     )
     cond = ev.gp_conditional(p, st, tt(n_tr), tt(n_te))
-    allK = vi.se_kernel(tt(np.concatenate([n_tr, n_te])), s2, tau)[0].numpy()
+    allK = model.se_kernel(tt(np.concatenate([n_tr, n_te])), s2, tau)[0].numpy()
     H = np.concatenate([np.eye(R), np.zeros((R, Rs))], 1)  # observe the training trials
     post = np.linalg.inv(np.linalg.inv(allK) + H.T @ H / noise)
     mean = post @ H.T @ z / noise
@@ -570,17 +571,17 @@ def test_missing_bins_are_left_out_of_the_bound():
     y = rng.poisson(2.0, size=(R, T, 5)).astype(float)
     miss = rng.random((R, T, 5)) < 0.2
     miss[2, 9:] = True  # a short trial, padded
-    full = vi.TrialData(tt(y), n)
-    pri = vi.training_priors(p, n)
-    _, st = vi.initial_state(full, p, pri)
-    mean, log_lam = vi.expected_log_rate(p, st)
+    full = model.TrialData(tt(y), n)
+    gp = model.gp_priors(p, n)
+    _, st = init.initial_state(full, p, gp)
+    mean, log_lam = model.expected_log_rate(p, st)
     terms = tt(y) * mean - torch.exp(log_lam) - torch.lgamma(tt(y) + 1)
     gap = float(terms[torch.as_tensor(miss)].sum())
     y_nan = np.where(miss, np.nan, y)
-    partial = vi.TrialData(tt(y_nan), n)
+    partial = model.TrialData(tt(y_nan), n)
     assert float(partial.y.isnan().sum()) == 0 and float(partial.weight.sum()) == (~miss).sum()
-    want = float(vi.elbo(full, p, st, pri)) - gap
-    assert float(vi.elbo(partial, p, st, pri)) == pytest.approx(want, rel=1e-12, abs=1e-9)
+    want = float(model.elbo(full, p, st, gp)) - gap
+    assert float(model.elbo(partial, p, st, gp)) == pytest.approx(want, rel=1e-12, abs=1e-9)
     # and the NaN-aware score counts only the observed bins
     lr = log_lam.detach()
     o = ~miss
@@ -608,7 +609,27 @@ def test_fit_with_unequal_trials_padded():
     # counts, every rate would be about a quarter too low (a quarter of the bins are missing)
     o = ~np.isnan(y)
     assert 0.15 < 1 - o.mean() < 0.35
-    _, log_lam = vi.expected_log_rate(fit.params, fit.state)
+    _, log_lam = model.expected_log_rate(fit.params, fit.state)
     fitted = np.where(o, np.exp(log_lam.numpy()), 0).sum((0, 1))
     observed = np.nansum(y, (0, 1))
     np.testing.assert_allclose(fitted, observed, rtol=0.05)
+
+
+def test_numerical_failures_are_counted_not_silent():
+    """A step whose factor does not exist keeps its value and is counted (FitResult and
+    metrics.json report the counts); outside a fit nothing is recorded."""
+    J, R, N = 2, 4, 3
+    one, zero = torch.ones(R, N, dtype=torch.float64), torch.zeros(J, R, dtype=torch.float64)
+    G_terms = (one, one, torch.ones(N, J, dtype=torch.float64), zero, zero)
+    eye = torch.eye(R, dtype=torch.float64).expand(J, R, R)
+    m = zero
+    with numerics.counting_skipped_steps() as count:
+        value = estep.h_objective(G_terms, m, eye, m, -eye)  # prior covariance not PD
+        assert torch.isinf(value).all() and (value < 0).all()
+        assert sum(count.values()) == 1
+        assert torch.isfinite(estep.h_objective(G_terms, m, eye, m, eye)).all()
+        assert sum(count.values()) == 1
+    numerics.skipped("outside any fit")  # no counter active: ignored
+    assert sum(count.values()) == 1
+    tr = simulate_poisson_trials(n_neurons=6, latent_dim=1, n_trials=8, n_bins=20, seed=2)
+    assert vi.fit(tr.counts, None, 1, max_iter=6, progress_every=0).skipped_steps == {}

@@ -1,14 +1,22 @@
 """Hierarchical non-stationary Poisson LDS over trials (Park, Bohner & Macke, NeurIPS 2015).
 
-- :mod:`poplds.nplds.vi`: the model and its variational EM (:func:`fit`);
+- :mod:`poplds.nplds.vi`: the variational EM, :func:`fit` and :class:`FitResult` (the model,
+  the variational family and the bound are written out there);
+- :mod:`poplds.nplds.model`: parameters, trial data, q's state, GP kernels and priors, the
+  path prior and the bound (:func:`~poplds.nplds.model.elbo`);
+- :mod:`poplds.nplds.estep`, :mod:`poplds.nplds.mstep`, :mod:`poplds.nplds.init`: the
+  E-steps, the M-steps and the deterministic start;
 - :mod:`poplds.nplds.evaluate`: held-out trials, co-smoothing, per-trial rates;
 - :mod:`poplds.nplds.run`: from a dataset store to result files (:func:`fit_store`);
 - :mod:`poplds.nplds.plots`: the report's figures;
-- :mod:`poplds.nplds.inference`, :mod:`poplds.nplds._blocktri`: block-tridiagonal algebra and
-  the exact latent-path posterior with Gaussian emissions (the Kalman/RTS smoother's answer).
+- :mod:`poplds.nplds._blocktri`, :mod:`poplds.nplds._numerics`, :mod:`poplds.nplds._accelerate`:
+  block-tridiagonal algebra, shared numerics, SQUAREM;
+- :mod:`poplds.nplds.kalman_reference`: the exact latent-path posterior with Gaussian
+  emissions (the Kalman/RTS smoother's answer), the reference of tests and benchmarks.
 """
 
+from .model import PLDSParams
 from .run import fit_store
-from .vi import FitResult, PLDSParams, fit
+from .vi import FitResult, fit
 
 __all__ = ["FitResult", "PLDSParams", "fit", "fit_store"]

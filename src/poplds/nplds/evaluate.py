@@ -26,35 +26,36 @@ import math
 import numpy as np
 import torch
 
-from . import vi
+from . import _numerics as numerics
+from . import estep, init, model, vi
 
 
 def gp_conditional(
-    p: vi.PLDSParams, st: vi.VIState, n_train: torch.Tensor, n_test: torch.Tensor
-) -> vi.Priors:
+    p: model.PLDSParams, st: model.VIState, n_train: torch.Tensor, n_test: torch.Tensor
+) -> model.GPPriors:
     """GP conditionals of h and g at trial numbers n_test given the training q (module
     docstring): means (k, R*) / (R*,), covariances (k, R*, R*) / (R*, R*)."""
     hmu = hK = gmu = gK = None
     if p.drift:
         s2, tau = torch.exp(p.log_sigma2), torch.exp(p.log_tau)
         hmu, hK = _conditional(
-            vi.se_kernel(n_train, s2, tau),
-            vi.se_cross_kernel(n_test, n_train, s2, tau),
-            vi.se_kernel(n_test, s2, tau),
+            model.se_kernel(n_train, s2, tau),
+            model.se_cross_kernel(n_test, n_train, s2, tau),
+            model.se_kernel(n_test, s2, tau),
             st.hm.T,
             st.hS,
         )
     if p.dynamics_drift:
         one, tau = n_train.new_ones(1), torch.exp(p.log_tau_g).reshape(1)
         gmu, gK = _conditional(
-            vi.se_kernel(n_train, one, tau),
-            vi.se_cross_kernel(n_test, n_train, one, tau),
-            vi.se_kernel(n_test, one, tau),
+            model.se_kernel(n_train, one, tau),
+            model.se_cross_kernel(n_test, n_train, one, tau),
+            model.se_kernel(n_test, one, tau),
             st.gm[None],
             st.gS[None],
         )
         gmu, gK = gmu[0], gK[0]
-    return vi.Priors(hmu, hK, gmu, gK)
+    return model.GPPriors(hmu, hK, gmu, gK)
 
 
 def _conditional(K, Ks, Kss, m, S):
@@ -66,7 +67,7 @@ def _conditional(K, Ks, Kss, m, S):
 
 
 def predicted_log_rates(
-    p: vi.PLDSParams,
+    p: model.PLDSParams,
     R: int,
     T: int,
     h_mean: torch.Tensor | None,
@@ -76,11 +77,11 @@ def predicted_log_rates(
 ) -> torch.Tensor:
     """(R, T, N) ``log E[rate]`` before seeing the trials' spikes: x from the prior of the
     path (dynamics ``A + g_mean A1``), h ~ N(h_mean, diag h_var) (R, k) (None: h = 0)."""
-    mean, cov = vi.prior_path_moments(p, R, T, u, g_mean)
+    mean, cov = model.prior_path_moments(p, R, T, u, g_mean)
     if h_mean is not None:
         mean = mean + h_mean[:, None, :]
         cov = cov + torch.diag_embed(h_var)[:, None]
-    return mean @ p.C.T + p.d + 0.5 * vi.quad_diag(p.C, cov).reshape(R, T, -1)
+    return mean @ p.C.T + p.d + 0.5 * numerics.quad_diag(p.C, cov).reshape(R, T, -1)
 
 
 def bits_per_spike(y: torch.Tensor, log_rate: torch.Tensor) -> float:
@@ -107,22 +108,22 @@ def trial_mean(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def infer_trials(
     y: torch.Tensor,
     n_test: torch.Tensor,
-    p: vi.PLDSParams,
-    pri: vi.Priors,
+    p: model.PLDSParams,
+    gp: model.GPPriors,
     mask: torch.Tensor | None = None,
     u: torch.Tensor | None = None,
     max_iter: int = 100,
     tol: float = 1e-8,
-) -> vi.VIState:
-    """q of new trials under fixed parameters and priors ``pri`` (e.g. the GP conditional),
+) -> model.VIState:
+    """q of new trials under fixed parameters and priors ``gp`` (e.g. the GP conditional),
     from the neurons in ``mask`` only; E-steps until the bound's relative change is below
     tol."""
-    data = vi.TrialData(y, n_test, u, mask)
-    _, st = vi.initial_state(data, p, pri, learn=False)
-    last = float(vi.elbo(data, p, st, pri))
+    data = model.TrialData(y, n_test, u, mask)
+    _, st = init.initial_state(data, p, gp, learn=False)
+    last = float(model.elbo(data, p, st, gp))
     for _ in range(max_iter):
-        st = vi.estep(data, p, st, pri)
-        value = float(vi.elbo(data, p, st, pri))
+        st = estep.estep(data, p, st, gp)
+        value = float(model.elbo(data, p, st, gp))
         if abs(value - last) <= tol * abs(value):
             break
         last = value
@@ -157,7 +158,7 @@ def evaluate(
     if Rs:
         cond = gp_conditional(p, st, n_train, n_test)
     else:
-        cond = vi.Priors(None, None)
+        cond = model.GPPriors(None, None)
     h_train = (st.hm, st.hv) if p.drift else (zeros(R, k), zeros(R, k))
     h_test = (
         (cond.hmu.T, torch.diagonal(cond.hK, dim1=-2, dim2=-1).T)
@@ -194,7 +195,7 @@ def evaluate(
         held = torch.as_tensor(heldout_neurons, device=dev)
         if bool(held.any()) and not bool(held.all()):
             q = infer_trials(y_test, n_test, p, cond, mask=~held, u=u_test)
-            mean, log_lam = vi.expected_log_rate(p, q)
+            mean, log_lam = model.expected_log_rate(p, q)
             scores["cosmoothing_bits_per_spike"] = bits_per_spike(
                 y_test[..., held], log_lam[..., held]
             )

@@ -38,7 +38,7 @@ from .._results import atomic_group, finish_group, write_json
 from .._version import __version__
 from ..stitched._data import choose_device
 from ..store import DatasetStore, write_array, write_strings
-from . import vi
+from . import model, vi
 from .evaluate import centred_correlation, evaluate, split_neurons, split_trials, trial_mean
 
 log = get_logger()
@@ -98,7 +98,7 @@ def load_truth(path: str | Path, neuron_ids: np.ndarray, trial_ids: np.ndarray) 
     return out
 
 
-def from_stationary(plds: vi.PLDSParams, drifting: vi.PLDSParams) -> vi.PLDSParams:
+def from_stationary(plds: model.PLDSParams, drifting: model.PLDSParams) -> model.PLDSParams:
     """A start for a drift model from a fitted PLDS: its C, d, A, Q, x0, V0 with the drift
     model's own start for the GP (and dynamics-drift) hyperparameters."""
     return replace(
@@ -265,6 +265,7 @@ def fit_store(
             "bound_start": fit.bound[0],
             "bound_rise": fit.bound[-1] - fit.bound[0],
             "extrapolations_kept": fit.extrapolations,
+            "skipped_steps": fit.skipped_steps,
             "start": start,
             "iterations_all_starts": iterations_all,
             "fit_seconds": fit.seconds,
@@ -298,6 +299,12 @@ def fit_store(
             warnings.append(
                 f"{name} k={k} barely moved from its start (the bound rose {moved:.3g}): the "
                 "result is essentially the start"
+            )
+            log.warning(warnings[-1])
+        if fit.skipped_steps:
+            warnings.append(
+                f"{name} k={k}: steps kept their current value after a numerical failure "
+                f"{sum(fit.skipped_steps.values())} times ({fit.skipped_steps})"
             )
             log.warning(warnings[-1])
         if not fit.converged:

@@ -9,7 +9,7 @@ import torch
 
 from poplds import simulate
 from poplds.nplds import _blocktri as bt
-from poplds.nplds.inference import gaussian_latents
+from poplds.nplds.kalman_reference import gaussian_latents
 
 torch.set_default_dtype(torch.float64)
 

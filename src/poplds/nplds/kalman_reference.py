@@ -1,7 +1,7 @@
 """Exact latent-path posterior of the LDS over trials with Gaussian emissions.
 
 With ``y[r,t] ~ N(C x[r,t] + o[r], diag R)`` and the path prior of
-:func:`poplds.nplds.vi.path_prior` (information form ``-x'J x / 2 + eta'x``, J block
+:func:`poplds.nplds.model.path_prior` (information form ``-x'J x / 2 + eta'x``, J block
 tridiagonal), the posterior of each trial's path is Gaussian with precision
 ``J + blockdiag(C' R^-1 C)`` and mean ``(J + C'R^-1 C)^-1 (eta + C' R^-1 (y - o))``: one
 block-tridiagonal Cholesky factor per trial, O(T k^3), vectorised over trials. It is the same
@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from . import _blocktri as bt
-from .vi import PLDSParams, path_prior
+from .model import PLDSParams, path_prior
 
 
 class LatentPosterior(NamedTuple):

@@ -1,0 +1,175 @@
+"""The deterministic start of an N-PLDS fit: parameters from the Poisson moment matching of
+log-rate covariances, a few E-steps, each trial's mean latent moved into h, and the latent
+axes turned to the principal axes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from .estep import estep, paths_cov, step_paths_cov, step_paths_mean
+from .model import (
+    GPPriors,
+    PLDSParams,
+    TrialData,
+    VIState,
+    expected_log_rate,
+    g_moments,
+    path_prior,
+    prior_path_moments,
+)
+
+
+def _moment_covariances(
+    y: torch.Tensor, mask_frac: float = 1e-3
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean counts mu (N,) and log-rate covariances at lags 0 and 1 (N, N) from the counts'
+    moments under the Poisson model with Gaussian log-rates (Macke et al. 2011)::
+
+        Sigma_0 = log(1 + (Cov(y_t) - diag(mu)) / (mu mu')),
+        Sigma_1 = log(1 + Cov(y_{t+1}, y_t) / (mu mu'))
+
+    pooled over trials and bins (missing bins, NaN, left out of each sum and its count);
+    arguments of the log are floored at ``mask_frac``."""
+    R, T, N = y.shape
+    o = (~torch.isnan(y)).to(y.dtype)  # missing bins (NaN) are left out of every moment
+    y = torch.nan_to_num(y, nan=0.0)
+    mu = ((y * o).sum((0, 1)) / o.sum((0, 1)).clamp(min=1)).clamp(min=1e-3 / T)
+    yc = ((y - mu) * o).reshape(R * T, N)
+    of = o.reshape(R * T, N)
+    cov0 = yc.T @ yc / (of.T @ of).clamp(min=1) - torch.diag(mu)
+    a, b = yc.reshape(R, T, N)[:, 1:].reshape(-1, N), yc.reshape(R, T, N)[:, :-1].reshape(-1, N)
+    oa, ob = o[:, 1:].reshape(-1, N), o[:, :-1].reshape(-1, N)
+    cov1 = a.T @ b / (oa.T @ ob).clamp(min=1)
+    mm = mu[:, None] * mu[None, :]
+    sig0 = torch.log(torch.clamp(1 + cov0 / mm, min=mask_frac))
+    sig1 = torch.log(torch.clamp(1 + cov1 / mm, min=mask_frac))
+    # sub-Poisson variance (a negative corrected variance) means no detectable rate variance
+    sig0.diagonal().clamp_(min=0)
+    return mu, 0.5 * (sig0 + sig0.T), sig1
+
+
+def initial_params(
+    y: np.ndarray | torch.Tensor,
+    n: np.ndarray,
+    k: int,
+    *,
+    drift: bool,
+    dynamics_drift: bool = False,
+    n_inputs: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+) -> PLDSParams:
+    """Deterministic start by moment matching of the Poisson log-rate covariances.
+
+    With the latents' stationary covariance set to I: ``C = U_k Lambda_k^(1/2)`` from the
+    top-k eigenpairs of Sigma_0 (:func:`_moment_covariances`), ``d = log mu - diag(C C') / 2``,
+    ``A = C^+ Sigma_1 C^+'`` (spectral radius capped at 0.99), ``Q = I - A A'``, ``x0 = 0``,
+    ``V0 = I``. GP variances start at a tenth of the latent variance, length-scales at a tenth
+    of the span of trial numbers; the dynamics variant starts with ``A1 = 0.05 A`` (h and g
+    start from the data in :func:`initial_state`).
+    """
+    R, T, N = y.shape
+    if k > N:
+        raise ValueError(f"latent dimension {k} exceeds the {N} neurons")
+    yt = torch.as_tensor(y, dtype=dtype, device=device)
+    mu, sig0, sig1 = _moment_covariances(yt)
+    ev, U = torch.linalg.eigh(sig0)
+    ev, U = ev.flip(0)[:k], U.flip(1)[:, :k]
+    C = U * torch.sqrt(torch.clamp(ev, min=1e-3 * ev[0].clamp(min=1e-6)))
+    d = torch.log(mu) - 0.5 * (C**2).sum(1)
+    Cp = torch.linalg.pinv(C)
+    A = Cp @ sig1 @ Cp.T
+    rad = torch.linalg.eigvals(A).abs().max()
+    if rad > 0.99:
+        A = A * (0.99 / rad)
+    eye = torch.eye(k, dtype=dtype, device=device)
+    Q = eye - A @ A.T
+    ev_q, Uq = torch.linalg.eigh(0.5 * (Q + Q.T))
+    Q = (Uq * torch.clamp(ev_q, min=1e-2)) @ Uq.T
+    p = PLDSParams(C=C, d=d, A=A, Q=Q, x0=torch.zeros(k, dtype=dtype, device=device), V0=eye)
+    span = max(float(np.ptp(n)), 1.0)
+    if n_inputs:
+        p.B = torch.zeros((k, n_inputs), dtype=dtype, device=device)
+    if drift:
+        p.log_sigma2 = torch.full((k,), math.log(0.1), dtype=dtype, device=device)
+        p.log_tau = torch.full((k,), math.log(max(span / 10.0, 1.0)), dtype=dtype, device=device)
+    if dynamics_drift:
+        p.A1 = 0.05 * A
+        p.log_tau_g = torch.tensor(math.log(max(span / 10.0, 1.0)), dtype=dtype, device=device)
+    return p
+
+
+def rotate(p: PLDSParams, st: VIState, V: torch.Tensor) -> tuple[PLDSParams, VIState]:
+    """Change latent coordinates ``x -> V' x`` for orthogonal V (k, k): the path model, the
+    paths' q and the loadings transform together (``C -> C V``), so every rate is unchanged."""
+    Vt = V.T
+    q = replace(
+        p,
+        C=p.C @ V,
+        A=Vt @ p.A @ V,
+        Q=Vt @ p.Q @ V,
+        x0=Vt @ p.x0,
+        V0=Vt @ p.V0 @ V,
+        B=None if p.B is None else Vt @ p.B,
+        A1=None if p.A1 is None else Vt @ p.A1 @ V,
+    )
+    st = replace(st, m=st.m @ V, S=Vt @ st.S @ V, cross=Vt @ st.cross @ V, hm=st.hm @ V)
+    return q, st
+
+
+def initial_state(
+    data: TrialData, p: PLDSParams, gp: GPPriors, steps: int = 3, learn: bool = True
+) -> tuple[PLDSParams, VIState]:
+    """A valid q to start from: paths at the prior mean, ``steps`` Newton and covariance
+    steps with h = 0; then (non-stationary model) each trial's mean latent moves from the
+    path into h, the latent axes are rotated to the principal axes of those means (the
+    per-dimension GP prior is not rotation invariant, and EM turns the axes only slowly),
+    and ``steps`` full E-steps follow. Returns the rotated parameters and q.
+
+    With ``learn=False`` (inference on held-out trials with fixed parameters) q(h) starts
+    at its prior (the GP conditional) and nothing is rotated."""
+    R, T, N = data.shape
+    k = p.C.shape[1]
+    dt, dev = p.A.dtype, p.A.device
+    zeros = lambda *shape: torch.zeros(shape, dtype=dt, device=dev)  # noqa: E731
+    gm = gS = None
+    if gp.gK is not None:
+        gm, gS = gp.gmu.clone(), gp.gK.clone()
+    mean, _ = prior_path_moments(p, R, T, data.u)
+    hm, hS = zeros(R, k), zeros(k, R, R)
+    if gp.hK is not None and not learn:
+        hm, hS = gp.hmu.T.clone(), gp.hK.clone()
+    st = VIState(
+        m=mean,
+        S=zeros(R, T, k, k),
+        cross=zeros(R, T - 1, k, k),
+        logdet_s=zeros(R),
+        w=zeros(R, T, N),
+        hm=hm,
+        hS=hS,
+        gm=gm,
+        gS=gS,
+    )
+    prior = path_prior(p, R, T, data.u, *g_moments(st))
+    _, log_lam = expected_log_rate(p, st)
+    w = torch.exp(log_lam) * data.weight
+    S, cross, logdet_s = paths_cov(prior, p.C, w)
+    st = replace(st, S=S, cross=cross, logdet_s=logdet_s, w=w)
+    for _ in range(steps):
+        st = step_paths_mean(data, p, st, prior)
+        st = step_paths_cov(data, p, st, prior)
+    if gp.hK is not None and not learn:
+        for _ in range(steps):
+            st = estep(data, p, st, gp)
+    elif gp.hK is not None:
+        h = st.m.mean(1)
+        st = replace(st, m=st.m - h[:, None, :], hm=h, hS=0.5 * gp.hK.clone())
+        _, V = torch.linalg.eigh(h.T @ h)
+        p, st = rotate(p, st, V.flip(1))
+        for _ in range(steps):
+            st = estep(data, p, st, gp)
+    return p, st
