@@ -11,6 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
+from poplds._errors import InputError
 from poplds.nplds import _blocktri as bt
 from poplds.nplds import _numerics as numerics
 from poplds.nplds import estep, init, model, mstep, vi
@@ -348,13 +349,13 @@ def test_fit_is_deterministic_and_checks_its_input():
     b = vi.fit(tr.counts, None, 2, max_iter=5, progress_every=0)
     np.testing.assert_array_equal(a.params.C.numpy(), b.params.C.numpy())
     assert a.bound == b.bound
-    with pytest.raises(ValueError, match="trials, time, neurons"):
+    with pytest.raises(InputError, match="^counts: must be .trials, time, neurons"):
         vi.fit(tr.counts[0], None, 2)
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(InputError, match="^counts: .*non-negative"):
         vi.fit(-tr.counts, None, 2)
-    with pytest.raises(ValueError, match="distinct"):
+    with pytest.raises(InputError, match="^trial numbers: must be distinct"):
         vi.fit(tr.counts, np.zeros(10), 2)
-    with pytest.raises(ValueError, match="exceeds"):
+    with pytest.raises(InputError, match="^latent_dim: .*exceeds"):
         vi.fit(tr.counts, None, 9)
 
 

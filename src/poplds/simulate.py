@@ -33,6 +33,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import scipy.linalg
 
+from ._errors import InputError
+from ._linalg import sym
+
 
 class LDSParams(NamedTuple):
     """Parameters of a linear Gaussian state-space model.
@@ -72,7 +75,7 @@ def random_dynamics(
     ``eig_moduli`` and angles in ``(0.05, max_angle)`` (one real eigenvalue if odd)."""
     lo, hi = eig_moduli
     if not 0 < lo <= hi < 1:
-        raise ValueError(f"eig_moduli must satisfy 0 < lo <= hi < 1, got {eig_moduli}")
+        raise InputError("simulate.eig_moduli", f"must satisfy 0 < lo <= hi < 1, got {eig_moduli}")
     blocks = []
     for _ in range(latent_dim // 2):
         rho, theta = rng.uniform(lo, hi), rng.uniform(0.05, max_angle)
@@ -88,7 +91,7 @@ def random_dynamics(
 def stationary_covariance(A: np.ndarray, Q: np.ndarray) -> np.ndarray:
     """Solve ``Pi = A Pi A' + Q`` (discrete Lyapunov equation), symmetrised."""
     Pi = scipy.linalg.solve_discrete_lyapunov(A, Q)
-    return 0.5 * (Pi + Pi.T)
+    return sym(Pi)
 
 
 def random_stitched_lds(
@@ -142,7 +145,9 @@ def simulate_stitched(
     for rec in layout:
         lo, hi = rec.neurons
         if not 0 <= lo < hi <= n_total or rec.n_time < 1:
-            raise ValueError(f"recording {rec.name}: neurons {rec.neurons}, n_time {rec.n_time}")
+            raise InputError(
+                f"simulate recording {rec.name}", f"neurons {rec.neurons}, n_time {rec.n_time}"
+            )
     x = sample_lds_latents(params.A, params.Q, params.Pi, sum(r.n_time for r in layout), rng)
     out, t0 = [], 0
     for rec in layout:
@@ -303,9 +308,10 @@ def simulate_poisson_trials(
         A_trials = A[None] * (1 + dynamics_drift_scale * g)[:, None, None]
         radius = np.abs(np.linalg.eigvals(A_trials)).max()
         if radius >= 1:
-            raise ValueError(
-                f"dynamics_drift_scale {dynamics_drift_scale} makes A unstable (|eig| "
-                f"{radius:.3f}); lower it or eig_moduli"
+            raise InputError(
+                "simulate.dynamics_drift_scale",
+                f"{dynamics_drift_scale} makes A unstable (|eig| "
+                f"{radius:.3f}); lower it or eig_moduli",
             )
         x = np.stack(
             [
@@ -355,4 +361,4 @@ def write_simulation(out_dir: str | Path, settings: dict[str, Any]) -> list[Path
         return write_stitched_simulation(out_dir, **kw)
     if model == "poisson_trials":
         return write_poisson_trial_simulation(out_dir, **kw)
-    raise ValueError(f"simulate.model must be 'stitched_lds' or 'poisson_trials', got {model!r}")
+    raise InputError("simulate.model", f"must be 'stitched_lds' or 'poisson_trials', got {model!r}")

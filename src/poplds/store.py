@@ -30,6 +30,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
+from ._errors import InputError
+
 FORMAT = "poplds-store-1"
 
 
@@ -127,7 +129,7 @@ class DatasetStore:
         self.path = Path(path)
         self.root = zarr.open_group(str(self.path), mode="r")
         if self.root.attrs.get("format") != FORMAT:
-            raise ValueError(f"{self.path}: not a poplds dataset store")
+            raise InputError(self.path, "not a poplds dataset store")
 
     @property
     def attrs(self) -> dict[str, Any]:

@@ -22,6 +22,8 @@ from dataclasses import fields, replace
 
 import torch
 
+from .._linalg import sym
+
 #: Fields of the parameters and of q that are extrapolated (the rest is derived).
 PARAM_FIELDS = ("C", "d", "A", "Q", "x0", "V0", "B", "log_sigma2", "log_tau", "A1", "log_tau_g")
 STATE_FIELDS = ("m", "w", "hm", "hS", "gm", "gS")
@@ -38,10 +40,6 @@ def _coords(p, st) -> dict[str, torch.Tensor]:
         if v is not None:
             out["st." + f] = torch.log(v.clamp(min=1e-300)) if f == "w" else v
     return out
-
-
-def _sym(M: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (M + M.transpose(-1, -2))
 
 
 def extrapolate(p0, st0, p1, st1, p2, st2, rebuild: Callable) -> tuple[object, object, float]:
@@ -63,7 +61,7 @@ def extrapolate(p0, st0, p1, st1, p2, st2, rebuild: Callable) -> tuple[object, o
     for k in list(new):
         name = k.removeprefix("st.")
         if name in SPD_FIELDS:
-            new[k] = _sym(new[k])
+            new[k] = sym(new[k])
             try:
                 torch.linalg.cholesky(new[k])
             except torch.linalg.LinAlgError:

@@ -23,6 +23,8 @@ from typing import NamedTuple
 
 import torch
 
+from .._linalg import sym
+
 
 class BlockTriCholesky(NamedTuple):
     """Factor of a block-tridiagonal matrix: L (..., T, k, k), E (..., T-1, k, k), and the
@@ -95,7 +97,7 @@ def inverse_blocks(factor: BlockTriCholesky) -> tuple[torch.Tensor, torch.Tensor
         S[t] = own[..., t, :, :] + G[..., t, :, :] @ cross[t]
     diag = torch.stack(S, -3)
     off = torch.stack(cross, -3) if T > 1 else L.new_zeros((*L.shape[:-3], 0, k, k))
-    return 0.5 * (diag + diag.mT), off
+    return sym(diag), off
 
 
 def matvec(D: torch.Tensor, Lo: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .._linalg import sym
+
 _SKIPPED: contextvars.ContextVar[Counter | None] = contextvars.ContextVar("skipped", default=None)
 
 
@@ -60,7 +62,7 @@ def site_covariance(K: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     Lb = torch.linalg.cholesky(eye + sw[..., :, None] * K * sw[..., None, :])
     KW = K * sw[..., None, :]
     S = K - KW @ torch.cholesky_solve(KW.mT, Lb)
-    return 0.5 * (S + S.mT)
+    return sym(S)
 
 
 def outer_flat(X: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import torch
 
+from .._linalg import sym
 from . import _blocktri as bt
 from ._numerics import (
     conjugate_gradients,
@@ -94,7 +95,7 @@ def step_means(
     v = bt.solve(fac, g_x)
     # Schur_r = sum_t W_t - sum_t W_t' U_t ; rhs = g_h - sum_t W_t' v_t
     schur = W.sum(1) - (W.mT @ U).sum(1)
-    schur = 0.5 * (schur + schur.mT)
+    schur = sym(schur)
     rhs = g_h - (W.mT @ v[..., None]).sum(1)[..., 0]
     # preconditioner: (K^-1 + diag(Schur_jj))^-1 per dimension
     Pm = site_covariance(gp.hK, torch.diagonal(schur, dim1=-2, dim2=-1).T)

@@ -26,6 +26,7 @@ import math
 import numpy as np
 import torch
 
+from .._linalg import sym
 from . import _numerics as numerics
 from . import estep, init, model, vi
 
@@ -63,7 +64,7 @@ def _conditional(K, Ks, Kss, m, S):
     Ai = torch.cholesky_solve(Ks.mT, L)  # K^-1 K*'  (J, R, R*)
     mean = (Ai.mT @ m[..., None])[..., 0]
     cov = Kss - Ai.mT @ (K - S) @ Ai
-    return mean, 0.5 * (cov + cov.mT)
+    return mean, sym(cov)
 
 
 def predicted_log_rates(

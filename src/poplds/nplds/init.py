@@ -10,6 +10,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from .._errors import InputError
+from .._linalg import psd_project, sym
 from .estep import estep, paths_cov, step_paths_cov, step_paths_mean
 from .model import (
     GPPriors,
@@ -49,7 +51,7 @@ def _moment_covariances(
     sig1 = torch.log(torch.clamp(1 + cov1 / mm, min=mask_frac))
     # sub-Poisson variance (a negative corrected variance) means no detectable rate variance
     sig0.diagonal().clamp_(min=0)
-    return mu, 0.5 * (sig0 + sig0.T), sig1
+    return mu, sym(sig0), sig1
 
 
 def initial_params(
@@ -74,7 +76,7 @@ def initial_params(
     """
     R, T, N = y.shape
     if k > N:
-        raise ValueError(f"latent dimension {k} exceeds the {N} neurons")
+        raise InputError("latent_dim", f"latent dimension {k} exceeds the {N} neurons")
     yt = torch.as_tensor(y, dtype=dtype, device=device)
     mu, sig0, sig1 = _moment_covariances(yt)
     ev, U = torch.linalg.eigh(sig0)
@@ -88,8 +90,7 @@ def initial_params(
         A = A * (0.99 / rad)
     eye = torch.eye(k, dtype=dtype, device=device)
     Q = eye - A @ A.T
-    ev_q, Uq = torch.linalg.eigh(0.5 * (Q + Q.T))
-    Q = (Uq * torch.clamp(ev_q, min=1e-2)) @ Uq.T
+    Q = psd_project(Q, 1e-2)
     p = PLDSParams(C=C, d=d, A=A, Q=Q, x0=torch.zeros(k, dtype=dtype, device=device), V0=eye)
     span = max(float(np.ptp(n)), 1.0)
     if n_inputs:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .._errors import InputError
+from .._linalg import sym
 from . import _blocktri as bt
 from ._numerics import gaussian_kl, quad_diag
 
@@ -123,12 +125,12 @@ def path_prior(
     with ``b = B u``, ``E[A] = A + gm A1`` and ``E[A'Q^-1 A] = E[A]'Q^-1 E[A] + gv A1'Q^-1 A1``.
     """
     if T < 2:
-        raise ValueError("trials need at least 2 bins")
+        raise InputError("counts", "trials need at least 2 bins")
     k = p.A.shape[0]
     Qi = torch.linalg.inv(p.Q)
-    Qi = 0.5 * (Qi + Qi.T)
+    Qi = sym(Qi)
     V0i = torch.linalg.inv(p.V0)
-    V0i = 0.5 * (V0i + V0i.T)
+    V0i = sym(V0i)
     if p.A1 is not None and gm is not None:
         EA = p.A + gm[:, None, None] * p.A1  # (R, k, k)
         EAQA = EA.mT @ Qi @ EA + gv[:, None, None] * (p.A1.T @ Qi @ p.A1)
@@ -139,7 +141,7 @@ def path_prior(
     D = (Qi + EAQA)[:, None].expand(n_batch, T, k, k).clone()
     D[:, -1] = Qi
     D[:, 0] += V0i - Qi
-    D = 0.5 * (D + D.mT)
+    D = sym(D)
     Lo = (-Qi @ EA)[:, None].expand(n_batch, T - 1, k, k)
     eta = torch.zeros((R, T, k), dtype=p.A.dtype, device=p.A.device)
     eta[:, 0] = V0i @ p.x0

@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from .._linalg import psd_project, sym
 from ._numerics import halve_until, outer_flat, site_posterior, skipped
 from .estep import g_quadratic, path_stats
 from .model import NUGGET, TAU_RANGE, PLDSParams, TrialData, VIState, expected_log_rate, se_kernel
@@ -26,7 +27,7 @@ def mstep_dynamics(data: TrialData, p: PLDSParams, st: VIState) -> PLDSParams:
     x0 = st.m[:, 0].mean(0)
     dev = st.m[:, 0] - x0
     V0 = (st.S[:, 0] + dev[:, :, None] * dev[:, None, :]).mean(0)
-    V0 = 0.5 * (V0 + V0.T) + 1e-9 * torch.eye(k, dtype=V0.dtype, device=V0.device)
+    V0 = sym(V0) + 1e-9 * torch.eye(k, dtype=V0.dtype, device=V0.device)
     S00, S10, S11 = path_stats(st)
     blocks_xx = [[S00.sum(0)]]  # E[phi phi'] built blockwise
     cross = [S10.sum(0)]  # E[x_t phi']
@@ -52,13 +53,11 @@ def mstep_dynamics(data: TrialData, p: PLDSParams, st: VIState) -> PLDSParams:
         cross.append((st.m[:, 1:].mT @ u1).sum(0))
     Phi = torch.cat([torch.cat(row, 1) for row in blocks_xx], 0)
     Xphi = torch.cat(cross, 1)
-    Phi = 0.5 * (Phi + Phi.T)
+    Phi = sym(Phi)
     ridge = 1e-9 * torch.diagonal(Phi).mean() * torch.eye(len(Phi), dtype=Phi.dtype)
     W = torch.linalg.solve(Phi + ridge.to(Phi.device), Xphi.T).T
     Q = (S11.sum(0) - W @ Xphi.T) / (R * (T - 1))
-    Q = 0.5 * (Q + Q.T)
-    ev, U = torch.linalg.eigh(Q)
-    Q = (U * torch.clamp(ev, min=1e-8 * ev.max().clamp(min=1e-12))) @ U.T
+    Q = psd_project(Q, 1e-8, relative=True)
     A = W[:, :k]
     A1 = W[:, k : 2 * k] if p.dynamics_drift else None
     B = W[:, -p.B.shape[1] :] if has_u else p.B
@@ -148,7 +147,7 @@ def _site_part(K, dKs, w, b, value):
     h_m = g_m - 0.5 * b + w * m
     G = (A * h_s[..., None, :]) @ A.mT + (A @ h_m[..., None]) * alpha[..., None, :]
     G = G - 0.5 * A * w[..., None, :]
-    G = 0.5 * (G + G.mT)
+    G = sym(G)
     return -F, [-(G * dK).sum((-1, -2)) for dK in dKs]
 
 

@@ -31,12 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._device import choose_device
 from .._errors import InputError
 from .._logging import get_logger
 from .._provenance import provenance
 from .._results import atomic_group, finish_group, write_json
 from .._version import __version__
-from ..stitched._data import choose_device
 from ..store import DatasetStore, write_array, write_strings
 from . import model, vi
 from .evaluate import centred_correlation, evaluate, split_neurons, split_trials, trial_mean

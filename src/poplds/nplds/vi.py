@@ -48,6 +48,7 @@ import numpy as np
 import threadpoolctl
 import torch
 
+from .._errors import InputError
 from .._logging import get_logger
 from ._accelerate import extrapolate
 from ._numerics import counting_skipped_steps
@@ -146,21 +147,22 @@ def fit(
     """
     y = np.asarray(y)
     if y.ndim != 3:
-        raise ValueError(f"counts must be (trials, time, neurons), got shape {y.shape}")
+        raise InputError("counts", f"must be (trials, time, neurons), got shape {y.shape}")
     if np.any(np.isinf(y)) or np.any(y < 0):
-        raise ValueError("counts must be finite and non-negative (NaN marks a missing bin)")
+        raise InputError("counts", "must be finite and non-negative (NaN marks a missing bin)")
     silent = np.flatnonzero(np.nansum(y, (0, 1)) == 0)
     if len(silent):
-        raise ValueError(
+        raise InputError(
+            "counts",
             f"neurons {silent.tolist()[:10]} have no spikes: their rate's maximum-likelihood "
-            "log is -inf; leave them out"
+            "log is -inf; leave them out",
         )
     R, T, N = y.shape
     n = np.arange(R, dtype=np.float64) if n is None else np.asarray(n, dtype=np.float64)
     if n.shape != (R,):
-        raise ValueError(f"{R} trials but {n.shape} trial numbers")
+        raise InputError("trial numbers", f"{R} trials but {n.shape} trial numbers")
     if len(np.unique(n)) != R:
-        raise ValueError("trial numbers must be distinct")
+        raise InputError("trial numbers", "must be distinct")
     t0 = time.perf_counter()
     tt = lambda a: torch.as_tensor(a, dtype=torch.float64, device=device)  # noqa: E731
     data = TrialData(tt(y), tt(n), None if inputs is None else tt(inputs))

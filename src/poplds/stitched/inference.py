@@ -35,6 +35,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .._linalg import sym
 from ._data import RecordingBlock
 
 
@@ -74,10 +75,6 @@ def _converged(new: torch.Tensor, old: torch.Tensor, tol: float) -> bool:
     )
 
 
-def _sym(M: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (M + M.transpose(-1, -2))
-
-
 def steady_covariances(
     A: torch.Tensor, Q: torch.Tensor, Pi: torch.Tensor, J: torch.Tensor, T: int, tol: float
 ):
@@ -90,12 +87,12 @@ def steady_covariances(
     P = Pi.expand(B, n, n).clone()
     Ps, Fs = [], []
     for t in range(T):
-        F = _sym(torch.linalg.inv(torch.linalg.inv(P) + J))
+        F = sym(torch.linalg.inv(torch.linalg.inv(P) + J))
         Ps.append(P)
         Fs.append(F)
         if t > 0 and _converged(F, Fs[-2], tol) and _converged(P, Ps[-2], tol):
             break
-        P = _sym(A @ F @ A.T + Q)
+        P = sym(A @ F @ A.T + Q)
     return torch.stack(Ps, 1), torch.stack(Fs, 1), len(Fs) - 1
 
 
@@ -201,14 +198,14 @@ def _smooth_constant(A, Q, P, F, h, full):
     # smoothed covariances: data independent; S_t converges backwards from the end
     S = [Fx[-1]]
     for t in range(T - 2, -1, -1):
-        St = _sym(Fx[t] + G[t] @ (S[-1] - Px[t + 1]) @ G[t].T)
+        St = sym(Fx[t] + G[t] @ (S[-1] - Px[t + 1]) @ G[t].T)
         S.append(St)
         if t < T - 2 and t > tau and _converged(St, S[-2], 1e-13):
             # steady from here back to tau: fill, then finish the transient exactly
             rest = t - tau - 1
             S.extend([St] * max(rest, 0))
             for t2 in range(min(tau, t - 1), -1, -1):
-                S.append(_sym(Fx[t2] + G[t2] @ (S[-1] - Px[t2 + 1]) @ G[t2].T))
+                S.append(sym(Fx[t2] + G[t2] @ (S[-1] - Px[t2 + 1]) @ G[t2].T))
             break
     S = torch.stack(S[::-1])
     var = torch.diagonal(S, dim1=-2, dim2=-1).clone()
@@ -238,16 +235,16 @@ def _smooth_missing(A, Q, Pi, C, R, blk, device, full):
     Ps = torch.empty((T, n, n), dtype=dt, device=device)
     P, mp = Pi, torch.zeros(n, dtype=dt, device=device)
     for t in range(T):
-        F = _sym(torch.linalg.inv(torch.linalg.inv(P) + J[t]))
+        F = sym(torch.linalg.inv(torch.linalg.inv(P) + J[t]))
         m[t] = F @ (torch.linalg.solve(P, mp) + h[t])
         Fs[t], Ps[t] = F, P
-        P, mp = _sym(A @ F @ A.T + Q), A @ m[t]
+        P, mp = sym(A @ F @ A.T + Q), A @ m[t]
     G = torch.linalg.solve(Ps[1:], A @ Fs[:-1]).transpose(-1, -2)
     ms = m.clone()
     S = Fs.clone()
     for t in range(T - 2, -1, -1):
         ms[t] = m[t] + G[t] @ (ms[t + 1] - A @ m[t])
-        S[t] = _sym(Fs[t] + G[t] @ (S[t + 1] - Ps[t + 1]) @ G[t].T)
+        S[t] = sym(Fs[t] + G[t] @ (S[t + 1] - Ps[t + 1]) @ G[t].T)
     var = torch.diagonal(S, dim1=-2, dim2=-1).clone()
     if not full:
         return Posterior(ms, var)

@@ -39,10 +39,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from .._device import choose_device
 from .._errors import InputError
+from .._linalg import psd_project, stabilise, sym
 from .._logging import get_logger
 from ..store import coverage
-from ._data import RecordingInput, StitchedData, choose_device, prepare_data
+from ._data import RecordingInput, StitchedData, prepare_data
 from ._loss import loss_and_grad, loss_tensors
 
 log = get_logger()
@@ -132,7 +134,7 @@ def _top_subspace(data: StitchedData, rec_index: int, n: int, seed: int, iters: 
         if it < iters:
             V, _ = torch.linalg.qr(W / rec.n_time)
     small = V.T @ W / rec.n_time  # Rayleigh-Ritz on the last subspace
-    evals, evecs = torch.linalg.eigh(0.5 * (small + small.T))
+    evals, evecs = torch.linalg.eigh(sym(small))
     order = torch.argsort(evals, descending=True)[:n]
     return V @ evecs[:, order], evals[order]
 
@@ -254,21 +256,6 @@ def dynamics_from_lagged(X: np.ndarray, stable: bool = True, max_radius: float =
     return A
 
 
-def stabilise(A: np.ndarray, max_radius: float = 0.995) -> np.ndarray:
-    """Scale eigenvalues of modulus above ``max_radius`` back to it."""
-    lam, V = np.linalg.eig(A)
-    if np.all(np.abs(lam) <= max_radius):
-        return A
-    lam = np.where(np.abs(lam) > max_radius, lam * max_radius / np.abs(lam), lam)
-    return np.real(V @ np.diag(lam) @ np.linalg.inv(V))
-
-
-def psd_project(M: np.ndarray, floor: float = 0.0) -> np.ndarray:
-    """Nearest symmetric matrix with eigenvalues >= ``floor`` (Frobenius norm)."""
-    w, V = np.linalg.eigh(0.5 * (M + M.T))
-    return (V * np.maximum(w, floor)) @ V.T
-
-
 #: The free stage's tolerance, in multiples of ``tol``: its ``X_s`` only start the linked
 #: stage, and in directions the data barely determine (spare latent dimensions) it creeps.
 FREE_STAGE_TOL = 10.0
@@ -379,7 +366,7 @@ def _free_stage(data, tens, weights, C0, X0, unit, opts, trace, stage="free"):
 
     def closure() -> torch.Tensor:
         Xt.grad = None
-        X = unit * torch.cat([(0.5 * (Xt[0] + Xt[0].T))[None], Xt[1:]])
+        X = unit * torch.cat([(sym(Xt[0]))[None], Xt[1:]])
         loss, gC = loss_and_grad(data, C, X, weights, tens)
         C.grad = gC
         return loss
@@ -388,7 +375,7 @@ def _free_stage(data, tens, weights, C0, X0, unit, opts, trace, stage="free"):
     opts = {**opts, "tol": FREE_STAGE_TOL * opts["tol"]}
     info = _lbfgs([C, Xt], closure, trace=trace, stage=stage, **opts)
     Xf = unit * Xt.detach().clone()
-    Xf[0] = 0.5 * (Xf[0] + Xf[0].T)
+    Xf[0] = sym(Xf[0])
     return C.detach(), Xf, info
 
 
@@ -536,7 +523,7 @@ def fit_stitched_lds(
     A_np = A.cpu().numpy()
     if stable:
         A_np = stabilise(A_np)
-    Pi_np = 0.5 * (Pi.cpu().numpy() + Pi.cpu().numpy().T)
+    Pi_np = sym(Pi.cpu().numpy())
     Q = psd_project(Pi_np - A_np @ Pi_np @ A_np.T)
     C_np = C.cpu().numpy()
     signal = np.einsum("ia,ab,ib->i", C_np, Pi_np, C_np)
