@@ -216,7 +216,7 @@ def stitched(args) -> dict:
 
 def nplds(args) -> dict:
     from poplds import ingest_dataset
-    from poplds.nplds import fit_store
+    from poplds.nplds import NPLDSSettings, fit_store
 
     path = DATA / "gpe_bandit_units.nwb"
     out: dict = {}
@@ -234,7 +234,7 @@ def nplds(args) -> dict:
                 trials=True,
             )
             for k in args.ks:
-                m = fit_store(store, tmp, k, device="cpu")
+                m = fit_store(store, k, NPLDSSettings(device="cpu")).metrics
                 for name, e in m["models"].items():
                     out[f"{bin_s}/{k}/{name}"] = {
                         key: e[key]

@@ -297,7 +297,7 @@ def copy_bandwidth(device: torch.device) -> float:
 def scale(args) -> dict:
     import tempfile
 
-    from poplds.stitched import fit_store
+    from poplds.stitched import StitchedOutputs, StitchedSettings, fit_store
 
     N, T, n = args.neurons[0], args.time, args.latents
     dev = torch.device(
@@ -320,18 +320,16 @@ def scale(args) -> dict:
         f"copy bandwidth {bw / 1e9:.0f} GB/s"
     )
     t = time.perf_counter()
-    m = fit_store(
-        store,
-        work / "fit",
-        latent_dim=n,
+    settings = StitchedSettings(
         lags=10,
         device=str(dev),
         max_passes=args.max_passes,
         heldout_fraction=0.1,
         max_device_bytes=0 if args.stream else None,
     )
+    result = fit_store(store, n, settings, outputs=StitchedOutputs.under(work / "fit", n))
     total = time.perf_counter() - t
-    fit = m["_fit"]
+    fit = result.fits["stitched_lds"]
     passes = fit.info["free"]["passes"] + fit.info["linked"]["passes"]
     fit_s = fit.info["free"]["seconds"] + fit.info["linked"]["seconds"]
     in_memory = all(r.data is not None for r in fit.data.recordings)

@@ -231,11 +231,12 @@ def test_changed_source_is_not_resumed_from_stale_data(tmp_path, rng, monkeypatc
     ],
 )
 def test_nplds_refuses_unsuitable_stores(tmp_path, arrays, kw, match):
-    from poplds.nplds import fit_store
+    from poplds.nplds import NPLDSOutputs, NPLDSSettings, fit_store
 
     paths = [npz(tmp_path / f"r{i}.npz", a) for i, a in enumerate(arrays)]
     store = ingest(tmp_path, *paths, **kw)
     with pytest.raises(InputError, match=match) as info:
-        fit_store(store, tmp_path / "ds", 1, max_iter=2)
+        out = NPLDSOutputs.under(tmp_path / "ds", 1, NPLDSSettings().models)
+        fit_store(store, 1, NPLDSSettings(max_iter=2), outputs=out)
     assert str(store) in str(info.value)
     assert not (tmp_path / "ds" / "nplds").exists()

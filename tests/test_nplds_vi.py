@@ -497,7 +497,7 @@ def test_real_units_recording_end_to_end(tmp_path):
     from conftest import SHARED_DATA
 
     from poplds import ingest_dataset
-    from poplds.nplds import fit_store
+    from poplds.nplds import NPLDSSettings, fit_store
 
     store = ingest_dataset(
         [{"path": str(SHARED_DATA / "gpe_bandit_units.nwb"), "name": "gpe"}],
@@ -506,7 +506,7 @@ def test_real_units_recording_end_to_end(tmp_path):
         trials=True,
         trial_window=(0.0, 1.0),
     )
-    m = fit_store(store, tmp_path, 2, device="cpu")
+    m = fit_store(store, 2, NPLDSSettings(device="cpu")).metrics
     assert m["n_trials"] == 50 and m["n_neurons"] == 18 and m["n_bins"] == 20
     # two trials are shorter than the window: their last bins are missing, not zero
     assert m["missing_bins"] > 0
@@ -528,7 +528,7 @@ def test_silent_neurons_are_left_out_with_a_warning(tmp_path):
     import zarr
 
     from poplds import ingest_dataset
-    from poplds.nplds import fit_store
+    from poplds.nplds import NPLDSSettings, fit_store
 
     tr = simulate_poisson_trials(n_neurons=6, latent_dim=1, n_trials=12, n_bins=20, seed=6)
     counts = tr.counts.astype(np.int32)
@@ -541,7 +541,7 @@ def test_silent_neurons_are_left_out_with_a_warning(tmp_path):
         trial_ids=np.arange(12),
     )
     store = ingest_dataset([{"path": str(tmp_path / "r.npz")}], tmp_path / "data.zarr", trials=True)
-    m = fit_store(store, tmp_path, 1, max_iter=3, device="cpu")
+    m = fit_store(store, 1, NPLDSSettings(max_iter=3, device="cpu")).metrics
     assert m["n_neurons"] == 5 and "without spikes" in m["warnings"][0]
     C = zarr.open_group(str(tmp_path / "nplds" / "k1" / "model.zarr"), mode="r")["C"][:]
     assert np.isnan(C[2]).all() and np.isfinite(np.delete(C, 2, 0)).all()

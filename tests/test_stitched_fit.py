@@ -3,12 +3,21 @@ identifiability, bad input, and the CUDA path."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from poplds import InputError, ingest_dataset, simulate
-from poplds.stitched import RecordingInput, fit_stitched_lds, fit_store, prepare_data
+from poplds.stitched import (
+    RecordingInput,
+    StitchedOutputs,
+    StitchedSettings,
+    fit_stitched_lds,
+    fit_store,
+    prepare_data,
+)
 from poplds.stitched.evaluate import (
     covariance_scores,
     identifiability,
@@ -173,13 +182,21 @@ def test_streamed_from_the_store_equals_in_memory(tmp_path):
         ],
     )
     store = ingest_dataset([{"path": str(p)} for p in paths], tmp_path / "ds" / "data.zarr")
-    kw = {"latent_dim": 2, "lags": 4, "device": "cpu", "max_passes": 40}
-    mem = fit_store(store, tmp_path / "mem", **kw)
-    streamed = fit_store(store, tmp_path / "stream", max_device_bytes=0, **kw)
-    assert all(r.data is None for r in streamed["_fit"].data.recordings)
-    assert all(r.data is not None for r in mem["_fit"].data.recordings)
-    np.testing.assert_array_equal(streamed["_fit"].params.C, mem["_fit"].params.C)
-    for a, b in zip(streamed["_posteriors"], mem["_posteriors"], strict=True):
+    s = StitchedSettings(lags=4, device="cpu", max_passes=40)
+    mem = fit_store(store, 2, s, outputs=StitchedOutputs.under(tmp_path / "mem", 2))
+    streamed = fit_store(
+        store,
+        2,
+        replace(s, max_device_bytes=0),
+        outputs=StitchedOutputs.under(tmp_path / "stream", 2),
+    )
+    fit_s, fit_m = streamed.fits["stitched_lds"], mem.fits["stitched_lds"]
+    assert all(r.data is None for r in fit_s.data.recordings)
+    assert all(r.data is not None for r in fit_m.data.recordings)
+    np.testing.assert_array_equal(fit_s.params.C, fit_m.params.C)
+    assert mem.outputs.metrics == tmp_path / "mem" / "stitched_lds" / "n2" / "metrics.json"
+    assert mem.outputs.metrics.exists() and mem.outputs.sample.exists()
+    for a, b in zip(streamed.latents, mem.latents, strict=True):
         np.testing.assert_allclose(a.mean.numpy(), b.mean.numpy(), atol=1e-5)
 
 
@@ -217,7 +234,7 @@ def test_trial_data_is_refused(tmp_path):
         [{"path": str(tmp_path / "t.npz")}], tmp_path / "d" / "data.zarr", trials=True
     )
     with pytest.raises(InputError, match="needs continuous"):
-        fit_store(store, tmp_path / "out", latent_dim=2)
+        fit_store(store, 2)
 
 
 @pytest.mark.requires_cuda

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +49,26 @@ def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(json_clean(obj), indent=2))
     tmp.replace(path)
+
+
+@dataclass
+class StoreFit:
+    """What ``fit_store`` of either model family returns.
+
+    metrics: the content of ``metrics.json``; outputs: the family's outputs dataclass (every
+    path written); fits: the in-memory fits by model name (``stitched_lds``: a
+    :class:`~poplds.stitched.StitchedFit`; ``plds``, ``nplds``, ``nplds_dynamics``: a
+    :class:`~poplds.nplds.FitResult`); latents: the stitched LDS's per-recording posteriors
+    (:class:`~poplds.stitched.inference.Posterior`), None for the trial models (whose q is in
+    each fit's ``state``).
+    """
+
+    metrics: dict[str, Any]
+    outputs: Any
+    fits: dict[str, Any]
+    latents: list | None = None
+
+    @property
+    def warnings(self) -> list[str]:
+        """Every warning of the fits (also in ``metrics.json`` and the log)."""
+        return list(self.metrics.get("warnings", []))

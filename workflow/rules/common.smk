@@ -87,6 +87,13 @@ def truth_input(wildcards):
     return []
 
 
+def truth_file(wildcards):
+    """The simulated ground truth inside that folder (rule simulate), or "" for real data."""
+    if is_simulated(wildcards.dataset):
+        return f"results/{wildcards.dataset}/simulated/truth.npz"
+    return ""
+
+
 def stitched_config(dataset):
     """The dataset's stitched_lds block; the schema fills in every default."""
     return dataset_config(dataset)["stitched_lds"]

@@ -13,6 +13,7 @@ rule fit_nplds:
         predictions="results/{dataset}/nplds/k{k}/predictions.npz",
     params:
         settings=nplds_params,
+        truth=truth_file,
     wildcard_constraints:
         dataset=dataset_pattern([d for d in DATASETS if d not in NPLDS_DYNAMICS]),
     log:
@@ -25,27 +26,15 @@ rule fit_nplds:
 
 
 # the same job for datasets with nplds.dynamics_drift: true, which also writes the variant
-rule fit_nplds_dynamics:
-    input:
-        store="results/{dataset}/data.zarr",
-        truth=truth_input,
+use rule fit_nplds as fit_nplds_dynamics with:
     output:
         nplds=directory("results/{dataset}/nplds/k{k}/model.zarr"),
         plds=directory("results/{dataset}/plds/k{k}/model.zarr"),
         nplds_dynamics=directory("results/{dataset}/nplds_dynamics/k{k}/model.zarr"),
         metrics="results/{dataset}/nplds/k{k}/metrics.json",
         predictions="results/{dataset}/nplds/k{k}/predictions.npz",
-    params:
-        settings=nplds_params,
     wildcard_constraints:
         dataset=dataset_pattern(NPLDS_DYNAMICS),
-    log:
-        "logs/{dataset}/fit_nplds_k{k}.log",
-    threads: 2
-    conda:
-        "../../envs/poplds.yaml"
-    script:
-        "../scripts/fit_nplds.py"
 
 
 rule nplds_figures:

@@ -12,6 +12,7 @@ rule fit_stitched_lds:
         sample="results/{dataset}/stitched_lds/n{n}/covariance_sample.npz",
     params:
         settings=stitched_params,
+        truth=truth_file,
     log:
         "logs/{dataset}/fit_stitched_lds_n{n}.log",
     threads: 2
@@ -27,6 +28,8 @@ rule stitched_lds_figures:
         latents="results/{dataset}/stitched_lds/n{n}/latents.zarr",
         sample="results/{dataset}/stitched_lds/n{n}/covariance_sample.npz",
         truth=truth_input,
+    params:
+        truth=truth_file,
     output:
         loss=report(
             "results/{dataset}/figures/stitched_lds/n{n}_loss.png",

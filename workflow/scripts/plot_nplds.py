@@ -4,4 +4,8 @@ from poplds._logging import setup_logging
 from poplds.nplds.plots import make_figures
 
 setup_logging(snakemake.log[0])  # noqa: F821
-make_figures(snakemake.input.metrics, dict(snakemake.output.items()))  # noqa: F821
+make_figures(
+    snakemake.input.metrics,  # noqa: F821
+    snakemake.input.predictions,  # noqa: F821
+    dict(snakemake.output.items()),  # noqa: F821
+)

@@ -16,7 +16,8 @@
 """
 
 from .model import PLDSParams
-from .run import fit_store
+from .run import NPLDSOutputs, fit_store
+from .settings import NPLDSSettings
 from .vi import FitResult, fit
 
-__all__ = ["FitResult", "PLDSParams", "fit", "fit_store"]
+__all__ = ["FitResult", "NPLDSOutputs", "NPLDSSettings", "PLDSParams", "fit", "fit_store"]

@@ -15,10 +15,9 @@ LABELS = {"plds": "PLDS", "nplds": "N-PLDS", "nplds_dynamics": "N-PLDS, drifting
 COLOURS = {"plds": "tab:blue", "nplds": "tab:red", "nplds_dynamics": "tab:purple"}
 
 
-def _load(metrics_path: str | Path) -> tuple[dict, dict]:
-    metrics_path = Path(metrics_path)
-    metrics = json.loads(metrics_path.read_text())
-    with np.load(metrics_path.parent / "predictions.npz") as z:
+def _load(metrics_path: str | Path, predictions_path: str | Path) -> tuple[dict, dict]:
+    metrics = json.loads(Path(metrics_path).read_text())
+    with np.load(predictions_path) as z:
         arrays = {k: z[k] for k in z.files}
     return metrics, arrays
 
@@ -32,10 +31,10 @@ def _mark_heldout(ax, trial_ids: np.ndarray, heldout: np.ndarray) -> None:
         ax.axvline(t, color="0.85", lw=1.5, zorder=0)
 
 
-def plot_bound(metrics_path: str | Path, out: str | Path) -> Path:
+def plot_bound(metrics_path: str | Path, predictions_path: str | Path, out: str | Path) -> Path:
     """Evidence lower bound per EM iteration of every model, per spike, relative to its
     final value (log scale), and the raw bound."""
-    metrics, _ = _load(metrics_path)
+    metrics, _ = _load(metrics_path, predictions_path)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     spikes = max(metrics["spikes"], 1)
     for name in _models(metrics):
@@ -60,11 +59,11 @@ def _drift_neurons(shift: np.ndarray, n: int = 6) -> np.ndarray:
     return np.argsort(-shift.std(0))[:n]
 
 
-def plot_drift(metrics_path: str | Path, out: str | Path) -> Path:
+def plot_drift(metrics_path: str | Path, predictions_path: str | Path, out: str | Path) -> Path:
     """Per-trial log-rate modulator ``c_i' h[r]`` (centred per neuron) with a band of two
     posterior standard deviations, against trial number, for the six neurons that drift
     most; the truth when simulated; held-out trials shaded (their h is the GP prediction)."""
-    metrics, a = _load(metrics_path)
+    metrics, a = _load(metrics_path, predictions_path)
     shift, sd = a["nplds_shift"], a["nplds_shift_sd"]
     trials, heldout = a["trial_ids"], a["heldout"]
     picks = _drift_neurons(shift)
@@ -110,10 +109,10 @@ def neuron_groups(shift: np.ndarray) -> np.ndarray:
     return vt[0] >= 0
 
 
-def plot_rates(metrics_path: str | Path, out: str | Path) -> Path:
+def plot_rates(metrics_path: str | Path, predictions_path: str | Path, out: str | Path) -> Path:
     """Per-trial mean firing rate of each neuron group (the two signs of the leading drift
     direction), data against every model's prediction (held-out trials shaded)."""
-    metrics, a = _load(metrics_path)
+    metrics, a = _load(metrics_path, predictions_path)
     group = neuron_groups(a["nplds_shift"])
     trials, heldout = a["trial_ids"], a["heldout"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), sharex=True)
@@ -142,10 +141,12 @@ def plot_rates(metrics_path: str | Path, out: str | Path) -> Path:
     return save_figure(fig, out)
 
 
-def plot_eigenvalues(metrics_path: str | Path, out: str | Path) -> Path:
+def plot_eigenvalues(
+    metrics_path: str | Path, predictions_path: str | Path, out: str | Path
+) -> Path:
     """Eigenvalues of each trial's dynamics ``A[r] = A + g[r] A1``: moduli against trial
     number (truth's spectral radius when simulated) and the complex plane, coloured by trial."""
-    metrics, a = _load(metrics_path)
+    metrics, a = _load(metrics_path, predictions_path)
     ev = a["nplds_dynamics_eigenvalues"]  # (trials, k) complex
     trials, heldout = a["trial_ids"], a["heldout"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -213,8 +214,11 @@ def plot_dimension(metrics_paths: list[str | Path], out: str | Path) -> Path:
     return save_figure(fig, out)
 
 
-def make_figures(metrics_path: str | Path, outputs: dict[str, str | Path]) -> None:
-    """Every per-k figure named in outputs (keys bound, drift, rates, eigenvalues)."""
+def make_figures(
+    metrics_path: str | Path, predictions_path: str | Path, outputs: dict[str, str | Path]
+) -> None:
+    """Every per-k figure named in outputs (keys bound, drift, rates, eigenvalues) from one
+    job's ``metrics.json`` and ``predictions.npz`` (:func:`poplds.nplds.fit_store`)."""
     makers = {
         "bound": plot_bound,
         "drift": plot_drift,
@@ -222,4 +226,4 @@ def make_figures(metrics_path: str | Path, outputs: dict[str, str | Path]) -> No
         "eigenvalues": plot_eigenvalues,
     }
     for key, path in outputs.items():
-        makers[key](metrics_path, path)
+        makers[key](metrics_path, predictions_path, path)

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,48 @@ from .._device import choose_device
 from .._errors import InputError
 from .._logging import get_logger
 from .._provenance import provenance
-from .._results import atomic_group, finish_group, write_json
+from .._results import StoreFit, atomic_group, finish_group, write_json
+from .._settings import config_settings
 from .._version import __version__
 from ..store import DatasetStore, write_array, write_strings
 from . import model, vi
 from .evaluate import centred_correlation, evaluate, split_neurons, split_trials, trial_mean
+from .settings import NPLDSSettings
 
 log = get_logger()
+
+
+@dataclass(frozen=True)
+class NPLDSOutputs:
+    """The files one job of Poisson LDS fits writes (module docstring): ``metrics`` (JSON),
+    ``predictions`` (the figures' per-trial arrays, npz) and, per model name, its
+    ``model.zarr``."""
+
+    metrics: Path
+    predictions: Path
+    models: Mapping[str, Path]
+
+    @classmethod
+    def under(cls, results_dir: str | Path, latent_dim: int, models: Sequence[str]) -> NPLDSOutputs:
+        """The README layout: ``<results_dir>/nplds/k<k>/{metrics.json,predictions.npz}`` and
+        ``<results_dir>/<model>/k<k>/model.zarr``."""
+        d, k = Path(results_dir), f"k{int(latent_dim)}"
+        return cls(
+            d / "nplds" / k / "metrics.json",
+            d / "nplds" / k / "predictions.npz",
+            {m: d / m / k / "model.zarr" for m in models},
+        )
+
+    @classmethod
+    def from_mapping(cls, paths: Mapping[str, Any], models: Sequence[str]) -> NPLDSOutputs:
+        """From a mapping with ``metrics``, ``predictions`` and one path per model name (e.g.
+        a rule's ``snakemake.output``)."""
+        return cls(
+            Path(paths["metrics"]),
+            Path(paths["predictions"]),
+            {m: Path(paths[m]) for m in models},
+        )
+
 
 #: Models fitted by :func:`fit_store`: name -> (drift, dynamics_drift).
 MODELS = {"nplds": (True, False), "plds": (False, False), "nplds_dynamics": (True, True)}
@@ -116,33 +152,34 @@ def _spectral_radius(A: np.ndarray) -> np.ndarray:
 
 def fit_store(
     store_path: str | Path,
-    dataset_dir: str | Path,
     latent_dim: int,
+    settings: NPLDSSettings | None = None,
     *,
-    heldout_trials: float = 0.2,
-    heldout_neurons: float = 0.25,
-    dynamics_drift: bool = False,
-    max_iter: int = 3000,
-    tol: float = 1e-6,
-    seed: int = 0,
-    device: str = "auto",
+    outputs: NPLDSOutputs | None = None,
     truth: str | Path | None = None,
-) -> dict[str, Any]:
-    """Fit and score the Poisson LDS models (module docstring) on a store of trial counts.
+) -> StoreFit:
+    """Fit and score the Poisson LDS models (module docstring) on a store of trial counts and
+    write their :class:`NPLDSOutputs` (default: the README layout beside the store).
 
-    heldout_trials: fraction of trials left out of every fit (drawn with ``seed``);
-    heldout_neurons: fraction of neurons predicted from the others on those trials
-    (co-smoothing); dynamics_drift: also fit the drifting-dynamics variant; max_iter, tol:
-    EM iterations and relative change of the bound; truth: a simulation's ``truth.npz``.
-    Returns the metrics written to ``nplds/k<k>/metrics.json``.
+    settings: :class:`NPLDSSettings` (default: the workflow's defaults); truth: a
+    simulation's ``truth.npz``. Returns a :class:`~poplds._results.StoreFit`: the metrics
+    written to ``metrics.json``, the outputs, and each model's :class:`~poplds.nplds.FitResult`
+    by name.
     """
+    s = settings or NPLDSSettings()
+    out = outputs or NPLDSOutputs.under(Path(store_path).parent, latent_dim, s.models)
+    missing = [m for m in s.models if m not in out.models]
+    if missing:
+        raise InputError("outputs", f"no model.zarr path for {missing}")
+    heldout_trials, heldout_neurons, seed = s.heldout_trials, s.heldout_neurons, s.seed
+    max_iter, tol = s.max_iter, s.tol
     store = DatasetStore(store_path)
     y, trial_ids, neurons, bin_s = counts_from_store(store)
     R, T, N = y.shape
     k = int(latent_dim)
     if k < 1:
         raise InputError(store.path, f"latent dimension {k} must be at least 1")
-    dev = choose_device(device, "nplds.device")
+    dev = choose_device(s.device, "nplds.device")
     n = trial_ids.astype(np.float64)
     out_mask = split_trials(R, heldout_trials, seed)
     train, test = np.where(~out_mask)[0], np.where(out_mask)[0]
@@ -166,17 +203,10 @@ def fit_store(
     truth_d = load_truth(truth, store.neuron_ids[neurons], trial_ids) if truth else None
     settings = {
         "latent_dim": k,
-        "heldout_trials": heldout_trials,
-        "heldout_neurons": heldout_neurons,
-        "dynamics_drift": dynamics_drift,
-        "max_iter": max_iter,
-        "tol": tol,
-        "seed": seed,
+        **config_settings(s, NPLDSSettings.PYTHON_ONLY),
         "device": str(dev),
     }
-    # PLDS first: a drift model whose bound ends below it (a worse local optimum, since it
-    # holds PLDS as sigma2 -> 0) is fitted again from the PLDS fit, and the better one is kept
-    names = ["plds", "nplds"] + (["nplds_dynamics"] if dynamics_drift else [])
+    names = list(s.models)
     metrics: dict[str, Any] = {
         "dataset": store.attrs.get("dataset"),
         "settings": settings,
@@ -214,7 +244,7 @@ def fit_store(
         figure["true_shift"] = truth_d["log_rate_shift"]
         if "A_trials" in truth_d:
             figure["true_radius"] = _spectral_radius(truth_d["A_trials"])
-    dataset_dir = Path(dataset_dir)
+    fits: dict[str, vi.FitResult] = {}
     stationary: vi.FitResult | None = None  # the PLDS fit, made first
     for name in names:
         drift, dyn = MODELS[name]
@@ -321,20 +351,21 @@ def fit_store(
         figure[f"{name}_bound"] = np.asarray(fit.bound)
         x_mean = np.full((R, T, k), np.nan, dtype=np.float32)
         x_mean[train] = fit.state.m.cpu().numpy()
+        fits[name] = fit
         _write_model(
-            dataset_dir / name / f"k{k}" / "model.zarr",
+            out.models[name],
             fit,
-            store,
-            neurons,
-            trial_ids,
-            out_mask,
-            h_mean,
-            h_var,
-            x_mean,
-            arrays,
-            inverse,
-            A_trials,
-            {**settings, "model": name},
+            store=store,
+            neurons=neurons,
+            trial_ids=trial_ids,
+            heldout=out_mask,
+            h_mean=h_mean,
+            h_var=h_var,
+            x_mean=x_mean,
+            arrays=arrays,
+            inverse=inverse,
+            A_trials=A_trials,
+            settings={**settings, "model": name},
         )
         log.info(
             "%s k=%d: held-out trials %.4f bits/spike, co-smoothing %.4f, rate RMSE %.3f Hz",
@@ -350,13 +381,13 @@ def fit_store(
         "nplds_minus_plds_cosmoothing_bits_per_spike": _diff(mm, "cosmoothing_bits_per_spike"),
         "nplds_minus_plds_rate_rmse_hz": _diff(mm, "rate_rmse_hz"),
     }
-    out = dataset_dir / "nplds" / f"k{k}"
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "predictions.tmp.npz"
+    for path in (out.predictions, out.metrics):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.predictions.with_name(out.predictions.stem + ".tmp.npz")
     np.savez_compressed(tmp, **figure)
-    tmp.replace(out / "predictions.npz")
-    write_json(out / "metrics.json", metrics)
-    return metrics
+    tmp.replace(out.predictions)
+    write_json(out.metrics, metrics)
+    return StoreFit(metrics, out, fits)
 
 
 def _diff(models: dict, key: str) -> float | None:
@@ -369,6 +400,7 @@ def _diff(models: dict, key: str) -> float | None:
 def _write_model(
     path: Path,
     fit: vi.FitResult,
+    *,
     store: DatasetStore,
     neurons: np.ndarray,
     trial_ids: np.ndarray,

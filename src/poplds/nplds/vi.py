@@ -65,6 +65,7 @@ from .model import (
     path_prior,
 )
 from .mstep import mstep_dynamics, mstep_emissions, mstep_kernels
+from .settings import NPLDSSettings
 
 log = get_logger()
 
@@ -123,9 +124,9 @@ def fit(
     drift: bool = True,
     dynamics_drift: bool = False,
     inputs: np.ndarray | None = None,
-    max_iter: int = 3000,
+    max_iter: int = NPLDSSettings.max_iter,
     min_iter: int = 5,
-    tol: float = 1e-6,
+    tol: float = NPLDSSettings.tol,
     device: str | torch.device = "cpu",
     init: PLDSParams | None = None,
     progress_every: int = 10,

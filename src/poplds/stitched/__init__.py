@@ -4,7 +4,8 @@ One LDS for all neurons of several partial recordings, fitted by matching time-l
 covariances of the pairs recorded together; it predicts the covariances of pairs never recorded
 together and gives every recording latent trajectories in one shared latent space.
 
-- :func:`fit_store` — from a dataset store to ``model.zarr``, ``latents.zarr``, ``metrics.json``.
+- :func:`fit_store` — from a dataset store to the files of :class:`StitchedOutputs`, with
+  :class:`StitchedSettings`.
 - :func:`fit_stitched_lds` — the fit itself, on any (time, neurons) arrays.
 - :func:`smooth_recordings` — Kalman/RTS latents of each recording.
 """
@@ -12,13 +13,16 @@ together and gives every recording latent trajectories in one shared latent spac
 from ._data import RecordingInput, prepare_data
 from .inference import Posterior, smooth_recordings
 from .models import StitchedFit, StitchedLDSParams, fit_stitched_lds
-from .run import fit_store
+from .run import StitchedOutputs, fit_store
+from .settings import StitchedSettings
 
 __all__ = [
     "Posterior",
     "RecordingInput",
     "StitchedFit",
     "StitchedLDSParams",
+    "StitchedOutputs",
+    "StitchedSettings",
     "fit_stitched_lds",
     "fit_store",
     "prepare_data",

@@ -46,6 +46,7 @@ from .._logging import get_logger
 from ..store import coverage
 from ._data import RecordingInput, StitchedData, prepare_data
 from ._loss import loss_and_grad, loss_tensors
+from .settings import StitchedSettings
 
 log = get_logger()
 
@@ -415,16 +416,16 @@ def fit_stitched_lds(
     n_neurons: int,
     latent_dim: int,
     *,
-    lags: int = 10,
-    device: str | torch.device = "auto",
-    heldout_fraction: float = 0.1,
-    seed: int = 0,
-    restarts: int = 0,
-    max_passes: int = 2000,
-    tol: float = 1e-3,
+    lags: int = StitchedSettings.lags,
+    device: str | torch.device = StitchedSettings.device,
+    heldout_fraction: float = StitchedSettings.heldout_fraction,
+    seed: int = StitchedSettings.seed,
+    restarts: int = StitchedSettings.restarts,
+    max_passes: int = StitchedSettings.max_passes,
+    tol: float = StitchedSettings.tol,
     stable: bool = True,
     r_floor: float = 1e-3,
-    max_device_bytes: float | None = None,
+    max_device_bytes: float | None = StitchedSettings.max_device_bytes,
     data: StitchedData | None = None,
 ) -> StitchedFit:
     """Fit one stitched LDS to partial recordings (module docstring).

@@ -194,20 +194,23 @@ def plot_dimension_choice(metrics_files: Sequence[str | Path], out: str | Path) 
 
 
 def make_figures(
-    fit_dir: str | Path,
+    model: str | Path,
+    latents: str | Path,
+    sample: str | Path,
     figures: dict[str, str | Path],
     truth: str | Path | None = None,
     scatter_lags: Sequence[int] = (0, 1, 3, 9),
 ) -> None:
-    """All figures of one fit (``fit_dir`` as written by :func:`poplds.stitched.run.fit_store`):
-    ``figures`` maps ``loss``, ``covariance``, ``eigenvalues``, ``latents`` to output paths."""
-    fit_dir = Path(fit_dir)
-    sample = dict(np.load(fit_dir / "covariance_sample.npz"))
-    rate = float(sample.pop("rate_hz"))
-    sample.setdefault("true", None)
-    A = np.asarray(zarr.open_group(str(fit_dir / "model.zarr"), mode="r")["A"][:])
+    """All figures of one fit from its ``model.zarr``, ``latents.zarr`` and covariance sample
+    (:class:`poplds.stitched.run.StitchedOutputs`): ``figures`` maps ``loss``,
+    ``covariance``, ``eigenvalues``, ``latents`` to output paths; truth: a simulation's
+    ``truth.npz``."""
+    arrays = dict(np.load(sample))
+    rate = float(arrays.pop("rate_hz"))
+    arrays.setdefault("true", None)
+    A = np.asarray(zarr.open_group(str(model), mode="r")["A"][:])
     A_true = np.load(truth)["A"] if truth else None
-    plot_loss(fit_dir / "model.zarr", figures["loss"])
-    plot_covariance_scatter(sample, figures["covariance"], scatter_lags)
+    plot_loss(model, figures["loss"])
+    plot_covariance_scatter(arrays, figures["covariance"], scatter_lags)
     plot_eigenvalues(A, rate, figures["eigenvalues"], A_true)
-    plot_latents(fit_dir / "latents.zarr", rate, figures["latents"])
+    plot_latents(latents, rate, figures["latents"])

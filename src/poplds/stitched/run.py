@@ -1,6 +1,7 @@
 """Stitched LDS from a dataset store to result files: fit, latents, evaluation.
 
-:func:`fit_store` writes, under ``out_dir`` (``results/<dataset>/stitched_lds/n<n>``)::
+:func:`fit_store` writes the files of :class:`StitchedOutputs` (by default the README layout,
+``results/<dataset>/stitched_lds/n<n>/``)::
 
     model.zarr/    A (n, n), C (N_total, n) in the store's neuron order, Pi, Q (n, n),
                    R (N_total,), X (K, n, n), loss_trace (passes, 3: stage, pass, loss),
@@ -22,6 +23,8 @@ temporary name and renamed, so an interrupted run leaves no half-written result.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +33,41 @@ import numpy as np
 from .._errors import InputError
 from .._logging import get_logger
 from .._provenance import provenance
-from .._results import atomic_group, finish_group, json_clean, write_json
+from .._results import StoreFit, atomic_group, finish_group, json_clean, write_json
+from .._settings import config_settings
 from .._version import __version__
 from ..store import DatasetStore, write_array, write_strings
 from ._data import RecordingInput
 from .evaluate import covariance_scores, identifiability, matched_eigenvalues, principal_angles_deg
 from .inference import smooth_recordings
 from .models import StitchedFit, StitchedLDSParams, fit_stitched_lds
+from .settings import StitchedSettings
 
 log = get_logger()
+
+
+@dataclass(frozen=True)
+class StitchedOutputs:
+    """The files one stitched fit writes (module docstring): ``model``, ``latents`` (Zarr
+    groups), ``metrics`` (JSON) and ``sample`` (the figures' covariance sample, npz)."""
+
+    model: Path
+    latents: Path
+    metrics: Path
+    sample: Path
+
+    @classmethod
+    def under(cls, results_dir: str | Path, latent_dim: int) -> StitchedOutputs:
+        """The README layout: ``<results_dir>/stitched_lds/n<n>/...``."""
+        d = Path(results_dir) / "stitched_lds" / f"n{int(latent_dim)}"
+        return cls(
+            d / "model.zarr", d / "latents.zarr", d / "metrics.json", d / "covariance_sample.npz"
+        )
+
+    @classmethod
+    def from_mapping(cls, paths: Mapping[str, Any]) -> StitchedOutputs:
+        """From a mapping with one path per field (e.g. a rule's ``snakemake.output``)."""
+        return cls(**{f.name: Path(paths[f.name]) for f in fields(cls)})
 
 
 def recordings_from_store(store: DatasetStore) -> list[RecordingInput]:
@@ -103,27 +132,22 @@ def evaluate_fit(
 
 def fit_store(
     store_path: str | Path,
-    out_dir: str | Path,
-    *,
     latent_dim: int,
-    lags: int = 10,
-    heldout_fraction: float = 0.1,
-    seed: int = 0,
-    device: str = "auto",
-    restarts: int = 0,
-    max_passes: int = 2000,
-    tol: float = 1e-3,
+    settings: StitchedSettings | None = None,
+    *,
+    outputs: StitchedOutputs | None = None,
     truth: str | Path | None = None,
-    max_device_bytes: float | None = None,
-) -> dict[str, Any]:
+) -> StoreFit:
     """Fit a stitched LDS of dimension ``latent_dim`` to every recording of a dataset store and
-    write ``model.zarr``, ``latents.zarr`` and ``metrics.json`` to ``out_dir``.
+    write its :class:`StitchedOutputs` (default: the README layout beside the store).
 
-    Returns the metrics (also in ``metrics.json``) plus, under ``_fit`` and ``_posteriors``,
-    the :class:`StitchedFit` and each recording's :class:`Posterior` for use from Python. The
-    keyword arguments are those of :func:`poplds.stitched.models.fit_stitched_lds`; ``truth`` is
-    a simulation's ``truth.npz``.
+    settings: :class:`StitchedSettings` (default: the workflow's defaults); truth: a
+    simulation's ``truth.npz``. Returns a :class:`~poplds._results.StoreFit`: the metrics
+    (also in ``metrics.json``), the outputs, the :class:`StitchedFit` under ``stitched_lds``
+    and each recording's :class:`~poplds.stitched.inference.Posterior` as ``latents``.
     """
+    s = settings or StitchedSettings()
+    out = outputs or StitchedOutputs.under(Path(store_path).parent, latent_dim)
     store = DatasetStore(store_path)
     recs = recordings_from_store(store)
     neuron_ids = store.neuron_ids
@@ -131,33 +155,28 @@ def fit_store(
         recs,
         len(neuron_ids),
         latent_dim,
-        lags=lags,
-        device=device,
-        heldout_fraction=heldout_fraction,
-        seed=seed,
-        restarts=restarts,
-        max_passes=max_passes,
-        tol=tol,
-        max_device_bytes=max_device_bytes,
+        lags=s.lags,
+        device=s.device,
+        heldout_fraction=s.heldout_fraction,
+        seed=s.seed,
+        restarts=s.restarts,
+        max_passes=s.max_passes,
+        tol=s.tol,
+        max_device_bytes=s.max_device_bytes,
     )
     p = fit.params
     posts = smooth_recordings(p.A, p.Q, p.Pi, p.C, p.R, fit.data.recordings, fit.data.device)
-    truth_params = load_truth(truth, neuron_ids, lags) if truth else None
-    metrics = evaluate_fit(fit, truth_params, seed)
-    settings = {
+    truth_params = load_truth(truth, neuron_ids, s.lags) if truth else None
+    metrics = evaluate_fit(fit, truth_params, s.seed)
+    recorded = {
         "latent_dim": latent_dim,
-        "lags": lags,
-        "heldout_fraction": heldout_fraction,
-        "seed": seed,
+        **config_settings(s, StitchedSettings.PYTHON_ONLY),
         "device": fit.info["device"],
-        "restarts": restarts,
-        "max_passes": max_passes,
-        "tol": tol,
     }
     metrics.update(
         {
             "dataset": store.attrs.get("dataset"),
-            "settings": settings,
+            "settings": recorded,
             "fit": {
                 k: fit.info[k]
                 for k in (
@@ -179,19 +198,17 @@ def fit_store(
             "provenance": provenance(fit.data.device),
         }
     )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_model(out / "model.zarr", fit, store, settings)
-    _write_latents(out / "latents.zarr", fit, posts)
+    for path in (out.model, out.latents, out.metrics, out.sample):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    _write_model(out.model, fit, store, recorded)
+    _write_latents(out.latents, fit, posts)
     fig = metrics["covariance"]["_figure"]
     arrays = {k: v for k, v in fig.items() if v is not None}
-    tmp = out / "covariance_sample.tmp.npz"
+    tmp = out.sample.with_name(out.sample.stem + ".tmp.npz")
     np.savez_compressed(tmp, **arrays, rate_hz=float(store.attrs["rate_hz"]))
-    tmp.replace(out / "covariance_sample.npz")
-    write_json(out / "metrics.json", metrics)
-    metrics["_fit"] = fit
-    metrics["_posteriors"] = posts
-    return metrics
+    tmp.replace(out.sample)
+    write_json(out.metrics, metrics)
+    return StoreFit(metrics, out, {"stitched_lds": fit}, posts)
 
 
 def _write_model(path: Path, fit: StitchedFit, store: DatasetStore, settings: dict) -> None:

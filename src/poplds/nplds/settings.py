@@ -1,0 +1,46 @@
+"""The Poisson LDS fits' settings, written once: the ``nplds`` block of a dataset's
+configuration (``workflow/schemas/config.schema.yaml`` has the same defaults, and a test
+checks that they agree)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .._settings import settings_from
+
+
+@dataclass(frozen=True)
+class NPLDSSettings:
+    """Settings of one job of Poisson LDS fits (every model at one latent dimension k).
+
+    heldout_trials: fraction of trials left out of every fit (drawn with ``seed``);
+    heldout_neurons: fraction of neurons predicted from the others on those trials
+    (co-smoothing); dynamics_drift: also fit the variant with ``A[r] = A + g[r] A1``;
+    max_iter: most EM iterations per fit; tol: converged when the bound rose by less than
+    tol x |bound| over the last 10 iterations; seed: of the held-out draws (the fits are
+    deterministic); device: ``auto``, ``cpu``, ``cuda`` or ``cuda:<k>``.
+    """
+
+    heldout_trials: float = 0.2
+    heldout_neurons: float = 0.25
+    dynamics_drift: bool = False
+    max_iter: int = 3000
+    tol: float = 1e-6
+    seed: int = 0
+    device: str = "auto"
+
+    #: Fields that are not in the configuration file.
+    PYTHON_ONLY = ()
+
+    @classmethod
+    def from_config(cls, block: Mapping[str, Any]) -> NPLDSSettings:
+        """From a dataset's validated ``nplds`` block (``latent_dims`` is ignored)."""
+        return settings_from(cls, block, "nplds")
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The models fitted, in order: PLDS first (a drift fit that ends below its bound is
+        fitted again from it), then N-PLDS and, with ``dynamics_drift``, the variant."""
+        return ("plds", "nplds") + (("nplds_dynamics",) if self.dynamics_drift else ())

@@ -1,0 +1,43 @@
+"""The stitched LDS's fit settings, written once: the ``stitched_lds`` block of a dataset's
+configuration (``workflow/schemas/config.schema.yaml`` has the same defaults, and a test
+checks that they agree)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .._settings import settings_from
+
+
+@dataclass(frozen=True)
+class StitchedSettings:
+    """Settings of one stitched LDS fit (each latent dimension n is its own fit).
+
+    lags: K, the lags 0..K-1 whose covariances are matched; heldout_fraction: fraction of
+    co-observed pairs kept out of the fit to score it; seed: of the warm start, the held-out
+    split and the restarts; device: ``auto``, ``cpu``, ``cuda`` or ``cuda:<k>``; restarts:
+    extra random starts (the lowest loss wins); max_passes: most loss-and-gradient passes
+    per stage; tol: a stage has converged when its loss falls by less than tol times the
+    loss's sampling noise per pair over 10 passes (the free stage uses 10 tol);
+    max_device_bytes: Python only, the most bytes of data held on the device (more is
+    streamed from the store each pass; None: as much as fits).
+    """
+
+    lags: int = 10
+    heldout_fraction: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    restarts: int = 0
+    max_passes: int = 2000
+    tol: float = 1e-3
+    max_device_bytes: float | None = None
+
+    #: Fields that are not in the configuration file.
+    PYTHON_ONLY = ("max_device_bytes",)
+
+    @classmethod
+    def from_config(cls, block: Mapping[str, Any]) -> StitchedSettings:
+        """From a dataset's validated ``stitched_lds`` block (``latent_dims`` is ignored)."""
+        return settings_from(cls, block, "stitched_lds")
