@@ -26,8 +26,14 @@ from dask.callbacks import Callback
 from ._errors import InputError
 from ._logging import get_logger
 from ._version import __version__
-from .sources import Recording, RecordingSpec, TrialOptions, open_recording
-from .sources._base import RATE_RTOL, file_sha256
+from .sources import (
+    RATE_RTOL,
+    Recording,
+    RecordingSpec,
+    TrialOptions,
+    file_sha256,
+    open_recording,
+)
 from .store import FORMAT, coverage, create_activity, write_array, write_strings
 
 log = get_logger()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .._errors import InputError
 from ._base import (
+    RATE_RTOL,
     Recording,
     RecordingSpec,
     TrialOptions,
@@ -21,9 +22,11 @@ from ._nwb import read_nwb
 from ._suite2p import is_suite2p_folder, read_suite2p
 
 __all__ = [
+    "RATE_RTOL",
     "Recording",
     "RecordingSpec",
     "TrialOptions",
+    "file_sha256",
     "open_recording",
     "read_npz",
     "read_nwb",
