@@ -39,8 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from poplds import stitched
 from poplds.report import STITCHED_SLACK, choose_dimension
-from poplds.stitched import RecordingInput, fit_stitched_lds
+from poplds.stitched import RecordingInput
 from poplds.stitched.evaluate import covariance_scores
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,12 +167,10 @@ def stitched_case(y: np.ndarray, label: str, latents: list[int]) -> dict:
     )
     out: dict = {"ceiling": ceiling}
     for n in latents:
-        full = fit_stitched_lds(
-            [RecordingInput("all", y, np.arange(N))], N, n, lags=K, device="cpu"
-        )
+        full = stitched.fit([RecordingInput("all", y, np.arange(N))], N, n, lags=K, device="cpu")
         full_r = [corr(full.params.C @ full.params.X[s] @ full.params.C.T, s) for s in range(K)]
         t = time.perf_counter()
-        fit = fit_stitched_lds(recs, N, n, lags=K, device="cpu", heldout_fraction=0.1)
+        fit = stitched.fit(recs, N, n, lags=K, device="cpu", heldout_fraction=0.1)
         dt = time.perf_counter() - t
         never = [corr(fit.params.C @ fit.params.X[s] @ fit.params.C.T, s) for s in range(K)]
         held = covariance_scores(fit.params, fit.data)["heldout"]
@@ -207,14 +206,14 @@ def stitched_case(y: np.ndarray, label: str, latents: list[int]) -> dict:
     return out
 
 
-def stitched(args) -> dict:
+def run_stitched(args) -> dict:
     out = {"dentate": stitched_case(*dentate_events(args.bin), args.latents)}
     for subject in args.hcp:
         out[f"hcp/{subject}"] = stitched_case(*hcp_bold(subject), args.latents)
     return out
 
 
-def nplds(args) -> dict:
+def run_nplds(args) -> dict:
     from poplds import ingest_dataset
     from poplds.nplds import NPLDSSettings, fit_store
 
@@ -275,9 +274,9 @@ def main() -> None:
     if not DATA.is_dir():
         raise SystemExit(f"{DATA}: not found (the shared data folder sits beside the checkout)")
     if args.what in ("stitched", "all"):
-        stitched(args)
+        run_stitched(args)
     if args.what in ("nplds", "all"):
-        nplds(args)
+        run_nplds(args)
 
 
 if __name__ == "__main__":

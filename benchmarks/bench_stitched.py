@@ -14,7 +14,7 @@ and mean over lags 0-9), the largest principal angle to the true C, then the med
 seeds and the ratio of subspace error to that of the fully observed fit (overlap = N).
 
 ``peer``: pykalman's EM (``KalmanFilter.em``) on fully observed data (N neurons, T = 4000,
-n = 4), against ``fit_stitched_lds`` on the same data. Both are scored by the relative error of
+n = 4), against ``poplds.stitched.fit`` on the same data. Both are scored by the relative error of
 their predicted lagged covariances (lags 0-4, off-diagonal) on the pairs our fit held out,
 against the empirical ones; EM runs iteration by iteration until it reaches our error or a
 time budget. Prints each one's time and the ratio.
@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from poplds import simulate
-from poplds.stitched import RecordingInput, fit_stitched_lds
+from poplds import simulate, stitched
+from poplds.stitched import RecordingInput
 from poplds.stitched.evaluate import principal_angles_deg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def paper(args) -> dict:
             ]
             del ys
             t = time.perf_counter()
-            fit = fit_stitched_lds(recs, N, n, lags=K, device=args.device, seed=seed)
+            fit = stitched.fit(recs, N, n, lags=K, device=args.device, seed=seed)
             dt = time.perf_counter() - t
             a = np.arange(*layout[0].neurons)
             b = np.arange(*layout[1].neurons)
@@ -175,7 +175,7 @@ def peer(args) -> dict:
         p = simulate.random_stitched_lds(N, n, eig_moduli=(0.9, 0.99), seed=N)
         (y,), _ = simulate.simulate_stitched(p, [simulate.SimRecording("r", (0, N), T)], seed=N)
         t = time.perf_counter()
-        fit = fit_stitched_lds(
+        fit = stitched.fit(
             [RecordingInput("r", y, np.arange(N))], N, n, lags=K, device="cpu", heldout_fraction=0.1
         )
         ours_s = time.perf_counter() - t

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from poplds import InputError, ingest_dataset, simulate
+from poplds import InputError, ingest_dataset, simulate, stitched
 from poplds.stitched import (
     RecordingInput,
     StitchedOutputs,
     StitchedSettings,
-    fit_stitched_lds,
     fit_store,
     prepare_data,
 )
@@ -49,7 +48,7 @@ def truth_params(p, lags):
 @pytest.fixture(scope="module")
 def recovered():
     p, recs = simulated()
-    fit = fit_stitched_lds(recs, 60, 3, lags=6, device="cpu", heldout_fraction=0.1, seed=0)
+    fit = stitched.fit(recs, 60, 3, lags=6, device="cpu", heldout_fraction=0.1, seed=0)
     return p, recs, fit
 
 
@@ -111,8 +110,8 @@ def test_convergence_test_does_not_depend_on_the_data_units():
     give the same passes and the same fit up to the units."""
     _, recs = simulated(N=40, T=3000)
     small = [RecordingInput(r.name, r.activity * 1e-3, r.neurons) for r in recs]
-    a = fit_stitched_lds(recs, 40, 3, lags=5, device="cpu", heldout_fraction=0.1)
-    b = fit_stitched_lds(small, 40, 3, lags=5, device="cpu", heldout_fraction=0.1)
+    a = stitched.fit(recs, 40, 3, lags=5, device="cpu", heldout_fraction=0.1)
+    b = stitched.fit(small, 40, 3, lags=5, device="cpu", heldout_fraction=0.1)
     for stage in ("free", "linked"):
         assert a.info[stage]["stop"] != "max_passes"
         assert abs(a.info[stage]["passes"] - b.info[stage]["passes"]) <= 2
@@ -123,7 +122,7 @@ def test_convergence_test_does_not_depend_on_the_data_units():
 
 def test_a_fit_at_the_cap_warns():
     _, recs = simulated(N=40, T=2000)
-    fit = fit_stitched_lds(recs, 40, 3, lags=5, device="cpu", max_passes=8)
+    fit = stitched.fit(recs, 40, 3, lags=5, device="cpu", max_passes=8)
     assert fit.info["stop"] == "max_passes"
     assert fit.info["free"]["stop"] == "max_passes" and fit.info["free"]["passes"] == 8
     assert any("max_passes (8)" in w for w in fit.info["warnings"])
@@ -140,7 +139,7 @@ def test_sparse_real_events_fit_moves_and_converges():
     with h5py.File(SHARED_DATA / "dentate_gyrus_events.nwb", "r") as f:
         y = np.asarray(f["processing/ophys/events/data"][:], dtype=np.float32)
     N = y.shape[1]
-    fit = fit_stitched_lds([RecordingInput("dg", y, np.arange(N))], N, 4, device="cpu")
+    fit = stitched.fit([RecordingInput("dg", y, np.arange(N))], N, 4, device="cpu")
     assert fit.info["stop"] == "converged", fit.info
     assert fit.info["free"]["passes"] > 20
     assert fit.info["moved_noise_units"] > 10 * 1e-3
@@ -160,8 +159,8 @@ def test_heldout_split_holds_out_the_asked_fraction():
 
 def test_same_seed_same_fit_and_dynamics_estimate():
     _, recs = simulated(N=30, n=2, T=1500)
-    a = fit_stitched_lds(recs, 30, 2, lags=4, device="cpu", seed=5)
-    b = fit_stitched_lds(recs, 30, 2, lags=4, device="cpu", seed=5)
+    a = stitched.fit(recs, 30, 2, lags=4, device="cpu", seed=5)
+    b = stitched.fit(recs, 30, 2, lags=4, device="cpu", seed=5)
     np.testing.assert_array_equal(a.params.C, b.params.C)
     np.testing.assert_array_equal(a.params.A, b.params.A)
     # A from exact lagged covariances X_s = A^s Pi is A itself
@@ -202,7 +201,7 @@ def test_streamed_from_the_store_equals_in_memory(tmp_path):
 
 def test_disconnected_recordings_are_reported(caplog):
     _, recs = simulated(N=40, n=2, overlap=0, T=1500)
-    fit = fit_stitched_lds(recs, 40, 2, lags=4, device="cpu")
+    fit = stitched.fit(recs, 40, 2, lags=4, device="cpu")
     report = identifiability(fit.params, fit.data)
     assert report["components"] == [["s1"], ["s2"]]
     assert report["sign_ambiguous"] is True
@@ -217,13 +216,13 @@ def test_disconnected_recordings_are_reported(caplog):
 def test_bad_input():
     _, recs = simulated(N=20, n=2, T=200)
     with pytest.raises(InputError, match="latent dimension 50 exceeds"):
-        fit_stitched_lds(recs, 20, 50, lags=4, device="cpu")
+        stitched.fit(recs, 20, 50, lags=4, device="cpu")
     with pytest.raises(InputError, match="at least 2 lags"):
-        fit_stitched_lds(recs, 20, 2, lags=1, device="cpu")
+        stitched.fit(recs, 20, 2, lags=1, device="cpu")
     with pytest.raises(InputError, match="needs more than 300"):
-        fit_stitched_lds(recs, 20, 2, lags=300, device="cpu")
+        stitched.fit(recs, 20, 2, lags=300, device="cpu")
     with pytest.raises(InputError, match="at most 0.5"):
-        fit_stitched_lds(recs, 20, 2, lags=4, device="cpu", heldout_fraction=0.8)
+        stitched.fit(recs, 20, 2, lags=4, device="cpu", heldout_fraction=0.8)
 
 
 def test_trial_data_is_refused(tmp_path):
@@ -240,8 +239,8 @@ def test_trial_data_is_refused(tmp_path):
 @pytest.mark.requires_cuda
 def test_cuda_path_matches_cpu():
     _, recs = simulated(N=40, n=2, T=2000)
-    cpu = fit_stitched_lds(recs, 40, 2, lags=4, device="cpu", max_passes=60)
-    gpu = fit_stitched_lds(recs, 40, 2, lags=4, device="cuda", max_passes=60)
+    cpu = stitched.fit(recs, 40, 2, lags=4, device="cpu", max_passes=60)
+    gpu = stitched.fit(recs, 40, 2, lags=4, device="cuda", max_passes=60)
     assert gpu.info["device"].startswith("cuda")
     pred_c = cpu.params.C @ cpu.params.Pi @ cpu.params.C.T
     pred_g = gpu.params.C @ gpu.params.Pi @ gpu.params.C.T

@@ -35,21 +35,7 @@ import scipy.linalg
 
 from ._errors import InputError
 from ._linalg import sym
-
-
-class LDSParams(NamedTuple):
-    """Parameters of a linear Gaussian state-space model.
-
-    A: (latents, latents) dynamics; C: (neurons, latents) loadings; Q: (latents, latents)
-    innovation covariance; R: (neurons,) diagonal observation noise variances;
-    Pi: (latents, latents) stationary covariance, ``Pi = A Pi A' + Q``.
-    """
-
-    A: np.ndarray
-    C: np.ndarray
-    Q: np.ndarray
-    R: np.ndarray
-    Pi: np.ndarray
+from .stitched.models import StitchedLDSParams
 
 
 @dataclass(frozen=True)
@@ -101,7 +87,7 @@ def random_stitched_lds(
     eig_moduli: tuple[float, float] = (0.9, 0.99),
     noise_to_signal: float = 1.0,
     seed: int = 0,
-) -> LDSParams:
+) -> StitchedLDSParams:
     """Ground-truth parameters of a stitched LDS (see the module docstring)."""
     rng = np.random.default_rng(seed)
     A = random_dynamics(latent_dim, eig_moduli, rng)
@@ -113,7 +99,7 @@ def random_stitched_lds(
     C = rng.standard_normal((n_neurons, latent_dim)) / np.sqrt(latent_dim)
     signal = np.einsum("ik,kl,il->i", C, Pi, C)
     R = noise_to_signal * signal
-    return LDSParams(A=A, C=C, Q=Q, R=R, Pi=Pi)
+    return StitchedLDSParams(A=A, C=C, Q=Q, R=R, Pi=Pi)
 
 
 def sample_lds_latents(
@@ -130,7 +116,7 @@ def sample_lds_latents(
 
 
 def simulate_stitched(
-    params: LDSParams,
+    params: StitchedLDSParams,
     layout: Sequence[SimRecording],
     *,
     seed: int = 0,
@@ -207,7 +193,13 @@ def write_stitched_simulation(
         path = out / f"{rec.name}.npz"
         _save_npz(path, activity=y.astype(np.float32), neuron_ids=ids[lo:hi], rate_hz=rate_hz)
         paths.append(path)
-    _save_npz(out / "truth.npz", **params._asdict(), x=x, neuron_ids=ids, rate_hz=rate_hz)
+    _save_npz(
+        out / "truth.npz",
+        **{k: v for k, v in params._asdict().items() if v is not None},
+        x=x,
+        neuron_ids=ids,
+        rate_hz=rate_hz,
+    )
     return paths
 
 

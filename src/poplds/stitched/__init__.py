@@ -6,13 +6,13 @@ together and gives every recording latent trajectories in one shared latent spac
 
 - :func:`fit_store` — from a dataset store to the files of :class:`StitchedOutputs`, with
   :class:`StitchedSettings`.
-- :func:`fit_stitched_lds` — the fit itself, on any (time, neurons) arrays.
+- :func:`fit` — the fit itself, on any (time, neurons) arrays.
 - :func:`smooth_recordings` — Kalman/RTS latents of each recording.
 """
 
 from ._data import RecordingInput, prepare_data
 from .inference import Posterior, smooth_recordings
-from .models import StitchedFit, StitchedLDSParams, fit_stitched_lds
+from .models import StitchedFit, StitchedLDSParams, fit
 from .run import StitchedOutputs, fit_store
 from .settings import StitchedSettings
 
@@ -23,7 +23,7 @@ __all__ = [
     "StitchedLDSParams",
     "StitchedOutputs",
     "StitchedSettings",
-    "fit_stitched_lds",
+    "fit",
     "fit_store",
     "prepare_data",
     "smooth_recordings",

@@ -52,11 +52,12 @@ log = get_logger()
 
 
 class StitchedLDSParams(NamedTuple):
-    """Fitted parameters (numpy float64).
+    """Parameters of the stitched LDS, fitted or simulated (numpy float64).
 
     A: (n, n) dynamics; C: (N_total, n) loadings in the dataset's neuron order; Q: (n, n)
     innovation covariance; R: (N_total,) observation noise variances; Pi: (n, n) stationary
-    latent covariance; X: (K, n, n) ``A^s Pi`` for s < K.
+    latent covariance, ``Pi = A Pi A' + Q``; X: (K, n, n) ``A^s Pi`` for s < K (a fit's
+    matched lags; None for a simulation's truth, which has every lag).
     """
 
     A: np.ndarray
@@ -64,7 +65,7 @@ class StitchedLDSParams(NamedTuple):
     Q: np.ndarray
     R: np.ndarray
     Pi: np.ndarray
-    X: np.ndarray
+    X: np.ndarray | None = None
 
     @classmethod
     def from_dynamics(cls, A, C, Q, R, Pi, lags: int) -> StitchedLDSParams:
@@ -76,7 +77,10 @@ class StitchedLDSParams(NamedTuple):
 
     def lagged_covariance(self, i: np.ndarray, j: np.ndarray, lag: int) -> np.ndarray:
         """Predicted ``cov(y_i[t+lag], y_j[t])`` (len(i), len(j)), ``+ R`` on the diagonal at 0."""
-        Xs = self.X[lag] if lag < len(self.X) else np.linalg.matrix_power(self.A, lag) @ self.Pi
+        if self.X is not None and lag < len(self.X):
+            Xs = self.X[lag]
+        else:
+            Xs = np.linalg.matrix_power(self.A, lag) @ self.Pi
         out = self.C[i] @ Xs @ self.C[j].T
         if lag == 0:
             same = np.asarray(i)[:, None] == np.asarray(j)[None, :]
@@ -86,7 +90,7 @@ class StitchedLDSParams(NamedTuple):
 
 @dataclass
 class StitchedFit:
-    """The result of :func:`fit_stitched_lds`.
+    """The result of :func:`fit`.
 
     params: the fitted parameters; means: per recording (N_r,) means in the recording's own
     neuron order; trace: list of ``(stage, pass, loss)`` (reduced loss per pair, see
@@ -411,7 +415,7 @@ def _linked_stage(data, tens, weights, C0, A0, Pi0, unit, opts, trace, stage="li
     return C.detach(), A.detach(), unit * (Lf @ Lf.T), info
 
 
-def fit_stitched_lds(
+def fit(
     recordings: Sequence[RecordingInput],
     n_neurons: int,
     latent_dim: int,

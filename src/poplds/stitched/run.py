@@ -37,10 +37,11 @@ from .._results import StoreFit, atomic_group, finish_group, json_clean, write_j
 from .._settings import config_settings
 from .._version import __version__
 from ..store import DatasetStore, write_array, write_strings
+from . import models
 from ._data import RecordingInput
 from .evaluate import covariance_scores, identifiability, matched_eigenvalues, principal_angles_deg
 from .inference import smooth_recordings
-from .models import StitchedFit, StitchedLDSParams, fit_stitched_lds
+from .models import StitchedFit, StitchedLDSParams
 from .settings import StitchedSettings
 
 log = get_logger()
@@ -151,7 +152,7 @@ def fit_store(
     store = DatasetStore(store_path)
     recs = recordings_from_store(store)
     neuron_ids = store.neuron_ids
-    fit = fit_stitched_lds(
+    fit = models.fit(
         recs,
         len(neuron_ids),
         latent_dim,
