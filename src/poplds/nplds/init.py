@@ -12,17 +12,9 @@ import torch
 
 from .._errors import InputError
 from .._linalg import psd_project, sym
+from . import model
 from .estep import estep, paths_cov, step_paths_cov, step_paths_mean
-from .model import (
-    GPPriors,
-    PLDSParams,
-    TrialData,
-    VIState,
-    expected_log_rate,
-    g_moments,
-    path_prior,
-    prior_path_moments,
-)
+from .model import GPPriors, PLDSParams, TrialData, VIState
 
 
 def _moment_covariances(
@@ -140,7 +132,7 @@ def initial_state(
     gm = gS = None
     if gp.gK is not None:
         gm, gS = gp.gmu.clone(), gp.gK.clone()
-    mean, _ = prior_path_moments(p, R, T, data.u)
+    mean, _ = model.prior_path_moments(p, R, T, data.u)
     hm, hS = zeros(R, k), zeros(k, R, R)
     if gp.hK is not None and not learn:
         hm, hS = gp.hmu.T.clone(), gp.hK.clone()
@@ -155,8 +147,8 @@ def initial_state(
         gm=gm,
         gS=gS,
     )
-    prior = path_prior(p, R, T, data.u, *g_moments(st))
-    _, log_lam = expected_log_rate(p, st)
+    prior = model.path_prior(p, R, T, data.u, *model.g_moments(st))
+    _, log_lam = model.expected_log_rate(p, st)
     w = torch.exp(log_lam) * data.weight
     S, cross, logdet_s = paths_cov(prior, p.C, w)
     st = replace(st, S=S, cross=cross, logdet_s=logdet_s, w=w)
