@@ -3,6 +3,7 @@ identifiability, bad input, and the CUDA path."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -195,6 +196,9 @@ def test_streamed_from_the_store_equals_in_memory(tmp_path):
     np.testing.assert_array_equal(fit_s.params.C, fit_m.params.C)
     assert mem.outputs.metrics == tmp_path / "mem" / "stitched_lds" / "n2" / "metrics.json"
     assert mem.outputs.metrics.exists() and mem.outputs.sample.exists()
+    # the returned metrics are what metrics.json holds: no private keys
+    assert json.loads(mem.outputs.metrics.read_text()).keys() == mem.metrics.keys()
+    assert not [k for k in mem.metrics["covariance"] if k.startswith("_")]
     for a, b in zip(streamed.latents, mem.latents, strict=True):
         np.testing.assert_allclose(a.mean.numpy(), b.mean.numpy(), atol=1e-5)
 

@@ -203,7 +203,7 @@ def fit_store(
         path.parent.mkdir(parents=True, exist_ok=True)
     _write_model(out.model, fit, store, recorded)
     _write_latents(out.latents, fit, posts)
-    fig = metrics["covariance"]["_figure"]
+    fig = metrics["covariance"].pop("_figure")  # arrays for the figures, not metrics
     arrays = {k: v for k, v in fig.items() if v is not None}
     tmp = out.sample.with_name(out.sample.stem + ".tmp.npz")
     np.savez_compressed(tmp, **arrays, rate_hz=float(store.attrs["rate_hz"]))
