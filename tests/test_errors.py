@@ -224,7 +224,7 @@ def test_changed_source_is_not_resumed_from_stale_data(tmp_path, rng, monkeypatc
         ([np.random.default_rng(0).poisson(1.0, (50, 4))], {}, r"not \(trials, time, neurons\)"),
         ([np.random.default_rng(0).random((5, 10, 4))], {"trials": True}, "not counts"),
         (
-            [np.ones((5, 10, 4), dtype=np.int32), np.ones((5, 10, 4), dtype=np.int32)],
+            [np.ones((5, 10, 4), dtype=np.int32), 2 * np.ones((5, 10, 4), dtype=np.int32)],
             {"trials": True},
             "one recording of trials",
         ),
@@ -240,3 +240,59 @@ def test_nplds_refuses_unsuitable_stores(tmp_path, arrays, kw, match):
         fit_store(store, 1, NPLDSSettings(max_iter=2), outputs=out)
     assert str(store) in str(info.value)
     assert not (tmp_path / "ds" / "nplds").exists()
+
+
+# ---------------------------------------------------------------- issue 10: nothing silent
+
+
+@pytest.mark.parametrize("stem", [".", "..", "two words", "ça"])
+def test_unusable_default_names_are_refused_before_any_write(tmp_path, stem):
+    path = npz(tmp_path / f"{stem}.npz", np.random.default_rng(0).random((20, 3)))
+    err = expect_error(tmp_path, "not a usable recording name.*set name:", path.name, path)
+    assert repr(stem) in str(err)
+    # the same file with a name is fine
+    store = ingest_dataset([{"path": str(path), "name": "ok"}], tmp_path / "ds" / "data.zarr")
+    assert DatasetStore(store).recording_names == ["ok"]
+
+
+def test_values_beyond_float32_are_named_not_stored_as_infinite(tmp_path):
+    x = np.random.default_rng(0).random((20, 3))
+    x[4, 1] = 1e39  # finite in float64, infinite in float32
+    path = npz(tmp_path / "big.npz", x)
+    expect_error(tmp_path, r"values up to 1e\+39 exceed float32's range", "big.npz", path)
+
+
+def test_wrong_number_of_ids_blames_the_ids_file(tmp_path):
+    path = npz(tmp_path / "a.npz", np.zeros((10, 4)))
+    ids = tmp_path / "ids.txt"
+    ids.write_text("n1\nn2\nn3\n")
+    with pytest.raises(InputError, match=r"ids.txt: 3 neuron ids for the 4 neurons of .*a.npz"):
+        ingest_dataset([{"path": str(path), "neuron_ids": str(ids)}], tmp_path / "d.zarr")
+    assert not (tmp_path / "d.zarr.partial").exists()
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (4, 1, 5)])
+def test_a_single_time_step_is_refused(tmp_path, shape):
+    path = npz(tmp_path / "one.npz", np.ones(shape))
+    expect_error(tmp_path, "1 time step per .*at least 2", "one.npz", path, trials=len(shape) == 3)
+
+
+def test_the_same_data_twice_is_refused(tmp_path):
+    path = npz(tmp_path / "a.npz", np.random.default_rng(0).random((20, 3)))
+    copy = tmp_path / "copy.npz"
+    copy.write_bytes(path.read_bytes())
+    expect_error(tmp_path, "'copy' is the same data as recording 'a'", "copy.npz", path, copy)
+
+
+def test_empty_and_constant_neurons_are_named_in_the_log(tmp_path, caplog):
+    x = np.random.default_rng(0).random((30, 4))
+    x[:, 1] = np.nan
+    x[:, 3] = 2.5
+    path = npz(tmp_path / "a.npz", x, ids=np.array(["u", "v", "w", "z"]))
+    with caplog.at_level("WARNING", logger="poplds"):
+        store = DatasetStore(ingest(tmp_path, path))
+    text = caplog.text
+    assert "a.npz" in text and "no observed value" in text and "['v']" in text
+    assert "constant over the whole recording" in text and "['z']" in text
+    attrs = store.recording_attrs("a")
+    assert attrs["empty_neurons"] == ["v"] and attrs["constant_neurons"] == ["z"]

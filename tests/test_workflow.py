@@ -310,3 +310,23 @@ def test_snakemake_lint_is_clean():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Congratulations" in proc.stdout + proc.stderr
+
+
+def test_editing_a_neuron_ids_file_reingests(tmp_path, rng):
+    """The ids file is an input of the ingest rule: editing it reruns ingest, and the store
+    takes the new ids."""
+    wd = tmp_path / "wd"
+    (wd / "data").mkdir(parents=True)
+    np.savez(
+        wd / "data" / "a.npz", activity=rng.random((40, 3)), neuron_ids=np.arange(3), rate_hz=10.0
+    )
+    (wd / "data" / "ids.txt").write_text("x\ny\nz\n")
+    rec = {"path": "data/a.npz", "name": "a", "neuron_ids": "data/ids.txt"}
+    write_config(wd, {"ds": {"recordings": [rec], "models": ["stitched_lds"]}})
+    first = run_snakemake(wd, "results/ds/data.zarr")
+    assert first.returncode == 0, first.stderr[-2000:]
+    (wd / "data" / "ids.txt").write_text("p\nq\nr\n")
+    again = run_snakemake(wd, "results/ds/data.zarr")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "rule ingest" in again.stdout + again.stderr
+    assert DatasetStore(wd / "results" / "ds" / "data.zarr").neuron_ids.tolist() == ["p", "q", "r"]

@@ -119,6 +119,24 @@ def _check_consistent(recordings: Sequence[Recording], trials: bool) -> None:
             )
 
 
+def _check_not_twice(
+    specs: Sequence[RecordingSpec], opened: Sequence[Recording], shas: Sequence[str]
+) -> None:
+    """The same data (same file content and the same reading of it) listed twice under two
+    names would count every one of its pairs twice: refused."""
+    seen: dict[tuple, Recording] = {}
+    for spec, rec, sha in zip(specs, opened, shas, strict=True):
+        key = (sha, spec.series, spec.kind, spec.neuropil_coefficient, spec.neuron_ids)
+        if key in seen:
+            first = seen[key]
+            raise InputError(
+                rec.source,
+                f"recording {rec.name!r} is the same data as recording {first.name!r} "
+                f"({first.source}, sha256 {sha[:12]}...); list each recording once",
+            )
+        seen[key] = rec
+
+
 def _write_recording(
     group: zarr.Group, rec: Recording, positions: np.ndarray, sha: str, chunk_mb: float
 ) -> None:
@@ -126,9 +144,14 @@ def _write_recording(
     arr = create_activity(group, rec.activity.shape, chunk_mb)
     x = rec.activity.rechunk(arr.chunks)
     finite0 = dask.array.where(dask.array.isnan(x), 0, x)
+    axes = tuple(range(x.ndim - 1))
+    missing = dask.array.isnan(x)
     checks = {
-        "n_missing": dask.array.isnan(x).sum(),
+        "n_missing": missing.sum(),
         "n_inf": dask.array.isinf(x).sum(),
+        "observed": (~missing).sum(axis=axes),
+        "lo": dask.array.where(missing, np.inf, x).min(axis=axes),
+        "hi": dask.array.where(missing, -np.inf, x).max(axis=axes),
     }
     if rec.kind == "counts":
         checks["min"] = finite0.min()
@@ -155,6 +178,24 @@ def _write_recording(
             )
         if stats["max"] >= MAX_EXACT_COUNT:
             raise InputError(rec.source, f"count {stats['max']:g} is too large for float32")
+    empty = rec.neuron_ids[stats["observed"] == 0].tolist()
+    constant = rec.neuron_ids[(stats["observed"] > 0) & (stats["lo"] == stats["hi"])].tolist()
+    if empty:
+        log.warning(
+            "%s: %d neurons have no observed value (NaN throughout) and are left out of every "
+            "fit: %s",
+            rec.source,
+            len(empty),
+            empty[:20],
+        )
+    if constant:
+        log.warning(
+            "%s: %d neurons are constant over the whole recording (no variance) and are left "
+            "out of the stitched LDS: %s",
+            rec.source,
+            len(constant),
+            constant[:20],
+        )
     write_array(group, "neurons", positions)
     if rec.trial_ids is not None:
         write_array(group, "trial_ids", rec.trial_ids.astype(np.int64))
@@ -167,6 +208,8 @@ def _write_recording(
             "sha256": sha,
             "poplds_version": __version__,
             "n_missing": int(stats["n_missing"]),
+            "empty_neurons": empty,
+            "constant_neurons": constant,
             "complete": True,
         }
     )
@@ -272,6 +315,7 @@ def ingest_dataset(
             )
         _check_consistent(opened, trials)
         shas = [file_sha256(rec.source) for rec in opened]
+        _check_not_twice(specs, opened, shas)
         neuron_ids, positions = global_neuron_ids(opened)
         plan = {
             "recordings": [[rec.name, sha] for rec, sha in zip(opened, shas, strict=True)],

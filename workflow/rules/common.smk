@@ -56,10 +56,13 @@ def recording_entries(dataset):
 
 
 def ingest_inputs(wildcards):
-    """Source files of a dataset (a simulated dataset's folder of npz files)."""
+    """Every file the ingest of a dataset reads: its sources and neuron_ids files (a simulated
+    dataset's folder of npz files)."""
     if is_simulated(wildcards.dataset):
         return f"results/{wildcards.dataset}/simulated"
-    return [r["path"] for r in recording_entries(wildcards.dataset)]
+    entries = recording_entries(wildcards.dataset)
+    # the neuron_ids files too: editing one re-ingests the dataset
+    return [r["path"] for r in entries] + [r["neuron_ids"] for r in entries if "neuron_ids" in r]
 
 
 def ingest_params(wildcards):

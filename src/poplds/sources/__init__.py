@@ -14,6 +14,8 @@ from ._base import (
     Recording,
     RecordingSpec,
     TrialOptions,
+    check_name,
+    check_unique_ids,
     file_sha256,
     load_id_file,
 )
@@ -68,8 +70,18 @@ def open_recording(
             "suite2p plane folder",
         )
     try:
+        check_name(spec)
         if spec.neuron_ids is not None:
-            rec.neuron_ids = load_id_file(spec.neuron_ids)
+            ids = load_id_file(spec.neuron_ids)
+            n = rec.activity.shape[-1]
+            if ids.shape[0] != n:
+                raise InputError(
+                    spec.neuron_ids,
+                    f"{ids.shape[0]} neuron ids for the {n} neurons of {path}; the file needs "
+                    "one id per neuron, in the data's column order",
+                )
+            check_unique_ids(spec.neuron_ids, ids)
+            rec.neuron_ids = ids
         rec.validate()
     except BaseException:
         rec.close()

@@ -9,6 +9,7 @@ fractional spike counts, non-finite values) happen while the store is written, i
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ class RecordingSpec:
 
     @property
     def display_name(self) -> str:
-        """The name the recording gets in the store."""
+        """The name the recording gets in the store (checked by :func:`check_name`)."""
         if self.name:
             return self.name
         return self.path.name if self.path.is_dir() else self.path.stem
@@ -78,6 +79,25 @@ class RecordingSpec:
             kind=entry.get("kind"),
             neuropil_coefficient=entry.get("neuropil_coefficient"),
         )
+
+
+#: Recording names: what the config schema allows for ``name:`` (also checked for the defaults
+#: taken from file names).
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def check_name(spec: RecordingSpec) -> str:
+    """The recording's name, or :class:`InputError` naming the file when it is not usable as a
+    store group name (``NAME_PATTERN``: letters, digits, ``_ . -``, not starting with a dot)."""
+    name = spec.display_name
+    if NAME_PATTERN.match(name) and name not in (".", ".."):
+        return name
+    origin = "its name:" if spec.name else "the file name gives the recording name"
+    raise InputError(
+        spec.path,
+        f"{origin} {name!r}, which is not a usable recording name (letters, digits, _ . - "
+        "only, not starting with a dot); set name: in its recordings entry",
+    )
 
 
 @dataclass(frozen=True)
@@ -167,10 +187,40 @@ def check_activity_header(source: Path, shape: Sequence[int], dtype: np.dtype) -
         )
     if any(s == 0 for s in shape):
         raise InputError(source, f"empty recording: activity has shape {tuple(shape)}")
+    if shape[-2] < 2:
+        raise InputError(
+            source,
+            f"{shape[-2]} time step{'s' if shape[-2] != 1 else ''} per "
+            f"{'trial' if len(shape) == 3 else 'recording'} (shape {tuple(shape)}); at least "
+            "2 are needed to see any dynamics",
+        )
     if not (np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.bool_)):
         raise InputError(source, f"activity is not numeric (dtype {dtype})")
     if np.issubdtype(dtype, np.complexfloating):
         raise InputError(source, f"activity is complex (dtype {dtype}); expected real numbers")
+
+
+#: Largest finite float32; larger values would become infinite in the store.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _checked_float32(block: np.ndarray, source: Path) -> np.ndarray:
+    b = np.asarray(block)
+    if b.dtype.kind == "f" and b.dtype.itemsize > 4:
+        finite = np.abs(b[np.isfinite(b)])
+        if finite.size and finite.max() > FLOAT32_MAX:
+            raise InputError(
+                source,
+                f"values up to {finite.max():.3g} exceed float32's range ({FLOAT32_MAX:.3g}), "
+                "in which the store holds activity; rescale the data",
+            )
+    return b.astype(np.float32)
+
+
+def as_float32(x: da.Array, source: Path) -> da.Array:
+    """``x`` as float32, raising :class:`InputError` naming ``source`` (when the values are
+    read) for finite values that float32 cannot hold, instead of storing them as infinite."""
+    return x.map_blocks(_checked_float32, source, dtype=np.float32)
 
 
 def check_unique_ids(source: Path, ids: np.ndarray, what: str = "neuron ids") -> None:

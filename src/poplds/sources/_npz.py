@@ -14,7 +14,14 @@ import dask.array as da
 import numpy as np
 
 from .._errors import InputError
-from ._base import Recording, RecordingSpec, as_id_strings, check_activity_header, time_chunk_rows
+from ._base import (
+    Recording,
+    RecordingSpec,
+    as_float32,
+    as_id_strings,
+    check_activity_header,
+    time_chunk_rows,
+)
 
 REQUIRED = ("activity", "neuron_ids", "rate_hz")
 
@@ -64,7 +71,7 @@ def read_npz(spec: RecordingSpec, *, chunk_mb: float = 4.0) -> Recording:
         trial_ids = np.arange(activity.shape[0])
     row = int(np.prod(activity.shape[1:]))
     chunks = (time_chunk_rows(row, 4, chunk_mb),) + tuple(activity.shape[1:])
-    x = da.from_array(activity, chunks=chunks).astype(np.float32)
+    x = as_float32(da.from_array(activity, chunks=chunks), path)
     return Recording(
         name=spec.display_name,
         activity=x,

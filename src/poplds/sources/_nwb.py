@@ -29,6 +29,7 @@ from ._base import (
     Recording,
     RecordingSpec,
     TrialOptions,
+    as_float32,
     as_id_strings,
     time_chunk_rows,
     trial_windows,
@@ -204,7 +205,7 @@ def _read_roi_series(
     offset = float(getattr(series, "offset", 0.0) or 0.0)
     if conversion != 1.0 or offset != 0.0:
         x = x.astype(np.float64) * conversion + offset
-    x = x.astype(np.float32)
+    x = as_float32(x, spec.path)
     attrs: dict[str, Any] = {"series": key, "t_start_s": t0, "unit": str(series.unit)}
     trial_ids = None
     if trials is not None:

@@ -20,7 +20,7 @@ import dask.array as da
 import numpy as np
 
 from .._errors import InputError
-from ._base import NpyArray, Recording, RecordingSpec, time_chunk_rows
+from ._base import NpyArray, Recording, RecordingSpec, as_float32, time_chunk_rows
 
 FILES = ("F.npy", "Fneu.npy", "iscell.npy", "ops.npy")
 
@@ -73,7 +73,7 @@ def read_suite2p(spec: RecordingSpec, *, chunk_mb: float = 4.0) -> Recording:
     f = da.from_array(NpyArray(path / "F.npy"), chunks=(-1, rows))[cells].T.astype(np.float64)
     fn = da.from_array(NpyArray(path / "Fneu.npy"), chunks=(-1, rows))[cells]
     fn = fn.T.astype(np.float64)
-    x = (f - coeff * fn).astype(np.float32)
+    x = as_float32(f - coeff * fn, path)
     return Recording(
         name=spec.display_name,
         activity=x,
