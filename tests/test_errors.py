@@ -296,3 +296,39 @@ def test_empty_and_constant_neurons_are_named_in_the_log(tmp_path, caplog):
     assert "constant over the whole recording" in text and "['z']" in text
     attrs = store.recording_attrs("a")
     assert attrs["empty_neurons"] == ["v"] and attrs["constant_neurons"] == ["z"]
+
+
+def test_nplds_latent_dims_beyond_the_active_neurons_names_the_key(tmp_path):
+    from poplds.nplds import NPLDSSettings, fit_store
+
+    counts = np.random.default_rng(1).poisson(0.5, (10, 20, 3)).astype(np.int32)
+    path = npz(tmp_path / "t.npz", counts, trial_ids=np.arange(10))
+    store = ingest(tmp_path, path, trials=True)
+    with pytest.raises(InputError, match=r"^nplds\.latent_dims: k = 5 exceeds the 3 neurons"):
+        fit_store(store, 5, NPLDSSettings(max_iter=2, device="cpu"))
+
+
+def test_a_job_started_with_sigint_ignored_still_stops_on_ctrl_c():
+    """A fit job inherits SIGINT ignored from how it is started; setup_job restores Ctrl-C."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import time; from poplds._logging import setup_job; setup_job(None, 1); "
+        "print('ready', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    t = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    assert time.perf_counter() - t < 10

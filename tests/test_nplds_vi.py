@@ -634,3 +634,52 @@ def test_numerical_failures_are_counted_not_silent():
     assert sum(count.values()) == 1
     tr = simulate_poisson_trials(n_neurons=6, latent_dim=1, n_trials=8, n_bins=20, seed=2)
     assert vi.fit(tr.counts, None, 1, max_iter=6, progress_every=0).skipped_steps == {}
+
+
+KILLED_FIT = """
+import sys, torch
+from poplds.nplds import vi
+from poplds.simulate import simulate_poisson_trials
+torch.set_num_threads(1)
+tr = simulate_poisson_trials(n_neurons=10, latent_dim=2, n_trials=30, n_bins=40, seed=9)
+vi.fit(tr.counts, None, 2, max_iter=400, tol=0.0, progress_every=0,
+       checkpoint=sys.argv[1], checkpoint_every_s=0.0)
+"""
+
+
+def test_killed_fit_resumes_from_its_checkpoint_to_the_same_result(tmp_path):
+    """SIGKILL a fit that checkpoints every cycle, start it again on the same checkpoint: it
+    continues (not from the start) and ends exactly where an uninterrupted fit ends."""
+    import subprocess
+    import sys
+    import time
+
+    ckpt = tmp_path / "fit.ckpt"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_FIT, str(ckpt)])
+    t = time.perf_counter()
+    while not ckpt.exists() and time.perf_counter() - t < 60:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    saved = torch.load(ckpt, weights_only=False)["state"]
+    assert not saved["done"] and 0 < saved["it"] < 400  # killed mid-way
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tr = simulate_poisson_trials(n_neurons=10, latent_dim=2, n_trials=30, n_bins=40, seed=9)
+        kw = {"max_iter": 400, "tol": 0.0, "progress_every": 0}
+        resumed = vi.fit(tr.counts, None, 2, checkpoint=ckpt, **kw)
+        whole = vi.fit(tr.counts, None, 2, **kw)
+        again = vi.fit(tr.counts, None, 2, checkpoint=ckpt, **kw)  # ended: read back
+    finally:
+        torch.set_num_threads(threads)
+    assert resumed.iterations == whole.iterations == 400
+    assert resumed.bound == whole.bound == again.bound
+    for name in ("C", "d", "A", "Q", "log_sigma2", "log_tau"):
+        a, b = getattr(resumed.params, name), getattr(whole.params, name)
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_array_equal(resumed.state.hm.numpy(), whole.state.hm.numpy())
+    # another fit (other data) does not take this checkpoint
+    other = vi.fit(tr.counts[:, :30], None, 2, checkpoint=ckpt, max_iter=3, progress_every=0)
+    assert other.iterations == 3

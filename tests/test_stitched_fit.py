@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from poplds import InputError, ingest_dataset, simulate, stitched
+from poplds import DatasetStore, InputError, ingest_dataset, simulate, stitched
 from poplds.stitched import (
     RecordingInput,
     StitchedOutputs,
@@ -257,3 +257,47 @@ def test_choose_dimension_prefers_the_smallest_near_best():
     assert choose_dimension([2, 4, 6], [0.34, 0.0656, 0.0683]) == 4
     assert choose_dimension([2, 4, 8], [0.30, 0.101, 0.100]) == 4  # within 2% of the best
     assert choose_dimension([2, 4], [float("nan"), float("nan")]) is None
+
+
+def test_constant_and_empty_neurons_are_left_out_and_the_rest_stays_finite(tmp_path):
+    """A neuron constant in every recording gets NaN parameters and a warning; a neuron NaN
+    throughout one recording is left out of that one only; every latent stays finite."""
+    paths = simulate.write_stitched_simulation(
+        tmp_path / "sim",
+        n_neurons=30,
+        latent_dim=2,
+        seed=3,
+        recordings=[
+            {"name": "a", "neurons": [0, 20], "n_time": 800},
+            {"name": "b", "neurons": [10, 30], "n_time": 800},
+        ],
+    )
+    for path, edit in zip(paths, ("constant", "empty"), strict=True):
+        z = dict(np.load(path))
+        if edit == "constant":
+            z["activity"][:, 3] = 1.5  # neuron 3: only in a, constant there
+        else:
+            z["activity"][:, 5] = np.nan  # neuron 15 (column 5 of b): NaN throughout in b
+        np.savez(path, **z)
+    store = ingest_dataset([{"path": str(p)} for p in paths], tmp_path / "ds" / "data.zarr")
+    res = fit_store(store, 2, StitchedSettings(lags=4, device="cpu", max_passes=60))
+    ids = DatasetStore(store).neuron_ids.tolist()
+    assert res.metrics["left_out"] == {
+        "a": {"never_observed": [], "constant": [ids[3]]},
+        "b": {"never_observed": [ids[15]], "constant": []},
+    }
+    assert any("constant in it are left out" in w for w in res.warnings)
+    assert any("fitted by no recording" in w for w in res.warnings)
+    p = res.fits["stitched_lds"].params
+    assert np.isnan(p.C[3]).all() and np.isnan(p.R[3])
+    assert np.isfinite(np.delete(p.C, 3, 0)).all() and np.isfinite(np.delete(p.R, 3)).all()
+    for post in res.latents:  # neuron 15 is fitted from a; b's latents are all finite
+        assert torch.isfinite(post.mean).all() and torch.isfinite(post.var).all()
+    assert np.isfinite(res.metrics["summary"]["heldout_rel_error"])
+
+
+def test_a_recording_with_nothing_that_varies_is_refused():
+    y = np.ones((100, 4))
+    y[:, 2] = np.nan
+    with pytest.raises(InputError, match="^flat: every one of its 4 neurons is constant"):
+        stitched.fit([RecordingInput("flat", y, np.arange(4))], 4, 1, lags=3, device="cpu")

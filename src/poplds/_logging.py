@@ -34,12 +34,24 @@ def setup_logging(log_file: str | PathLike[str] | None = None, level: int = logg
     logger.propagate = False
 
 
+def honour_interrupts() -> None:
+    """Make SIGINT (Ctrl-C) stop the job with KeyboardInterrupt again. A process started with
+    SIGINT ignored (as a job's process may be) inherits that, and Python then installs no
+    handler of its own: a long fit would go on until killed by SIGTERM or SIGKILL."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def setup_job(log_file: str | PathLike[str] | None, threads: int | None = None) -> None:
     """Set up a workflow job: logging (:func:`setup_logging`) and, when given, torch's
     intra-op threads to the job's ``threads``. torch defaults to every core of the machine;
     two such jobs side by side, or one job on a cluster node shared with others, oversubscribe
     the cores and slow every fit many times over."""
     setup_logging(log_file)
+    honour_interrupts()
     if threads:
         import torch
 

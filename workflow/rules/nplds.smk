@@ -14,6 +14,8 @@ rule fit_nplds:
     params:
         settings=nplds_params,
         truth=truth_file,
+        # not an output: Snakemake leaves it in place when a job is killed, to resume from
+        checkpoints="results/{dataset}/nplds/k{k}/checkpoint",
     wildcard_constraints:
         dataset=dataset_pattern([d for d in DATASETS if d not in NPLDS_DYNAMICS]),
     log:

@@ -11,4 +11,5 @@ fit_store(
     settings,
     outputs=NPLDSOutputs.from_mapping(snakemake.output, settings.models),  # noqa: F821
     truth=snakemake.params.truth or None,  # noqa: F821
+    checkpoints=snakemake.params.checkpoints,  # noqa: F821
 )

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._checkpoint import remove_checkpoints
 from .._device import choose_device
 from .._errors import InputError
 from .._logging import get_logger
@@ -78,6 +79,9 @@ class NPLDSOutputs:
             {m: Path(paths[m]) for m in models},
         )
 
+
+#: Seconds between two checkpoints of a fit in progress.
+CHECKPOINT_EVERY_S = 60.0
 
 #: Models fitted by :func:`fit_store`: name -> (drift, dynamics_drift).
 MODELS = {"nplds": (True, False), "plds": (False, False), "nplds_dynamics": (True, True)}
@@ -157,17 +161,21 @@ def fit_store(
     *,
     outputs: NPLDSOutputs | None = None,
     truth: str | Path | None = None,
+    checkpoints: str | Path | None = None,
 ) -> StoreFit:
     """Fit and score the Poisson LDS models (module docstring) on a store of trial counts and
     write their :class:`NPLDSOutputs` (default: the README layout beside the store).
 
     settings: :class:`NPLDSSettings` (default: the workflow's defaults); truth: a
-    simulation's ``truth.npz``. Returns a :class:`~poplds._results.StoreFit`: the metrics
-    written to ``metrics.json``, the outputs, and each model's :class:`~poplds.nplds.FitResult`
-    by name.
+    simulation's ``truth.npz``; checkpoints: a folder for each fit's checkpoint (default:
+    ``checkpoint/`` beside the metrics), so that a job killed mid-way resumes where it was
+    when run again; removed once every output is written. Returns a
+    :class:`~poplds._results.StoreFit`: the metrics written to ``metrics.json``, the outputs,
+    and each model's :class:`~poplds.nplds.FitResult` by name.
     """
     s = settings or NPLDSSettings()
     out = outputs or NPLDSOutputs.under(Path(store_path).parent, latent_dim, s.models)
+    ckpt_dir = Path(checkpoints) if checkpoints else out.metrics.parent / "checkpoint"
     missing = [m for m in s.models if m not in out.models]
     if missing:
         raise InputError("outputs", f"no model.zarr path for {missing}")
@@ -178,7 +186,7 @@ def fit_store(
     R, T, N = y.shape
     k = int(latent_dim)
     if k < 1:
-        raise InputError(store.path, f"latent dimension {k} must be at least 1")
+        raise InputError("nplds.latent_dims", f"latent dimension {k} must be at least 1")
     dev = choose_device(s.device, "nplds.device")
     n = trial_ids.astype(np.float64)
     out_mask = split_trials(R, heldout_trials, seed)
@@ -193,7 +201,11 @@ def fit_store(
         )
         log.warning(warnings[-1])
     if active.sum() < k:
-        raise InputError(store.path, f"{int(active.sum())} neurons with spikes, fewer than k = {k}")
+        raise InputError(
+            "nplds.latent_dims",
+            f"k = {k} exceeds the {int(active.sum())} neurons with spikes in the training "
+            f"trials of {store.path}; choose latent_dims of at most {int(active.sum())}",
+        )
     y, neurons = y[..., active], neurons[active]
     N = y.shape[-1]
     held = split_neurons(N, heldout_neurons, seed)
@@ -251,7 +263,10 @@ def fit_store(
         log.info("fitting %s, k = %d, %d training trials on %s", name, k, len(train), dev)
         t0 = time.perf_counter()
         opts = {"drift": drift, "dynamics_drift": dyn, "max_iter": max_iter, "tol": tol}
-        fit = vi.fit(y[train], n[train], k, device=dev, **opts)
+        opts["checkpoint_every_s"] = CHECKPOINT_EVERY_S
+        fit = vi.fit(
+            y[train], n[train], k, device=dev, checkpoint=ckpt_dir / f"{name}.ckpt", **opts
+        )
         start, iterations_all = "moments", fit.iterations
         if drift and stationary is not None and fit.bound[-1] < stationary.bound[-1]:
             log.warning(
@@ -268,6 +283,7 @@ def fit_store(
                 k,
                 device=dev,
                 init=from_stationary(stationary.params, fit.params),
+                checkpoint=ckpt_dir / f"{name}-from-plds.ckpt",
                 **opts,
             )
             iterations_all += again.iterations
@@ -387,6 +403,7 @@ def fit_store(
     np.savez_compressed(tmp, **figure)
     tmp.replace(out.predictions)
     write_json(out.metrics, metrics)
+    remove_checkpoints(ckpt_dir)
     return StoreFit(metrics, out, fits)
 
 

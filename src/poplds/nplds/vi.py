@@ -43,11 +43,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import threadpoolctl
 import torch
 
+from .._checkpoint import Checkpointer, fingerprint
 from .._errors import InputError
 from .._logging import get_logger
 from ._accelerate import extrapolate
@@ -104,6 +106,16 @@ class FitResult:
     skipped_steps: dict[str, int] = field(default_factory=dict)
 
 
+def _plain(obj) -> dict:
+    """A dataclass of tensors as a dict of CPU tensors (for a checkpoint)."""
+    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in vars(obj).items()}
+
+
+def _restore(cls, fields: dict, device):
+    """The dataclass ``cls`` from :func:`_plain`'s dict, its tensors on ``device``."""
+    return cls(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in fields.items()})
+
+
 def em_iteration(
     data: TrialData, p: PLDSParams, st: VIState, gp: GPPriors
 ) -> tuple[PLDSParams, VIState, GPPriors, float]:
@@ -131,6 +143,8 @@ def fit(
     init: PLDSParams | None = None,
     progress_every: int = 10,
     accelerate: bool = True,
+    checkpoint: str | Path | None = None,
+    checkpoint_every_s: float = 60.0,
 ) -> FitResult:
     """Fit the (non-stationary) Poisson LDS by variational EM (module docstring).
 
@@ -144,6 +158,10 @@ def fit(
     iterations are extrapolated by SQUAREM (:mod:`._accelerate`) and the extrapolation is
     kept only when, after one more iteration, the bound is at least that of the plain EM
     step; ``max_iter`` and the trace count EM iterations either way.
+    checkpoint: a file where the fit's state is saved every ``checkpoint_every_s`` seconds
+    (at the end of an EM cycle) and when it ends; a fit started again with the same data,
+    settings and file continues from it (or returns its result when it had ended) and
+    reaches the same fit as one never interrupted.
     Deterministic: the same data give the same fit.
     """
     y = np.asarray(y)
@@ -178,14 +196,52 @@ def fit(
             n_inputs=0 if inputs is None else np.asarray(inputs).shape[-1],
             device=device,
         )
+    saver = Checkpointer(
+        checkpoint,
+        fingerprint(
+            y,
+            n,
+            *([] if inputs is None else [np.asarray(inputs)]),
+            *([] if init is None else [t for t in vars(init).values() if t is not None]),
+            latent_dim=latent_dim,
+            drift=drift,
+            dynamics_drift=dynamics_drift,
+            max_iter=max_iter,
+            min_iter=min_iter,
+            tol=tol,
+            accelerate=accelerate,
+            device=str(device),
+        ),
+        checkpoint_every_s,
+    )
+    saved = saver.load()
     with counting_skipped_steps() as skipped_steps:  # numerical failures, reported
-        gp = gp_priors(p, data.n)
-        p, st = initial_state(data, p, gp)
-        bound = [float(elbo(data, p, st, gp))]
-        converged = False
-        it = 0
-        per_iteration: list[float] = []
-        accepted = 0
+        if saved is None:
+            gp = gp_priors(p, data.n)
+            p, st = initial_state(data, p, gp)
+            bound = [float(elbo(data, p, st, gp))]
+            converged, it, accepted = False, 0, 0
+            per_iteration: list[float] = []
+        else:
+            p = _restore(PLDSParams, saved["params"], device)
+            st = _restore(VIState, saved["state"], device)
+            gp = gp_priors(p, data.n)
+            bound, it, per_iteration = saved["bound"], saved["it"], saved["iteration_seconds"]
+            converged, accepted = saved["converged"], saved["accepted"]
+            skipped_steps.update(saved["skipped_steps"])
+
+        def snapshot(done: bool) -> dict:
+            return {
+                "params": _plain(p),
+                "state": _plain(st),
+                "bound": bound,
+                "it": it,
+                "iteration_seconds": per_iteration,
+                "converged": converged,
+                "accepted": accepted,
+                "skipped_steps": dict(skipped_steps),
+                "done": done,
+            }
 
         def rebuild(pn: PLDSParams, sn: VIState) -> VIState:
             prior = path_prior(pn, R, T, data.u, *g_moments(sn))
@@ -195,7 +251,7 @@ def fit(
         # numpy/scipy work on tiny arrays here (the kernel step's L-BFGS-B); OpenBLAS's idle
         # worker threads spinning beside torch's OpenMP threads halve the speed of every torch op
         with threadpoolctl.threadpool_limits(1, user_api="blas"):
-            while it < max_iter:
+            while it < max_iter and not (saved and saved["done"]):
                 t_it = time.perf_counter()
                 p0, st0 = p, st  # the iterate an extrapolation starts from
                 p1, st1, gp1, b1 = em_iteration(data, p, st, gp)
@@ -235,6 +291,8 @@ def fit(
                 if it >= min_iter and remaining <= tol * abs(bound[-1]):
                     converged = True
                     break
+                saver.save(snapshot(done=False))
+        saver.save(snapshot(done=True), force=True)
     seconds = time.perf_counter() - t0
     log.info(
         "%s after %d iterations, %.1f s: bound %.8g%s",

@@ -49,7 +49,9 @@ class RecordingBlock:
         None, and read for the positions of missing values).
     has_missing: whether any value is missing (NaN).
     dtype: the floating type of the data products (float32; float64 for exact checks).
-    column_order: (N_r,) the source's columns in group-sorted order.
+    column_order: (N_r,) the source's columns in group-sorted order (columns left out of the
+        fit, see :func:`prepare_data`, are not among them).
+    source_mean: (columns of the source,) every column's mean in the source's order.
     mean, scale: (N_r,) per-neuron mean and 1 / observed fraction, group-sorted order.
     """
 
@@ -63,6 +65,7 @@ class RecordingBlock:
     data: torch.Tensor | None = None
     source: object | None = None
     column_order: np.ndarray | None = None
+    source_mean: np.ndarray | None = None
     chunk_rows: int = 8192
     has_missing: bool = False
     dtype: torch.dtype = torch.float32
@@ -70,7 +73,10 @@ class RecordingBlock:
     _scale_t: torch.Tensor | None = field(default=None, repr=False)
 
     def mean_in_source_order(self) -> np.ndarray:
-        """(N_r,) means in the recording's own neuron order."""
+        """(N_r,) means of every column of the source, in its own order (NaN for a neuron it
+        never observes; a column left out of the fit keeps its mean)."""
+        if self.source_mean is not None:
+            return self.source_mean
         out = np.empty_like(self.mean)
         out[self.column_order] = self.mean
         return out
@@ -137,6 +143,8 @@ class StitchedData:
         without missing values).
     label: (N_total,) the random label of each neuron used by the held-out split.
     device: where the fit computes.
+    left_out: per recording, the dataset positions of the neurons left out of it because it
+        never observes them (``never_observed``) or they are constant in it (``constant``).
     """
 
     n_neurons: int
@@ -151,6 +159,7 @@ class StitchedData:
     diag0: np.ndarray
     label: np.ndarray
     device: torch.device = torch.device("cpu")
+    left_out: dict[str, dict[str, list[int]]] = field(default_factory=dict)
 
     @property
     def n_groups(self) -> int:
@@ -287,10 +296,44 @@ def prepare_data(
             raise InputError(
                 rec.name, f"recording has {t} time steps; lags: {lags} needs more than {lags}"
             )
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    # first pass: every column's observed count, sum and range; a column the recording never
+    # observes, or in which the neuron is constant, carries no covariance: left out of it
+    stats, kept, left_out = [], [], {}
+    for rec in recordings:
+        n_src = int(rec.activity.shape[1])
+        rows = chunk_rows or max(256, int(32e6 // max(1, itemsize * n_src)))
+        total, n_obs = np.zeros(n_src), np.zeros(n_src)
+        lo, hi = np.full(n_src, np.inf), np.full(n_src, -np.inf)
+        for t0, t1 in _row_chunks(int(rec.activity.shape[0]), rows):
+            y = np.asarray(rec.activity[t0:t1], dtype=np.float64)
+            ok = ~np.isnan(y)
+            total += np.where(ok, y, 0.0).sum(0)
+            n_obs += ok.sum(0)
+            lo = np.minimum(lo, np.where(ok, y, np.inf).min(0))
+            hi = np.maximum(hi, np.where(ok, y, -np.inf).max(0))
+        never, constant = n_obs == 0, (n_obs > 0) & (lo == hi)
+        neurons = np.asarray(rec.neurons, dtype=np.int64)
+        if never.all() or (never | constant).all():
+            raise InputError(
+                rec.name,
+                f"every one of its {n_src} neurons is constant or never observed; a recording "
+                "needs neurons whose activity varies",
+            )
+        if never.any() or constant.any():
+            left_out[rec.name] = {
+                "never_observed": neurons[never].tolist(),
+                "constant": neurons[constant].tolist(),
+            }
+        with np.errstate(invalid="ignore", divide="ignore"):
+            stats.append((total, n_obs, np.where(never, np.nan, total / n_obs)))
+        kept.append(np.flatnonzero(~(never | constant)))
     rng = np.random.default_rng([seed, 7])
     label, held_labels = heldout_labels(n_neurons, heldout_fraction, rng)
     group_of, membership = observation_groups(
-        [np.asarray(r.neurons) for r in recordings], n_neurons, label
+        [np.asarray(r.neurons)[k] for r, k in zip(recordings, kept, strict=True)],
+        n_neurons,
+        label,
     )
     n_groups = membership.shape[0]
     group_size = np.bincount(group_of[group_of >= 0], minlength=n_groups)
@@ -310,34 +353,26 @@ def prepare_data(
             max_device_bytes = 0.5 * free
         else:
             max_device_bytes = 4e9
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    total_bytes = sum(itemsize * r.activity.shape[0] * r.activity.shape[1] for r in recordings)
+    total_bytes = sum(
+        itemsize * r.activity.shape[0] * len(k) for r, k in zip(recordings, kept, strict=True)
+    )
     in_memory = total_bytes <= max_device_bytes
 
     sum_sq = np.zeros(n_neurons)
     count = np.zeros(n_neurons)
     sum_sq_scaled = np.zeros(n_neurons)
     blocks = []
-    for rec in recordings:
-        neurons = np.asarray(rec.neurons, dtype=np.int64)
-        order = np.argsort(group_of[neurons], kind="stable")
-        neurons_sorted = neurons[order]
+    for rec, keep, (total_src, n_obs_src, mean_src) in zip(recordings, kept, stats, strict=True):
+        neurons_all = np.asarray(rec.neurons, dtype=np.int64)
+        order = keep[np.argsort(group_of[neurons_all[keep]], kind="stable")]
+        neurons_sorted = neurons_all[order]
         g_sorted = group_of[neurons_sorted]
         groups, starts = np.unique(g_sorted, return_index=True)
         bounds = list(starts) + [len(neurons_sorted)]
         slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        t_r, n_r = int(rec.activity.shape[0]), len(neurons)
+        t_r, n_r = int(rec.activity.shape[0]), len(neurons_sorted)
         rows = chunk_rows or max(256, int(32e6 // max(1, itemsize * n_r)))
-        total = np.zeros(n_r)
-        n_obs = np.zeros(n_r)
-        for t0, t1 in _row_chunks(t_r, rows):
-            y = np.asarray(rec.activity[t0:t1], dtype=np.float64)[:, order]
-            ok = ~np.isnan(y)
-            total += np.where(ok, y, 0.0).sum(0)
-            n_obs += ok.sum(0)
-        if np.any(n_obs == 0):
-            bad = neurons_sorted[n_obs == 0][:5]
-            raise InputError(rec.name, f"neurons at positions {bad.tolist()} are never observed")
+        total, n_obs = total_src[order], n_obs_src[order]
         mean = total / n_obs
         frac = n_obs / t_r
         scale = 1.0 / frac
@@ -366,6 +401,7 @@ def prepare_data(
                 data=data,
                 source=rec.activity,
                 column_order=order,
+                source_mean=mean_src,
                 has_missing=bool(np.any(n_obs < t_r)),
                 dtype=dtype,
                 chunk_rows=rows,
@@ -398,4 +434,5 @@ def prepare_data(
         diag0=diag0,
         label=label.astype(np.int64),
         device=device,
+        left_out=left_out,
     )

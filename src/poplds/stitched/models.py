@@ -471,7 +471,7 @@ def fit(
     v = data.variance[data.group_of >= 0]
     opts = {"max_passes": max_passes, "tol": tol, "scale": data.noise_floor()}
     unit = float(np.mean(v))  # the optimisers move X_s / unit: their paths are unit-free
-    warnings = connectivity_warnings(data, latent_dim)
+    warnings = connectivity_warnings(data, latent_dim) + left_out_warnings(data)
     for w in warnings:
         log.warning(w)
 
@@ -534,6 +534,8 @@ def fit(
     signal = np.einsum("ia,ab,ib->i", C_np, Pi_np, C_np)
     var = np.nan_to_num(data.variance, nan=0.0)
     R = np.maximum(var - signal, r_floor * var)
+    unfit = data.group_of < 0  # never observed with any variance: nothing to fit
+    C_np[unfit], R[unfit] = np.nan, np.nan
     means = {rec.name: rec.mean_in_source_order() for rec in data.recordings}
     info = {
         "device": str(dev),
@@ -555,6 +557,27 @@ def fit(
         info=info,
         data=data,
     )
+
+
+def left_out_warnings(data: StitchedData) -> list[str]:
+    """One warning per recording that left neurons out of the fit (dataset positions), and
+    one for the neurons no recording kept (their C and R are NaN)."""
+    out = []
+    for name, left in data.left_out.items():
+        for reason, words in (("never_observed", "never observed"), ("constant", "constant")):
+            if left[reason]:
+                out.append(
+                    f"recording {name}: {len(left[reason])} neurons {words} in it are left out "
+                    f"of the fit (dataset positions {left[reason][:20]})"
+                )
+    unfit = np.flatnonzero(data.group_of < 0)
+    if len(unfit):
+        out.append(
+            f"{len(unfit)} neurons are fitted by no recording (constant or never observed "
+            f"everywhere); their loadings and noise variances are NaN: positions "
+            f"{unfit[:20].tolist()}"
+        )
+    return out
 
 
 def overlap_graph(data: StitchedData) -> tuple[np.ndarray, list[int]]:

@@ -195,6 +195,10 @@ def fit_store(
             "n_neurons": int(len(neuron_ids)),
             "recordings": store.recording_names,
             "warnings": fit.info["warnings"],
+            "left_out": {
+                rec: {why: neuron_ids[pos].tolist() for why, pos in left.items()}
+                for rec, left in fit.data.left_out.items()
+            },
             "poplds_version": __version__,
             "provenance": provenance(fit.data.device),
         }
