@@ -675,6 +675,8 @@ def test_killed_fit_resumes_from_its_checkpoint_to_the_same_result(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert resumed.iterations == whole.iterations == 400
+    # it continued from the checkpoint: the first iterations' timings are the saved ones
+    assert resumed.iteration_seconds[: saved["it"]] == saved["iteration_seconds"]
     assert resumed.bound == whole.bound == again.bound
     for name in ("C", "d", "A", "Q", "log_sigma2", "log_tau"):
         a, b = getattr(resumed.params, name), getattr(whole.params, name)

@@ -301,3 +301,61 @@ def test_a_recording_with_nothing_that_varies_is_refused():
     y[:, 2] = np.nan
     with pytest.raises(InputError, match="^flat: every one of its 4 neurons is constant"):
         stitched.fit([RecordingInput("flat", y, np.arange(4))], 4, 1, lags=3, device="cpu")
+
+
+KILLED_STITCHED = """
+import sys, numpy as np, torch
+from poplds import simulate, stitched
+from poplds.stitched import RecordingInput, models
+torch.set_num_threads(1)
+calls = [0]
+real_loss = models.loss_and_grad
+def counted(*a, **k):
+    calls[0] += 1
+    return real_loss(*a, **k)
+models.loss_and_grad = counted
+p = simulate.random_stitched_lds(60, 4, eig_moduli=(0.8, 0.97), noise_to_signal=1.0, seed=5)
+layout = [simulate.SimRecording("a", (0, 40), 3000), simulate.SimRecording("b", (25, 60), 3000)]
+ys, _ = simulate.simulate_stitched(p, layout, seed=6)
+recs = [RecordingInput(r.name, y, np.arange(*r.neurons)) for r, y in zip(layout, ys)]
+kw = dict(lags=5, device="cpu", tol=1e-12, max_passes=300)
+if sys.argv[1] == "-":
+    fit = stitched.fit(recs, 60, 4, **kw)
+else:
+    fit = stitched.fit(recs, 60, 4, checkpoint=sys.argv[1], checkpoint_every_s=0.0, **kw)
+np.savez(sys.argv[2], C=fit.params.C, A=fit.params.A, trace=np.array([v for _, _, v in fit.trace]),
+         passes=[fit.info["free"]["passes"], fit.info["linked"]["passes"]], calls=calls[0])
+"""
+
+
+def test_killed_stitched_fit_resumes_to_the_same_result(tmp_path):
+    """SIGKILL a checkpointing stitched fit in its first stage, run it again: it resumes from
+    the checkpoint and ends with exactly the fit (loadings, dynamics, every pass's loss) of
+    an uninterrupted fit."""
+    import subprocess
+    import sys
+    import time
+
+    ckpt = tmp_path / "fit.ckpt"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_STITCHED, str(ckpt), str(tmp_path / "x.npz")]
+    )
+    t = time.perf_counter()
+    while not ckpt.exists() and time.perf_counter() - t < 60:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    saved = torch.load(ckpt, weights_only=False)["state"]
+    assert saved["current"] is not None or saved["done"]  # something to resume from
+    assert "warm/linked" not in saved["done"]  # killed before the end
+    for args in ((str(ckpt), "resumed.npz"), ("-", "whole.npz")):
+        run = subprocess.run(
+            [sys.executable, "-c", KILLED_STITCHED, args[0], str(tmp_path / args[1])],
+            capture_output=True,
+            text=True,
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+    a, b = np.load(tmp_path / "resumed.npz"), np.load(tmp_path / "whole.npz")
+    for key in ("C", "A", "trace", "passes"):
+        np.testing.assert_array_equal(a[key], b[key])
+    assert a["calls"] < b["calls"]  # it continued; it did not start again

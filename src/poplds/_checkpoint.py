@@ -62,6 +62,10 @@ class Checkpointer:
         log.info("%s: resuming from the checkpoint", self.path)
         return state["state"]
 
+    def due(self) -> bool:
+        """Whether :meth:`save` would write now (so that a caller builds the state only then)."""
+        return self.path is not None and time.monotonic() - self._last >= self.every_s
+
     def save(self, state: dict[str, Any], force: bool = False) -> None:
         if self.path is None or (not force and time.monotonic() - self._last < self.every_s):
             return

@@ -13,6 +13,8 @@ rule fit_stitched_lds:
     params:
         settings=stitched_params,
         truth=truth_file,
+        # not an output: Snakemake leaves it in place when a job is killed, to resume from
+        checkpoints="results/{dataset}/stitched_lds/n{n}/checkpoint",
     log:
         "logs/{dataset}/fit_stitched_lds_n{n}.log",
     threads: 2

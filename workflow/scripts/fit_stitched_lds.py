@@ -10,4 +10,5 @@ fit_store(
     StitchedSettings.from_config(snakemake.params.settings),  # noqa: F821
     outputs=StitchedOutputs.from_mapping(snakemake.output),  # noqa: F821
     truth=snakemake.params.truth or None,  # noqa: F821
+    checkpoints=snakemake.params.checkpoints,  # noqa: F821
 )

@@ -34,11 +34,13 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from .._checkpoint import Checkpointer, fingerprint
 from .._device import choose_device
 from .._errors import InputError
 from .._linalg import psd_project, stabilise, sym
@@ -270,6 +272,41 @@ class _Stop(Exception):
     """Raised from the closure to end an L-BFGS run (converged or out of passes)."""
 
 
+#: L-BFGS iterations between two checkpoints' chances (:func:`_lbfgs` with ``progress``).
+CHECKPOINT_BLOCK = 20
+
+
+class _Progress:
+    """A checkpointed fit's record: each finished (start, stage) and the stage in progress,
+    saved through a :class:`~poplds._checkpoint.Checkpointer`."""
+
+    def __init__(self, saver: Checkpointer) -> None:
+        self.saver = saver
+        saved = saver.load() or {}
+        self.done: dict[str, Any] = saved.get("done", {})
+        self.current: dict[str, Any] | None = saved.get("current")
+        self.start = ""
+
+    def _key(self, stage: str) -> str:
+        return f"{self.start}/{stage}"
+
+    def finished(self, stage: str) -> Any:
+        return self.done.get(self._key(stage))
+
+    def finish(self, stage: str, result: Any) -> None:
+        self.done[self._key(stage)] = result
+        self.current = None
+        self.saver.save({"done": self.done, "current": None}, force=True)
+
+    def resume(self, stage: str) -> dict[str, Any] | None:
+        c = self.current
+        return c["state"] if c is not None and c["key"] == self._key(stage) else None
+
+    def save_stage(self, stage: str, state: dict[str, Any]) -> None:
+        self.current = {"key": self._key(stage), "state": state}
+        self.saver.save({"done": self.done, "current": self.current})
+
+
 def _lbfgs(
     params: list[torch.Tensor],
     closure: Callable[[], torch.Tensor],
@@ -281,6 +318,7 @@ def _lbfgs(
     stage: str,
     window: int = 10,
     log_every: int = 25,
+    progress: _Progress | None = None,
 ) -> dict[str, Any]:
     """Run L-BFGS (strong Wolfe line search) on ``closure`` and return the best point seen.
 
@@ -297,14 +335,20 @@ def _lbfgs(
     not improve count as passes but never end a run by themselves. The parameters are left at
     the best evaluated point (torch's L-BFGS may be in the middle of a line search).
 
+    With ``progress`` (a checkpointed fit), L-BFGS runs in blocks of ``CHECKPOINT_BLOCK``
+    iterations and the state (parameters, L-BFGS memory, the passes' record) is handed to
+    ``progress`` between blocks; a new block starts by evaluating the point the last one ended
+    on, which is not counted, so the path and the passes are those of one uninterrupted run.
+
     Returns ``passes``, ``stop`` (``converged``, ``max_passes`` or ``no_descent``: L-BFGS found
     no descent direction, a stationary point to machine precision), ``converged`` (True unless
     it stopped at the cap), ``loss_start``, ``loss`` and ``seconds``.
     """
+    block = CHECKPOINT_BLOCK if progress is not None else max_passes
     opt = torch.optim.LBFGS(
         params,
         lr=1.0,
-        max_iter=max_passes,
+        max_iter=block,
         max_eval=max_passes + 25,  # the cap is ours (below): L-BFGS must not stop first
         history_size=20,
         tolerance_grad=0.0,
@@ -312,8 +356,18 @@ def _lbfgs(
         line_search_fn="strong_wolfe",
     )
     best: list[float] = []
-    state: dict[str, Any] = {"stop": None, "params": None}
+    state: dict[str, Any] = {"stop": None, "params": None, "repeat": False}
     t = time.perf_counter()
+    resumed = progress.resume(stage) if progress is not None else None
+    if resumed is not None:
+        with torch.no_grad():
+            for p, v in zip(params, resumed["params"], strict=True):
+                p.copy_(v)
+        opt.load_state_dict(resumed["opt"])
+        best[:] = resumed["best"]
+        trace[:] = resumed["trace"]
+        state["params"] = [v.to(params[0].device) for v in resumed["best_params"]]
+        state["repeat"] = True
 
     def wrapped() -> torch.Tensor:
         if state["stop"] is not None:
@@ -322,6 +376,9 @@ def _lbfgs(
         for p in params:  # in units of `scale`, and contiguous: L-BFGS flattens with view()
             if p.grad is not None:
                 p.grad = (p.grad / scale).contiguous()
+        if state["repeat"]:  # a block's first evaluation repeats the point the last one ended on
+            state["repeat"] = False
+            return loss / scale
         value = float(loss)
         k = len(best) + 1
         trace.append((stage, k, value))
@@ -343,10 +400,26 @@ def _lbfgs(
             state["stop"] = "max_passes"
         return loss / scale
 
-    try:
-        opt.step(wrapped)
-    except _Stop:
-        pass
+    while True:
+        n0 = opt.state[opt.param_groups[0]["params"][0]].get("n_iter", 0)
+        try:
+            opt.step(wrapped)
+        except _Stop:
+            break
+        if opt.state[opt.param_groups[0]["params"][0]]["n_iter"] - n0 < block:
+            break  # L-BFGS ended by itself (no descent direction)
+        state["repeat"] = True
+        if progress is not None and progress.saver.due():
+            progress.save_stage(
+                stage,
+                {
+                    "params": [p.detach().cpu().clone() for p in params],
+                    "opt": opt.state_dict(),
+                    "best": list(best),
+                    "trace": list(trace),
+                    "best_params": [v.cpu() for v in state["params"]],
+                },
+            )
     if state["params"] is not None:
         with torch.no_grad():
             for p, b in zip(params, state["params"], strict=True):
@@ -363,7 +436,7 @@ def _lbfgs(
     }
 
 
-def _free_stage(data, tens, weights, C0, X0, unit, opts, trace, stage="free"):
+def _free_stage(data, tens, weights, C0, X0, unit, opts, trace, stage="free", progress=None):
     """L-BFGS on C and every X_s (X_0 symmetric). The optimiser moves ``X_s / unit`` (``unit``
     the mean variance), so its path does not depend on the units of the data."""
     C = C0.clone().requires_grad_(True)
@@ -378,7 +451,7 @@ def _free_stage(data, tens, weights, C0, X0, unit, opts, trace, stage="free"):
 
     # the free stage only starts the linked one, which carries the user's tolerance
     opts = {**opts, "tol": FREE_STAGE_TOL * opts["tol"]}
-    info = _lbfgs([C, Xt], closure, trace=trace, stage=stage, **opts)
+    info = _lbfgs([C, Xt], closure, trace=trace, stage=stage, progress=progress, **opts)
     Xf = unit * Xt.detach().clone()
     Xf[0] = sym(Xf[0])
     return C.detach(), Xf, info
@@ -392,7 +465,9 @@ def linked_lagged(A: torch.Tensor, Pi: torch.Tensor, lags: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _linked_stage(data, tens, weights, C0, A0, Pi0, unit, opts, trace, stage="linked"):
+def _linked_stage(
+    data, tens, weights, C0, A0, Pi0, unit, opts, trace, stage="linked", progress=None
+):
     """L-BFGS on C, A and ``Pi = L L'`` (L lower triangular); the optimiser moves
     ``L / sqrt(unit)``, as :func:`_free_stage` does ``X_s / unit``."""
     dev = C0.device
@@ -410,7 +485,7 @@ def _linked_stage(data, tens, weights, C0, A0, Pi0, unit, opts, trace, stage="li
         C.grad = gC
         return loss
 
-    info = _lbfgs([C, A, L], closure, trace=trace, stage=stage, **opts)
+    info = _lbfgs([C, A, L], closure, trace=trace, stage=stage, progress=progress, **opts)
     Lf = torch.tril(L.detach())
     return C.detach(), A.detach(), unit * (Lf @ Lf.T), info
 
@@ -431,6 +506,8 @@ def fit(
     r_floor: float = 1e-3,
     max_device_bytes: float | None = StitchedSettings.max_device_bytes,
     data: StitchedData | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every_s: float = 60.0,
 ) -> StitchedFit:
     """Fit one stitched LDS to partial recordings (module docstring).
 
@@ -451,6 +528,10 @@ def fit(
     r_floor: ``R_i >= r_floor * v_i`` (the smoother needs R > 0).
     max_device_bytes: hold the data on the device up to this size, else stream it.
     data: already prepared data (skips preparation; ``recordings`` then only names them).
+    checkpoint: a file where the fit saves its progress (every ``checkpoint_every_s`` seconds,
+        between blocks of L-BFGS iterations, and after each stage); a fit started again with
+        the same data, settings and file continues from it and reaches the same fit as one
+        never interrupted.
     """
     t_start = time.perf_counter()
     dev = choose_device(device) if isinstance(device, str) else torch.device(device)
@@ -487,13 +568,62 @@ def fit(
         Xr = torch.stack([torch.eye(latent_dim, dtype=torch.float64) * 0.9**s for s in range(lags)])
         starts.append((f"restart{k + 1}", Cr.to(dev), unit * Xr.to(dev)))
 
+    progress = None
+    if checkpoint is not None:
+        key = fingerprint(
+            data.group_of,
+            data.pair_count,
+            data.variance,
+            *[rec.mean for rec in data.recordings],
+            latent_dim=latent_dim,
+            lags=lags,
+            seed=seed,
+            restarts=restarts,
+            max_passes=max_passes,
+            tol=tol,
+            stable=stable,
+            heldout_fraction=heldout_fraction,
+        )
+        progress = _Progress(Checkpointer(checkpoint, key, checkpoint_every_s))
     best = None
     for name, Cs, Xs in starts:
         trace: list[tuple[str, int, float]] = []
-        C1, X1, info1 = _free_stage(data, tens, weights, Cs, Xs, unit, opts, trace)
-        A1 = dynamics_from_lagged(X1.cpu().numpy(), stable=stable)
-        Pi1 = psd_project(X1[0].cpu().numpy(), floor=1e-6 * float(torch.trace(X1[0])) / latent_dim)
-        C2, A2, Pi2, info2 = _linked_stage(data, tens, weights, C1, A1, Pi1, unit, opts, trace)
+        if progress is not None:
+            progress.start = name
+        done = progress.finished("linked") if progress is not None else None
+        if done is not None:  # this start ended before the interruption
+            trace[:] = done["trace"]
+            info1, info2 = done["info1"], done["info2"]
+            C2, A2, Pi2 = (v.to(dev) for v in done["out"])
+        else:
+            free = progress.finished("free") if progress is not None else None
+            if free is not None:
+                C1, X1 = (v.to(dev) for v in free["out"])
+                info1, trace[:] = free["info"], free["trace"]
+            else:
+                C1, X1, info1 = _free_stage(
+                    data, tens, weights, Cs, Xs, unit, opts, trace, progress=progress
+                )
+                if progress is not None:
+                    progress.finish(
+                        "free", {"out": (C1.cpu(), X1.cpu()), "info": info1, "trace": list(trace)}
+                    )
+            A1 = dynamics_from_lagged(X1.cpu().numpy(), stable=stable)
+            floor1 = 1e-6 * float(torch.trace(X1[0])) / latent_dim
+            Pi1 = psd_project(X1[0].cpu().numpy(), floor=floor1)
+            C2, A2, Pi2, info2 = _linked_stage(
+                data, tens, weights, C1, A1, Pi1, unit, opts, trace, progress=progress
+            )
+            if progress is not None:
+                progress.finish(
+                    "linked",
+                    {
+                        "out": (C2.cpu(), A2.cpu(), Pi2.cpu()),
+                        "info1": info1,
+                        "info2": info2,
+                        "trace": list(trace),
+                    },
+                )
         for stage, info in (("free", info1), ("linked", info2)):
             log.info(
                 "%s: %s stage %s after %d passes (at most %d), %.1f s: loss %.6g -> %.6g",

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checkpoint import remove_checkpoints
 from .._errors import InputError
 from .._logging import get_logger
 from .._provenance import provenance
@@ -45,6 +46,9 @@ from .models import StitchedFit, StitchedLDSParams
 from .settings import StitchedSettings
 
 log = get_logger()
+
+#: Seconds between two checkpoints of a fit in progress.
+CHECKPOINT_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -138,17 +142,22 @@ def fit_store(
     *,
     outputs: StitchedOutputs | None = None,
     truth: str | Path | None = None,
+    checkpoints: str | Path | None = None,
 ) -> StoreFit:
     """Fit a stitched LDS of dimension ``latent_dim`` to every recording of a dataset store and
     write its :class:`StitchedOutputs` (default: the README layout beside the store).
 
     settings: :class:`StitchedSettings` (default: the workflow's defaults); truth: a
-    simulation's ``truth.npz``. Returns a :class:`~poplds._results.StoreFit`: the metrics
-    (also in ``metrics.json``), the outputs, the :class:`StitchedFit` under ``stitched_lds``
+    simulation's ``truth.npz``; checkpoints: a folder for the fit's checkpoint (default:
+    ``checkpoint/`` beside the metrics), so that a job killed mid-way resumes where it was
+    when run again; removed once every output is written. Returns a
+    :class:`~poplds._results.StoreFit`: the metrics (also in ``metrics.json``), the outputs,
+    the :class:`StitchedFit` under ``stitched_lds``
     and each recording's :class:`~poplds.stitched.inference.Posterior` as ``latents``.
     """
     s = settings or StitchedSettings()
     out = outputs or StitchedOutputs.under(Path(store_path).parent, latent_dim)
+    ckpt_dir = Path(checkpoints) if checkpoints else out.metrics.parent / "checkpoint"
     store = DatasetStore(store_path)
     recs = recordings_from_store(store)
     neuron_ids = store.neuron_ids
@@ -164,6 +173,8 @@ def fit_store(
         max_passes=s.max_passes,
         tol=s.tol,
         max_device_bytes=s.max_device_bytes,
+        checkpoint=ckpt_dir / "fit.ckpt",
+        checkpoint_every_s=CHECKPOINT_EVERY_S,
     )
     p = fit.params
     posts = smooth_recordings(p.A, p.Q, p.Pi, p.C, p.R, fit.data.recordings, fit.data.device)
@@ -213,6 +224,7 @@ def fit_store(
     np.savez_compressed(tmp, **arrays, rate_hz=float(store.attrs["rate_hz"]))
     tmp.replace(out.sample)
     write_json(out.metrics, metrics)
+    remove_checkpoints(ckpt_dir)
     return StoreFit(metrics, out, {"stitched_lds": fit}, posts)
 
 
