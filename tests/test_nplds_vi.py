@@ -633,7 +633,9 @@ def test_numerical_failures_are_counted_not_silent():
     numerics.skipped("outside any fit")  # no counter active: ignored
     assert sum(count.values()) == 1
     tr = simulate_poisson_trials(n_neurons=6, latent_dim=1, n_trials=8, n_bins=20, seed=2)
-    assert vi.fit(tr.counts, None, 1, max_iter=6, progress_every=0).skipped_steps == {}
+    fit = vi.fit(tr.counts, None, 1, max_iter=6, progress_every=0)
+    assert fit.skipped_steps == {}
+    assert set(fit.guards) == {"psd_floor"} and fit.guards["psd_floor"] >= 0
 
 
 KILLED_FIT = """

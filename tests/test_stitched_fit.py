@@ -359,3 +359,24 @@ def test_killed_stitched_fit_resumes_to_the_same_result(tmp_path):
     for key in ("C", "A", "trace", "passes"):
         np.testing.assert_array_equal(a[key], b[key])
     assert a["calls"] < b["calls"]  # it continued; it did not start again
+
+
+def test_numerical_guards_count_what_they_changed():
+    from collections import Counter
+
+    from poplds._linalg import psd_project, stabilise
+
+    g: Counter = Counter()
+    M = np.array([[1.0, 0.0], [0.0, -0.5]])
+    P = psd_project(M, 0.0, guards=g)
+    assert g["psd_floor"] == 1 and np.linalg.eigvalsh(P).min() >= 0
+    psd_project(torch.eye(2, dtype=torch.float64), 0.0, guards=g)  # nothing to change
+    assert g["psd_floor"] == 1
+    A = np.diag([1.2, 0.5])
+    assert np.abs(np.linalg.eigvals(stabilise(A, 0.99, guards=g))).max() <= 0.99 + 1e-12
+    stabilise(np.diag([0.3, 0.5]), 0.99, guards=g)
+    assert g["stable_cap"] == 1
+    _, recs = simulated(N=30, n=2, T=800)
+    fit = stitched.fit(recs, 30, 2, lags=4, device="cpu", max_passes=40)
+    assert set(fit.info["guards"]) == {"stable_cap", "psd_floor", "noise_floor"}
+    assert all(isinstance(v, int) and v >= 0 for v in fit.info["guards"].values())

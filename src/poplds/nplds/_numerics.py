@@ -27,6 +27,26 @@ def counting_skipped_steps() -> Iterator[Counter]:
         _SKIPPED.reset(token)
 
 
+_GUARDS: contextvars.ContextVar[Counter | None] = contextvars.ContextVar("guards", default=None)
+
+
+@contextlib.contextmanager
+def counting_guards() -> Iterator[Counter]:
+    """Count, inside the block, how often each numerical guard changed a result (a
+    covariance's eigenvalues raised to their floor: ``psd_floor``)."""
+    counter: Counter = Counter()
+    token = _GUARDS.set(counter)
+    try:
+        yield counter
+    finally:
+        _GUARDS.reset(token)
+
+
+def active_guards() -> Counter | None:
+    """The counter of :func:`counting_guards` in effect, if any."""
+    return _GUARDS.get()
+
+
 def skipped(step: str) -> None:
     """Record that ``step`` was skipped after a numerical failure (counted by
     :func:`counting_skipped_steps`; reported in the fit's result and ``metrics.json``)."""

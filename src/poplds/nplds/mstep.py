@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .._linalg import psd_project, sym
-from ._numerics import halve_until, outer_flat, site_posterior, skipped
+from ._numerics import active_guards, halve_until, outer_flat, site_posterior, skipped
 from .estep import g_quadratic, path_stats
 from .model import NUGGET, TAU_RANGE, PLDSParams, TrialData, VIState, expected_log_rate, se_kernel
 
@@ -57,7 +57,7 @@ def mstep_dynamics(data: TrialData, p: PLDSParams, st: VIState) -> PLDSParams:
     ridge = 1e-9 * torch.diagonal(Phi).mean() * torch.eye(len(Phi), dtype=Phi.dtype)
     W = torch.linalg.solve(Phi + ridge.to(Phi.device), Xphi.T).T
     Q = (S11.sum(0) - W @ Xphi.T) / (R * (T - 1))
-    Q = psd_project(Q, 1e-8, relative=True)
+    Q = psd_project(Q, 1e-8, relative=True, guards=active_guards())
     A = W[:, :k]
     A1 = W[:, k : 2 * k] if p.dynamics_drift else None
     B = W[:, -p.B.shape[1] :] if has_u else p.B

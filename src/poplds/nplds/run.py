@@ -312,6 +312,7 @@ def fit_store(
             "bound_rise": fit.bound[-1] - fit.bound[0],
             "extrapolations_kept": fit.extrapolations,
             "skipped_steps": fit.skipped_steps,
+            "guards": fit.guards,
             "start": start,
             "iterations_all_starts": iterations_all,
             "fit_seconds": fit.seconds,

@@ -53,7 +53,7 @@ from .._checkpoint import Checkpointer, fingerprint
 from .._errors import InputError
 from .._logging import get_logger
 from ._accelerate import extrapolate
-from ._numerics import counting_skipped_steps
+from ._numerics import counting_guards, counting_skipped_steps
 from .estep import estep, paths_cov
 from .init import initial_params, initial_state
 from .model import (
@@ -93,7 +93,8 @@ class FitResult:
     (one value per iteration, the initial state first), iterations, whether the convergence
     test held, seconds taken in all and per iteration (after the start), and how many SQUAREM
     extrapolations were kept; skipped_steps: per step, how often it kept its current value
-    after a numerical failure (a Cholesky factor that did not exist)."""
+    after a numerical failure (a Cholesky factor that did not exist); guards: how often each
+    numerical guard changed a result (``psd_floor``: eigenvalues of Q raised to the floor)."""
 
     params: PLDSParams
     state: VIState
@@ -104,6 +105,7 @@ class FitResult:
     iteration_seconds: list[float] = field(default_factory=list)
     extrapolations: int = 0
     skipped_steps: dict[str, int] = field(default_factory=dict)
+    guards: dict[str, int] = field(default_factory=dict)
 
 
 def _plain(obj) -> dict:
@@ -215,7 +217,10 @@ def fit(
         checkpoint_every_s,
     )
     saved = saver.load()
-    with counting_skipped_steps() as skipped_steps:  # numerical failures, reported
+    with (
+        counting_skipped_steps() as skipped_steps,  # numerical failures, reported
+        counting_guards() as guards,
+    ):
         if saved is None:
             gp = gp_priors(p, data.n)
             p, st = initial_state(data, p, gp)
@@ -229,6 +234,7 @@ def fit(
             bound, it, per_iteration = saved["bound"], saved["it"], saved["iteration_seconds"]
             converged, accepted = saved["converged"], saved["accepted"]
             skipped_steps.update(saved["skipped_steps"])
+            guards.update(saved.get("guards", {}))
 
         def snapshot(done: bool) -> dict:
             return {
@@ -240,6 +246,7 @@ def fit(
                 "converged": converged,
                 "accepted": accepted,
                 "skipped_steps": dict(skipped_steps),
+                "guards": dict(guards),
                 "done": done,
             }
 
@@ -305,5 +312,14 @@ def fit(
     if skipped_steps:
         log.warning("steps skipped after a numerical failure: %s", dict(skipped_steps))
     return FitResult(
-        p, st, bound, it, converged, seconds, per_iteration, accepted, dict(skipped_steps)
+        p,
+        st,
+        bound,
+        it,
+        converged,
+        seconds,
+        per_iteration,
+        accepted,
+        dict(skipped_steps),
+        {"psd_floor": guards["psd_floor"]},
     )

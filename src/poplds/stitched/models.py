@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -655,15 +656,17 @@ def fit(
     for w in fit_warnings:
         log.warning(w)
     warnings += fit_warnings
+    guards: Counter = Counter()  # how often each numerical guard changed the result
     A_np = A.cpu().numpy()
     if stable:
-        A_np = stabilise(A_np)
+        A_np = stabilise(A_np, guards=guards)
     Pi_np = sym(Pi.cpu().numpy())
-    Q = psd_project(Pi_np - A_np @ Pi_np @ A_np.T)
+    Q = psd_project(Pi_np - A_np @ Pi_np @ A_np.T, guards=guards)
     C_np = C.cpu().numpy()
     signal = np.einsum("ia,ab,ib->i", C_np, Pi_np, C_np)
     var = np.nan_to_num(data.variance, nan=0.0)
     R = np.maximum(var - signal, r_floor * var)
+    guards["noise_floor"] = int(np.sum((var - signal < r_floor * var) & (data.group_of >= 0)))
     unfit = data.group_of < 0  # never observed with any variance: nothing to fit
     C_np[unfit], R[unfit] = np.nan, np.nan
     means = {rec.name: rec.mean_in_source_order() for rec in data.recordings}
@@ -679,6 +682,7 @@ def fit(
         "warnings": warnings,
         "n_groups": data.n_groups,
         "n_pairs": data.n_pairs(),
+        "guards": {k: guards[k] for k in ("stable_cap", "psd_floor", "noise_floor")},
     }
     return StitchedFit(
         params=StitchedLDSParams.from_dynamics(A_np, C_np, Q, R, Pi_np, lags),

@@ -201,6 +201,7 @@ def fit_store(
                     "seconds",
                     "n_groups",
                     "n_pairs",
+                    "guards",
                 )
             },
             "n_neurons": int(len(neuron_ids)),
