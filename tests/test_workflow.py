@@ -330,3 +330,59 @@ def test_editing_a_neuron_ids_file_reingests(tmp_path, rng):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "rule ingest" in again.stdout + again.stderr
     assert DatasetStore(wd / "results" / "ds" / "data.zarr").neuron_ids.tolist() == ["p", "q", "r"]
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_its_fit_after_unlock_and_rerun_incomplete(tmp_path):
+    """SIGKILL Snakemake (and its job) during a fit: after --unlock, --rerun-incomplete
+    finishes the fit from its checkpoint (the README's 'When a run is interrupted')."""
+    import signal
+    import time
+
+    wd = tmp_path / "wd"
+    sim = {
+        "model": "stitched_lds",
+        "n_neurons": 120,
+        "latent_dim": 6,
+        "recordings": [
+            {"name": "s1", "neurons": [0, 80], "n_time": 12000},
+            {"name": "s2", "neurons": [50, 120], "n_time": 12000},
+        ],
+    }
+    fit = {"latent_dims": [6], "lags": 8, "device": "cpu", "tol": 1e-9, "max_passes": 400}
+    write_config(wd, {"big": {"simulate": sim, "stitched_lds": fit}})
+    target = "results/big/stitched_lds/n6/metrics.json"
+    out = wd / "results" / "big" / "stitched_lds" / "n6"
+    cmd = [
+        *SNAKEMAKE,
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(wd),
+        "--configfile",
+        str(wd / "config.yaml"),
+        "--cores",
+        "2",
+        target,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "smk.err", "w"),
+        start_new_session=True,
+    )
+    t = time.perf_counter()
+    while not (out / "checkpoint" / "fit.ckpt").exists() and time.perf_counter() - t < 300:
+        assert proc.poll() is None, (tmp_path / "smk.err").read_text()[-2000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # Snakemake and the job with it
+    proc.wait()
+    assert (out / "checkpoint" / "fit.ckpt").exists() and not (out / "metrics.json").exists()
+    locked = run_snakemake(wd, target)
+    assert locked.returncode != 0  # the README's first step: unlock
+    assert run_snakemake(wd, "--unlock").returncode == 0
+    again = run_snakemake(wd, "--rerun-incomplete", target)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = (wd / "logs" / "big" / "fit_stitched_lds_n6.log").read_text()
+    assert "resuming from the checkpoint" in log
+    assert (out / "metrics.json").exists() and not (out / "checkpoint").exists()
