@@ -170,17 +170,22 @@ def test_same_seed_same_fit_and_dynamics_estimate():
     np.testing.assert_allclose(dynamics_from_lagged(X), p.A, atol=1e-10)
 
 
-def test_streamed_from_the_store_equals_in_memory(tmp_path):
-    paths = simulate.write_stitched_simulation(
+def two_recordings(tmp_path, seed, spans, n_time):
+    """npz files of a simulated 30-neuron, 2-latent LDS seen by recordings a and b."""
+    return simulate.write_stitched_simulation(
         tmp_path / "sim",
         n_neurons=30,
         latent_dim=2,
-        seed=2,
+        seed=seed,
         recordings=[
-            {"name": "a", "neurons": [0, 20], "n_time": 1200},
-            {"name": "b", "neurons": [12, 30], "n_time": 1000},
+            {"name": name, "neurons": list(span), "n_time": t}
+            for name, span, t in zip("ab", spans, n_time, strict=True)
         ],
     )
+
+
+def test_streamed_from_the_store_equals_in_memory(tmp_path):
+    paths = two_recordings(tmp_path, 2, [(0, 20), (12, 30)], (1200, 1000))
     store = ingest_dataset([{"path": str(p)} for p in paths], tmp_path / "ds" / "data.zarr")
     s = StitchedSettings(lags=4, device="cpu", max_passes=40)
     mem = fit_store(store, 2, s, outputs=StitchedOutputs.under(tmp_path / "mem", 2))
@@ -262,16 +267,7 @@ def test_choose_dimension_prefers_the_smallest_near_best():
 def test_constant_and_empty_neurons_are_left_out_and_the_rest_stays_finite(tmp_path):
     """A neuron constant in every recording gets NaN parameters and a warning; a neuron NaN
     throughout one recording is left out of that one only; every latent stays finite."""
-    paths = simulate.write_stitched_simulation(
-        tmp_path / "sim",
-        n_neurons=30,
-        latent_dim=2,
-        seed=3,
-        recordings=[
-            {"name": "a", "neurons": [0, 20], "n_time": 800},
-            {"name": "b", "neurons": [10, 30], "n_time": 800},
-        ],
-    )
+    paths = two_recordings(tmp_path, 3, [(0, 20), (10, 30)], (800, 800))
     for path, edit in zip(paths, ("constant", "empty"), strict=True):
         z = dict(np.load(path))
         if edit == "constant":

@@ -41,6 +41,19 @@ def run_snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def two_recording_simulation(n_neurons: int, latent_dim: int, cuts: tuple, n_time: int) -> dict:
+    """A ``simulate:`` block: recording s1 sees neurons [0, cuts[0]), s2 [cuts[1], N)."""
+    return {
+        "model": "stitched_lds",
+        "n_neurons": n_neurons,
+        "latent_dim": latent_dim,
+        "recordings": [
+            {"name": "s1", "neurons": [0, cuts[0]], "n_time": n_time},
+            {"name": "s2", "neurons": [cuts[1], n_neurons], "n_time": n_time},
+        ],
+    }
+
+
 def write_config(workdir: Path, datasets: dict) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.yaml").write_text(yaml.safe_dump({"datasets": datasets}))
@@ -71,15 +84,7 @@ def test_workflow_runs_from_another_directory(tmp_path, rng):
                 "stitched_lds": {"latent_dims": [2], "lags": 4},
             },
             "sim": {
-                "simulate": {
-                    "model": "stitched_lds",
-                    "n_neurons": 20,
-                    "latent_dim": 2,
-                    "recordings": [
-                        {"name": "s1", "neurons": [0, 12], "n_time": 1500},
-                        {"name": "s2", "neurons": [8, 20], "n_time": 1500},
-                    ],
-                },
+                "simulate": two_recording_simulation(20, 2, (12, 8), 1500),
                 "stitched_lds": {"latent_dims": [1, 2], "lags": 5, "device": "cpu"},
             },
         },
@@ -340,15 +345,7 @@ def test_a_killed_run_resumes_its_fit_after_unlock_and_rerun_incomplete(tmp_path
     import time
 
     wd = tmp_path / "wd"
-    sim = {
-        "model": "stitched_lds",
-        "n_neurons": 120,
-        "latent_dim": 6,
-        "recordings": [
-            {"name": "s1", "neurons": [0, 80], "n_time": 12000},
-            {"name": "s2", "neurons": [50, 120], "n_time": 12000},
-        ],
-    }
+    sim = two_recording_simulation(120, 6, (80, 50), 12000)
     fit = {"latent_dims": [6], "lags": 8, "device": "cpu", "tol": 1e-9, "max_passes": 400}
     write_config(wd, {"big": {"simulate": sim, "stitched_lds": fit}})
     target = "results/big/stitched_lds/n6/metrics.json"

@@ -13,33 +13,29 @@ import torch
 from .._linalg import sym
 
 _SKIPPED: contextvars.ContextVar[Counter | None] = contextvars.ContextVar("skipped", default=None)
-
-
-@contextlib.contextmanager
-def counting_skipped_steps() -> Iterator[Counter]:
-    """Count, inside the block, the steps that :func:`skipped` records: numerical failures
-    (a Cholesky factor that does not exist) after which a step keeps the current value."""
-    counter: Counter = Counter()
-    token = _SKIPPED.set(counter)
-    try:
-        yield counter
-    finally:
-        _SKIPPED.reset(token)
-
-
 _GUARDS: contextvars.ContextVar[Counter | None] = contextvars.ContextVar("guards", default=None)
 
 
 @contextlib.contextmanager
-def counting_guards() -> Iterator[Counter]:
-    """Count, inside the block, how often each numerical guard changed a result (a
-    covariance's eigenvalues raised to their floor: ``psd_floor``)."""
+def _counting(var: contextvars.ContextVar[Counter | None]) -> Iterator[Counter]:
     counter: Counter = Counter()
-    token = _GUARDS.set(counter)
+    token = var.set(counter)
     try:
         yield counter
     finally:
-        _GUARDS.reset(token)
+        var.reset(token)
+
+
+def counting_skipped_steps() -> contextlib.AbstractContextManager[Counter]:
+    """Count, inside the block, the steps that :func:`skipped` records: numerical failures
+    (a Cholesky factor that does not exist) after which a step keeps the current value."""
+    return _counting(_SKIPPED)
+
+
+def counting_guards() -> contextlib.AbstractContextManager[Counter]:
+    """Count, inside the block, how often each numerical guard changed a result (a
+    covariance's eigenvalues raised to their floor: ``psd_floor``)."""
+    return _counting(_GUARDS)
 
 
 def active_guards() -> Counter | None:
