@@ -514,6 +514,7 @@ def test_real_units_recording_end_to_end(tmp_path):
     nplds, plds = m["models"]["nplds"], m["models"]["plds"]
     for e in (nplds, plds):
         assert e["stop"] == "converged"
+        assert e["nonfinite_written"] and not any(e["nonfinite_written"].values())
         assert all(math.isfinite(e[k]) for k in ("heldout_trial_bits_per_spike", "rate_rmse_hz"))
         assert np.all(np.diff(e["bound_trace"]) >= -1e-9 * abs(e["bound_trace"][-1]))
     # firing rates of these units drift over the session: the drift model predicts held-out

@@ -290,6 +290,22 @@ def test_constant_and_empty_neurons_are_left_out_and_the_rest_stays_finite(tmp_p
     for post in res.latents:  # neuron 15 is fitted from a; b's latents are all finite
         assert torch.isfinite(post.mean).all() and torch.isfinite(post.var).all()
     assert np.isfinite(res.metrics["summary"]["heldout_rel_error"])
+    # the NaN rows of the left-out neuron are by design; nothing else written is non-finite
+    assert res.metrics["nonfinite_written"]["C"] == 0 and not any(
+        res.metrics["nonfinite_written"].values()
+    )
+
+
+def test_unexpected_nonfinite_counts_all_but_the_allowed_rows():
+    from poplds._results import unexpected_nonfinite
+
+    C = np.ones((4, 2))
+    C[1] = np.nan  # a left-out neuron
+    A = np.array([[np.inf, 0.0], [0.0, 1.0]])
+    got = unexpected_nonfinite({"C": C, "A": A}, np.array([False, True, False, False]))
+    assert got == {"C": 0, "A": 1}
+    C[2, 0] = np.nan
+    assert unexpected_nonfinite({"C": C}, np.array([False, True, False, False])) == {"C": 1}
 
 
 def test_a_recording_with_nothing_that_varies_is_refused():

@@ -72,3 +72,22 @@ class StoreFit:
     def warnings(self) -> list[str]:
         """Every warning of the fits (also in ``metrics.json`` and the log)."""
         return list(self.metrics.get("warnings", []))
+
+
+def unexpected_nonfinite(
+    arrays: dict[str, Any], allowed_rows: np.ndarray | None = None
+) -> dict[str, int]:
+    """Per array about to be written, how many values are NaN or infinite, leaving out the
+    rows in ``allowed_rows`` (neurons left out of the fit, whose rows are NaN by design) of
+    arrays whose first axis is the neuron axis. A fit reports these counts in
+    ``metrics.json`` (``nonfinite_written``) and warns when one is not zero."""
+    out = {}
+    for name, value in arrays.items():
+        x = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+        if not np.issubdtype(x.dtype, np.number):
+            continue
+        bad = ~np.isfinite(x)
+        if allowed_rows is not None and x.ndim >= 1 and x.shape[0] == len(allowed_rows):
+            bad[np.asarray(allowed_rows, dtype=bool)] = False
+        out[name] = int(bad.sum())
+    return out

@@ -37,7 +37,7 @@ from .._device import choose_device
 from .._errors import InputError
 from .._logging import get_logger
 from .._provenance import provenance
-from .._results import StoreFit, atomic_group, finish_group, write_json
+from .._results import StoreFit, atomic_group, finish_group, unexpected_nonfinite, write_json
 from .._settings import config_settings
 from .._version import __version__
 from ..store import DatasetStore, write_array, write_strings
@@ -369,6 +369,13 @@ def fit_store(
         x_mean = np.full((R, T, k), np.nan, dtype=np.float32)
         x_mean[train] = fit.state.m.cpu().numpy()
         fits[name] = fit
+        entry["nonfinite_written"] = unexpected_nonfinite(
+            {"A": p.A, "Q": p.Q, "x0": p.x0, "V0": p.V0, "C": C, "h_mean": h_mean, "h_var": h_var}
+        )
+        if any(entry["nonfinite_written"].values()):
+            bad = {key: v for key, v in entry["nonfinite_written"].items() if v}
+            warnings.append(f"{name} k={k}: non-finite values in the results: {bad}")
+            log.warning(warnings[-1])
         _write_model(
             out.models[name],
             fit,

@@ -34,7 +34,14 @@ from .._checkpoint import remove_checkpoints
 from .._errors import InputError
 from .._logging import get_logger
 from .._provenance import provenance
-from .._results import StoreFit, atomic_group, finish_group, json_clean, write_json
+from .._results import (
+    StoreFit,
+    atomic_group,
+    finish_group,
+    json_clean,
+    unexpected_nonfinite,
+    write_json,
+)
 from .._settings import config_settings
 from .._version import __version__
 from ..store import DatasetStore, write_array, write_strings
@@ -215,6 +222,19 @@ def fit_store(
             "provenance": provenance(fit.data.device),
         }
     )
+    unfit = fit.data.group_of < 0  # left out of the fit: NaN rows by design
+    written = {name: getattr(p, name) for name in ("A", "C", "Pi", "Q", "R", "X")}
+    written.update(
+        {
+            f"latents/{post_name}": post.mean
+            for post_name, post in zip((r.name for r in fit.data.recordings), posts, strict=True)
+        }
+    )
+    metrics["nonfinite_written"] = unexpected_nonfinite(written, unfit)
+    if any(metrics["nonfinite_written"].values()):
+        bad = {k: v for k, v in metrics["nonfinite_written"].items() if v}
+        metrics["warnings"].append(f"non-finite values in the results: {bad}")
+        log.warning(metrics["warnings"][-1])
     for path in (out.model, out.latents, out.metrics, out.sample):
         path.parent.mkdir(parents=True, exist_ok=True)
     _write_model(out.model, fit, store, recorded)
