@@ -179,8 +179,6 @@ def fit_store(
     missing = [m for m in s.models if m not in out.models]
     if missing:
         raise InputError("outputs", f"no model.zarr path for {missing}")
-    heldout_trials, heldout_neurons, seed = s.heldout_trials, s.heldout_neurons, s.seed
-    max_iter, tol = s.max_iter, s.tol
     store = DatasetStore(store_path)
     y, trial_ids, neurons, bin_s = counts_from_store(store)
     R, T, N = y.shape
@@ -189,7 +187,7 @@ def fit_store(
         raise InputError("nplds.latent_dims", f"latent dimension {k} must be at least 1")
     dev = choose_device(s.device, "nplds.device")
     n = trial_ids.astype(np.float64)
-    out_mask = split_trials(R, heldout_trials, seed)
+    out_mask = split_trials(R, s.heldout_trials, s.seed)
     train, test = np.where(~out_mask)[0], np.where(out_mask)[0]
     # neurons without a spike in the training trials have no finite rate: left out (NaN rows)
     active = np.nansum(y[train], (0, 1)) > 0
@@ -208,7 +206,7 @@ def fit_store(
         )
     y, neurons = y[..., active], neurons[active]
     N = y.shape[-1]
-    held = split_neurons(N, heldout_neurons, seed)
+    held = split_neurons(N, s.heldout_neurons, s.seed)
     order = np.concatenate([train, test])
     inverse = np.argsort(order)  # rows in [train, test] order -> store order
     tt = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64, device=dev)  # noqa: E731
@@ -262,7 +260,7 @@ def fit_store(
         drift, dyn = MODELS[name]
         log.info("fitting %s, k = %d, %d training trials on %s", name, k, len(train), dev)
         t0 = time.perf_counter()
-        opts = {"drift": drift, "dynamics_drift": dyn, "max_iter": max_iter, "tol": tol}
+        opts = {"drift": drift, "dynamics_drift": dyn, "max_iter": s.max_iter, "tol": s.tol}
         opts["checkpoint_every_s"] = CHECKPOINT_EVERY_S
         fit = vi.fit(
             y[train], n[train], k, device=dev, checkpoint=ckpt_dir / f"{name}.ckpt", **opts
@@ -342,7 +340,7 @@ def fit_store(
                     np.corrcoef(_spectral_radius(A_trials), figure["true_radius"])[0, 1]
                 )
         moved = fit.bound[-1] - fit.bound[0]
-        if start == "moments" and fit.converged and moved <= 10 * tol * abs(fit.bound[-1]):
+        if start == "moments" and fit.converged and moved <= 10 * s.tol * abs(fit.bound[-1]):
             warnings.append(
                 f"{name} k={k} barely moved from its start (the bound rose {moved:.3g}): the "
                 "result is essentially the start"
@@ -356,7 +354,7 @@ def fit_store(
             log.warning(warnings[-1])
         if not fit.converged:
             warnings.append(
-                f"{name} k={k} stopped at nplds.max_iter ({max_iter}) before its convergence "
+                f"{name} k={k} stopped at nplds.max_iter ({s.max_iter}) before its convergence "
                 f"test held (bound rose {vi.recent_gain(fit.bound):.3g} over the last "
                 f"{vi.WINDOW} iterations); raise max_iter"
             )

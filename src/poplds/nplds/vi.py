@@ -200,7 +200,9 @@ def fit(
         )
     saver = Checkpointer(
         checkpoint,
-        fingerprint(
+        ""
+        if checkpoint is None
+        else fingerprint(
             y,
             n,
             *([] if inputs is None else [np.asarray(inputs)]),

@@ -90,7 +90,7 @@ def check_name(spec: RecordingSpec) -> str:
     """The recording's name, or :class:`InputError` naming the file when it is not usable as a
     store group name (``NAME_PATTERN``: letters, digits, ``_ . -``, not starting with a dot)."""
     name = spec.display_name
-    if NAME_PATTERN.match(name) and name not in (".", ".."):
+    if NAME_PATTERN.match(name):  # "." and ".." fail it: a name starts with a letter or digit
         return name
     origin = "its name:" if spec.name else "the file name gives the recording name"
     raise InputError(

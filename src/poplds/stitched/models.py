@@ -401,13 +401,14 @@ def _lbfgs(
             state["stop"] = "max_passes"
         return loss / scale
 
+    lbfgs_state = opt.state[params[0]]  # torch keeps L-BFGS's counters under the first one
     while True:
-        n0 = opt.state[opt.param_groups[0]["params"][0]].get("n_iter", 0)
+        n0 = lbfgs_state.get("n_iter", 0)
         try:
             opt.step(wrapped)
         except _Stop:
             break
-        if opt.state[opt.param_groups[0]["params"][0]]["n_iter"] - n0 < block:
+        if lbfgs_state["n_iter"] - n0 < block:
             break  # L-BFGS ended by itself (no descent direction)
         state["repeat"] = True
         if progress is not None and progress.saver.due():
