@@ -187,7 +187,7 @@ def two_recordings(tmp_path, seed, spans, n_time):
 def test_streamed_from_the_store_equals_in_memory(tmp_path):
     paths = two_recordings(tmp_path, 2, [(0, 20), (12, 30)], (1200, 1000))
     store = ingest_dataset([{"path": str(p)} for p in paths], tmp_path / "ds" / "data.zarr")
-    s = StitchedSettings(lags=4, device="cpu", max_passes=40)
+    s = StitchedSettings(lags=4, device="cpu", max_passes=40, route="data")
     mem = fit_store(store, 2, s, outputs=StitchedOutputs.under(tmp_path / "mem", 2))
     streamed = fit_store(
         store,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from poplds.stitched._data import RecordingInput, prepare_data
-from poplds.stitched._loss import loss_and_grad, loss_tensors, project, reduced_loss
+from poplds.stitched._loss import DataTerm, loss_and_grad, loss_tensors, window_cross
 from poplds.stitched.models import linked_lagged
 
 torch.set_default_dtype(torch.float64)
@@ -60,9 +60,11 @@ def dense_loss(recs, n_total, data, C, X):
     return (torch.sum(resid**2) + hinge.sum()) / P, const / P, int(P)
 
 
+@pytest.mark.parametrize("route", ["data", "moments"])
 @pytest.mark.parametrize("heldout", [0.0, 0.3])
 @pytest.mark.parametrize("missing", [False, True])
-def test_reduced_loss_and_gradient_match_dense(heldout, missing):
+def test_reduced_loss_and_gradient_match_dense(heldout, missing, route):
+    """Both routes of the data term (windows with halos of 16 rows; lagged moments)."""
     rng = np.random.default_rng(0)
     recs, n_total = small_dataset(rng, missing)
     data = prepare_data(
@@ -80,8 +82,10 @@ def test_reduced_loss_and_gradient_match_dense(heldout, missing):
     X = torch.as_tensor(rng.standard_normal((4, n, n)) * 0.3)
     X[0] = X[0] @ X[0].T + torch.eye(n)  # a covariance, so the hinge is active somewhere
     tens = loss_tensors(data, torch.device("cpu"))
+    term = DataTerm(data, data.weights(torch.device("cpu")), n, route=route)
+    assert term.routes == [route] * 3
     Xg = X.clone().requires_grad_(True)
-    loss, gradC = loss_and_grad(data, C.clone(), Xg, data.weights(torch.device("cpu")), tens)
+    loss, gradC = loss_and_grad(term, C.clone(), Xg, tens)
     Cd = C.clone().requires_grad_(True)
     Xd = X.clone().requires_grad_(True)
     ref, const, n_pairs = dense_loss(recs, n_total, data, Cd, Xd)
@@ -101,19 +105,19 @@ def test_linked_gradient_matches_finite_differences():
     recs, n_total = small_dataset(rng)
     data = prepare_data(recs, n_total, lags=5, device=torch.device("cpu"), dtype=torch.float64)
     tens = loss_tensors(data, torch.device("cpu"))
-    w = data.weights(torch.device("cpu"))
     n = 2
+    term = DataTerm(data, data.weights(torch.device("cpu")), n, route="data")
     C = torch.as_tensor(rng.standard_normal((n_total, n)) * 0.5)
     A = torch.as_tensor([[0.8, -0.3], [0.3, 0.8]])
     L = torch.as_tensor([[1.0, 0.0], [0.4, 0.7]])
 
     def f(C, A, L):
         X = linked_lagged(A, L @ L.T, data.lags)
-        return float(reduced_loss(data, project(data, C), C, X, w, tens))
+        return float(loss_and_grad(term, C, X, tens)[0])
 
     Ag = A.clone().requires_grad_(True)
     Lg = L.clone().requires_grad_(True)
-    _, gC = loss_and_grad(data, C.clone(), linked_lagged(Ag, Lg @ Lg.T, data.lags), w, tens)
+    _, gC = loss_and_grad(term, C.clone(), linked_lagged(Ag, Lg @ Lg.T, data.lags), tens)
     eps = 1e-6
     for _ in range(3):
         dC, dA, dL = (torch.as_tensor(rng.standard_normal(t.shape)) for t in (C, A, L))
@@ -125,12 +129,50 @@ def test_linked_gradient_matches_finite_differences():
         assert an == pytest.approx(fd, rel=1e-6, abs=1e-9)
 
 
-def test_cross_term_backward_passes_gradcheck():
-    """The hand-written backward of the model x data term, by torch.autograd.gradcheck."""
-    from poplds.stitched._loss import _CrossTerm
-
+def test_window_cross_gradients_match_autograd():
+    """The hand-written gradients of eq. (2) on a window with a halo, against autograd of a
+    loop over every (u, s, g, h)."""
     gen = torch.Generator().manual_seed(0)
-    Z = torch.randn(20, 3, 2, generator=gen, dtype=torch.float64, requires_grad=True)
-    X = torch.randn(4, 2, 2, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(4, 3, 3, generator=gen, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda Z, X: _CrossTerm.apply(Z, X, w), (Z, X))
+    Z = torch.randn(20, 3, 2, generator=gen, requires_grad=True)
+    X = torch.randn(4, 2, 2, generator=gen, requires_grad=True)
+    w = torch.rand(4, 3, 3, generator=gen)
+    for h in (0, 3):
+        D, dZ, dX = window_cross(Z.detach(), h, X.detach(), w)
+        ref = sum(
+            w[s, g, k] * Z[u, g] @ X[s] @ Z[u - s, k]
+            for s in range(4)
+            for u in range(max(h, s), 20)
+            for g in range(3)
+            for k in range(3)
+        )
+        gZ, gX = torch.autograd.grad(ref, (Z, X))
+        np.testing.assert_allclose(float(D), float(ref.detach()), rtol=1e-12)
+        np.testing.assert_allclose(dZ.numpy(), gZ.numpy(), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(dX.numpy(), gX.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_windows_sum_to_the_full_pass_and_cover_every_row():
+    """Every row lies in exactly one window, and the windows' terms add up to the pass."""
+    rng = np.random.default_rng(4)
+    recs, n_total = small_dataset(rng)
+    data = prepare_data(
+        recs,
+        n_total,
+        lags=4,
+        device=torch.device("cpu"),
+        heldout_fraction=0.3,
+        seed=2,
+        dtype=torch.float64,
+    )
+    term = DataTerm(data, data.weights(torch.device("cpu")), 2, route="data", window_rows=7)
+    wins = term.windows()
+    for k, rec in enumerate(data.recordings):
+        rows = np.concatenate([np.arange(w.t0, w.t1) for w in wins if w.rec == k])
+        np.testing.assert_array_equal(rows, np.arange(rec.n_time))
+    C = torch.as_tensor(rng.standard_normal((n_total, 2)))
+    X = torch.as_tensor(rng.standard_normal((4, 2, 2)))
+    D, gC, dX = term.full(C, X)
+    parts = [term.window(w, C, X) for w in wins]
+    np.testing.assert_allclose(float(sum(p[0] for p in parts)), float(D), rtol=1e-12)
+    np.testing.assert_allclose(sum(p[1] for p in parts).numpy(), gC.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(sum(p[2] for p in parts).numpy(), dX.numpy(), rtol=1e-10)

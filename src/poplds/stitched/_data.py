@@ -88,33 +88,67 @@ class RecordingBlock:
             block = block[:, self.column_order] - self.mean
             yield t0, torch.as_tensor(block, device=device).to(self.dtype)
 
-    def chunks(self, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield ``(t0, Y[t0:t1])`` float32 (rows, N_r) on ``device``, prepared (centred,
-        zero-filled, scaled). Streamed chunks are read one ahead in a background thread and
-        copied from pinned host memory, so reading overlaps computing."""
-        if self.data is not None:
-            for t0 in range(0, self.n_time, self.chunk_rows):
-                yield t0, self.data[t0 : t0 + self.chunk_rows]
-            return
-        if self._mean_t is None:  # centred in float64, as the in-memory path does
+    def _prepared(self, device: torch.device):
+        if self._mean_t is None or self._mean_t.device != device:
+            # centred in float64, as the in-memory path does
             self._mean_t = torch.as_tensor(self.mean, dtype=torch.float64, device=device)
             self._scale_t = torch.as_tensor(self.scale, dtype=torch.float64, device=device)
-        starts = list(range(0, self.n_time, self.chunk_rows))
+        return self._mean_t, self._scale_t
+
+    def _read_host(self, t0: int, t1: int, pin: bool) -> torch.Tensor:
+        """Rows ``[t0, t1)`` of the source, group-sorted columns, as read (host memory)."""
+        block = np.asarray(self.source[t0:t1])[:, self.column_order]
+        host = torch.from_numpy(np.ascontiguousarray(block))
+        return host.pin_memory() if pin else host
+
+    def _to_device(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        mean, scale = self._prepared(device)
+        y = host.to(device, non_blocking=device.type == "cuda").to(torch.float64)
+        return prepare_chunk(y, mean, scale).to(self.dtype)
+
+    def read(self, t0: int, t1: int, device: torch.device) -> torch.Tensor:
+        """Prepared rows ``[t0, t1)`` (rows, N_r) on ``device`` (a view when in memory)."""
+        if self.data is not None:
+            return self.data[t0:t1]
+        return self._to_device(self._read_host(t0, t1, device.type == "cuda"), device)
+
+    def chunks(self, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(t0, Y[t0:t1])`` float32 (rows, N_r) on ``device``, prepared (centred,
+        zero-filled, scaled); see :meth:`windows`."""
+        for t0, h, y in self.windows(device, halo=0):
+            yield t0, y
+
+    def windows(
+        self, device: torch.device, halo: int, rows: int | None = None
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Yield ``(t0, h, Y[t0 - h : t1])`` for consecutive windows ``[t0, t1)`` of ``rows``
+        rows (default ``chunk_rows``), each with the ``h = min(halo, t0)`` rows before it.
+        Every row is read once: streamed windows keep the last rows of the one before, and
+        are read one ahead in a background thread (from pinned host memory on a GPU), so
+        reading overlaps computing."""
+        rows = rows or self.chunk_rows
+        if halo > rows:
+            raise ValueError(f"a window of {rows} rows cannot carry a halo of {halo}")
+        starts = list(range(0, self.n_time, rows))
+        if self.data is not None:
+            for t0 in starts:
+                h = min(halo, t0)
+                yield t0, h, self.data[t0 - h : t0 + rows]
+            return
         pin = device.type == "cuda"
-
-        def read(t0: int) -> torch.Tensor:
-            block = np.asarray(self.source[t0 : t0 + self.chunk_rows])[:, self.column_order]
-            host = torch.from_numpy(np.ascontiguousarray(block))
-            return host.pin_memory() if pin else host
-
+        tail = None
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(read, starts[0]) if starts else None
+            future = pool.submit(self._read_host, 0, rows, pin) if starts else None
             for k, t0 in enumerate(starts):
                 host = future.result()
                 if k + 1 < len(starts):
-                    future = pool.submit(read, starts[k + 1])
-                y = host.to(device, non_blocking=pin).to(torch.float64)
-                yield t0, prepare_chunk(y, self._mean_t, self._scale_t).to(self.dtype)
+                    future = pool.submit(self._read_host, starts[k + 1], starts[k + 1] + rows, pin)
+                y = self._to_device(host, device)
+                h = min(halo, t0)
+                if h:
+                    y = torch.cat([tail[tail.shape[0] - h :], y])
+                tail = y
+                yield t0, h, y
 
 
 def prepare_chunk(y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -145,6 +179,8 @@ class StitchedData:
     device: where the fit computes.
     left_out: per recording, the dataset positions of the neurons left out of it because it
         never observes them (``never_observed``) or they are constant in it (``constant``).
+    moment_budget: bytes the lagged moments of the recordings on the moments route may take
+        on the device (``_loss.choose_routes``): a quarter of what the data may take.
     """
 
     n_neurons: int
@@ -160,6 +196,7 @@ class StitchedData:
     label: np.ndarray
     device: torch.device = torch.device("cpu")
     left_out: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    moment_budget: float = 2e9
 
     @property
     def n_groups(self) -> int:
@@ -435,4 +472,7 @@ def prepare_data(
         label=label.astype(np.int64),
         device=device,
         left_out=left_out,
+        moment_budget=0.25 * max_device_bytes
+        if device.type == "cuda"
+        else min(2e9, 0.25 * max_device_bytes),
     )

@@ -1,4 +1,4 @@
-"""The moment-matching loss and its gradient, without any neuron-by-neuron matrix.
+"""The moment-matching loss and its gradient, without any neuron-by-neuron matrix of all neurons.
 
 Model lagged covariances (``C``: (N, n), ``X``: (K, n, n), ``R``: (N,)):
 
@@ -16,165 +16,378 @@ Expanding the square over groups g, h (neurons with one observation pattern) giv
 constant sum of Ĉ^2 (which needs every pair and is never computed),
 
     P L~ = sum_s sum_(g~h) tr(X_s' G_g X_s G_h)                          model^2, G_g = C_g' C_g
-         - 2 sum_s sum_r sum_(g,h in r) w_gh(s) tr(X_s Γ_r,hg(s))        model x data
+         - 2 sum_r D_r                                                   model x data
          - sum_i (m_i^2 - 2 m_i d_i) + sum_i max(0, m_i - v_i)^2          lag-0 diagonal
 
-with ``w_gh(s) = 1/n_gh(s)``, ``m_i = C_i X_0 C_i'``, ``d_i`` the lag-0 diagonal of the data,
-and ``Γ_r,hg(s) = sum_t z_r,h[t] z_r,g[t+s]'`` from the projections ``z_r,g[t] = C_g' y_r,g[t]``.
-The data enter only through ``Z_r = Y_r C`` (per group), so one pass costs two products with
-the data: ``Z = Y C`` and, for the gradient, ``dL/dC_g = sum_r Y_r,g' dL/dZ_r,g`` (about
-``4 T N n`` flops), plus ``O(T K G_r n (G_r + n))`` for the model x data term (``_CrossTerm``).
+with ``m_i = C_i X_0 C_i'``, ``d_i`` the lag-0 diagonal of the data, and the data term of
+recording r (neurons of groups g, h in r, ``w_gh(s) = 1/n_gh(s)``, 0 for held-out pairs)
 
-float32 products of the data, accumulated over time chunks in float64; everything after
-``Z`` is float64.
+    D_r = sum_s sum_(u >= s) sum_(g,h) w_gh(s) z_g[u]' X_s z_h[u-s],   z_g[u] = C_g' y_g[u]  (2)
+        = sum_s < S~_r(s), C_r X_s C_r' >,   S~_r(s) = w(s) o sum_(u >= s) y[u] y[u-s]'     (3)
+
+Each recording's ``D_r`` is computed by the cheaper of two routes (:class:`DataTerm`):
+
+- ``data``: eq. (2) from the data, window by window. A window holds rows ``[t0, t1)`` and the
+  ``h = min(K-1, t0)`` rows before them, and counts the pairs whose later row ``u`` lies in
+  it, so every pair is counted once; its projections ``Z = Y C`` and the gradient
+  ``Y' dD/dZ`` use the same rows, and one pass reads each row once (the ``K-1`` halo rows
+  twice). About ``4 T N_r n`` flops per pass, plus ``O(T K G_r n (G_r + n))`` for eq. (2).
+- ``moments``: eq. (3) from the lagged second moments ``S~_r`` (K, N_r, N_r), formed in one
+  pass over the data and reused by every evaluation: ``4 K N_r^2 n`` flops per pass, never
+  reading the data again. Chosen when that is cheaper over a fit's passes and the moments fit
+  in memory (:func:`choose_routes`).
+
+Both routes give the same ``D_r`` and gradients (a test). A *window* of the data route is also
+the minibatch of the stochastic optimiser: ``sum_c D_r,c`` over a recording's windows is
+exactly ``D_r``, so with windows drawn uniformly from ``M`` windows, ``M D_r,c`` is an unbiased
+estimate of the data route's terms and the mean of the minibatch gradients over an epoch
+(every window once) is the full-batch gradient at a fixed point.
+
+float32 products of the data, accumulated over windows in float64; everything after ``Z`` is
+float64.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
-from ._data import StitchedData
+from .._logging import get_logger
+from ._data import RecordingBlock, StitchedData
+
+log = get_logger()
+
+#: Passes a fit is expected to take, for the choice of routes (two L-BFGS stages, measured).
+EXPECTED_PASSES = 300
+
+#: Relative cost of one flop of eq. (2)'s small, memory-bound products against one of a large
+#: matrix product (measured on 2 x86-64 cores by ``benchmarks/bench_stitched.py sessions``).
+CROSS_FLOP_COST = 8.0
 
 
-def project(data: StitchedData, C: torch.Tensor) -> list[torch.Tensor]:
-    """``Z_r`` for every recording: (T_r, G_r, n) float64, ``Z_r[t, g] = C_g' y_r,g[t]``.
+def window_cross(
+    Z: torch.Tensor, h: int, X: torch.Tensor, w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. (2) on one window and its gradients.
 
-    ``C``: (N_total, n) loadings (any float dtype, on the data's device).
+    ``Z``: (L, G_r, n) projections of the window's rows, the first ``h`` of them halo rows
+    (pairs whose later row is a halo row belong to the window before); ``X``: (K, n, n);
+    ``w``: (K, G_r, G_r). Returns ``(D, dD/dZ (L, G_r, n), dD/dX (K, n, n))``, float64.
+
+    Lag by lag through ``V_s[u, g] = sum_h w_gh(s) z_h[u-s]``, one matrix product each, so the
+    cost is ``O(L K G_r n (G_r + n))`` and memory ``O(L G_r n)``.
     """
+    L, G, n = Z.shape
+    Zg = Z.permute(1, 0, 2).contiguous()  # (G, L, n): per lag every step is one GEMM
+    flat = Zg.view(G, L * n)
+    dZ = torch.zeros_like(Zg)
+    dZf = dZ.view(G, L * n)
+    dX = torch.zeros_like(X)
+    total = Z.new_zeros(())
+    for s in range(X.shape[0]):
+        lo = max(h, s)
+        if lo >= L:
+            continue
+        V = w[s] @ flat[:, (lo - s) * n : (L - s) * n]  # (G, (L-lo) n): sum_h w_gh z_h[u-s]
+        ZX = (Zg.view(G * L, n) @ X[s]).view(G, L * n)[:, lo * n :]  # z_g[u]' X_s
+        total = total + torch.sum(ZX * V)
+        V3 = V.view(G, L - lo, n)
+        dZ[:, lo:] += V3 @ X[s].T  # through z_g[u]
+        dZf[:, (lo - s) * n : (L - s) * n] += w[s].T @ ZX  # through z_h[u-s]
+        dX[s] = torch.einsum("gum,gun->mn", Zg[:, lo:], V3)
+    return total, dZ.permute(1, 0, 2), dX
+
+
+def lagged_moments(
+    rec: RecordingBlock, lags: int, device: torch.device, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``S_r(s) = sum_(u >= s) y[u] y[u-s]'`` (K, N_r, N_r) float64 in one pass over the
+    recording (its prepared, group-sorted columns); multiplied entry by entry by the group
+    weights ``w_gh(s)`` when ``weights`` (K, G_r, G_r) is given (``S~_r`` of eq. (3))."""
+    n_r = len(rec.neurons)
+    S = torch.zeros((lags, n_r, n_r), dtype=torch.float64, device=device)
+    for _, h, y in rec.windows(device, halo=lags - 1):
+        L = y.shape[0]
+        for s in range(lags):
+            lo = max(h, s)
+            if lo < L:
+                S[s] += (y[lo:].T @ y[lo - s : L - s]).to(torch.float64)
+    if weights is not None:
+        S *= expand_groups(rec, weights)
+    return S
+
+
+def expand_groups(rec: RecordingBlock, M: torch.Tensor) -> torch.Tensor:
+    """(K, G_r, G_r) group-pair values to (K, N_r, N_r) neuron pairs of the recording."""
+    sizes = torch.as_tensor([sl.stop - sl.start for sl in rec.slices], device=M.device)
+    gid = torch.repeat_interleave(torch.arange(len(rec.slices), device=M.device), sizes)
+    return M[:, gid][:, :, gid]
+
+
+def route_costs(rec: RecordingBlock, lags: int, n_latent: int) -> dict[str, float]:
+    """Modelled flops of a fit's ``EXPECTED_PASSES`` passes over one recording by each route,
+    and the bytes its moments take (module docstring)."""
+    T, N, G, n, K = rec.n_time, len(rec.neurons), len(rec.slices), n_latent, lags
+    data = EXPECTED_PASSES * (4 * T * N * n + CROSS_FLOP_COST * 2 * T * K * G * n * (G + 2 * n))
+    moments = T * N * N * K + EXPECTED_PASSES * 4 * K * N * N * n
+    return {"data": float(data), "moments": float(moments), "moment_bytes": 8.0 * K * N * N}
+
+
+def choose_routes(
+    data: StitchedData, n_latent: int, route: str = "auto", max_bytes: float | None = None
+) -> list[str]:
+    """Each recording's route, ``data`` or ``moments``: with ``auto``, moments where their
+    modelled cost is lower and they fit in ``max_bytes`` (all moments together; default a
+    quarter of the bytes the data may take on the device, at most 2 GB on a CPU)."""
+    if route not in ("auto", "data", "moments"):
+        raise ValueError(f"route must be auto, data or moments, got {route!r}")
+    if route != "auto":
+        return [route] * len(data.recordings)
+    budget = max_bytes if max_bytes is not None else data.moment_budget
     out = []
     for rec in data.recordings:
-        Cr = C.detach().to(rec.dtype)[torch.as_tensor(rec.neurons, device=C.device)]
-        Z = torch.empty(
-            (rec.n_time, len(rec.slices), C.shape[1]), dtype=torch.float64, device=C.device
-        )
-        for t0, y in rec.chunks(C.device):
-            for k, sl in enumerate(rec.slices):
-                Z[t0 : t0 + y.shape[0], k] = (y[:, sl] @ Cr[sl]).to(torch.float64)
-        out.append(Z)
+        c = route_costs(rec, data.lags, n_latent)
+        cheaper = c["moments"] < c["data"]
+        if cheaper and c["moment_bytes"] <= budget:
+            budget -= c["moment_bytes"]
+            out.append("moments")
+        else:
+            out.append("data")
     return out
 
 
-def data_gradient(data: StitchedData, dZ: list[torch.Tensor], n_latent: int) -> torch.Tensor:
-    """``dL/dC`` through the projections: (N_total, n) float64, ``sum_r Y_r,g' dZ_r,g``."""
-    device = dZ[0].device if dZ else torch.device("cpu")
-    grad = torch.zeros((data.n_neurons, n_latent), dtype=torch.float64, device=device)
-    for rec, dz in zip(data.recordings, dZ, strict=True):
-        acc = torch.zeros((len(rec.neurons), n_latent), dtype=torch.float64, device=device)
-        dz32 = dz.to(rec.dtype)
-        for t0, y in rec.chunks(device):
-            d = dz32[t0 : t0 + y.shape[0]]
-            for k, sl in enumerate(rec.slices):
-                acc[sl] += (y[:, sl].T @ d[:, k]).to(torch.float64)
-        grad[torch.as_tensor(rec.neurons, device=device)] += acc
-    return grad
+@dataclass(frozen=True)
+class Window:
+    """Minibatch ``index`` of the data route: rows ``[t0, t1)`` of recording ``rec``."""
+
+    rec: int
+    t0: int
+    t1: int
 
 
-class _CrossTerm(torch.autograd.Function):
-    """``sum_s sum_t sum_(g,h) w_gh(s) z_g[t+s]' X_s z_h[t]`` for one recording.
+class DataTerm:
+    """The model x data term ``sum_r D_r`` of every recording by its route, and its
+    gradients (module docstring).
 
-    Computed lag by lag through ``V_s[t, g] = sum_h w_gh(s) z_h[t]`` (T, G_r, n), which costs
-    ``O(T K G_r n (G_r + n))`` instead of the ``O(T K (G_r n)^2)`` of forming every lagged
-    product of Z; the backward pass recomputes V, so memory stays O(T G_r n).
-    Inputs: Z (T, G_r, n), X (K, n, n), w (K, G_r, G_r) (no gradient).
+    ``weights``: (K, G, G) from :meth:`StitchedData.weights`; ``route``: ``auto``, ``data``
+    or ``moments`` for every recording; ``window_rows``: rows per window of the data route
+    (default: the recording's read chunk).
     """
 
+    def __init__(
+        self,
+        data: StitchedData,
+        weights: torch.Tensor,
+        n_latent: int,
+        *,
+        route: str = "auto",
+        window_rows: int | None = None,
+    ) -> None:
+        self.data = data
+        dev = data.device
+        self.routes = choose_routes(data, n_latent, route)
+        self.w = [
+            weights[:, torch.as_tensor(r.groups, device=dev)][
+                :, :, torch.as_tensor(r.groups, device=dev)
+            ]
+            for r in data.recordings
+        ]
+        self.rows = [
+            max(data.lags, window_rows or rec.chunk_rows) for rec in data.recordings
+        ]  # a window's halo comes from the window before it
+        self.index = [torch.as_tensor(r.neurons, device=dev) for r in data.recordings]
+        self.moments: list[torch.Tensor | None] = [None] * len(data.recordings)
+        for k, (rec, how) in enumerate(zip(data.recordings, self.routes, strict=True)):
+            if how == "moments":
+                self.moments[k] = lagged_moments(rec, data.lags, dev, self.w[k])
+        counts = {how: self.routes.count(how) for how in ("data", "moments")}
+        log.info(
+            "data term: %d recordings from their lagged moments, %d from the data",
+            counts["moments"],
+            counts["data"],
+        )
+
+    def windows(self) -> list[Window]:
+        """Every window of the data route's recordings, in order (the minibatches)."""
+        out = []
+        for k, rec in enumerate(self.data.recordings):
+            if self.routes[k] == "data":
+                out += [
+                    Window(k, t0, min(rec.n_time, t0 + self.rows[k]))
+                    for t0 in range(0, rec.n_time, self.rows[k])
+                ]
+        return out
+
+    def _moments_term(self, k: int, C: torch.Tensor, X: torch.Tensor, gC: torch.Tensor):
+        """Eq. (3) for recording k, its gradient added into ``gC``; returns (D, dD/dX)."""
+        S, Cr = self.moments[k], C[self.index[k]]
+        SC = S @ Cr  # (K, N_r, n)
+        StC = S.transpose(1, 2) @ Cr
+        D = torch.einsum("ia,sab,sib->", Cr, X, SC)
+        dX = torch.einsum("ia,sib->sab", Cr, SC)
+        gC.index_add_(0, self.index[k], torch.einsum("sib,sab->ia", SC, X) + (StC @ X).sum(0))
+        return D, dX
+
+    def _window_term(self, k, h, y, C32, X, acc):
+        """Eq. (2) on one window ``y`` (L, N_r) with ``h`` halo rows; ``Y' dD/dZ`` added
+        into ``acc`` (N_r, n). Returns (D, dD/dX)."""
+        rec = self.data.recordings[k]
+        Z = torch.stack([y[:, sl] @ C32[sl] for sl in rec.slices], dim=1).to(torch.float64)
+        D, dZ, dX = window_cross(Z, h, X, self.w[k])
+        dZ32 = dZ.to(rec.dtype)
+        for g, sl in enumerate(rec.slices):
+            acc[sl] += (y[:, sl].T @ dZ32[:, g]).to(torch.float64)
+        return D, dX
+
+    def full(
+        self, C: torch.Tensor, X: torch.Tensor, recordings: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(sum_r D_r, d/dC (N, n), d/dX (K, n, n))`` over ``recordings`` (default all):
+        one pass, each row of the data route read once."""
+        n = C.shape[1]
+        gC = torch.zeros_like(C)
+        D = C.new_zeros(())
+        dX = torch.zeros_like(X)
+        todo = range(len(self.data.recordings)) if recordings is None else recordings
+        for k in todo:
+            rec = self.data.recordings[k]
+            if self.routes[k] == "moments":
+                d, x = self._moments_term(k, C, X, gC)
+                D, dX = D + d, dX + x
+                continue
+            C32 = C[self.index[k]].to(rec.dtype)
+            acc = torch.zeros((len(rec.neurons), n), dtype=torch.float64, device=C.device)
+            for _, h, y in rec.windows(C.device, halo=self.data.lags - 1, rows=self.rows[k]):
+                d, x = self._window_term(k, h, y, C32, X, acc)
+                D, dX = D + d, dX + x
+            gC.index_add_(0, self.index[k], acc)
+        return D, gC, dX
+
+    def window(
+        self, win: Window, C: torch.Tensor, X: torch.Tensor, y: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(D_r,c, d/dC, d/dX)`` of one window (its rows ``y`` with halo, read here when
+        not given)."""
+        rec = self.data.recordings[win.rec]
+        h = min(self.data.lags - 1, win.t0)
+        if y is None:
+            y = rec.read(win.t0 - h, win.t1, C.device)
+        gC = torch.zeros_like(C)
+        acc = torch.zeros((len(rec.neurons), C.shape[1]), dtype=torch.float64, device=C.device)
+        D, dX = self._window_term(win.rec, h, y, C[self.index[win.rec]].to(rec.dtype), X, acc)
+        gC.index_add_(0, self.index[win.rec], acc)
+        return D, gC, dX
+
+    def moments_part(self, C: torch.Tensor, X: torch.Tensor):
+        """The moments route's recordings only: ``(D, d/dC, d/dX)`` (no data read)."""
+        return self.full(C, X, [k for k, how in enumerate(self.routes) if how == "moments"])
+
+    def read_ahead(self, wins: Sequence[Window], device: torch.device) -> Iterator[torch.Tensor]:
+        """The rows (with halo) of each window in turn, read one ahead in a thread."""
+        lags = self.data.lags
+
+        def read(win: Window) -> torch.Tensor:
+            h = min(lags - 1, win.t0)
+            return self.data.recordings[win.rec].read(win.t0 - h, win.t1, device)
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(read, wins[0]) if wins else None
+            for k in range(len(wins)):
+                y = future.result()
+                if k + 1 < len(wins):
+                    future = pool.submit(read, wins[k + 1])
+                yield y
+
+
+class _Injected(torch.autograd.Function):
+    """A value computed outside autograd, with its known gradient with respect to ``X``."""
+
     @staticmethod
-    def forward(ctx, Z: torch.Tensor, X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        T, G, n = Z.shape
-        Zg = Z.permute(1, 0, 2).contiguous()  # (G, T, n): per lag, every step is one GEMM
-        ctx.save_for_backward(Zg, X, w)
-        flat = Zg.view(G, T * n)
-        total = Z.new_zeros(())
-        for s in range(X.shape[0]):
-            V = w[s] @ flat[:, : (T - s) * n]  # (G, (T-s) n): sum_h w_gh z_h[t]
-            ZX = (Zg.view(G * T, n) @ X[s]).view(G, T * n)  # z_g[t]' X_s
-            total = total + torch.sum(ZX[:, s * n :] * V)
-        return total
+    def forward(ctx, X: torch.Tensor, value: torch.Tensor, dX: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(dX)
+        return value.clone()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        Zg, X, w = ctx.saved_tensors
-        G, T, n = Zg.shape
-        flat = Zg.view(G, T * n)
-        dZ = torch.zeros_like(flat)
-        dX = torch.zeros_like(X)
-        for s in range(X.shape[0]):
-            V = w[s] @ flat[:, : (T - s) * n]
-            ZX = (Zg.view(G * T, n) @ X[s]).view(G, T * n)
-            dZ[:, s * n :] += (V.view(-1, n) @ X[s].T).view(G, -1)  # through z_g[t+s]
-            dZ[:, : (T - s) * n] += w[s].T @ ZX[:, s * n :]  # through z_h[t]
-            dX[s] = Zg[:, s:].reshape(-1, n).T @ V.view(-1, n)
-        return grad * dZ.view(G, T, n).permute(1, 0, 2), grad * dX, None
+        (dX,) = ctx.saved_tensors
+        return grad * dX, None, None
 
 
-def reduced_loss(
-    data: StitchedData,
-    Z: list[torch.Tensor],
-    C: torch.Tensor,
-    X: torch.Tensor,
-    weights: torch.Tensor,
-    tensors: dict[str, torch.Tensor],
-) -> torch.Tensor:
-    """``L~`` of the module docstring (float64 scalar), differentiable in ``Z``, ``C``, ``X``.
-
-    ``C``: (N_total, n) float64; ``X``: (K, n, n) float64; ``weights``: (K, G, G) from
-    :meth:`StitchedData.weights`; ``tensors``: the device copies made by :func:`loss_tensors`.
-    """
-    group_of = tensors["group_of"]
-    obs = tensors["observed"]
+def model_terms(C: torch.Tensor, X: torch.Tensor, tensors: dict) -> torch.Tensor:
+    """``model^2 - diag + hinge`` of the module docstring (no data beyond the variances),
+    differentiable in ``C`` (N, n) and ``X`` (K, n, n)."""
+    group_of, obs = tensors["group_of"], tensors["observed"]
     n = C.shape[1]
     Cg = C[obs]
-    G = torch.zeros((data.n_groups, n, n), dtype=C.dtype, device=C.device)
+    G = torch.zeros((tensors["n_groups"], n, n), dtype=C.dtype, device=C.device)
     G = G.index_add(0, group_of[obs], Cg.unsqueeze(2) * Cg.unsqueeze(1))
-    # model^2: sum_s sum_gh O_gh(s) tr(X_s' G_g X_s G_h)
     XtGX = torch.einsum("sab,gac,scd->sgbd", X, G, X)
     model_sq = torch.einsum("sgbd,hdb,sgh->", XtGX, G, tensors["coobserved"])
-    # model x data
-    cross = C.new_zeros(())
-    for z, gidx in zip(Z, tensors["rec_groups"], strict=True):
-        w = weights[:, gidx][:, :, gidx]  # (K, G_r, G_r): [s, g, h]
-        cross = cross + _CrossTerm.apply(z, X, w)
-    # lag-0 diagonal: remove it from both terms, add the hinge of the profiled R
     m = torch.einsum("ia,ab,ib->i", Cg, X[0], Cg)
-    d = tensors["diag0"]
-    v = tensors["variance"]
-    diag = torch.sum(m * m - 2 * m * d)
-    hinge = torch.sum(torch.clamp(m - v, min=0) ** 2)
-    return (model_sq - 2 * cross - diag + hinge) / tensors["n_pairs"]
+    d, v = tensors["diag0"], tensors["variance"]
+    return model_sq - torch.sum(m * m - 2 * m * d) + torch.sum(torch.clamp(m - v, min=0) ** 2)
 
 
 def loss_tensors(data: StitchedData, device: torch.device) -> dict[str, torch.Tensor]:
-    """Device copies of the data's small bookkeeping arrays used by :func:`reduced_loss`."""
+    """Device copies of the data's small bookkeeping arrays used by :func:`model_terms`."""
     obs = data.group_of >= 0
     return {
         "group_of": torch.as_tensor(data.group_of, device=device),
         "observed": torch.as_tensor(obs, device=device),
+        "n_groups": data.n_groups,
         "coobserved": torch.as_tensor((data.pair_count > 0).astype("float64"), device=device),
-        "rec_groups": [torch.as_tensor(r.groups, device=device) for r in data.recordings],
         "diag0": torch.as_tensor(data.diag0[obs], device=device),
         "variance": torch.as_tensor(data.variance[obs], device=device),
         "n_pairs": torch.tensor(max(1.0, data.n_pairs()), dtype=torch.float64, device=device),
     }
 
 
-def loss_and_grad(
-    data: StitchedData,
+def assemble(
     C: torch.Tensor,
     X: torch.Tensor,
-    weights: torch.Tensor,
-    tensors: dict[str, torch.Tensor],
+    tensors: dict,
+    D: torch.Tensor,
+    gC_data: torch.Tensor,
+    dX_data: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass: ``L~`` and its gradient with respect to ``C`` (N_total, n), float64.
+    """``L~ = (model terms - 2 D) / P`` and its gradient in ``C``, from the data term ``D``
+    and its gradients (full or estimated); ``X``'s gradient (through its graph) is
+    accumulated by ``backward``."""
+    Cl = C.detach().requires_grad_(True)
+    P = tensors["n_pairs"]
+    loss = (model_terms(Cl, X, tensors) - 2 * _Injected.apply(X, D, dX_data)) / P
+    loss.backward()
+    return loss.detach(), Cl.grad - (2 / P) * gC_data
+
+
+def loss_and_grad(
+    term: DataTerm, C: torch.Tensor, X: torch.Tensor, tensors: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One full pass: ``L~`` and its gradient with respect to ``C`` (N_total, n), float64.
 
     ``X`` may carry an autograd graph (it is a function of A and Pi in the linked stage); its
-    gradient is accumulated by ``backward`` as usual. ``C`` must be a float64 leaf.
+    gradient is accumulated by ``backward`` as usual.
     """
     with torch.no_grad():
-        Z = project(data, C)
-    Zl = [z.requires_grad_(True) for z in Z]
-    Cl = C.detach().requires_grad_(True)
-    loss = reduced_loss(data, Zl, Cl, X, weights, tensors)
-    loss.backward()
-    with torch.no_grad():
-        grad = Cl.grad + data_gradient(data, [z.grad for z in Zl], C.shape[1])
-    return loss.detach(), grad
+        D, gC, dX = term.full(C.detach(), X.detach())
+    return assemble(C, X, tensors, D, gC, dX)
+
+
+def route_summary(term: DataTerm) -> dict[str, list[str]]:
+    """Recording names by route, for the fit's record."""
+    out: dict[str, list[str]] = {"data": [], "moments": []}
+    for rec, how in zip(term.data.recordings, term.routes, strict=True):
+        out[how].append(rec.name)
+    return out
+
+
+def windows_per_recording(term: DataTerm) -> np.ndarray:
+    """(R,) number of minibatch windows of each recording (0 on the moments route)."""
+    counts = np.zeros(len(term.data.recordings), dtype=np.int64)
+    for w in term.windows():
+        counts[w.rec] += 1
+    return counts

@@ -48,7 +48,7 @@ from .._linalg import psd_project, stabilise, sym
 from .._logging import get_logger
 from ..store import coverage
 from ._data import RecordingInput, StitchedData, prepare_data
-from ._loss import loss_and_grad, loss_tensors
+from ._loss import DataTerm, loss_and_grad, loss_tensors
 from .settings import StitchedSettings
 
 log = get_logger()
@@ -438,7 +438,7 @@ def _lbfgs(
     }
 
 
-def _free_stage(data, tens, weights, C0, X0, unit, opts, trace, stage="free", progress=None):
+def _free_stage(term, tens, C0, X0, unit, opts, trace, stage="free", progress=None):
     """L-BFGS on C and every X_s (X_0 symmetric). The optimiser moves ``X_s / unit`` (``unit``
     the mean variance), so its path does not depend on the units of the data."""
     C = C0.clone().requires_grad_(True)
@@ -447,7 +447,7 @@ def _free_stage(data, tens, weights, C0, X0, unit, opts, trace, stage="free", pr
     def closure() -> torch.Tensor:
         Xt.grad = None
         X = unit * torch.cat([(sym(Xt[0]))[None], Xt[1:]])
-        loss, gC = loss_and_grad(data, C, X, weights, tens)
+        loss, gC = loss_and_grad(term, C, X, tens)
         C.grad = gC
         return loss
 
@@ -467,9 +467,7 @@ def linked_lagged(A: torch.Tensor, Pi: torch.Tensor, lags: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _linked_stage(
-    data, tens, weights, C0, A0, Pi0, unit, opts, trace, stage="linked", progress=None
-):
+def _linked_stage(term, tens, C0, A0, Pi0, unit, opts, trace, stage="linked", progress=None):
     """L-BFGS on C, A and ``Pi = L L'`` (L lower triangular); the optimiser moves
     ``L / sqrt(unit)``, as :func:`_free_stage` does ``X_s / unit``."""
     dev = C0.device
@@ -482,8 +480,8 @@ def _linked_stage(
         A.grad = None
         L.grad = None
         Ltri = torch.tril(L)
-        X = linked_lagged(A, unit * (Ltri @ Ltri.T), data.lags)
-        loss, gC = loss_and_grad(data, C, X, weights, tens)
+        X = linked_lagged(A, unit * (Ltri @ Ltri.T), term.data.lags)
+        loss, gC = loss_and_grad(term, C, X, tens)
         C.grad = gC
         return loss
 
@@ -510,6 +508,7 @@ def fit(
     data: StitchedData | None = None,
     checkpoint: str | Path | None = None,
     checkpoint_every_s: float = 60.0,
+    route: str = "auto",
 ) -> StitchedFit:
     """Fit one stitched LDS to partial recordings (module docstring).
 
@@ -534,6 +533,8 @@ def fit(
         between blocks of L-BFGS iterations, and after each stage); a fit started again with
         the same data, settings and file continues from it and reaches the same fit as one
         never interrupted.
+    route: how each recording's data term is computed, ``data``, ``moments`` or ``auto``
+        (the cheaper one, see :mod:`._loss`); the same loss either way.
     """
     t_start = time.perf_counter()
     dev = choose_device(device) if isinstance(device, str) else torch.device(device)
@@ -550,7 +551,7 @@ def fit(
             max_device_bytes=max_device_bytes,
         )
     tens = loss_tensors(data, dev)
-    weights = data.weights(dev)
+    term = DataTerm(data, data.weights(dev), latent_dim, route=route)
     v = data.variance[data.group_of >= 0]
     opts = {"max_passes": max_passes, "tol": tol, "scale": data.noise_floor()}
     unit = float(np.mean(v))  # the optimisers move X_s / unit: their paths are unit-free
@@ -585,6 +586,7 @@ def fit(
             tol=tol,
             stable=stable,
             heldout_fraction=heldout_fraction,
+            routes=term.routes,
         )
         progress = _Progress(Checkpointer(checkpoint, key, checkpoint_every_s))
     best = None
@@ -604,7 +606,7 @@ def fit(
                 info1, trace[:] = free["info"], free["trace"]
             else:
                 C1, X1, info1 = _free_stage(
-                    data, tens, weights, Cs, Xs, unit, opts, trace, progress=progress
+                    term, tens, Cs, Xs, unit, opts, trace, progress=progress
                 )
                 if progress is not None:
                     progress.finish(
@@ -614,7 +616,7 @@ def fit(
             floor1 = 1e-6 * float(torch.trace(X1[0])) / latent_dim
             Pi1 = psd_project(X1[0].cpu().numpy(), floor=floor1)
             C2, A2, Pi2, info2 = _linked_stage(
-                data, tens, weights, C1, A1, Pi1, unit, opts, trace, progress=progress
+                term, tens, C1, A1, Pi1, unit, opts, trace, progress=progress
             )
             if progress is not None:
                 progress.finish(
@@ -683,6 +685,7 @@ def fit(
         "warnings": warnings,
         "n_groups": data.n_groups,
         "n_pairs": data.n_pairs(),
+        "routes": dict(zip([r.name for r in data.recordings], term.routes, strict=True)),
         "guards": {k: guards[k] for k in ("stable_cap", "psd_floor", "noise_floor")},
     }
     return StitchedFit(

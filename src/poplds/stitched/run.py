@@ -180,6 +180,7 @@ def fit_store(
         max_passes=s.max_passes,
         tol=s.tol,
         max_device_bytes=s.max_device_bytes,
+        route=s.route,
         checkpoint=ckpt_dir / "fit.ckpt",
         checkpoint_every_s=CHECKPOINT_EVERY_S,
     )

@@ -22,7 +22,9 @@ class StitchedSettings:
     per stage; tol: a stage has converged when its loss falls by less than tol times the
     loss's sampling noise per pair over 10 passes (the free stage uses 10 tol);
     max_device_bytes: Python only, the most bytes of data held on the device (more is
-    streamed from the store each pass; None: as much as fits).
+    streamed from the store each pass; None: as much as fits); route: Python only, how each
+    recording's data term is computed (``auto``, ``data`` or ``moments``, see
+    ``poplds.stitched._loss``; the same loss either way).
     """
 
     lags: int = 10
@@ -33,9 +35,10 @@ class StitchedSettings:
     max_passes: int = 2000
     tol: float = 1e-3
     max_device_bytes: float | None = None
+    route: str = "auto"
 
     #: Fields that are not in the configuration file.
-    PYTHON_ONLY = ("max_device_bytes",)
+    PYTHON_ONLY = ("max_device_bytes", "route")
 
     @classmethod
     def from_config(cls, block: Mapping[str, Any]) -> StitchedSettings:
