@@ -78,12 +78,13 @@ def paper(args) -> dict:
     N, n, T, K = args.neurons, args.latents, args.time, 10
     print(f"# paper setting: N={N}, n={n}, T={T} in two halves, lags 0-{K - 1}; {machine()}")
     print(
-        f"{'overlap':>7} {'seed':>4} {'fit s':>6} {'passes':>6} {'never min r':>11} "
-        f"{'never mean r':>12} {'max angle':>9}"
+        f"{'overlap':>7} {'seed':>4} {'optimizer:route':>16} {'fit s':>6} {'passes':>6} "
+        f"{'never min r':>11} {'never mean r':>12} {'max angle':>9}"
     )
     rows = []
     for overlap in args.overlaps:
-        for seed in range(args.seeds):
+        for seed, config in ((s, c) for s in range(args.seeds) for c in args.configs):
+            optimizer, route = config.split(":")
             p = simulate.random_stitched_lds(
                 N, n, eig_moduli=(0.9, 0.99), noise_to_signal=1.0, seed=seed
             )
@@ -95,7 +96,9 @@ def paper(args) -> dict:
             ]
             del ys
             t = time.perf_counter()
-            fit = stitched.fit(recs, N, n, lags=K, device=args.device, seed=seed)
+            fit = stitched.fit(
+                recs, N, n, lags=K, device=args.device, seed=seed, optimizer=optimizer, route=route
+            )
             dt = time.perf_counter() - t
             a = np.arange(*layout[0].neurons)
             b = np.arange(*layout[1].neurons)
@@ -107,6 +110,7 @@ def paper(args) -> dict:
                 {
                     "overlap": overlap,
                     "seed": seed,
+                    "config": config,
                     "seconds": dt,
                     "passes": passes,
                     "never_corr": corr,
@@ -115,26 +119,27 @@ def paper(args) -> dict:
                 }
             )
             print(
-                f"{overlap:7d} {seed:4d} {dt:6.1f} {passes:6d} {np.min(corr):11.4f} "
+                f"{overlap:7d} {seed:4d} {config:>16} {dt:6.1f} {passes:6d} {np.min(corr):11.4f} "
                 f"{np.mean(corr):12.4f} {angle:9.2f}",
                 flush=True,
             )
     print("# median over seeds")
     print(
-        f"{'overlap':>7} {'fit s':>6} {'never r per lag 0..9 (median of seeds)':>40} "
-        f"{'angle':>6} {'angle / full':>12}"
+        f"{'overlap':>7} {'optimizer:route':>16} {'fit s':>6} "
+        f"{'never r per lag 0..9 (median of seeds)':>40} {'angle':>6} {'angle / full':>12}"
     )
-    full = [r["max_angle_deg"] for r in rows if r["overlap"] == N]
-    full_med = float(np.median(full)) if full else np.nan
     summary = []
-    for overlap in args.overlaps:
-        sel = [r for r in rows if r["overlap"] == overlap]
+    for overlap, config in ((o, c) for o in args.overlaps for c in args.configs):
+        full = [r["max_angle_deg"] for r in rows if r["overlap"] == N and r["config"] == config]
+        full_med = float(np.median(full)) if full else np.nan
+        sel = [r for r in rows if r["overlap"] == overlap and r["config"] == config]
         per_lag = np.median(np.array([r["never_corr"] for r in sel]), axis=0)
         ang = float(np.median([r["max_angle_deg"] for r in sel]))
         secs = float(np.median([r["seconds"] for r in sel]))
         summary.append(
             {
                 "overlap": overlap,
+                "config": config,
                 "seconds": secs,
                 "never_corr": per_lag.tolist(),
                 "max_angle_deg": ang,
@@ -142,7 +147,9 @@ def paper(args) -> dict:
             }
         )
         lag_txt = " ".join(f"{v:.3f}" for v in per_lag)
-        print(f"{overlap:7d} {secs:6.1f} {lag_txt:>40} {ang:6.2f} {ang / full_med:12.2f}")
+        print(
+            f"{overlap:7d} {config:>16} {secs:6.1f} {lag_txt:>40} {ang:6.2f} {ang / full_med:12.2f}"
+        )
     return {"rows": rows, "summary": summary}
 
 
@@ -361,6 +368,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=["paper", "peer", "scale"])
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument(
+        "--configs",
+        nargs="+",
+        default=["lbfgs:auto"],
+        help="paper: optimizer:route pairs, e.g. lbfgs:auto lbfgs:data sgd:data",
+    )
     ap.add_argument("--overlaps", type=int, nargs="+", default=[0, 10, 50, 300, 1000])
     ap.add_argument("--neurons", type=int, nargs="+", default=None)
     ap.add_argument("--latents", type=int, default=10)

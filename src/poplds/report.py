@@ -178,6 +178,7 @@ def stitched_rows(metrics: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"held-out error lag {lag}"] = h.get("rel_error")
         row.update(
             {
+                "optimizer": f.get("optimizer", "lbfgs"),
                 "passes (free + linked)": f"{f['free']['passes']} + {f['linked']['passes']}",
                 "stop": f.get("stop"),
                 "loss moved (noise units)": f.get("moved_noise_units"),

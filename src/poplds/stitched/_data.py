@@ -115,37 +115,45 @@ class RecordingBlock:
     def chunks(self, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(t0, Y[t0:t1])`` float32 (rows, N_r) on ``device``, prepared (centred,
         zero-filled, scaled); see :meth:`windows`."""
-        for t0, h, y in self.windows(device, halo=0):
+        for t0, _h, y in self.windows(device, halo=0):
             yield t0, y
 
     def windows(
-        self, device: torch.device, halo: int, rows: int | None = None
+        self,
+        device: torch.device,
+        halo: int,
+        rows: int | None = None,
+        span: tuple[int, int] | None = None,
     ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Yield ``(t0, h, Y[t0 - h : t1])`` for consecutive windows ``[t0, t1)`` of ``rows``
-        rows (default ``chunk_rows``), each with the ``h = min(halo, t0)`` rows before it.
-        Every row is read once: streamed windows keep the last rows of the one before, and
-        are read one ahead in a background thread (from pinned host memory on a GPU), so
-        reading overlaps computing."""
+        rows (default ``chunk_rows``) covering ``span`` (default all rows; it starts on a
+        window boundary), each with the ``h = min(halo, t0)`` rows before it. Every row is
+        read once: streamed windows keep the last rows of the one before (the first window
+        of a span reads its own), and are read one ahead in a background thread (from pinned
+        host memory on a GPU), so reading overlaps computing."""
         rows = rows or self.chunk_rows
         if halo > rows:
             raise ValueError(f"a window of {rows} rows cannot carry a halo of {halo}")
-        starts = list(range(0, self.n_time, rows))
+        a, b = span or (0, self.n_time)
+        starts = list(range(a, b, rows))
         if self.data is not None:
             for t0 in starts:
                 h = min(halo, t0)
-                yield t0, h, self.data[t0 - h : t0 + rows]
+                yield t0, h, self.data[t0 - h : min(b, t0 + rows)]
             return
         pin = device.type == "cuda"
+        first = a - min(halo, a)
         tail = None
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(self._read_host, 0, rows, pin) if starts else None
+            future = pool.submit(self._read_host, first, min(b, a + rows), pin) if starts else None
             for k, t0 in enumerate(starts):
                 host = future.result()
                 if k + 1 < len(starts):
-                    future = pool.submit(self._read_host, starts[k + 1], starts[k + 1] + rows, pin)
+                    nxt = starts[k + 1]
+                    future = pool.submit(self._read_host, nxt, min(b, nxt + rows), pin)
                 y = self._to_device(host, device)
                 h = min(halo, t0)
-                if h:
+                if k and h:
                     y = torch.cat([tail[tail.shape[0] - h :], y])
                 tail = y
                 yield t0, h, y

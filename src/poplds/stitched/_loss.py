@@ -56,6 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._distributed import all_sum, rank_and_size
 from .._logging import get_logger
 from ._data import RecordingBlock, StitchedData
 
@@ -98,7 +99,7 @@ def window_cross(
         V3 = V.view(G, L - lo, n)
         dZ[:, lo:] += V3 @ X[s].T  # through z_g[u]
         dZf[:, (lo - s) * n : (L - s) * n] += w[s].T @ ZX  # through z_h[u-s]
-        dX[s] = torch.einsum("gum,gun->mn", Zg[:, lo:], V3)
+        dX[s] = Zg[:, lo:].reshape(-1, n).T @ V.view(-1, n)
     return total, dZ.permute(1, 0, 2), dX
 
 
@@ -138,11 +139,18 @@ def route_costs(rec: RecordingBlock, lags: int, n_latent: int) -> dict[str, floa
 
 
 def choose_routes(
-    data: StitchedData, n_latent: int, route: str = "auto", max_bytes: float | None = None
+    data: StitchedData,
+    n_latent: int,
+    route: str | Sequence[str] = "auto",
+    max_bytes: float | None = None,
 ) -> list[str]:
-    """Each recording's route, ``data`` or ``moments``: with ``auto``, moments where their
-    modelled cost is lower and they fit in ``max_bytes`` (all moments together; default a
-    quarter of the bytes the data may take on the device, at most 2 GB on a CPU)."""
+    """Each recording's route, ``data`` or ``moments`` (``route`` one for all, or one per
+    recording): with ``auto``, moments where their modelled cost is lower and they fit in
+    ``max_bytes`` (all moments together; default :attr:`StitchedData.moment_budget`)."""
+    if not isinstance(route, str):
+        if len(route) != len(data.recordings) or set(route) - {"data", "moments"}:
+            raise ValueError(f"one route (data or moments) per recording, got {route!r}")
+        return list(route)
     if route not in ("auto", "data", "moments"):
         raise ValueError(f"route must be auto, data or moments, got {route!r}")
     if route != "auto":
@@ -174,8 +182,8 @@ class DataTerm:
     gradients (module docstring).
 
     ``weights``: (K, G, G) from :meth:`StitchedData.weights`; ``route``: ``auto``, ``data``
-    or ``moments`` for every recording; ``window_rows``: rows per window of the data route
-    (default: the recording's read chunk).
+    or ``moments`` for every recording; ``window_rows``: rows per minibatch window of the
+    data route (default: the recording's read chunk, which full passes use).
     """
 
     def __init__(
@@ -184,7 +192,7 @@ class DataTerm:
         weights: torch.Tensor,
         n_latent: int,
         *,
-        route: str = "auto",
+        route: str | Sequence[str] = "auto",
         window_rows: int | None = None,
     ) -> None:
         self.data = data
@@ -200,9 +208,10 @@ class DataTerm:
             max(data.lags, window_rows or rec.chunk_rows) for rec in data.recordings
         ]  # a window's halo comes from the window before it
         self.index = [torch.as_tensor(r.neurons, device=dev) for r in data.recordings]
+        self.rank, self.world = rank_and_size()
         self.moments: list[torch.Tensor | None] = [None] * len(data.recordings)
         for k, (rec, how) in enumerate(zip(data.recordings, self.routes, strict=True)):
-            if how == "moments":
+            if how == "moments" and self._owns(k):
                 self.moments[k] = lagged_moments(rec, data.lags, dev, self.w[k])
         counts = {how: self.routes.count(how) for how in ("data", "moments")}
         log.info(
@@ -210,6 +219,19 @@ class DataTerm:
             counts["moments"],
             counts["data"],
         )
+
+    def _owns(self, k: int) -> bool:
+        """Whether this rank computes recording k's moments (one rank per recording)."""
+        return k % self.world == self.rank
+
+    def _span(self, k: int) -> tuple[int, int]:
+        """This rank's contiguous share of recording k's rows on the data route, on window
+        boundaries (every rank reads its own time chunks)."""
+        rec = self.data.recordings[k]
+        rows = max(self.data.lags, rec.chunk_rows)
+        n_win = -(-rec.n_time // rows)
+        lo, hi = (n_win * self.rank) // self.world, (n_win * (self.rank + 1)) // self.world
+        return min(rec.n_time, lo * rows), min(rec.n_time, hi * rows)
 
     def windows(self) -> list[Window]:
         """Every window of the data route's recordings, in order (the minibatches)."""
@@ -247,7 +269,8 @@ class DataTerm:
         self, C: torch.Tensor, X: torch.Tensor, recordings: Sequence[int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(sum_r D_r, d/dC (N, n), d/dX (K, n, n))`` over ``recordings`` (default all):
-        one pass, each row of the data route read once."""
+        one pass, each row of the data route read once; with several ranks, each computes
+        its share (its rows, its recordings' moments) and the shares are summed."""
         n = C.shape[1]
         gC = torch.zeros_like(C)
         D = C.new_zeros(())
@@ -256,15 +279,19 @@ class DataTerm:
         for k in todo:
             rec = self.data.recordings[k]
             if self.routes[k] == "moments":
-                d, x = self._moments_term(k, C, X, gC)
-                D, dX = D + d, dX + x
+                if self._owns(k):
+                    d, x = self._moments_term(k, C, X, gC)
+                    D, dX = D + d, dX + x
                 continue
             C32 = C[self.index[k]].to(rec.dtype)
             acc = torch.zeros((len(rec.neurons), n), dtype=torch.float64, device=C.device)
-            for _, h, y in rec.windows(C.device, halo=self.data.lags - 1, rows=self.rows[k]):
+            rows = max(self.data.lags, rec.chunk_rows)
+            span = self._span(k)
+            for _, h, y in rec.windows(C.device, self.data.lags - 1, rows, span):
                 d, x = self._window_term(k, h, y, C32, X, acc)
                 D, dX = D + d, dX + x
             gC.index_add_(0, self.index[k], acc)
+        all_sum(D, gC, dX)
         return D, gC, dX
 
     def window(
@@ -286,11 +313,16 @@ class DataTerm:
         """The moments route's recordings only: ``(D, d/dC, d/dX)`` (no data read)."""
         return self.full(C, X, [k for k, how in enumerate(self.routes) if how == "moments"])
 
-    def read_ahead(self, wins: Sequence[Window], device: torch.device) -> Iterator[torch.Tensor]:
-        """The rows (with halo) of each window in turn, read one ahead in a thread."""
+    def read_ahead(
+        self, wins: Sequence[Window | None], device: torch.device
+    ) -> Iterator[torch.Tensor | None]:
+        """The rows (with halo) of each window in turn (None for None), read one ahead in a
+        thread."""
         lags = self.data.lags
 
-        def read(win: Window) -> torch.Tensor:
+        def read(win: Window | None) -> torch.Tensor | None:
+            if win is None:
+                return None
             h = min(lags - 1, win.t0)
             return self.data.recordings[win.rec].read(win.t0 - h, win.t1, device)
 

@@ -49,6 +49,7 @@ from .._logging import get_logger
 from ..store import coverage
 from ._data import RecordingInput, StitchedData, prepare_data
 from ._loss import DataTerm, loss_and_grad, loss_tensors
+from ._sgd import sgd
 from .settings import StitchedSettings
 
 log = get_logger()
@@ -438,22 +439,47 @@ def _lbfgs(
     }
 
 
-def _free_stage(term, tens, C0, X0, unit, opts, trace, stage="free", progress=None):
-    """L-BFGS on C and every X_s (X_0 symmetric). The optimiser moves ``X_s / unit`` (``unit``
-    the mean variance), so its path does not depend on the units of the data."""
-    C = C0.clone().requires_grad_(True)
-    Xt = (X0 / unit).clone().requires_grad_(True)
+def _run_stage(params, make_X, term, tens, opts, trace, stage, progress):
+    """One stage on ``params`` (``params[0]`` is C; ``make_X()`` builds X from the others)
+    by the chosen optimiser: L-BFGS (:func:`_lbfgs`) or minibatch SGD (:func:`._sgd.sgd`)."""
+    C = params[0]
+    if opts["optimizer"] == "sgd":
+        return sgd(
+            params,
+            make_X,
+            term,
+            tens,
+            stage=stage,
+            tol=opts["tol"],
+            scale=opts["scale"],
+            trace=trace,
+            **opts["sgd"],
+        )
 
     def closure() -> torch.Tensor:
-        Xt.grad = None
-        X = unit * torch.cat([(sym(Xt[0]))[None], Xt[1:]])
-        loss, gC = loss_and_grad(term, C, X, tens)
+        for p in params[1:]:
+            p.grad = None
+        loss, gC = loss_and_grad(term, C, make_X(), tens)
         C.grad = gC
         return loss
 
+    lbfgs_opts = {k: opts[k] for k in ("max_passes", "tol", "scale")}
+    info = _lbfgs(params, closure, trace=trace, stage=stage, progress=progress, **lbfgs_opts)
+    return {"optimizer": "lbfgs", **info}
+
+
+def _free_stage(term, tens, C0, X0, unit, opts, trace, stage="free", progress=None):
+    """C and every X_s (X_0 symmetric). The optimiser moves ``X_s / unit`` (``unit`` the mean
+    variance), so its path does not depend on the units of the data."""
+    C = C0.clone().requires_grad_(True)
+    Xt = (X0 / unit).clone().requires_grad_(True)
+
+    def make_X() -> torch.Tensor:
+        return unit * torch.cat([(sym(Xt[0]))[None], Xt[1:]])
+
     # the free stage only starts the linked one, which carries the user's tolerance
     opts = {**opts, "tol": FREE_STAGE_TOL * opts["tol"]}
-    info = _lbfgs([C, Xt], closure, trace=trace, stage=stage, progress=progress, **opts)
+    info = _run_stage([C, Xt], make_X, term, tens, opts, trace, stage, progress)
     Xf = unit * Xt.detach().clone()
     Xf[0] = sym(Xf[0])
     return C.detach(), Xf, info
@@ -468,26 +494,36 @@ def linked_lagged(A: torch.Tensor, Pi: torch.Tensor, lags: int) -> torch.Tensor:
 
 
 def _linked_stage(term, tens, C0, A0, Pi0, unit, opts, trace, stage="linked", progress=None):
-    """L-BFGS on C, A and ``Pi = L L'`` (L lower triangular); the optimiser moves
-    ``L / sqrt(unit)``, as :func:`_free_stage` does ``X_s / unit``."""
+    """C, A and ``Pi = L L'`` (L lower triangular); the optimiser moves ``L / sqrt(unit)``,
+    as :func:`_free_stage` does ``X_s / unit``."""
     dev = C0.device
     C = C0.clone().requires_grad_(True)
     A = torch.as_tensor(A0, device=dev).clone().requires_grad_(True)
     L0 = torch.linalg.cholesky(torch.as_tensor(Pi0, device=dev) / unit)
     L = L0.clone().requires_grad_(True)
 
-    def closure() -> torch.Tensor:
-        A.grad = None
-        L.grad = None
+    def make_X() -> torch.Tensor:
         Ltri = torch.tril(L)
-        X = linked_lagged(A, unit * (Ltri @ Ltri.T), term.data.lags)
-        loss, gC = loss_and_grad(term, C, X, tens)
-        C.grad = gC
-        return loss
+        return linked_lagged(A, unit * (Ltri @ Ltri.T), term.data.lags)
 
-    info = _lbfgs([C, A, L], closure, trace=trace, stage=stage, progress=progress, **opts)
+    info = _run_stage([C, A, L], make_X, term, tens, opts, trace, stage, progress)
     Lf = torch.tril(L.detach())
     return C.detach(), A.detach(), unit * (Lf @ Lf.T), info
+
+
+def choose_optimizer(term: DataTerm, optimizer: str) -> str:
+    """``lbfgs`` or ``sgd``; ``auto``: SGD when some recording on the data route streams from
+    the store (an epoch of SGD reads the data once, as one L-BFGS pass does, but takes one
+    step per window), L-BFGS when every pass is computed from device memory or moments."""
+    if optimizer not in ("auto", "lbfgs", "sgd"):
+        raise InputError("stitched_lds.optimizer", f"must be auto, lbfgs or sgd, got {optimizer!r}")
+    if optimizer != "auto":
+        return optimizer
+    streamed = any(
+        how == "data" and rec.data is None
+        for rec, how in zip(term.data.recordings, term.routes, strict=True)
+    )
+    return "sgd" if streamed else "lbfgs"
 
 
 def fit(
@@ -508,7 +544,11 @@ def fit(
     data: StitchedData | None = None,
     checkpoint: str | Path | None = None,
     checkpoint_every_s: float = 60.0,
-    route: str = "auto",
+    route: str = StitchedSettings.route,
+    optimizer: str = StitchedSettings.optimizer,
+    minibatch_rows: int = StitchedSettings.minibatch_rows,
+    max_epochs: int = StitchedSettings.max_epochs,
+    learning_rate: float = StitchedSettings.learning_rate,
 ) -> StitchedFit:
     """Fit one stitched LDS to partial recordings (module docstring).
 
@@ -535,6 +575,10 @@ def fit(
         never interrupted.
     route: how each recording's data term is computed, ``data``, ``moments`` or ``auto``
         (the cheaper one, see :mod:`._loss`); the same loss either way.
+    optimizer: ``lbfgs``, ``sgd`` (minibatch Adam over time windows, :mod:`._sgd`) or
+        ``auto`` (:func:`choose_optimizer`); minibatch_rows: time steps per minibatch;
+        max_epochs: SGD's cap per stage; learning_rate: Adam's step relative to each
+        parameter's size.
     """
     t_start = time.perf_counter()
     dev = choose_device(device) if isinstance(device, str) else torch.device(device)
@@ -551,9 +595,16 @@ def fit(
             max_device_bytes=max_device_bytes,
         )
     tens = loss_tensors(data, dev)
-    term = DataTerm(data, data.weights(dev), latent_dim, route=route)
+    term = DataTerm(data, data.weights(dev), latent_dim, route=route, window_rows=minibatch_rows)
     v = data.variance[data.group_of >= 0]
-    opts = {"max_passes": max_passes, "tol": tol, "scale": data.noise_floor()}
+    chosen = choose_optimizer(term, optimizer)
+    opts = {
+        "max_passes": max_passes,
+        "tol": tol,
+        "scale": data.noise_floor(),
+        "optimizer": chosen,
+        "sgd": {"seed": seed, "learning_rate": learning_rate, "max_epochs": max_epochs},
+    }
     unit = float(np.mean(v))  # the optimisers move X_s / unit: their paths are unit-free
     warnings = connectivity_warnings(data, latent_dim) + left_out_warnings(data)
     for w in warnings:
@@ -587,6 +638,9 @@ def fit(
             stable=stable,
             heldout_fraction=heldout_fraction,
             routes=term.routes,
+            optimizer=chosen,
+            sgd=opts["sgd"] if chosen == "sgd" else None,
+            minibatch_rows=minibatch_rows if chosen == "sgd" else None,
         )
         progress = _Progress(Checkpointer(checkpoint, key, checkpoint_every_s))
     best = None
@@ -675,6 +729,7 @@ def fit(
     means = {rec.name: rec.mean_in_source_order() for rec in data.recordings}
     info = {
         "device": str(dev),
+        "optimizer": chosen,
         "start": name,
         "free": info1,
         "linked": info2,

@@ -181,6 +181,10 @@ def fit_store(
         tol=s.tol,
         max_device_bytes=s.max_device_bytes,
         route=s.route,
+        optimizer=s.optimizer,
+        minibatch_rows=s.minibatch_rows,
+        max_epochs=s.max_epochs,
+        learning_rate=s.learning_rate,
         checkpoint=ckpt_dir / "fit.ckpt",
         checkpoint_every_s=CHECKPOINT_EVERY_S,
     )
@@ -200,6 +204,7 @@ def fit_store(
             "fit": {
                 k: fit.info[k]
                 for k in (
+                    "optimizer",
                     "start",
                     "stop",
                     "free",

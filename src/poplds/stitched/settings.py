@@ -20,7 +20,10 @@ class StitchedSettings:
     split and the restarts; device: ``auto``, ``cpu``, ``cuda`` or ``cuda:<k>``; restarts:
     extra random starts (the lowest loss wins); max_passes: most loss-and-gradient passes
     per stage; tol: a stage has converged when its loss falls by less than tol times the
-    loss's sampling noise per pair over 10 passes (the free stage uses 10 tol);
+    loss's sampling noise per pair over 10 passes (the free stage uses 10 tol); optimizer:
+    ``auto``, ``lbfgs`` or ``sgd`` (``auto``: SGD when the data stream from the store);
+    minibatch_rows: time steps per SGD minibatch; max_epochs: SGD's cap per stage;
+    learning_rate: Adam's step relative to each parameter's size;
     max_device_bytes: Python only, the most bytes of data held on the device (more is
     streamed from the store each pass; None: as much as fits); route: Python only, how each
     recording's data term is computed (``auto``, ``data`` or ``moments``, see
@@ -34,6 +37,10 @@ class StitchedSettings:
     restarts: int = 0
     max_passes: int = 2000
     tol: float = 1e-3
+    optimizer: str = "auto"
+    minibatch_rows: int = 256
+    max_epochs: int = 200
+    learning_rate: float = 0.03
     max_device_bytes: float | None = None
     route: str = "auto"
 
