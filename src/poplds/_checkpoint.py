@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._distributed import rank_and_size
 from ._logging import get_logger
 
 log = get_logger()
@@ -67,7 +68,11 @@ class Checkpointer:
         return self.path is not None and time.monotonic() - self._last >= self.every_s
 
     def save(self, state: dict[str, Any], force: bool = False) -> None:
+        """Write ``state`` (on rank 0 only when the fit runs on several processes)."""
         if self.path is None or (not force and time.monotonic() - self._last < self.every_s):
+            return
+        if rank_and_size()[0] != 0:
+            self._last = time.monotonic()
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")

@@ -7,6 +7,9 @@ same parameters. Without an initialised process group everything runs in one pro
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -57,3 +60,32 @@ def broadcast(*tensors: torch.Tensor, src: int = 0) -> None:
     if rank_and_size()[1] > 1:
         for t in tensors:
             dist.broadcast(t, src=src)
+
+
+def launch(entry: Callable[..., Any], processes: int, args: tuple) -> None:
+    """Run ``entry(*args)`` on ``processes`` local processes with the environment of a
+    ``torchrun --standalone`` job (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, a rendezvous on a
+    free local port), by torch's own elastic launcher; raises if any process fails. On a CPU
+    each process gets an equal share of this process's threads."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    threads = max(1, torch.get_num_threads() // processes)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=processes,
+        run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.2,
+        start_method="spawn",
+    )
+    log.info("launching %d processes (%d threads each)", processes, threads)
+    elastic_launch(config, _with_threads)(threads, entry, *args)
+
+
+def _with_threads(threads: int, entry: Callable[..., Any], *args: Any) -> Any:
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    return entry(*args)

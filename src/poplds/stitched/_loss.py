@@ -65,6 +65,9 @@ log = get_logger()
 #: Passes a fit is expected to take, for the choice of routes (two L-BFGS stages, measured).
 EXPECTED_PASSES = 300
 
+#: Most rows of one window of a full pass (bounds the window's projections in memory).
+FULL_WINDOW_ROWS = 8192
+
 #: Relative cost of one flop of eq. (2)'s small, memory-bound products against one of a large
 #: matrix product (measured on 2 x86-64 cores by ``benchmarks/bench_stitched.py sessions``).
 CROSS_FLOP_COST = 8.0
@@ -224,11 +227,15 @@ class DataTerm:
         """Whether this rank computes recording k's moments (one rank per recording)."""
         return k % self.world == self.rank
 
+    def _full_rows(self, k: int) -> int:
+        """Rows per window of a full pass over recording k."""
+        return max(self.data.lags, min(self.data.recordings[k].chunk_rows, FULL_WINDOW_ROWS))
+
     def _span(self, k: int) -> tuple[int, int]:
         """This rank's contiguous share of recording k's rows on the data route, on window
         boundaries (every rank reads its own time chunks)."""
         rec = self.data.recordings[k]
-        rows = max(self.data.lags, rec.chunk_rows)
+        rows = self._full_rows(k)
         n_win = -(-rec.n_time // rows)
         lo, hi = (n_win * self.rank) // self.world, (n_win * (self.rank + 1)) // self.world
         return min(rec.n_time, lo * rows), min(rec.n_time, hi * rows)
@@ -285,7 +292,7 @@ class DataTerm:
                 continue
             C32 = C[self.index[k]].to(rec.dtype)
             acc = torch.zeros((len(rec.neurons), n), dtype=torch.float64, device=C.device)
-            rows = max(self.data.lags, rec.chunk_rows)
+            rows = self._full_rows(k)
             span = self._span(k)
             for _, h, y in rec.windows(C.device, self.data.lags - 1, rows, span):
                 d, x = self._window_term(k, h, y, C32, X, acc)

@@ -43,6 +43,7 @@ import torch
 
 from .._checkpoint import Checkpointer, fingerprint
 from .._device import choose_device
+from .._distributed import broadcast, local_device
 from .._errors import InputError
 from .._linalg import psd_project, stabilise, sym
 from .._logging import get_logger
@@ -581,7 +582,7 @@ def fit(
         parameter's size.
     """
     t_start = time.perf_counter()
-    dev = choose_device(device) if isinstance(device, str) else torch.device(device)
+    dev = local_device(choose_device(device) if isinstance(device, str) else torch.device(device))
     if latent_dim < 1:
         raise InputError("stitched_lds.latent_dims", f"must be >= 1, got {latent_dim}")
     if data is None:
@@ -612,6 +613,7 @@ def fit(
 
     starts = []
     C0, X0, w0 = warm_start(data, latent_dim, seed)
+    broadcast(C0, X0)  # every rank computed the same start; this makes it exact
     for w in w0:
         log.warning(w)
     warnings += w0

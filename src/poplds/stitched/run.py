@@ -22,6 +22,7 @@ temporary name and renamed, so an interrupted run leaves no half-written result.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -31,6 +32,8 @@ from typing import Any
 import numpy as np
 
 from .._checkpoint import remove_checkpoints
+from .._device import choose_device
+from .._distributed import init_from_environment, launch, rank_and_size
 from .._errors import InputError
 from .._logging import get_logger
 from .._provenance import provenance
@@ -161,10 +164,20 @@ def fit_store(
     :class:`~poplds._results.StoreFit`: the metrics (also in ``metrics.json``), the outputs,
     the :class:`StitchedFit` under ``stitched_lds``
     and each recording's :class:`~poplds.stitched.inference.Posterior` as ``latents``.
+
+    With ``settings.processes`` > 1 the fit runs data-parallel on that many processes of
+    this machine (one per GPU on CUDA, NCCL; gloo on CPUs), started as ``torchrun`` starts
+    them (:func:`poplds._distributed.launch`); rank 0 writes the outputs, and the returned
+    ``StoreFit`` holds the metrics and outputs only. Inside a process group that is already
+    running (launched by ``torchrun`` itself), every rank takes part in the one fit.
     """
     s = settings or StitchedSettings()
     out = outputs or StitchedOutputs.under(Path(store_path).parent, latent_dim)
     ckpt_dir = Path(checkpoints) if checkpoints else out.metrics.parent / "checkpoint"
+    if s.processes > 1 and rank_and_size()[1] == 1:
+        launch(_rank_main, s.processes, (str(store_path), latent_dim, s, out, truth, ckpt_dir))
+        metrics = json.loads(out.metrics.read_text())
+        return StoreFit(metrics, out, {}, [])
     store = DatasetStore(store_path)
     recs = recordings_from_store(store)
     neuron_ids = store.neuron_ids
@@ -188,6 +201,8 @@ def fit_store(
         checkpoint=ckpt_dir / "fit.ckpt",
         checkpoint_every_s=CHECKPOINT_EVERY_S,
     )
+    if rank_and_size()[0] != 0:  # rank 0 writes the results
+        return StoreFit({}, out, {"stitched_lds": fit}, [])
     p = fit.params
     posts = smooth_recordings(p.A, p.Q, p.Pi, p.C, p.R, fit.data.recordings, fit.data.device)
     truth_params = load_truth(truth, neuron_ids, s.lags) if truth else None
@@ -253,6 +268,14 @@ def fit_store(
     write_json(out.metrics, metrics)
     remove_checkpoints(ckpt_dir)
     return StoreFit(metrics, out, {"stitched_lds": fit}, posts)
+
+
+def _rank_main(store_path, latent_dim, settings, outputs, truth, checkpoints) -> None:
+    """One rank of a multi-process fit (started by :func:`poplds._distributed.launch`)."""
+    init_from_environment(choose_device(settings.device))
+    fit_store(
+        store_path, latent_dim, settings, outputs=outputs, truth=truth, checkpoints=checkpoints
+    )
 
 
 def _write_model(path: Path, fit: StitchedFit, store: DatasetStore, settings: dict) -> None:

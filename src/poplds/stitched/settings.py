@@ -23,7 +23,8 @@ class StitchedSettings:
     loss's sampling noise per pair over 10 passes (the free stage uses 10 tol); optimizer:
     ``auto``, ``lbfgs`` or ``sgd`` (``auto``: SGD when the data stream from the store);
     minibatch_rows: time steps per SGD minibatch; max_epochs: SGD's cap per stage;
-    learning_rate: Adam's step relative to each parameter's size;
+    learning_rate: Adam's step relative to each parameter's size; processes: data-parallel
+    processes on this machine (torch.distributed; one per GPU);
     max_device_bytes: Python only, the most bytes of data held on the device (more is
     streamed from the store each pass; None: as much as fits); route: Python only, how each
     recording's data term is computed (``auto``, ``data`` or ``moments``, see
@@ -41,6 +42,7 @@ class StitchedSettings:
     minibatch_rows: int = 256
     max_epochs: int = 200
     learning_rate: float = 0.03
+    processes: int = 1
     max_device_bytes: float | None = None
     route: str = "auto"
 
