@@ -9,11 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import zarr
+from test_stitched_fit import two_recordings
 
 from poplds.ingest import ingest_dataset
 from poplds.stitched import StitchedOutputs, StitchedSettings, fit_store
-
-from test_stitched_fit import two_recordings
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="no torch.distributed")
 
