@@ -3,6 +3,8 @@
     python benchmarks/bench_stitched.py paper [--seeds 5] [--overlaps 0 10 50 300 1000]
     python benchmarks/bench_stitched.py peer  [--neurons 50 100 200]     # needs pykalman
     python benchmarks/bench_stitched.py scale [--neurons 1000000 --time 10000] [--stream]
+    python benchmarks/bench_stitched.py sessions [--recordings 5 10 30]
+    python benchmarks/bench_stitched.py parallel [--processes 2]
 
 ``paper``: Nonnenmacher et al.'s two-recording setting: N = 1000 neurons, n = 10 latents,
 T = 1e5 steps split in two halves, each half observing its own neuron block, the blocks
@@ -24,6 +26,16 @@ chunk into a dataset store, then fitted end to end from the store (``--stream`` 
 streaming even where the data would fit on the device). Prints the time per pass against the
 memory-bandwidth floor, ``2 x data bytes / measured copy bandwidth`` (each pass reads the data
 twice). ``--neurons 20000`` makes a CPU-sized run.
+
+``sessions``: chains of R recordings of 200 neurons each (T = 10 000 each, n = 8, default lags
+and held-out split) from a circuit of 2000 R / 30 neurons, neighbours overlapping by about 140;
+prints fit time, passes, time per pass, each recording's route and the never co-observed
+covariance correlation against the truth. Then the three-recording, 300-neuron case against a
+dense fit on precomputed covariances (every pooled lagged covariance of the dataset formed once,
+the dense loss by autograd, the same warm start, optimiser and stopping rule).
+
+``parallel``: one fit of a two-recording simulation from the store in 1 and in ``--processes``
+gloo processes (``stitched_lds.processes``) on this machine, data route, L-BFGS: time per pass.
 
 Real recordings: ``benchmarks/bench_real.py``.
 """
@@ -364,9 +376,214 @@ def scale(args) -> dict:
     }
 
 
+def _chain(R: int, size: int, n_circuit: int, n: int, T: int, seed: int):
+    p = simulate.random_stitched_lds(n_circuit, n, seed=seed)
+    overlap = (R * size - n_circuit) // (R - 1)
+    layout = simulate.overlapping_layout(n_circuit, R, overlap, T)
+    ys, _ = simulate.simulate_stitched(p, layout, seed=seed)
+    recs = [
+        RecordingInput(r.name, y.astype(np.float32), np.arange(*r.neurons))
+        for r, y in zip(layout, ys, strict=True)
+    ]
+    truth = stitched.StitchedLDSParams.from_dynamics(p.A, p.C, p.Q, p.R, p.Pi, 10)
+    return recs, truth, overlap
+
+
+def _never_r(fit, truth) -> float:
+    from poplds.stitched.evaluate import covariance_scores
+
+    rows = covariance_scores(fit.params, fit.data, truth=truth)["never_vs_truth"]
+    return float(np.nanmean([r["corr"] for r in rows[:5]]))
+
+
+def dense_fit(recs, n_total: int, n: int, seed: int = 0):
+    """The reference: every pooled lagged covariance (K, N, N) formed once, the loss over the
+    co-observed, not held-out pairs by autograd on dense matrices; poplds' warm start, L-BFGS
+    and stopping rule, free then linked stage. Returns (seconds, passes, params C, X)."""
+    from poplds.stitched._data import prepare_data
+    from poplds.stitched.models import (
+        FREE_STAGE_TOL,
+        _lbfgs,
+        dynamics_from_lagged,
+        linked_lagged,
+        warm_start,
+    )
+
+    t = time.perf_counter()
+    K, cpu = 10, torch.device("cpu")
+    data = prepare_data(recs, n_total, lags=K, device=cpu, heldout_fraction=0.1, seed=seed)
+    S = torch.zeros((K, n_total, n_total), dtype=torch.float64)
+    cnt = torch.zeros_like(S)
+    for rec in data.recordings:
+        y = rec.data.to(torch.float64)
+        idx = torch.as_tensor(rec.neurons)
+        for s in range(K):
+            S[s][idx[:, None], idx[None, :]] += y[s:].T @ y[: rec.n_time - s]
+            cnt[s][idx[:, None], idx[None, :]] += rec.n_time - s
+    g = torch.as_tensor(data.group_of)
+    mask = (cnt > 0) & ~torch.as_tensor(data.heldout)[g[:, None], g[None, :]][None]
+    emp = torch.where(mask, S / cnt.clamp(min=1), 0.0)
+    off = mask.clone()
+    off[0].fill_diagonal_(False)
+    var = torch.as_tensor(data.variance)
+    P = float(off.sum())
+    scale = data.noise_floor()
+    unit = float(np.mean(data.variance))
+
+    def loss(C, X):
+        M = torch.einsum("ia,sab,jb->sij", C, X, C)
+        hinge = torch.clamp(torch.diagonal(M[0]) - var, min=0) ** 2
+        return (torch.sum(torch.where(off, M - emp, 0.0) ** 2) + hinge.sum()) / P
+
+    C0, X0, _ = warm_start(data, n, seed)
+    trace: list = []
+    C = C0.clone().requires_grad_(True)
+    Xt = (X0 / unit).clone().requires_grad_(True)
+
+    def free():
+        C.grad = Xt.grad = None
+        val = loss(C, unit * torch.cat([0.5 * (Xt[:1] + Xt[:1].transpose(1, 2)), Xt[1:]]))
+        val.backward()
+        return val.detach()
+
+    i1 = _lbfgs(
+        [C, Xt],
+        free,
+        max_passes=2000,
+        tol=FREE_STAGE_TOL * 1e-3,
+        scale=scale,
+        trace=trace,
+        stage="free",
+    )
+    X1 = unit * Xt.detach()
+    A = torch.as_tensor(dynamics_from_lagged(X1.numpy())).clone().requires_grad_(True)
+    Pi1 = 0.5 * (X1[0] + X1[0].T)
+    ev, V = torch.linalg.eigh(Pi1)
+    L = torch.linalg.cholesky((V * ev.clamp(min=1e-6 * ev.max())) @ V.T / unit)
+    L.requires_grad_(True)
+    C2 = C.detach().clone().requires_grad_(True)
+
+    def linked():
+        C2.grad = A.grad = L.grad = None
+        Lt = torch.tril(L)
+        val = loss(C2, linked_lagged(A, unit * Lt @ Lt.T, K))
+        val.backward()
+        return val.detach()
+
+    i2 = _lbfgs(
+        [C2, A, L], linked, max_passes=2000, tol=1e-3, scale=scale, trace=trace, stage="linked"
+    )
+    Lt = torch.tril(L.detach())
+    X = linked_lagged(A.detach(), unit * Lt @ Lt.T, K)
+    return time.perf_counter() - t, i1["passes"] + i2["passes"], C2.detach().numpy(), X.numpy()
+
+
+def sessions(args) -> dict:
+    T, n, size = 10_000, 8, 200
+    print(f"# many sessions: recordings of {size} neurons, T={T} each, n={n}; {machine()}")
+    print(
+        f"{'R':>3} {'N':>5} {'overlap':>7} {'values':>9} {'fit s':>6} {'passes':>6} "
+        f"{'s/pass':>7} {'routes':>16} {'never r':>7}"
+    )
+    rows = []
+    for R in args.recordings:
+        N = int(round(2000 * R / 30))
+        recs, truth, overlap = _chain(R, size, N, n, T, seed=0)
+        t = time.perf_counter()
+        fit = stitched.fit(recs, N, n, device=args.device)
+        dt = time.perf_counter() - t
+        passes = fit.info["free"]["passes"] + fit.info["linked"]["passes"]
+        per_pass = (fit.info["free"]["seconds"] + fit.info["linked"]["seconds"]) / passes
+        routes = list(fit.info["routes"].values())
+        route_txt = f"{routes.count('moments')} mom. {routes.count('data')} data"
+        r = _never_r(fit, truth)
+        rows.append(
+            {
+                "R": R,
+                "N": N,
+                "seconds": dt,
+                "passes": passes,
+                "per_pass_s": per_pass,
+                "never_corr": r,
+                "routes": fit.info["routes"],
+            }
+        )
+        print(
+            f"{R:3d} {N:5d} {overlap:7d} {R * size * T:9.2g} {dt:6.1f} {passes:6d} "
+            f"{per_pass:7.4f} {route_txt:>16} {r:7.4f}",
+            flush=True,
+        )
+    print("# three recordings, 300 neurons (overlap 30), T=10000 each, n=8: poplds vs dense")
+    p = simulate.random_stitched_lds(300, n, seed=1)
+    layout = simulate.overlapping_layout(300, 3, 30, T)
+    ys, _ = simulate.simulate_stitched(p, layout, seed=1)
+    recs = [
+        RecordingInput(r.name, y.astype(np.float32), np.arange(*r.neurons))
+        for r, y in zip(layout, ys, strict=True)
+    ]
+    truth = stitched.StitchedLDSParams.from_dynamics(p.A, p.C, p.Q, p.R, p.Pi, 10)
+    t = time.perf_counter()
+    fit = stitched.fit(recs, 300, n, device="cpu")
+    ours = time.perf_counter() - t
+    ours_passes = fit.info["free"]["passes"] + fit.info["linked"]["passes"]
+    dense_s, dense_passes, Cd, Xd = dense_fit(recs, 300, n)
+    dense_params = fit.params._replace(C=Cd, X=Xd)
+    from poplds.stitched.evaluate import covariance_scores
+
+    def never(params):
+        rows_ = covariance_scores(params, fit.data, truth=truth)["never_vs_truth"]
+        return float(np.nanmean([r_["corr"] for r_ in rows_[:5]]))
+
+    print(
+        f"poplds {ours:.1f} s ({ours_passes} passes, never r {never(fit.params):.4f}); dense "
+        f"{dense_s:.1f} s ({dense_passes} passes, never r {never(dense_params):.4f}); "
+        f"dense / poplds time {dense_s / ours:.2f}"
+    )
+    return {"rows": rows, "three": {"poplds_s": ours, "dense_s": dense_s}}
+
+
+def parallel(args) -> dict:
+    import tempfile
+
+    from poplds.stitched import StitchedOutputs, StitchedSettings, fit_store
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="poplds-parallel-"))
+    store = work / "data.zarr"
+    N, T = args.neurons[0], args.time
+    write_large_store(store, N, T, args.latents, overlap=0.1, seed=0)
+    print(f"# parallel: N={N}, T={T} in two recordings, n={args.latents}; {machine()}")
+    out = {}
+    for procs in (1, args.processes):
+        s = StitchedSettings(
+            device="cpu",
+            optimizer="lbfgs",
+            route="data",
+            processes=procs,
+            max_passes=args.max_passes,
+        )
+        t = time.perf_counter()
+        res = fit_store(
+            store, args.latents, s, outputs=StitchedOutputs.under(work / f"p{procs}", args.latents)
+        )
+        total = time.perf_counter() - t
+        f = res.metrics["fit"]
+        passes = f["free"]["passes"] + f["linked"]["passes"]
+        per_pass = (f["free"]["seconds"] + f["linked"]["seconds"]) / passes
+        out[procs] = per_pass
+        print(
+            f"{procs} process(es): end to end {total:.1f} s, {passes} passes, "
+            f"{per_pass:.3f} s per pass",
+            flush=True,
+        )
+    print(f"speed-up per pass: {out[1] / out[args.processes]:.2f}x with {args.processes}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["paper", "peer", "scale"])
+    ap.add_argument("what", choices=["paper", "peer", "scale", "sessions", "parallel"])
+    ap.add_argument("--recordings", type=int, nargs="+", default=[5, 10, 30])
+    ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument(
         "--configs",
@@ -386,12 +603,15 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, help="scale: where the store is written")
     args = ap.parse_args()
     if args.neurons is None:
-        args.neurons = {"paper": [1000], "scale": [1_000_000]}.get(args.what, [50, 100, 200])
+        args.neurons = {"paper": [1000], "scale": [1_000_000], "parallel": [4000]}.get(
+            args.what, [50, 100, 200]
+        )
     if args.what == "paper":
         args.neurons = args.neurons[0]
-    if args.what == "scale" and args.time == 100_000:
-        args.time = 10_000
-    result = {"paper": paper, "peer": peer, "scale": scale}[args.what](args)
+    if args.what in ("scale", "parallel") and args.time == 100_000:
+        args.time = 10_000 if args.what == "scale" else 40_000
+    modes = {"paper": paper, "peer": peer, "scale": scale, "sessions": sessions}
+    result = {**modes, "parallel": parallel}[args.what](args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=float))
 

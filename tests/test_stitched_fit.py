@@ -88,6 +88,7 @@ def test_fit_converges_and_loss_falls(recovered):
 def test_warm_start_never_sees_heldout_pairs():
     """The start's PCA is that of the covariance with the held-out pairs' entries zeroed, so
     a held-out score never rests on the pairs it scores, however early a fit stops."""
+    from poplds.stitched._loss import DataTerm
     from poplds.stitched.models import _top_subspace
 
     _, recs = simulated(N=40, n_rec=1, T=3000)
@@ -98,12 +99,14 @@ def test_warm_start_never_sees_heldout_pairs():
     g = data.group_of[rec.neurons]
     masked = np.where(data.heldout[g[:, None], g[None, :]], 0.0, cov)
     assert (masked != cov).mean() > 0.1  # the split holds pairs out of this recording
-    V, lam = _top_subspace(data, 0, 3, seed=0, iters=60)
+    term = DataTerm(data, data.weights(CPU), 3, route="moments")
     w, U = np.linalg.eigh(masked)
-    np.testing.assert_allclose(lam.numpy(), w[::-1][:3], rtol=1e-5)
-    # same subspace as the masked covariance's top eigenvectors
-    angles = principal_angles_deg(U[:, ::-1][:, :3], V.numpy())
-    assert max(angles) < 0.1, angles
+    for moments in (None, term.masked_moments(0)):  # from the data, from the moments
+        V, lam = _top_subspace(data, 0, 3, seed=0, moments=moments, iters=60)
+        np.testing.assert_allclose(lam.numpy(), w[::-1][:3], rtol=1e-5)
+        # same subspace as the masked covariance's top eigenvectors
+        angles = principal_angles_deg(U[:, ::-1][:, :3], V.numpy())
+        assert max(angles) < 0.1, angles
 
 
 def test_convergence_test_does_not_depend_on_the_data_units():
@@ -187,7 +190,7 @@ def two_recordings(tmp_path, seed, spans, n_time):
 def test_streamed_from_the_store_equals_in_memory(tmp_path):
     paths = two_recordings(tmp_path, 2, [(0, 20), (12, 30)], (1200, 1000))
     store = ingest_dataset([{"path": str(p)} for p in paths], tmp_path / "ds" / "data.zarr")
-    s = StitchedSettings(lags=4, device="cpu", max_passes=40, route="data")
+    s = StitchedSettings(lags=4, device="cpu", max_passes=40, route="data", optimizer="lbfgs")
     mem = fit_store(store, 2, s, outputs=StitchedOutputs.under(tmp_path / "mem", 2))
     streamed = fit_store(
         store,

@@ -88,11 +88,10 @@ class RecordingBlock:
             block = block[:, self.column_order] - self.mean
             yield t0, torch.as_tensor(block, device=device).to(self.dtype)
 
-    def _prepared(self, device: torch.device):
-        if self._mean_t is None or self._mean_t.device != device:
-            # centred in float64, as the in-memory path does
-            self._mean_t = torch.as_tensor(self.mean, dtype=torch.float64, device=device)
-            self._scale_t = torch.as_tensor(self.scale, dtype=torch.float64, device=device)
+    def _prepared(self, device: torch.device, dtype: torch.dtype):
+        if self._mean_t is None or self._mean_t.device != device or self._mean_t.dtype != dtype:
+            self._mean_t = torch.as_tensor(self.mean, dtype=dtype, device=device)
+            self._scale_t = torch.as_tensor(self.scale, dtype=dtype, device=device)
         return self._mean_t, self._scale_t
 
     def _read_host(self, t0: int, t1: int, pin: bool) -> torch.Tensor:
@@ -102,9 +101,17 @@ class RecordingBlock:
         return host.pin_memory() if pin else host
 
     def _to_device(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
-        mean, scale = self._prepared(device)
-        y = host.to(device, non_blocking=device.type == "cuda").to(torch.float64)
-        return prepare_chunk(y, mean, scale).to(self.dtype)
+        """Rows as read to prepared rows: ``(y - mean) * scale``, missing values 0, computed in
+        the wider of the source's and the data's floating types (float32 for a store)."""
+        work = torch.promote_types(host.dtype, self.dtype)
+        if not work.is_floating_point:
+            work = torch.float64
+        mean, scale = self._prepared(device, work)
+        y = host.to(device, non_blocking=device.type == "cuda").to(work) - mean
+        if self.has_missing:
+            y.mul_(scale)
+            torch.nan_to_num_(y, nan=0.0)
+        return y.to(self.dtype)
 
     def read(self, t0: int, t1: int, device: torch.device) -> torch.Tensor:
         """Prepared rows ``[t0, t1)`` (rows, N_r) on ``device`` (a view when in memory)."""
@@ -157,12 +164,6 @@ class RecordingBlock:
                     y = torch.cat([tail[tail.shape[0] - h :], y])
                 tail = y
                 yield t0, h, y
-
-
-def prepare_chunk(y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``(y - mean) * scale`` with NaN set to 0, in place where possible."""
-    y = (y - mean) * scale
-    return torch.nan_to_num_(y, nan=0.0)
 
 
 @dataclass
@@ -300,6 +301,11 @@ class RecordingInput:
     neurons: np.ndarray
 
 
+def _stat_rows(n_columns: int) -> int:
+    """Rows per read of the statistics passes: about 16 MB of float64."""
+    return max(1, int(16e6 // (8 * max(1, n_columns))))
+
+
 def _row_chunks(n: int, rows: int) -> Iterator[tuple[int, int]]:
     for t0 in range(0, n, rows):
         yield t0, min(n, t0 + rows)
@@ -347,7 +353,7 @@ def prepare_data(
     stats, kept, left_out = [], [], {}
     for rec in recordings:
         n_src = int(rec.activity.shape[1])
-        rows = chunk_rows or max(256, int(32e6 // max(1, itemsize * n_src)))
+        rows = chunk_rows or _stat_rows(n_src)
         total, n_obs = np.zeros(n_src), np.zeros(n_src)
         lo, hi = np.full(n_src, np.inf), np.full(n_src, -np.inf)
         for t0, t1 in _row_chunks(int(rec.activity.shape[0]), rows):
@@ -416,42 +422,38 @@ def prepare_data(
         bounds = list(starts) + [len(neurons_sorted)]
         slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         t_r, n_r = int(rec.activity.shape[0]), len(neurons_sorted)
-        rows = chunk_rows or max(256, int(32e6 // max(1, itemsize * n_r)))
+        rows = chunk_rows or max(16 * lags, min(8192, int(32e6 // max(1, itemsize * n_r))))
         total, n_obs = total_src[order], n_obs_src[order]
         mean = total / n_obs
         frac = n_obs / t_r
         scale = 1.0 / frac
+        block = RecordingBlock(
+            name=rec.name,
+            neurons=neurons_sorted,
+            groups=groups,
+            slices=slices,
+            mean=mean,
+            scale=scale,
+            n_time=t_r,
+            source=rec.activity,
+            column_order=order,
+            source_mean=mean_src,
+            has_missing=bool(np.any(n_obs < t_r)),
+            dtype=dtype,
+            chunk_rows=rows,
+        )
         ss = np.zeros(n_r)
         data = torch.empty((t_r, n_r), dtype=dtype, device=device) if in_memory else None
-        mean_t = torch.as_tensor(mean, dtype=torch.float64, device=device)
-        scale_t = torch.as_tensor(scale, dtype=torch.float64, device=device)
-        for t0, t1 in _row_chunks(t_r, rows):
-            y = np.asarray(rec.activity[t0:t1], dtype=np.float64)[:, order]
-            ss += np.nansum((y - mean) ** 2, axis=0)
+        for t0, t1 in _row_chunks(t_r, chunk_rows or _stat_rows(n_r)):
+            raw = np.asarray(rec.activity[t0:t1])[:, order]
+            ss += np.nansum((raw.astype(np.float64) - mean) ** 2, axis=0)
             if data is not None:
-                chunk = torch.as_tensor(y, device=device)
-                data[t0:t1] = prepare_chunk(chunk, mean_t, scale_t).to(dtype)
+                data[t0:t1] = block._to_device(torch.from_numpy(raw), device)
+        block.data = data
+        blocks.append(block)
         sum_sq[neurons_sorted] += ss
         count[neurons_sorted] += n_obs
         sum_sq_scaled[neurons_sorted] += ss * scale**2
-        blocks.append(
-            RecordingBlock(
-                name=rec.name,
-                neurons=neurons_sorted,
-                groups=groups,
-                slices=slices,
-                mean=mean,
-                scale=scale,
-                n_time=t_r,
-                data=data,
-                source=rec.activity,
-                column_order=order,
-                source_mean=mean_src,
-                has_missing=bool(np.any(n_obs < t_r)),
-                dtype=dtype,
-                chunk_rows=rows,
-            )
-        )
     with np.errstate(invalid="ignore", divide="ignore"):
         variance = np.where(count > 0, sum_sq / count, np.nan)
         diag_count = np.zeros(n_neurons)

@@ -65,9 +65,6 @@ log = get_logger()
 #: Passes a fit is expected to take, for the choice of routes (two L-BFGS stages, measured).
 EXPECTED_PASSES = 300
 
-#: Most rows of one window of a full pass (bounds the window's projections in memory).
-FULL_WINDOW_ROWS = 8192
-
 #: Relative cost of one flop of eq. (2)'s small, memory-bound products against one of a large
 #: matrix product (measured on 2 x86-64 cores by ``benchmarks/bench_stitched.py sessions``).
 CROSS_FLOP_COST = 8.0
@@ -213,8 +210,10 @@ class DataTerm:
         self.index = [torch.as_tensor(r.neurons, device=dev) for r in data.recordings]
         self.rank, self.world = rank_and_size()
         self.moments: list[torch.Tensor | None] = [None] * len(data.recordings)
+        # every rank forms every moment (they are small by choice): the warm start, which
+        # reads them, is then the same on any number of ranks; each evaluates its own
         for k, (rec, how) in enumerate(zip(data.recordings, self.routes, strict=True)):
-            if how == "moments" and self._owns(k):
+            if how == "moments":
                 self.moments[k] = lagged_moments(rec, data.lags, dev, self.w[k])
         counts = {how: self.routes.count(how) for how in ("data", "moments")}
         log.info(
@@ -223,13 +222,23 @@ class DataTerm:
             counts["data"],
         )
 
+    def masked_moments(self, k: int) -> torch.Tensor | None:
+        """Recording k's lagged sums ``S_r(s)`` (K, N_r, N_r) with the held-out pairs set to
+        0 (what the warm start may see), or None on the data route."""
+        if self.moments[k] is None:
+            return None
+        rec = self.data.recordings[k]
+        g = torch.as_tensor(rec.groups, device=self.data.device)
+        counts = torch.as_tensor(self.data.pair_count, device=self.data.device)[:, g][:, :, g]
+        return self.moments[k] * expand_groups(rec, counts)
+
     def _owns(self, k: int) -> bool:
-        """Whether this rank computes recording k's moments (one rank per recording)."""
+        """Whether this rank evaluates recording k's moments (one rank per recording)."""
         return k % self.world == self.rank
 
     def _full_rows(self, k: int) -> int:
         """Rows per window of a full pass over recording k."""
-        return max(self.data.lags, min(self.data.recordings[k].chunk_rows, FULL_WINDOW_ROWS))
+        return max(self.data.lags, self.data.recordings[k].chunk_rows)
 
     def _span(self, k: int) -> tuple[int, int]:
         """This rank's contiguous share of recording k's rows on the data route, on window

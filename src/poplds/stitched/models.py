@@ -123,24 +123,48 @@ def _group_products(rec, y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return torch.stack([y[:, sl] @ V[sl] for sl in rec.slices], dim=1)
 
 
-def _top_subspace(data: StitchedData, rec_index: int, n: int, seed: int, iters: int = 8):
+def _top_subspace(
+    data: StitchedData,
+    rec_index: int,
+    n: int,
+    seed: int,
+    moments: torch.Tensor | None = None,
+    iters: int | None = None,
+):
     """Top-n eigenvectors (N_r, n) and eigenvalues of recording ``rec_index``'s covariance,
-    with the held-out pairs' entries set to zero, by subspace iteration (two products with
-    the data per iteration), in its column order."""
+    with the held-out pairs' entries set to zero, in its column order.
+
+    From the data: a randomized range finder with one power iteration (two passes: the range
+    of ``Cov Omega`` for a Gaussian ``Omega`` of n + 8 columns, then Rayleigh-Ritz on it),
+    enough when the top n eigenvalues stand out of the noise, which is when a fit is worth
+    starting. From the recording's lagged ``moments`` (no data read): 20 subspace iterations
+    of the dense matrix. ``iters`` overrides the number of iterations."""
     rec = data.recordings[rec_index]
     dev = data.device
     n_r = len(rec.neurons)
     p = min(n_r, n + 8)
-    allowed = _allowed(data, rec).to(rec.dtype)
     g = torch.Generator(device="cpu").manual_seed(seed)
     V = torch.randn((n_r, p), generator=g, dtype=torch.float64).to(dev)
+    if moments is not None:
+        iters, cov = iters or 20, moments[0]
+
+        def apply(V: torch.Tensor) -> torch.Tensor:
+            return cov @ V
+    else:
+        iters = iters or 1
+        allowed = _allowed(data, rec).to(rec.dtype)
+
+        def apply(V: torch.Tensor) -> torch.Tensor:
+            W = torch.zeros_like(V)
+            V32 = V.to(rec.dtype)
+            for _, y in rec.chunks(dev):
+                Zg = torch.einsum("gh,thp->tgp", allowed, _group_products(rec, y, V32))
+                for k, sl in enumerate(rec.slices):
+                    W[sl] += (y[:, sl].T @ Zg[:, k]).to(torch.float64)
+            return W
+
     for it in range(iters + 1):
-        W = torch.zeros_like(V)
-        V32 = V.to(rec.dtype)
-        for _, y in rec.chunks(dev):
-            Zg = torch.einsum("gh,thp->tgp", allowed, _group_products(rec, y, V32))
-            for k, sl in enumerate(rec.slices):
-                W[sl] += (y[:, sl].T @ Zg[:, k]).to(torch.float64)
+        W = apply(V)
         if it < iters:
             V, _ = torch.linalg.qr(W / rec.n_time)
     small = V.T @ W / rec.n_time  # Rayleigh-Ritz on the last subspace
@@ -159,20 +183,35 @@ def _project_groups(rec, C: torch.Tensor, dev) -> torch.Tensor:
     return z
 
 
-def _lagged_z(z: torch.Tensor, lags: int) -> torch.Tensor:
-    """``X_s = sum_t z[t+s] z[t]' / (T-s)``, (K, n, n)."""
-    T = z.shape[0]
-    return torch.stack([z[s:].T @ z[: T - s] / (T - s) for s in range(lags)])
+def _start_lagged(data: StitchedData, k: int, V: torch.Tensor, moments) -> torch.Tensor:
+    """``X_s = sum_(g,h allowed) sum_t z_g[t+s] z_h[t]' / (T-s)`` (K, n, n) of recording k
+    with loadings ``V`` (N_r, n): the lagged covariances of its latents, over the pairs the
+    loss sees (``= V' S_r(s) V / (T-s)`` from the masked moments)."""
+    rec, K = data.recordings[k], data.lags
+    T = rec.n_time
+    if moments is not None:
+        return torch.stack([V.T @ moments[s] @ V / (T - s) for s in range(K)])
+    z = _project_groups(rec, V, data.device)  # (T, G, n)
+    za = torch.einsum("gh,thn->tgn", _allowed(data, rec), z)
+    n = V.shape[1]
+    return torch.stack(
+        [z[s:].reshape(-1, n).T @ za[: T - s].reshape(-1, n) / (T - s) for s in range(K)]
+    )
 
 
 def warm_start(
-    data: StitchedData, n: int, seed: int = 0, ridge: float = 1e-6
+    data: StitchedData, n: int, seed: int = 0, ridge: float = 1e-6, term: DataTerm | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Deterministic start ``(C (N, n), X (K, n, n))`` (module docstring, step 1), and warnings
     for recordings that share no neuron with the recordings placed before them. Held-out
-    pairs take no part in it."""
+    pairs take no part in it. Recordings on the moments route of ``term`` are read from their
+    moments, the others from the data (two passes for the PCA, two for each later
+    recording)."""
+
+    def moments(k: int):
+        return term.masked_moments(k) if term is not None else None
+
     dev = data.device
-    K = data.lags
     C = torch.zeros((data.n_neurons, n), dtype=torch.float64, device=dev)
     known = np.zeros(data.n_neurons, dtype=bool)
     first = int(np.argmax([len(r.neurons) for r in data.recordings]))
@@ -183,10 +222,12 @@ def warm_start(
             f"latent dimension {n} exceeds the {len(rec.neurons)} neurons of the largest "
             f"recording ({rec.name}); choose latent_dims of at most {len(rec.neurons)}",
         )
-    V, _ = _top_subspace(data, first, n, seed)
+    mom = moments(first)
+    V, _ = _top_subspace(data, first, n, seed, mom)
     C[torch.as_tensor(rec.neurons, device=dev)] = V
     known[rec.neurons] = True
-    X = _lagged_z(_project_groups(rec, V, dev).sum(1), K)
+    X = _start_lagged(data, first, V, mom)
+    del mom
     warnings: list[str] = []
     todo = [k for k in range(len(data.recordings)) if k != first]
     while todo:
@@ -202,49 +243,64 @@ def warm_start(
                 "its loadings start from its own PCA and are tied to the others only through "
                 "the shared dynamics"
             )
-            Vr, _ = _top_subspace(data, k, n, seed + k)
+            Vr, _ = _top_subspace(data, k, n, seed + k, moments(k))
             C[torch.as_tensor(rec.neurons[new], device=dev)] = Vr[torch.as_tensor(new)]
             known[rec.neurons[new]] = True
             continue
-        _place_new_neurons(data, rec, C, X, known, ridge)
+        _place_new_neurons(data, rec, C, X, known, ridge, moments(k))
         known[rec.neurons[new]] = True
     return C, X, warnings
 
 
-def _place_new_neurons(data: StitchedData, rec, C, X, known: np.ndarray, ridge: float) -> None:
+def _place_new_neurons(
+    data: StitchedData, rec, C, X, known: np.ndarray, ridge: float, moments=None
+) -> None:
     """Least-squares loadings (module docstring, step 1) of the recording's neurons not yet
     placed, group by group, against the placed neurons it may pair with (not held out);
-    written into ``C`` in place."""
+    written into ``C`` in place. ``F_s`` and ``B_s`` of every group come from one pass over
+    the data (after the one that projects it), or from the recording's masked moments:
+    ``F_s = S(s)[u, :] C_k``, ``B_s = S(s)[:, u]' C_k``."""
     dev = data.device
     K, n, T = data.lags, C.shape[1], rec.n_time
     rows = torch.as_tensor(rec.neurons, device=dev)
     placed = torch.as_tensor(known[rec.neurons].astype(np.float64), device=dev)
     Ck = C[rows] * placed[:, None]  # the recording's placed loadings, zero elsewhere
-    zk = _project_groups(rec, Ck, dev)  # (T, G_r, n)
     allowed = _allowed(data, rec)
     counts = torch.as_tensor([T - s for s in range(K)], dtype=torch.float64, device=dev)
-    for g, sl in enumerate(rec.slices):
-        if known[rec.neurons[sl]].all():
-            continue
-        z = torch.einsum("h,thn->tn", allowed[g], zk)  # placed partners of group g
+    todo = [g for g, sl in enumerate(rec.slices) if not known[rec.neurons[sl]].all()]
+    FB: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    if moments is not None:
+        for g in todo:
+            sl = rec.slices[g]
+            FB[g] = (moments[:, sl] @ Ck, moments[:, :, sl].transpose(1, 2) @ Ck)
+    else:
+        zk = _project_groups(rec, Ck, dev)  # (T, G_r, n)
+        z = torch.einsum("gh,thn->tgn", allowed, zk)  # placed partners of each group
+        for g in todo:
+            m = rec.slices[g].stop - rec.slices[g].start
+            FB[g] = (
+                torch.zeros((K, m, n), dtype=torch.float64, device=dev),
+                torch.zeros((K, m, n), dtype=torch.float64, device=dev),
+            )
+        for t0, y in rec.chunks(dev):
+            t1 = t0 + y.shape[0]
+            for g in todo:
+                F, B = FB[g]
+                yu = y[:, rec.slices[g]].to(torch.float64)
+                for s in range(K):
+                    a = max(t0, s)  # rows t with t - s >= 0
+                    if a < t1:
+                        F[s] += yu[a - t0 :].T @ z[a - s : t1 - s, g]
+                    b = min(t1, T - s)  # rows t with t + s < T
+                    if b > t0:
+                        B[s] += yu[: b - t0].T @ z[t0 + s : b + s, g]
+    for g in todo:
+        sl = rec.slices[g]
+        F, B = (M / counts[:, None, None] for M in FB[g])
         G = sum(
             Ck[h.start : h.stop].T @ Ck[h.start : h.stop] * allowed[g, j]
             for j, h in enumerate(rec.slices)
         )
-        F = torch.zeros((K, sl.stop - sl.start, n), dtype=torch.float64, device=dev)
-        B = torch.zeros_like(F)
-        for t0, y in rec.chunks(dev):
-            yu = y[:, sl].to(torch.float64)
-            t1 = t0 + y.shape[0]
-            for s in range(K):
-                a = max(t0, s)  # rows t with t - s >= 0
-                if a < t1:
-                    F[s] += yu[a - t0 :].T @ z[a - s : t1 - s]
-                b = min(t1, T - s)  # rows t with t + s < T
-                if b > t0:
-                    B[s] += yu[: b - t0].T @ z[t0 + s : b + s]
-        F /= counts[:, None, None]
-        B /= counts[:, None, None]
         H = sum(X[s] @ G @ X[s].T + X[s].T @ G @ X[s] for s in range(K))
         rhs = sum(F[s] @ X[s].T + B[s] @ X[s] for s in range(K))
         H = H + ridge * torch.trace(H) / n * torch.eye(n, dtype=H.dtype, device=dev)
@@ -612,7 +668,7 @@ def fit(
         log.warning(w)
 
     starts = []
-    C0, X0, w0 = warm_start(data, latent_dim, seed)
+    C0, X0, w0 = warm_start(data, latent_dim, seed, term=term)
     broadcast(C0, X0)  # every rank computed the same start; this makes it exact
     for w in w0:
         log.warning(w)
