@@ -107,7 +107,9 @@ class RecordingBlock:
         if not work.is_floating_point:
             work = torch.float64
         mean, scale = self._prepared(device, work)
-        y = host.to(device, non_blocking=device.type == "cuda").to(work) - mean
+        y = host.to(device, non_blocking=device.type == "cuda").to(work)
+        # ``host`` is always a fresh copy (reordered columns), so it may be changed in place
+        y.sub_(mean)
         if self.has_missing:
             y.mul_(scale)
             torch.nan_to_num_(y, nan=0.0)
@@ -301,9 +303,19 @@ class RecordingInput:
     neurons: np.ndarray
 
 
-def _stat_rows(n_columns: int) -> int:
-    """Rows per read of the statistics passes: about 16 MB of float64."""
-    return max(1, int(16e6 // (8 * max(1, n_columns))))
+def _stat_rows(n_columns: int, source: object = None) -> int:
+    """Rows per read of the statistics passes: about 16 MB of float64, in whole store chunks."""
+    return _aligned(max(1, int(16e6 // (8 * max(1, n_columns)))), source)
+
+
+def _aligned(rows: int, source: object) -> int:
+    """``rows`` rounded down to whole chunks of a chunked source (at least one chunk), so
+    that no chunk is decoded twice by consecutive reads."""
+    chunks = getattr(source, "chunks", None)
+    c = chunks[0] if chunks else None
+    if isinstance(c, int) and c > 0:
+        return max(c, rows // c * c)
+    return rows
 
 
 def _row_chunks(n: int, rows: int) -> Iterator[tuple[int, int]]:
@@ -323,8 +335,8 @@ def prepare_data(
     chunk_rows: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> StitchedData:
-    """Group neurons, compute means and observed fractions (a first pass over each recording),
-    then variances while placing the prepared data on ``device`` (a second pass) when it fits in
+    """Group neurons, compute means, variances and observed fractions (one pass over each
+    recording), then place the prepared data on ``device`` (a second pass) when it fits in
     ``max_device_bytes`` (default: half the free device memory, or 4 GB of host memory),
     else stream it from the source in time chunks at every pass.
 
@@ -353,14 +365,18 @@ def prepare_data(
     stats, kept, left_out = [], [], {}
     for rec in recordings:
         n_src = int(rec.activity.shape[1])
-        rows = chunk_rows or _stat_rows(n_src)
-        total, n_obs = np.zeros(n_src), np.zeros(n_src)
+        rows = chunk_rows or _stat_rows(n_src, rec.activity)
+        total, n_obs, shifted_sq = np.zeros(n_src), np.zeros(n_src), np.zeros(n_src)
         lo, hi = np.full(n_src, np.inf), np.full(n_src, -np.inf)
+        shift = None  # sums of squares about each column's first value: one pass suffices
         for t0, t1 in _row_chunks(int(rec.activity.shape[0]), rows):
             y = np.asarray(rec.activity[t0:t1], dtype=np.float64)
             ok = ~np.isnan(y)
+            if shift is None:
+                shift = np.nan_to_num(y[0])
             total += np.where(ok, y, 0.0).sum(0)
             n_obs += ok.sum(0)
+            shifted_sq += np.where(ok, (y - shift) ** 2, 0.0).sum(0)
             lo = np.minimum(lo, np.where(ok, y, np.inf).min(0))
             hi = np.maximum(hi, np.where(ok, y, -np.inf).max(0))
         never, constant = n_obs == 0, (n_obs > 0) & (lo == hi)
@@ -377,7 +393,11 @@ def prepare_data(
                 "constant": neurons[constant].tolist(),
             }
         with np.errstate(invalid="ignore", divide="ignore"):
-            stats.append((total, n_obs, np.where(never, np.nan, total / n_obs)))
+            mean_src = np.where(never, np.nan, total / n_obs)
+            # sum of squares about the mean: sum (y-c)^2 - (sum (y-c))^2 / n
+            centred = total - n_obs * shift
+            ss_src = np.maximum(shifted_sq - centred**2 / np.maximum(n_obs, 1), 0.0)
+            stats.append((total, n_obs, mean_src, ss_src))
         kept.append(np.flatnonzero(~(never | constant)))
     rng = np.random.default_rng([seed, 7])
     label, held_labels = heldout_labels(n_neurons, heldout_fraction, rng)
@@ -413,7 +433,9 @@ def prepare_data(
     count = np.zeros(n_neurons)
     sum_sq_scaled = np.zeros(n_neurons)
     blocks = []
-    for rec, keep, (total_src, n_obs_src, mean_src) in zip(recordings, kept, stats, strict=True):
+    for rec, keep, (total_src, n_obs_src, mean_src, ss_src) in zip(
+        recordings, kept, stats, strict=True
+    ):
         neurons_all = np.asarray(rec.neurons, dtype=np.int64)
         order = keep[np.argsort(group_of[neurons_all[keep]], kind="stable")]
         neurons_sorted = neurons_all[order]
@@ -422,7 +444,9 @@ def prepare_data(
         bounds = list(starts) + [len(neurons_sorted)]
         slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         t_r, n_r = int(rec.activity.shape[0]), len(neurons_sorted)
-        rows = chunk_rows or max(16 * lags, min(8192, int(32e6 // max(1, itemsize * n_r))))
+        rows = chunk_rows or _aligned(
+            max(16 * lags, min(8192, int(32e6 // max(1, itemsize * n_r)))), rec.activity
+        )
         total, n_obs = total_src[order], n_obs_src[order]
         mean = total / n_obs
         frac = n_obs / t_r
@@ -442,14 +466,13 @@ def prepare_data(
             dtype=dtype,
             chunk_rows=rows,
         )
-        ss = np.zeros(n_r)
-        data = torch.empty((t_r, n_r), dtype=dtype, device=device) if in_memory else None
-        for t0, t1 in _row_chunks(t_r, chunk_rows or _stat_rows(n_r)):
-            raw = np.asarray(rec.activity[t0:t1])[:, order]
-            ss += np.nansum((raw.astype(np.float64) - mean) ** 2, axis=0)
-            if data is not None:
+        ss = ss_src[order]
+        if in_memory:  # a second pass places the prepared data on the device
+            data = torch.empty((t_r, n_r), dtype=dtype, device=device)
+            for t0, t1 in _row_chunks(t_r, chunk_rows or _stat_rows(n_r, rec.activity)):
+                raw = np.asarray(rec.activity[t0:t1])[:, order]
                 data[t0:t1] = block._to_device(torch.from_numpy(raw), device)
-        block.data = data
+            block.data = data
         blocks.append(block)
         sum_sq[neurons_sorted] += ss
         count[neurons_sorted] += n_obs

@@ -58,12 +58,15 @@ import torch
 
 from .._distributed import all_sum, rank_and_size
 from .._logging import get_logger
-from ._data import RecordingBlock, StitchedData
+from ._data import RecordingBlock, StitchedData, _aligned
 
 log = get_logger()
 
 #: Passes a fit is expected to take, for the choice of routes (two L-BFGS stages, measured).
 EXPECTED_PASSES = 300
+
+#: Bytes of streamed minibatch halos kept between epochs (:meth:`DataTerm.read_ahead`).
+HALO_CACHE_BYTES = 1.5e9
 
 #: Relative cost of one flop of eq. (2)'s small, memory-bound products against one of a large
 #: matrix product (measured on 2 x86-64 cores by ``benchmarks/bench_stitched.py sessions``).
@@ -204,9 +207,14 @@ class DataTerm:
             ]
             for r in data.recordings
         ]
+        # minibatch windows in whole store chunks (a chunk decoded once per epoch), and at
+        # least the halo long (a window's halo comes from the window before it)
         self.rows = [
-            max(data.lags, window_rows or rec.chunk_rows) for rec in data.recordings
-        ]  # a window's halo comes from the window before it
+            max(data.lags, _aligned(window_rows or rec.chunk_rows, rec.source))
+            for rec in data.recordings
+        ]
+        self._halos: dict[tuple[int, int], torch.Tensor] = {}
+        self._halo_budget = HALO_CACHE_BYTES
         self.index = [torch.as_tensor(r.neurons, device=dev) for r in data.recordings]
         self.rank, self.world = rank_and_size()
         self.moments: list[torch.Tensor | None] = [None] * len(data.recordings)
@@ -333,14 +341,26 @@ class DataTerm:
         self, wins: Sequence[Window | None], device: torch.device
     ) -> Iterator[torch.Tensor | None]:
         """The rows (with halo) of each window in turn (None for None), read one ahead in a
-        thread."""
+        thread. A streamed window's halo rows are kept after its first read (up to
+        ``HALO_CACHE_BYTES`` in all), so later epochs decode each store chunk once."""
         lags = self.data.lags
 
         def read(win: Window | None) -> torch.Tensor | None:
             if win is None:
                 return None
             h = min(lags - 1, win.t0)
-            return self.data.recordings[win.rec].read(win.t0 - h, win.t1, device)
+            rec = self.data.recordings[win.rec]
+            if rec.data is not None or h == 0:
+                return rec.read(win.t0 - h, win.t1, device)
+            halo = self._halos.get((win.rec, win.t0))
+            if halo is not None:  # its rows were kept: the chunk before need not be decoded
+                return torch.cat([halo, rec.read(win.t0, win.t1, device)])
+            y = rec.read(win.t0 - h, win.t1, device)
+            size = y[:h].numel() * y.element_size()
+            if size <= self._halo_budget:
+                self._halos[(win.rec, win.t0)] = y[:h].clone()
+                self._halo_budget -= size
+            return y
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
             future = pool.submit(read, wins[0]) if wins else None
@@ -368,11 +388,10 @@ class _Injected(torch.autograd.Function):
 def model_terms(C: torch.Tensor, X: torch.Tensor, tensors: dict) -> torch.Tensor:
     """``model^2 - diag + hinge`` of the module docstring (no data beyond the variances),
     differentiable in ``C`` (N, n) and ``X`` (K, n, n)."""
-    group_of, obs = tensors["group_of"], tensors["observed"]
-    n = C.shape[1]
+    obs = tensors["observed"]
     Cg = C[obs]
-    G = torch.zeros((tensors["n_groups"], n, n), dtype=C.dtype, device=C.device)
-    G = G.index_add(0, group_of[obs], Cg.unsqueeze(2) * Cg.unsqueeze(1))
+    Cs = C[tensors["by_group"]]  # observed neurons sorted by group: G_g = C_g' C_g, one GEMM each
+    G = torch.stack([Cs[a:b].T @ Cs[a:b] for a, b in tensors["group_bounds"]])
     XtGX = torch.einsum("sab,gac,scd->sgbd", X, G, X)
     model_sq = torch.einsum("sgbd,hdb,sgh->", XtGX, G, tensors["coobserved"])
     m = torch.einsum("ia,ab,ib->i", Cg, X[0], Cg)
@@ -383,10 +402,12 @@ def model_terms(C: torch.Tensor, X: torch.Tensor, tensors: dict) -> torch.Tensor
 def loss_tensors(data: StitchedData, device: torch.device) -> dict[str, torch.Tensor]:
     """Device copies of the data's small bookkeeping arrays used by :func:`model_terms`."""
     obs = data.group_of >= 0
+    by_group = np.flatnonzero(obs)[np.argsort(data.group_of[obs], kind="stable")]
+    bounds = np.concatenate([[0], np.cumsum(data.group_size)]).astype(int)
     return {
-        "group_of": torch.as_tensor(data.group_of, device=device),
         "observed": torch.as_tensor(obs, device=device),
-        "n_groups": data.n_groups,
+        "by_group": torch.as_tensor(by_group, device=device),
+        "group_bounds": list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)),
         "coobserved": torch.as_tensor((data.pair_count > 0).astype("float64"), device=device),
         "diag0": torch.as_tensor(data.diag0[obs], device=device),
         "variance": torch.as_tensor(data.variance[obs], device=device),
