@@ -324,16 +324,21 @@ from poplds import simulate, stitched
 from poplds.stitched import RecordingInput, models
 torch.set_num_threads(1)
 calls = [0]
-real_loss = models.loss_and_grad
+from poplds.stitched import _sgd
+real_loss, real_mini = models.loss_and_grad, _sgd.minibatch_loss_and_grad
 def counted(*a, **k):
     calls[0] += 1
     return real_loss(*a, **k)
+def counted_mini(*a, **k):
+    calls[0] += 1
+    return real_mini(*a, **k)
 models.loss_and_grad = counted
+_sgd.minibatch_loss_and_grad = counted_mini
 p = simulate.random_stitched_lds(60, 4, eig_moduli=(0.8, 0.97), noise_to_signal=1.0, seed=5)
 layout = [simulate.SimRecording("a", (0, 40), 3000), simulate.SimRecording("b", (25, 60), 3000)]
 ys, _ = simulate.simulate_stitched(p, layout, seed=6)
 recs = [RecordingInput(r.name, y, np.arange(*r.neurons)) for r, y in zip(layout, ys)]
-kw = dict(lags=5, device="cpu", tol=1e-12, max_passes=300)
+kw = dict(lags=5, device="cpu", tol=1e-12, max_passes=300, optimizer=sys.argv[3], max_epochs=25)
 if sys.argv[1] == "-":
     fit = stitched.fit(recs, 60, 4, **kw)
 else:
@@ -343,17 +348,19 @@ np.savez(sys.argv[2], C=fit.params.C, A=fit.params.A, trace=np.array([v for _, _
 """
 
 
-def test_killed_stitched_fit_resumes_to_the_same_result(tmp_path):
+@pytest.mark.parametrize("optimizer", ["lbfgs", "sgd"])
+def test_killed_stitched_fit_resumes_to_the_same_result(tmp_path, optimizer):
     """SIGKILL a checkpointing stitched fit in its first stage, run it again: it resumes from
-    the checkpoint and ends with exactly the fit (loadings, dynamics, every pass's loss) of
-    an uninterrupted fit."""
+    the checkpoint (L-BFGS: between blocks of iterations; SGD: between epochs) and ends with
+    exactly the fit (loadings, dynamics, every pass's or epoch's loss) of an uninterrupted
+    fit."""
     import subprocess
     import sys
     import time
 
     ckpt = tmp_path / "fit.ckpt"
     proc = subprocess.Popen(
-        [sys.executable, "-c", KILLED_STITCHED, str(ckpt), str(tmp_path / "x.npz")]
+        [sys.executable, "-c", KILLED_STITCHED, str(ckpt), str(tmp_path / "x.npz"), optimizer]
     )
     t = time.perf_counter()
     while not ckpt.exists() and time.perf_counter() - t < 60:
@@ -365,7 +372,7 @@ def test_killed_stitched_fit_resumes_to_the_same_result(tmp_path):
     assert "warm/linked" not in saved["done"]  # killed before the end
     for args in ((str(ckpt), "resumed.npz"), ("-", "whole.npz")):
         run = subprocess.run(
-            [sys.executable, "-c", KILLED_STITCHED, args[0], str(tmp_path / args[1])],
+            [sys.executable, "-c", KILLED_STITCHED, args[0], str(tmp_path / args[1]), optimizer],
             capture_output=True,
             text=True,
         )

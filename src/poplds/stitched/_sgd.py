@@ -84,11 +84,14 @@ def sgd(
     scale: float,
     trace: list[tuple[str, int, float]],
     log_every: int = 5,
+    progress=None,
 ) -> dict[str, Any]:
     """Run the stage's SGD on ``params`` (``params[0]`` is ``C``; ``make_X()`` builds ``X``
     from the others) and leave them at the last step. Returns the record :func:`_lbfgs` gives
     (``passes`` counts the full passes over the data: epochs plus the two exact
-    evaluations), plus ``epochs`` and ``steps``."""
+    evaluations), plus ``epochs`` and ``steps``. With ``progress`` (a checkpointed fit,
+    ``models._Progress``) the state is saved between epochs when due, and a stage started
+    again continues from the last saved epoch on the same path."""
     C = params[0]
     t = time.perf_counter()
     wins = term.windows()
@@ -112,9 +115,18 @@ def sgd(
         opt, mode="min", factor=0.5, patience=0, threshold=tol, threshold_mode="abs"
     )
     best: list[float] = []
-    stop, steps = "max_epochs", 0
+    stop, steps, first = "max_epochs", 0, 1
+    resumed = progress.resume(stage) if progress is not None else None
+    if resumed is not None:
+        with torch.no_grad():
+            for p, v in zip(params, resumed["params"], strict=True):
+                p.copy_(v)
+        opt.load_state_dict(resumed["opt"])
+        plateau.load_state_dict(resumed["plateau"])
+        best[:], trace[:] = resumed["best"], resumed["trace"]
+        steps, first, loss_start = resumed["steps"], resumed["epoch"] + 1, resumed["loss_start"]
     rank, world = rank_and_size()
-    for epoch in range(1, max_epochs + 1):
+    for epoch in range(first, max_epochs + 1):
         order = [wins[k] for k in epoch_order(M, seed, stage, epoch)] if M else [None]
         n_steps = -(-len(order) // world)  # each step takes one window per rank
         mine = [
@@ -150,6 +162,20 @@ def sgd(
         if epoch > WINDOW and best[-1 - WINDOW] - best[-1] <= tol * scale:
             stop = "converged"
             break
+        if progress is not None and progress.saver.due():
+            progress.save_stage(
+                stage,
+                {
+                    "params": [p.detach().cpu().clone() for p in params],
+                    "opt": opt.state_dict(),
+                    "plateau": plateau.state_dict(),
+                    "best": list(best),
+                    "trace": list(trace),
+                    "steps": steps,
+                    "epoch": epoch,
+                    "loss_start": loss_start,
+                },
+            )
     with torch.no_grad():
         broadcast(*params)  # every rank has the same values; this makes it exact
     for p in params:
@@ -163,7 +189,7 @@ def sgd(
         "steps": steps,
         "windows": M,
         "stop": stop,
-        "converged": stop == "converged",
+        "converged": stop != "max_epochs",
         "loss_start": loss_start,
         "loss": loss_end,
         "seconds": time.perf_counter() - t,

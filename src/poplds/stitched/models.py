@@ -322,6 +322,9 @@ def dynamics_from_lagged(X: np.ndarray, stable: bool = True, max_radius: float =
     return A
 
 
+#: Stops at a cap rather than by the convergence test.
+CAPS = ("max_passes", "max_epochs")
+
 #: The free stage's tolerance, in multiples of ``tol``: its ``X_s`` only start the linked
 #: stage, and in directions the data barely determine (spare latent dimensions) it creeps.
 FREE_STAGE_TOL = 10.0
@@ -510,6 +513,7 @@ def _run_stage(params, make_X, term, tens, opts, trace, stage, progress):
             tol=opts["tol"],
             scale=opts["scale"],
             trace=trace,
+            progress=progress,
             **opts["sgd"],
         )
 
@@ -569,18 +573,12 @@ def _linked_stage(term, tens, C0, A0, Pi0, unit, opts, trace, stage="linked", pr
 
 
 def choose_optimizer(term: DataTerm, optimizer: str) -> str:
-    """``lbfgs`` or ``sgd``; ``auto``: SGD when some recording on the data route streams from
-    the store (an epoch of SGD reads the data once, as one L-BFGS pass does, but takes one
-    step per window), L-BFGS when every pass is computed from device memory or moments."""
+    """``lbfgs`` or ``sgd``. ``auto`` is L-BFGS: measured (``benchmarks/bench_stitched.py``),
+    it reaches the SGD optimum in fewer reads of the data both in memory and streamed from
+    the store, where one L-BFGS pass and one SGD epoch each read the data once."""
     if optimizer not in ("auto", "lbfgs", "sgd"):
         raise InputError("stitched_lds.optimizer", f"must be auto, lbfgs or sgd, got {optimizer!r}")
-    if optimizer != "auto":
-        return optimizer
-    streamed = any(
-        how == "data" and rec.data is None
-        for rec, how in zip(term.data.recordings, term.routes, strict=True)
-    )
-    return "sgd" if streamed else "lbfgs"
+    return "lbfgs" if optimizer == "auto" else optimizer
 
 
 def fit(
@@ -742,12 +740,12 @@ def fit(
                 )
         for stage, info in (("free", info1), ("linked", info2)):
             log.info(
-                "%s: %s stage %s after %d passes (at most %d), %.1f s: loss %.6g -> %.6g",
+                "%s: %s stage (%s) %s after %d passes, %.1f s: loss %.6g -> %.6g",
                 name,
                 stage,
-                "stopped at the cap" if info["stop"] == "max_passes" else "converged",
+                info["optimizer"],
+                "stopped at the cap" if info["stop"] in CAPS else info["stop"],
                 info["passes"],
-                max_passes,
                 info["seconds"],
                 info["loss_start"],
                 info["loss"],
@@ -757,11 +755,12 @@ def fit(
     _, name, C, A, Pi, trace, info1, info2 = best
     floor = opts["scale"]
     moved = (info1["loss_start"] - info2["loss"]) / floor
+    caps = {"max_passes": max_passes, "max_epochs": max_epochs}
     fit_warnings = [
-        f"the {stage} stage stopped at stitched_lds.max_passes ({max_passes}) before its "
-        "convergence test held; raise max_passes (or tol) for a converged fit"
+        f"the {stage} stage stopped at stitched_lds.{info['stop']} ({caps[info['stop']]}) "
+        f"before its convergence test held; raise {info['stop']} (or tol) for a converged fit"
         for stage, info in (("free", info1), ("linked", info2))
-        if info["stop"] == "max_passes"
+        if info["stop"] in CAPS
     ]
     if moved < 10 * tol:
         fit_warnings.append(
@@ -791,7 +790,7 @@ def fit(
         "start": name,
         "free": info1,
         "linked": info2,
-        "stop": "max_passes" if "max_passes" in (info1["stop"], info2["stop"]) else "converged",
+        "stop": next((i["stop"] for i in (info1, info2) if i["stop"] in CAPS), "converged"),
         "noise_floor": floor,
         "moved_noise_units": moved,
         "seconds": time.perf_counter() - t_start,
