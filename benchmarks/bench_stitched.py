@@ -253,10 +253,13 @@ def peer(args) -> dict:
     return {"rows": rows}
 
 
-def write_large_store(path: Path, N: int, T: int, n: int, overlap: float, seed: int):
+def write_large_store(
+    path: Path, N: int, T: int, n: int, overlap: float, seed: int, reuse: bool = False
+):
     """A two-recording stitched LDS written chunk by chunk into a dataset store (the data are
     never whole in memory): recording 1 sees neurons [0, N (1+overlap)/2), recording 2 the
-    rest plus the overlap, each for T/2 steps. Returns the truth."""
+    rest plus the overlap, each for T/2 steps. Returns the truth (``reuse``: only the truth,
+    when the store of the same N and T is already there)."""
     import zarr
 
     from poplds.store import FORMAT, create_activity, write_array, write_strings
@@ -268,6 +271,10 @@ def write_large_store(path: Path, N: int, T: int, n: int, overlap: float, seed: 
     x = simulate.sample_lds_latents(p.A, p.Q, p.Pi, T, rng)
     size = int(N * (1 + overlap) / 2)
     blocks = [np.arange(0, size), np.arange(N - size, N)]
+    if reuse and (path / "zarr.json").exists():
+        old = zarr.open_group(str(path), mode="r")
+        if old["recordings/s1/activity"].shape == (T // 2, size):
+            return p, C
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     write_strings(root, "neuron_ids", np.array([f"n{i}" for i in range(N)]))
     recs = root.create_group("recordings")
@@ -348,7 +355,7 @@ def scale(args) -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="poplds-scale-"))
     store = work / "data.zarr"
     t = time.perf_counter()
-    p, C_true = write_large_store(store, N, T, n, overlap=0.1, seed=0)
+    p, C_true = write_large_store(store, N, T, n, overlap=0.1, seed=0, reuse=args.reuse)
     t_write = time.perf_counter() - t
     rss_write = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     nbytes = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
@@ -645,6 +652,7 @@ def main() -> None:
     ap.add_argument("--max-passes", type=int, default=100, help="scale: passes per stage")
     ap.add_argument("--stream", action="store_true", help="scale: stream even if it fits")
     ap.add_argument("--optimizer", default="auto", help="scale: stitched_lds.optimizer")
+    ap.add_argument("--reuse", action="store_true", help="scale: keep a store already written")
     ap.add_argument("--minibatch-rows", type=int, default=256, help="scale: SGD minibatch")
     ap.add_argument(
         "--floor-fraction", type=float, default=0.2, help="scale: share of rows read for the floor"

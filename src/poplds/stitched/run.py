@@ -229,6 +229,7 @@ def fit_store(
                     "seconds",
                     "n_groups",
                     "n_pairs",
+                    "routes",
                     "guards",
                 )
             },
