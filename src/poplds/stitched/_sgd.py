@@ -104,7 +104,6 @@ def sgd(
         loss, _ = loss_and_grad(term, C.detach(), X.detach(), tensors)
         return float(loss)
 
-    loss_start = exact()
     groups = []
     for p in params:
         size = float(torch.sqrt(torch.mean(p.detach() ** 2)))
@@ -125,6 +124,8 @@ def sgd(
         plateau.load_state_dict(resumed["plateau"])
         best[:], trace[:] = resumed["best"], resumed["trace"]
         steps, first, loss_start = resumed["steps"], resumed["epoch"] + 1, resumed["loss_start"]
+    else:
+        loss_start = exact()
     rank, world = rank_and_size()
     for epoch in range(first, max_epochs + 1):
         order = [wins[k] for k in epoch_order(M, seed, stage, epoch)] if M else [None]

@@ -174,6 +174,7 @@ def fit_store(
     s = settings or StitchedSettings()
     out = outputs or StitchedOutputs.under(Path(store_path).parent, latent_dim)
     ckpt_dir = Path(checkpoints) if checkpoints else out.metrics.parent / "checkpoint"
+    init_from_environment(choose_device(s.device))  # under torchrun: join its process group
     if s.processes > 1 and rank_and_size()[1] == 1:
         launch(_rank_main, s.processes, (str(store_path), latent_dim, s, out, truth, ckpt_dir))
         metrics = json.loads(out.metrics.read_text())
