@@ -70,6 +70,7 @@ class RecordingBlock:
     has_missing: bool = False
     dtype: torch.dtype = torch.float32
     _mean_t: torch.Tensor | None = field(default=None, repr=False)
+    _order_t: torch.Tensor | None = field(default=None, repr=False)
     _scale_t: torch.Tensor | None = field(default=None, repr=False)
 
     def mean_in_source_order(self) -> np.ndarray:
@@ -94,21 +95,32 @@ class RecordingBlock:
             self._scale_t = torch.as_tensor(self.scale, dtype=dtype, device=device)
         return self._mean_t, self._scale_t
 
-    def _read_host(self, t0: int, t1: int, pin: bool) -> torch.Tensor:
-        """Rows ``[t0, t1)`` of the source, group-sorted columns, as read (host memory)."""
-        block = np.asarray(self.source[t0:t1])[:, self.column_order]
-        host = torch.from_numpy(np.ascontiguousarray(block))
-        return host.pin_memory() if pin else host
+    def _read_host(
+        self, t0: int, t1: int, pin: bool, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows ``[t0, t1)`` of the source, group-sorted columns, as read (host memory), into
+        the front of ``out`` (rows, N_r) when given: reusing buffers spares the page faults
+        of fresh memory, which cost more than the reordering itself."""
+        block = torch.from_numpy(np.asarray(self.source[t0:t1]))
+        if self._order_t is None:
+            self._order_t = torch.as_tensor(self.column_order)
+        if out is not None and out.dtype == block.dtype:
+            host = torch.index_select(block, 1, self._order_t, out=out[: t1 - t0])
+        else:
+            host = torch.index_select(block, 1, self._order_t)
+            if pin:
+                host = host.pin_memory()
+        return host
 
     def _to_device(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Rows as read to prepared rows: ``(y - mean) * scale``, missing values 0, computed in
-        the wider of the source's and the data's floating types (float32 for a store)."""
+        the wider of the source's and the data's floating types (float32 for a store);
+        in place when ``host`` is already on ``device`` in that type."""
         work = torch.promote_types(host.dtype, self.dtype)
         if not work.is_floating_point:
             work = torch.float64
         mean, scale = self._prepared(device, work)
-        y = host.to(device, non_blocking=device.type == "cuda").to(work)
-        # ``host`` is always a fresh copy (reordered columns), so it may be changed in place
+        y = host.to(device).to(work)  # a copy unless on the device already
         y.sub_(mean)
         if self.has_missing:
             y.mul_(scale)
@@ -124,7 +136,7 @@ class RecordingBlock:
     def chunks(self, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(t0, Y[t0:t1])`` float32 (rows, N_r) on ``device``, prepared (centred,
         zero-filled, scaled); see :meth:`windows`."""
-        for t0, _h, y in self.windows(device, halo=0):
+        for t0, _halo, y in self.windows(device, halo=0):
             yield t0, y
 
     def windows(
@@ -133,13 +145,14 @@ class RecordingBlock:
         halo: int,
         rows: int | None = None,
         span: tuple[int, int] | None = None,
-    ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """Yield ``(t0, h, Y[t0 - h : t1])`` for consecutive windows ``[t0, t1)`` of ``rows``
-        rows (default ``chunk_rows``) covering ``span`` (default all rows; it starts on a
-        window boundary), each with the ``h = min(halo, t0)`` rows before it. Every row is
-        read once: streamed windows keep the last rows of the one before (the first window
-        of a span reads its own), and are read one ahead in a background thread (from pinned
-        host memory on a GPU), so reading overlaps computing."""
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Yield ``(t0, Y[t0 - h : t0], Y[t0 : t1])`` for consecutive windows ``[t0, t1)`` of
+        ``rows`` rows (default ``chunk_rows``) covering ``span`` (default all rows; it starts on
+        a window boundary), each with its ``h = min(halo, t0)`` halo rows before it. Every row
+        is read once: streamed windows keep the last rows of the one before (the first window
+        of a span reads its own), are read one ahead in a background thread into two reused
+        buffers (pinned host memory on a GPU), so reading overlaps computing. A window is
+        valid until the next is asked for."""
         rows = rows or self.chunk_rows
         if halo > rows:
             raise ValueError(f"a window of {rows} rows cannot carry a halo of {halo}")
@@ -148,24 +161,33 @@ class RecordingBlock:
         if self.data is not None:
             for t0 in starts:
                 h = min(halo, t0)
-                yield t0, h, self.data[t0 - h : min(b, t0 + rows)]
+                yield t0, self.data[t0 - h : t0], self.data[t0 : min(b, t0 + rows)]
             return
         pin = device.type == "cuda"
-        first = a - min(halo, a)
-        tail = None
+        tail = self.read(a - min(halo, a), a, device)  # the first window's halo
+        n_r = len(self.neurons)
+        src = getattr(self.source, "dtype", None)
+        src_t = torch.from_numpy(np.empty(0, dtype=src)).dtype if src is not None else None
+        buffers = (
+            [torch.empty((rows, n_r), dtype=src_t, pin_memory=pin) for _ in range(2)]
+            if src_t is not None and src_t.is_floating_point
+            else [None, None]
+        )
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(self._read_host, first, min(b, a + rows), pin) if starts else None
+            future = None
+            if starts:
+                future = pool.submit(self._read_host, a, min(b, a + rows), pin, buffers[0])
             for k, t0 in enumerate(starts):
                 host = future.result()
                 if k + 1 < len(starts):
                     nxt = starts[k + 1]
-                    future = pool.submit(self._read_host, nxt, min(b, nxt + rows), pin)
+                    future = pool.submit(
+                        self._read_host, nxt, min(b, nxt + rows), pin, buffers[(k + 1) % 2]
+                    )
                 y = self._to_device(host, device)
                 h = min(halo, t0)
-                if k and h:
-                    y = torch.cat([tail[tail.shape[0] - h :], y])
-                tail = y
-                yield t0, h, y
+                yield t0, tail[tail.shape[0] - h :], y
+                tail = y[max(0, y.shape[0] - halo) :].clone()
 
 
 @dataclass
