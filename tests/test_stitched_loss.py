@@ -26,6 +26,20 @@ def small_dataset(rng, missing=False):
     return recs, 9
 
 
+def held_out_data(recs, n_total, seed, chunk_rows=None):
+    """The small dataset prepared in float64 with 30% of its pairs held out, 4 lags."""
+    return prepare_data(
+        recs,
+        n_total,
+        lags=4,
+        device=torch.device("cpu"),
+        heldout_fraction=0.3,
+        seed=seed,
+        chunk_rows=chunk_rows,
+        dtype=torch.float64,
+    )
+
+
 def dense_loss(recs, n_total, data, C, X):
     """Brute force over every (i, j, s): pooled empirical covariances of co-observed pairs,
     the lag-0 diagonal through the profiled R (the hinge)."""
@@ -155,15 +169,7 @@ def test_windows_sum_to_the_full_pass_and_cover_every_row():
     """Every row lies in exactly one window, and the windows' terms add up to the pass."""
     rng = np.random.default_rng(4)
     recs, n_total = small_dataset(rng)
-    data = prepare_data(
-        recs,
-        n_total,
-        lags=4,
-        device=torch.device("cpu"),
-        heldout_fraction=0.3,
-        seed=2,
-        dtype=torch.float64,
-    )
+    data = held_out_data(recs, n_total, seed=2)
     term = DataTerm(data, data.weights(torch.device("cpu")), 2, route="data", window_rows=7)
     wins = term.windows()
     for k, rec in enumerate(data.recordings):
@@ -185,16 +191,7 @@ def test_warm_start_pieces_agree_from_data_and_from_moments():
 
     rng = np.random.default_rng(6)
     recs, n_total = small_dataset(rng)
-    data = prepare_data(
-        recs,
-        n_total,
-        lags=4,
-        device=torch.device("cpu"),
-        heldout_fraction=0.3,
-        seed=1,
-        chunk_rows=16,
-        dtype=torch.float64,
-    )
+    data = held_out_data(recs, n_total, seed=1, chunk_rows=16)
     term = DataTerm(data, data.weights(torch.device("cpu")), 2, route="moments")
     V = torch.as_tensor(rng.standard_normal((len(data.recordings[0].neurons), 2)))
     np.testing.assert_allclose(
