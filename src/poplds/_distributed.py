@@ -26,13 +26,18 @@ def rank_and_size() -> tuple[int, int]:
     return 0, 1
 
 
-def init_from_environment(device: torch.device) -> bool:
+def init_from_environment(device: str | torch.device) -> bool:
     """Join the process group ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1),
     with NCCL for CUDA devices and gloo otherwise; on CUDA each rank takes the GPU of its
-    ``LOCAL_RANK``. Returns whether a group is in use. Safe to call twice."""
+    ``LOCAL_RANK``. ``device``: a device or a device setting (``auto``, ``cpu``, ``cuda``...).
+    Returns whether a group is in use. Safe to call twice."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
         return False
     if not dist.is_initialized():
+        if isinstance(device, str):
+            from ._device import choose_device
+
+            device = choose_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -87,5 +92,4 @@ def launch(entry: Callable[..., Any], processes: int, args: tuple) -> None:
 
 def _with_threads(threads: int, entry: Callable[..., Any], *args: Any) -> Any:
     torch.set_num_threads(threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     return entry(*args)

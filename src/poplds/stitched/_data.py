@@ -492,8 +492,7 @@ def prepare_data(
         if in_memory:  # a second pass places the prepared data on the device
             data = torch.empty((t_r, n_r), dtype=dtype, device=device)
             for t0, t1 in _row_chunks(t_r, chunk_rows or _stat_rows(n_r, rec.activity)):
-                raw = np.asarray(rec.activity[t0:t1])[:, order]
-                data[t0:t1] = block._to_device(torch.from_numpy(raw), device)
+                data[t0:t1] = block.read(t0, t1, device)  # streamed until data is set
             block.data = data
         blocks.append(block)
         sum_sq[neurons_sorted] += ss

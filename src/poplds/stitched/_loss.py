@@ -205,12 +205,8 @@ class DataTerm:
         self.data = data
         dev = data.device
         self.routes = choose_routes(data, n_latent, route)
-        self.w = [
-            weights[:, torch.as_tensor(r.groups, device=dev)][
-                :, :, torch.as_tensor(r.groups, device=dev)
-            ]
-            for r in data.recordings
-        ]
+        groups = [torch.as_tensor(r.groups, device=dev) for r in data.recordings]
+        self.w = [weights[:, g][:, :, g] for g in groups]
         # minibatch windows in whole store chunks (a chunk decoded once per epoch), and at
         # least the halo long (a window's halo comes from the window before it)
         self.rows = [

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 
 from .._checkpoint import remove_checkpoints
-from .._device import choose_device
 from .._distributed import init_from_environment, launch, rank_and_size
 from .._errors import InputError
 from .._logging import get_logger
@@ -174,7 +173,7 @@ def fit_store(
     s = settings or StitchedSettings()
     out = outputs or StitchedOutputs.under(Path(store_path).parent, latent_dim)
     ckpt_dir = Path(checkpoints) if checkpoints else out.metrics.parent / "checkpoint"
-    init_from_environment(choose_device(s.device))  # under torchrun: join its process group
+    init_from_environment(s.device)  # under torchrun: join its process group
     if s.processes > 1 and rank_and_size()[1] == 1:
         launch(_rank_main, s.processes, (str(store_path), latent_dim, s, out, truth, ckpt_dir))
         metrics = json.loads(out.metrics.read_text())
@@ -274,7 +273,7 @@ def fit_store(
 
 def _rank_main(store_path, latent_dim, settings, outputs, truth, checkpoints) -> None:
     """One rank of a multi-process fit (started by :func:`poplds._distributed.launch`)."""
-    init_from_environment(choose_device(settings.device))
+    init_from_environment(settings.device)
     fit_store(
         store_path, latent_dim, settings, outputs=outputs, truth=truth, checkpoints=checkpoints
     )
