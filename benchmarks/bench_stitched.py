@@ -388,6 +388,15 @@ def scale(args) -> dict:
     in_memory = all(r.data is not None for r in fit.data.recordings)
     data_bytes = sum(4 * r.n_time * len(r.neurons) for r in fit.data.recordings)
     per_pass = fit_s / passes
+    if info["optimizer"] == "subspace":  # its passes alone; the inner solves read nothing
+        pass_s = sum(info[k]["pass_seconds"] for k in ("free", "linked"))
+        per_pass = pass_s / passes
+        inner = sum(info[k]["inner"] for k in ("free", "linked"))
+        print(
+            f"subspace: {pass_s:.0f} s in passes over the data, {fit_s - pass_s:.0f} s in "
+            f"{inner} inner evaluations (no data read)",
+            flush=True,
+        )
     floor = data_bytes / (bw / 2) if in_memory else data_bytes / decode
     # never co-observed pairs, on a sample of a few thousand neurons of each side
     size = int(N * 1.1 / 2)

@@ -17,15 +17,20 @@ from poplds.stitched import StitchedOutputs, StitchedSettings, fit_store
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="no torch.distributed")
 
 
-@pytest.mark.parametrize("route", ["data", "moments"])
-def test_two_gloo_processes_give_the_single_process_fit(tmp_path, route):
+@pytest.mark.parametrize(
+    ("route", "optimizer"), [("data", "lbfgs"), ("moments", "lbfgs"), ("data", "subspace")]
+)
+def test_two_gloo_processes_give_the_single_process_fit(tmp_path, route, optimizer):
     """Each rank reads its own time chunks (data route) or forms its own recordings' moments;
-    the shares are all-reduced, and L-BFGS then takes the same steps as in one process."""
+    the shares are all-reduced, and L-BFGS then takes the same steps as in one process. The
+    subspace optimiser's ranks keep the projections of their own rows (with the halo before
+    them) and sum the lagged moments of the projections, so every rank's inner solve is the
+    same."""
     paths = two_recordings(tmp_path, 3, [(0, 20), (12, 30)], (20000, 17000))
     store = ingest_dataset([{"path": str(p)} for p in paths], tmp_path / "ds" / "data.zarr")
     # recordings of 3 windows of 8192 rows: rank 0 computes one, rank 1 two
     s = StitchedSettings(
-        lags=4, device="cpu", route=route, max_device_bytes=0, optimizer="lbfgs", tol=1e-6
+        lags=4, device="cpu", route=route, max_device_bytes=0, optimizer=optimizer, tol=1e-6
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each of the two processes has: the same matrix products

@@ -334,11 +334,21 @@ def counted_mini(*a, **k):
     return real_mini(*a, **k)
 models.loss_and_grad = counted
 _sgd.minibatch_loss_and_grad = counted_mini
+def counting(real):
+    def f(*a, **k):
+        calls[0] += 1
+        return real(*a, **k)
+    return f
+if sys.argv[3] == "subspace":  # its passes
+    for name in ("full", "sweep"):
+        setattr(stitched._loss.DataTerm, name, counting(getattr(stitched._loss.DataTerm, name)))
 p = simulate.random_stitched_lds(60, 4, eig_moduli=(0.8, 0.97), noise_to_signal=1.0, seed=5)
 layout = [simulate.SimRecording("a", (0, 40), 3000), simulate.SimRecording("b", (25, 60), 3000)]
 ys, _ = simulate.simulate_stitched(p, layout, seed=6)
 recs = [RecordingInput(r.name, y, np.arange(*r.neurons)) for r, y in zip(layout, ys)]
 kw = dict(lags=5, device="cpu", tol=1e-12, max_passes=300, optimizer=sys.argv[3], max_epochs=25)
+if sys.argv[3] == "subspace":  # on the data route, where it forms and keeps projections
+    kw.update(route="data", max_passes=6)
 if sys.argv[1] == "-":
     fit = stitched.fit(recs, 60, 4, **kw)
 else:
@@ -348,10 +358,11 @@ np.savez(sys.argv[2], C=fit.params.C, A=fit.params.A, trace=np.array([v for _, _
 """
 
 
-@pytest.mark.parametrize("optimizer", ["lbfgs", "sgd"])
+@pytest.mark.parametrize("optimizer", ["lbfgs", "sgd", "subspace"])
 def test_killed_stitched_fit_resumes_to_the_same_result(tmp_path, optimizer):
     """SIGKILL a checkpointing stitched fit in its first stage, run it again: it resumes from
-    the checkpoint (L-BFGS: between blocks of iterations; SGD: between epochs) and ends with
+    the checkpoint (L-BFGS: between blocks of iterations; SGD: between epochs; subspace:
+    between passes) and ends with
     exactly the fit (loadings, dynamics, every pass's or epoch's loss) of an uninterrupted
     fit."""
     import subprocess

@@ -94,10 +94,11 @@ def test_every_window_is_visited_once_per_epoch(monkeypatch):
     np.testing.assert_array_equal(epoch_order(9, 1, "free", 2), epoch_order(9, 1, "free", 2))
 
 
-def test_sgd_reaches_the_lbfgs_optimum():
-    """On a small two-recording simulation streamed window by window, SGD's never
-    co-observed covariances match L-BFGS's within 0.002 (correlation against the truth), and
-    the same seed gives the same SGD fit."""
+def test_sgd_and_subspace_reach_the_lbfgs_optimum():
+    """On a small two-recording simulation on the data route, SGD's and the subspace
+    optimiser's never co-observed covariances match L-BFGS's within 0.002 (correlation
+    against the truth), the subspace optimiser's final loss is within the convergence
+    tolerance of L-BFGS's or below it, and the same seed gives the same fit."""
     N, n, T = 80, 3, 3000
     p = simulate.random_stitched_lds(N, n, seed=2)
     layout = [simulate.SimRecording("a", (0, 48), T), simulate.SimRecording("b", (32, N), T)]
@@ -108,7 +109,8 @@ def test_sgd_reaches_the_lbfgs_optimum():
     ]
     truth = stitched.StitchedLDSParams.from_dynamics(p.A, p.C, p.Q, p.R, p.Pi, 10)
     scores = {}
-    for opt in ("lbfgs", "sgd", "sgd"):
+    losses = {}
+    for opt in ("lbfgs", "sgd", "sgd", "subspace", "subspace"):
         f = stitched.fit(recs, N, n, device="cpu", optimizer=opt, route="data")
         assert f.info["optimizer"] == opt and f.info["stop"] == "converged"
         cov = covariance_scores(f.params, f.data, truth=truth)
@@ -116,5 +118,9 @@ def test_sgd_reaches_the_lbfgs_optimum():
         if opt in scores:
             assert r == scores[opt]  # deterministic for a seed
         scores[opt] = r
+        losses[opt] = (f.info["linked"]["loss"], f.info["noise_floor"])
     assert scores["lbfgs"] > 0.95
     assert abs(scores["sgd"] - scores["lbfgs"]) < 0.002, scores
+    assert abs(scores["subspace"] - scores["lbfgs"]) < 0.002, scores
+    (ours, floor), (ref, _) = losses["subspace"], losses["lbfgs"]
+    assert ours < ref + 1e-3 * floor, losses

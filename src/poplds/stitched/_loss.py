@@ -203,6 +203,7 @@ class DataTerm:
         window_rows: int | None = None,
     ) -> None:
         self.data = data
+        self.n_latent = n_latent
         dev = data.device
         self.routes = choose_routes(data, n_latent, route)
         groups = [torch.as_tensor(r.groups, device=dev) for r in data.recordings]
@@ -299,14 +300,21 @@ class DataTerm:
             if h:
                 grad = grad + dZt[g, :, :h] @ halo[:, sl]
             accT[:, sl] += grad.to(torch.float64)
-        return D, dX
+        return D, dX, Zt
 
     def full(
-        self, C: torch.Tensor, X: torch.Tensor, recordings: Sequence[int] | None = None
+        self,
+        C: torch.Tensor,
+        X: torch.Tensor,
+        recordings: Sequence[int] | None = None,
+        keep: dict[int, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(sum_r D_r, d/dC (N, n), d/dX (K, n, n))`` over ``recordings`` (default all):
         one pass, each row of the data route read once; with several ranks, each computes
-        its share (its rows, its recordings' moments) and the shares are summed."""
+        its share (its rows, its recordings' moments) and the shares are summed. With
+        ``keep`` (a dict), the projections ``z_g[t] = C_g' y_g[t]`` of this rank's rows of
+        each data-route recording k (:meth:`projection_rows`) are put in ``keep[k]``
+        (rows, G_r, n) float64."""
         n = C.shape[1]
         gC = torch.zeros_like(C)
         D = C.new_zeros(())
@@ -323,12 +331,79 @@ class DataTerm:
             accT = torch.zeros((n, len(rec.neurons)), dtype=torch.float64, device=C.device)
             rows = self._full_rows(k)
             span = self._span(k)
-            for _, halo, y in rec.windows(C.device, self.data.lags - 1, rows, span):
-                d, x = self._window_term(k, halo, y, CT, X, accT)
+            if keep is not None:
+                keep[k] = self.projection_buffer(k, 1)[0]
+            for t0, halo, y in rec.windows(C.device, self.data.lags - 1, rows, span):
+                d, x, Zt = self._window_term(k, halo, y, CT, X, accT)
                 D, dX = D + d, dX + x
+                if keep is not None:  # rows [t0 - h, t1) at offset t0 - h - (span start - h0)
+                    first = t0 == span[0]
+                    part = Zt if first else Zt[:, :, halo.shape[0] :]
+                    at = 0 if first else t0 - span[0] + self.span_halo(k)
+                    keep[k][at : at + part.shape[2]] = part.permute(2, 0, 1)
             gC.index_add_(0, self.index[k], accT.T)
         all_sum(D, gC, dX)
         return D, gC, dX
+
+    def span_halo(self, k: int) -> int:
+        """Rows before this rank's span of recording k that its pairs reach back to."""
+        return min(self.data.lags - 1, self._span(k)[0])
+
+    def projection_rows(self, k: int) -> tuple[int, int]:
+        """The rows ``[t0, t1)`` whose projections this rank keeps for recording k: its span
+        and the halo before it (:meth:`span_halo`)."""
+        lo, hi = self._span(k)
+        return lo - self.span_halo(k), hi
+
+    def projection_buffer(self, k: int, count: int) -> torch.Tensor:
+        """Zeros (count, rows, G_r, n) for ``count`` directions' projections of recording k's
+        :meth:`projection_rows`."""
+        t0, t1 = self.projection_rows(k)
+        G = len(self.data.recordings[k].slices)
+        return torch.zeros(
+            (count, t1 - t0, G, self.n_latent), dtype=torch.float64, device=self.data.device
+        )
+
+    def sweep(
+        self, Q: torch.Tensor | None, dZ: dict[int, torch.Tensor]
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """One pass over this rank's :meth:`projection_rows` of every data-route recording,
+        two products per row: the projections ``p_jg[t] = Q_jg' y_g[t]`` of the directions
+        ``Q`` (q, N_total, n) (None: none), and ``sum_t y[t] dZ[t]'``, the data route's
+        gradient in C for ``dZ[k]`` (rows, G_r, n), the gradient of the data term with
+        respect to recording k's projections. Returns ``({k: (q, rows, G_r, n)}, (N, n))``,
+        the gradient summed over ranks; no halo is needed, as no lagged product is formed."""
+        n = self.n_latent
+        dev = self.data.device
+        gC = torch.zeros((self.data.n_neurons, n), dtype=torch.float64, device=dev)
+        out: dict[int, torch.Tensor] = {}
+        for k, rec in enumerate(self.data.recordings):
+            if self.routes[k] != "data":
+                continue
+            q = 0 if Q is None else Q.shape[0]
+            P = self.projection_buffer(k, q)
+            QT = None
+            if q:  # (q n, N_r): every direction's C' at once
+                QT = Q[:, self.index[k]].to(rec.dtype).permute(0, 2, 1).reshape(q * n, -1)
+            dZt = dZ[k].to(rec.dtype).permute(1, 2, 0).contiguous()  # (G, n, rows)
+            accT = torch.zeros((n, len(rec.neurons)), dtype=torch.float64, device=dev)
+            span, h0 = self._span(k), self.span_halo(k)
+            for t0, halo, y in rec.windows(dev, h0, self._full_rows(k), span):
+                parts = [(t0 - span[0] + h0, y)]
+                if t0 == span[0] and halo.shape[0]:
+                    parts.insert(0, (0, halo))
+                for at, rows in parts:
+                    L = rows.shape[0]
+                    for g, sl in enumerate(rec.slices):
+                        if QT is not None:
+                            pg = (QT[:, sl] @ rows[:, sl].T).view(q, n, L)
+                            P[:, at : at + L, g] = pg.permute(0, 2, 1).to(torch.float64)
+                        grad = dZt[g, :, at : at + L] @ rows[:, sl]
+                        accT[:, sl] += grad.to(torch.float64)
+            out[k] = P
+            gC.index_add_(0, self.index[k], accT.T)
+        all_sum(gC)
+        return out, gC
 
     def window(
         self,
@@ -346,7 +421,7 @@ class DataTerm:
         gC = torch.zeros_like(C)
         accT = torch.zeros((C.shape[1], len(rec.neurons)), dtype=torch.float64, device=C.device)
         CT = C[self.index[win.rec]].to(rec.dtype).T.contiguous()
-        D, dX = self._window_term(win.rec, halo, y, CT, X, accT)
+        D, dX, _ = self._window_term(win.rec, halo, y, CT, X, accT)
         gC.index_add_(0, self.index[win.rec], accT.T)
         return D, gC, dX
 
@@ -407,29 +482,32 @@ class _Injected(torch.autograd.Function):
 def model_terms(C: torch.Tensor, X: torch.Tensor, tensors: dict) -> torch.Tensor:
     """``model^2 - diag + hinge`` of the module docstring (no data beyond the variances),
     differentiable in ``C`` (N, n) and ``X`` (K, n, n)."""
-    obs = tensors["observed"]
-    Cg = C[obs]
-    Cs = C[tensors["by_group"]]  # observed neurons sorted by group: G_g = C_g' C_g, one GEMM each
+    return sorted_model_terms(C[tensors["by_group"]], X, tensors)
+
+
+def sorted_model_terms(Cs: torch.Tensor, X: torch.Tensor, tensors: dict) -> torch.Tensor:
+    """:func:`model_terms` from ``Cs`` (N_obs, n): the observed neurons' loadings sorted by
+    group (``tensors["by_group"]``), so ``G_g = C_g' C_g`` is one GEMM per group."""
     G = torch.stack([Cs[a:b].T @ Cs[a:b] for a, b in tensors["group_bounds"]])
     XtGX = torch.einsum("sab,gac,scd->sgbd", X, G, X)
     model_sq = torch.einsum("sgbd,hdb,sgh->", XtGX, G, tensors["coobserved"])
-    m = torch.einsum("ia,ab,ib->i", Cg, X[0], Cg)
+    m = torch.einsum("ia,ab,ib->i", Cs, X[0], Cs)
     d, v = tensors["diag0"], tensors["variance"]
     return model_sq - torch.sum(m * m - 2 * m * d) + torch.sum(torch.clamp(m - v, min=0) ** 2)
 
 
 def loss_tensors(data: StitchedData, device: torch.device) -> dict[str, torch.Tensor]:
-    """Device copies of the data's small bookkeeping arrays used by :func:`model_terms`."""
+    """Device copies of the data's small bookkeeping arrays used by :func:`model_terms`
+    (``diag0`` and ``variance`` in the ``by_group`` order of the observed neurons)."""
     obs = data.group_of >= 0
     by_group = np.flatnonzero(obs)[np.argsort(data.group_of[obs], kind="stable")]
     bounds = np.concatenate([[0], np.cumsum(data.group_size)]).astype(int)
     return {
-        "observed": torch.as_tensor(obs, device=device),
         "by_group": torch.as_tensor(by_group, device=device),
         "group_bounds": list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)),
         "coobserved": torch.as_tensor((data.pair_count > 0).astype("float64"), device=device),
-        "diag0": torch.as_tensor(data.diag0[obs], device=device),
-        "variance": torch.as_tensor(data.variance[obs], device=device),
+        "diag0": torch.as_tensor(data.diag0[by_group], device=device),
+        "variance": torch.as_tensor(data.variance[by_group], device=device),
         "n_pairs": torch.tensor(max(1.0, data.n_pairs()), dtype=torch.float64, device=device),
     }
 

@@ -19,10 +19,12 @@ Fitting, all deterministic for a given seed:
    ``C_u sum_s (X_s G_k X_s' + X_s' G_k X_s) = sum_s (F_s X_s' + B_s X_s)`` with
    ``G_k = C_k' C_k``, ``F_s = sum_t y_u[t+s] z_k[t]' / (T-s)`` and
    ``B_s = sum_t y_u[t] z_k[t+s]' / (T-s)``.
-2. Free stage: ``C`` and every ``X_s`` (``X_0`` symmetric) by L-BFGS.
+2. Free stage: ``C`` and every ``X_s`` (``X_0`` symmetric) by the chosen optimiser
+   (:func:`choose_optimizer`: L-BFGS, minibatch SGD (``_sgd``) or subspace moment matching
+   (``_subspace``)).
 3. ``A = [X_1 ... X_{K-1}] [X_0 ... X_{K-2}]^+`` (the consistent least squares), projected to
    spectral radius < 1 when ``stable``.
-4. Linked stage: ``C``, ``A`` and ``Pi = L L'`` (PSD by construction) by L-BFGS.
+4. Linked stage: ``C``, ``A`` and ``Pi = L L'`` (PSD by construction), by the same.
 5. ``Q = Pi - A Pi A'`` projected to PSD; ``R_i = max(v_i - C_i Pi C_i', r_floor v_i)``.
 
 Optional random restarts repeat 2-4 from random starts and keep the lowest loss.
@@ -51,6 +53,7 @@ from ..store import coverage
 from ._data import RecordingInput, StitchedData, prepare_data
 from ._loss import DataTerm, loss_and_grad, loss_tensors
 from ._sgd import sgd
+from ._subspace import Basis, subspace
 from .settings import StitchedSettings
 
 log = get_logger()
@@ -503,6 +506,20 @@ def _run_stage(params, make_X, term, tens, opts, trace, stage, progress):
     """One stage on ``params`` (``params[0]`` is C; ``make_X()`` builds X from the others)
     by the chosen optimiser: L-BFGS (:func:`_lbfgs`) or minibatch SGD (:func:`._sgd.sgd`)."""
     C = params[0]
+    if opts["optimizer"] == "subspace":
+        return subspace(
+            params,
+            make_X,
+            term,
+            tens,
+            stage=stage,
+            max_passes=opts["max_passes"],
+            tol=opts["tol"],
+            scale=opts["scale"],
+            trace=trace,
+            carry=opts["carry"],
+            progress=progress,
+        )
     if opts["optimizer"] == "sgd":
         return sgd(
             params,
@@ -572,22 +589,63 @@ def _linked_stage(term, tens, C0, A0, Pi0, unit, opts, trace, stage="linked", pr
     return C.detach(), A.detach(), unit * (Lf @ Lf.T), info
 
 
-#: ``optimizer: auto`` takes SGD when an epoch has at least this many minibatch windows.
+#: ``optimizer: auto`` considers SGD when an epoch has at least this many minibatch windows.
 SGD_MIN_WINDOWS = 128
+
+#: Reads of the data a fit is expected to take by each optimiser, for ``optimizer: auto``.
+#: Measured (``benchmarks/bench_stitched.py``): L-BFGS 61-373 passes over two stages, SGD 73
+#: (55 windows per epoch) to 100 (390 windows), the subspace optimiser 8-16; the subspace
+#: figure is taken at twice the most measured.
+EXPECTED_READS = {"lbfgs": 300, "sgd": 100, "subspace": 30}
+
+#: Flops one byte read from a store costs, in time, against a large matrix product: on the
+#: 2 cores measured, zarr decodes 0.3-0.7 GB/s where float32 products run at about 25 GFlop/s.
+READ_FLOPS_PER_BYTE = 40.0
+
+
+def optimizer_costs(term: DataTerm) -> dict[str, float]:
+    """Modelled flops of a fit by each optimiser: its expected reads of the data
+    (``EXPECTED_READS``) times the products of a pass, plus what the subspace optimiser adds
+    per pass without reading the data (forming the lagged moments of the projections,
+    ``2 T_r d_r^2 K`` with ``d_r = (MEMORY + 2) G_r n``, and its inner solve, about
+    ``INNER_ITERATIONS`` evaluations of ``6 N n (n + MEMORY + 1)``). A pass over a streamed
+    recording also costs ``READ_FLOPS_PER_BYTE`` per byte read. Recordings on the moments
+    route read nothing and count for none of them."""
+    from ._subspace import INNER_ITERATIONS, MEMORY
+
+    data, n, K = term.data, term.n_latent, term.data.lags
+    per_pass = extra = 0.0
+    for rec, how in zip(data.recordings, term.routes, strict=True):
+        if how == "data":
+            T, N, G = rec.n_time, len(rec.neurons), len(rec.slices)
+            per_pass += 4.0 * T * N * n
+            if rec.data is None:
+                per_pass += READ_FLOPS_PER_BYTE * T * N * 4  # float32 in the store
+            extra += 2.0 * T * ((MEMORY + 2) * G * n) ** 2 * K
+    if per_pass:
+        extra += INNER_ITERATIONS * 6.0 * int(np.sum(data.group_of >= 0)) * n * (n + MEMORY + 1)
+    out = {k: EXPECTED_READS[k] * per_pass for k in ("lbfgs", "sgd")}
+    out["subspace"] = EXPECTED_READS["subspace"] * (per_pass + extra)
+    return out
 
 
 def choose_optimizer(term: DataTerm, optimizer: str) -> str:
-    """``lbfgs`` or ``sgd``. One L-BFGS pass and one SGD epoch each read the data once, and
-    SGD takes one step per window of an epoch, so ``auto`` takes SGD when an epoch has at
-    least ``SGD_MIN_WINDOWS`` windows on the data route and L-BFGS otherwise (measured by
-    ``benchmarks/bench_stitched.py``: with 390 windows per epoch, the paper's setting, SGD
-    needed 100 reads of the data where L-BFGS needed 373, at the same fit; with 55, L-BFGS
-    needed 61 and SGD 73; with every recording on the moments route a pass reads nothing)."""
-    if optimizer not in ("auto", "lbfgs", "sgd"):
-        raise InputError("stitched_lds.optimizer", f"must be auto, lbfgs or sgd, got {optimizer!r}")
+    """``lbfgs``, ``sgd`` or ``subspace``; ``auto`` takes the one of least modelled cost
+    (:func:`optimizer_costs`), SGD only when an epoch has at least ``SGD_MIN_WINDOWS``
+    windows on the data route (with fewer, its reads were not fewer than L-BFGS's), and
+    L-BFGS when no recording is on the data route (a pass then reads nothing)."""
+    if optimizer not in ("auto", "lbfgs", "sgd", "subspace"):
+        raise InputError(
+            "stitched_lds.optimizer", f"must be auto, lbfgs, sgd or subspace, got {optimizer!r}"
+        )
     if optimizer != "auto":
         return optimizer
-    return "sgd" if len(term.windows()) >= SGD_MIN_WINDOWS else "lbfgs"
+    costs = optimizer_costs(term)
+    if not costs["lbfgs"]:
+        return "lbfgs"
+    if len(term.windows()) < SGD_MIN_WINDOWS:
+        del costs["sgd"]
+    return min(costs, key=lambda k: (costs[k], k != "lbfgs"))
 
 
 def fit(
@@ -711,6 +769,7 @@ def fit(
     best = None
     for name, Cs, Xs in starts:
         trace: list[tuple[str, int, float]] = []
+        opts["carry"] = {}  # what one stage hands the next (the subspace optimiser's basis)
         if progress is not None:
             progress.start = name
         done = progress.finished("linked") if progress is not None else None
@@ -723,13 +782,23 @@ def fit(
             if free is not None:
                 C1, X1 = (v.to(dev) for v in free["out"])
                 info1, trace[:] = free["info"], free["trace"]
+                if free.get("basis") is not None:  # the subspace optimiser's, for the next stage
+                    opts["carry"]["basis"] = Basis(term, tens)
+                    opts["carry"]["basis"].load(free["basis"])
             else:
                 C1, X1, info1 = _free_stage(
                     term, tens, Cs, Xs, unit, opts, trace, progress=progress
                 )
                 if progress is not None:
+                    basis = opts["carry"].get("basis")
                     progress.finish(
-                        "free", {"out": (C1.cpu(), X1.cpu()), "info": info1, "trace": list(trace)}
+                        "free",
+                        {
+                            "out": (C1.cpu(), X1.cpu()),
+                            "info": info1,
+                            "trace": list(trace),
+                            "basis": None if basis is None else basis.state(),
+                        },
                     )
             A1 = dynamics_from_lagged(X1.cpu().numpy(), stable=stable)
             floor1 = 1e-6 * float(torch.trace(X1[0])) / latent_dim

@@ -21,8 +21,8 @@ class StitchedSettings:
     extra random starts (the lowest loss wins); max_passes: most loss-and-gradient passes
     per stage; tol: a stage has converged when its loss falls by less than tol times the
     loss's sampling noise per pair over 10 passes (the free stage uses 10 tol); optimizer:
-    ``auto`` (SGD when an epoch has at least 128 minibatches on the data route, else
-    L-BFGS), ``lbfgs`` or ``sgd``;
+    ``lbfgs``, ``sgd``, ``subspace`` or ``auto`` (the one of least modelled cost,
+    ``models.choose_optimizer``);
     minibatch_rows: time steps per SGD minibatch; max_epochs: SGD's cap per stage;
     learning_rate: Adam's step relative to each parameter's size; processes: data-parallel
     processes on this machine (torch.distributed; one per GPU);
