@@ -166,11 +166,12 @@ class Basis:
         if self.moment_recs:
             Cf = self.full_loadings(Cs.detach())
             gC, dX = torch.zeros_like(Cf), torch.zeros_like(X)
+            Dm = X.new_zeros(())
             with torch.no_grad():
                 for k in self.moment_recs:
                     d, x = self.term._moments_term(k, Cf, X.detach(), gC)
-                    D, dX = D + d, dX + x
-            D = D + torch.sum(gC[self.order] * (Cs - Cs.detach()))
+                    Dm, dX = Dm + d, dX + x
+            D = D + Dm + torch.sum(gC[self.order] * (Cs - Cs.detach()))
             D = D + torch.sum(dX * (X - X.detach()))
         return (sorted_model_terms(Cs, X, tensors) - 2 * D) / tensors["n_pairs"]
 
@@ -216,10 +217,12 @@ class Basis:
         """``v`` (N_obs, n) and its projections ``Pv[k]`` (rows, G_r, n) (None: not formed
         yet) made orthogonal, group by group, to the column space of ``D[0]`` and to each of
         ``D[1:]`` (with projections ``P[k]`` (m+1, ...)), then scaled to ``D[0]``'s norm in
-        each group (zero where nothing is left)."""
+        each group (zero where less than 1e-5 of its norm is left: rounding, not a
+        direction)."""
         v = v.clone()
         Pv = None if Pv is None else {k: x.clone() for k, x in Pv.items()}
         n, G = v.shape[1], len(self.bounds)
+        v0 = self._group_sum((v * v).sum(1))
         Mg = torch.zeros((G, n, n), dtype=v.dtype, device=v.device)
         for g, (a, b) in enumerate(self.bounds):
             A = D[0][a:b]
@@ -240,7 +243,7 @@ class Basis:
                 for k in Pv:
                     Pv[k] -= c[self.slots[k]][None, :, None] * P[k][j + 1]
         vv, dd = self._group_sum((v * v).sum(1)), self._group_sum((D[0] * D[0]).sum(1))
-        keep = vv > 1e-20 * dd
+        keep = (vv > 1e-10 * v0) & (dd > 0)  # what is left is more than rounding
         f = torch.where(keep, torch.sqrt(dd / torch.where(keep, vv, 1.0)), 0.0)
         v *= f[self.gid, None]
         if Pv is not None:
