@@ -488,12 +488,24 @@ def model_terms(C: torch.Tensor, X: torch.Tensor, tensors: dict) -> torch.Tensor
 def sorted_model_terms(Cs: torch.Tensor, X: torch.Tensor, tensors: dict) -> torch.Tensor:
     """:func:`model_terms` from ``Cs`` (N_obs, n): the observed neurons' loadings sorted by
     group (``tensors["by_group"]``), so ``G_g = C_g' C_g`` is one GEMM per group."""
-    G = torch.stack([Cs[a:b].T @ Cs[a:b] for a, b in tensors["group_bounds"]])
+    parts = torch.split(Cs, [b - a for a, b in tensors["group_bounds"]])  # one cat backward
+    G = torch.stack([c.T @ c for c in parts])
+    return model_square(G, X, tensors) + diagonal_terms(Cs, X[0], tensors)
+
+
+def model_square(G: torch.Tensor, X: torch.Tensor, tensors: dict) -> torch.Tensor:
+    """``sum_s sum_(g~h) tr(X_s' G_g X_s G_h)`` from the groups' Gram matrices ``G``
+    (G, n, n)."""
     XtGX = torch.einsum("sab,gac,scd->sgbd", X, G, X)
-    model_sq = torch.einsum("sgbd,hdb,sgh->", XtGX, G, tensors["coobserved"])
-    m = torch.einsum("ia,ab,ib->i", Cs, X[0], Cs)
+    return torch.einsum("sgbd,hdb,sgh->", XtGX, G, tensors["coobserved"])
+
+
+def diagonal_terms(Cs: torch.Tensor, X0: torch.Tensor, tensors: dict) -> torch.Tensor:
+    """The lag-0 diagonal's ``- sum_i (m_i^2 - 2 m_i d_i) + sum_i max(0, m_i - v_i)^2``,
+    ``m_i = C_i X_0 C_i'``, from the sorted loadings ``Cs`` (N_obs, n)."""
+    m = torch.sum((Cs @ X0) * Cs, dim=1)
     d, v = tensors["diag0"], tensors["variance"]
-    return model_sq - torch.sum(m * m - 2 * m * d) + torch.sum(torch.clamp(m - v, min=0) ** 2)
+    return -torch.sum(m * m - 2 * m * d) + torch.sum(torch.clamp(m - v, min=0) ** 2)
 
 
 def loss_tensors(data: StitchedData, device: torch.device) -> dict[str, torch.Tensor]:
