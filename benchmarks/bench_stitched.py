@@ -340,6 +340,7 @@ def decode_throughput(store: Path, fraction: float) -> float:
 
 def scale(args) -> dict:
     import resource
+    import shutil
     import tempfile
 
     from poplds.stitched import StitchedOutputs, StitchedSettings, fit_store
@@ -378,6 +379,7 @@ def scale(args) -> dict:
         optimizer=args.optimizer,
         minibatch_rows=args.minibatch_rows,
     )
+    shutil.rmtree(work / "fit", ignore_errors=True)  # a checkpoint there would be resumed
     result = fit_store(store, n, settings, outputs=StitchedOutputs.under(work / "fit", n))
     total = time.perf_counter() - t
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6

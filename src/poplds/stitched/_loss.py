@@ -346,8 +346,10 @@ class DataTerm:
         return D, gC, dX
 
     def span_halo(self, k: int) -> int:
-        """Rows before this rank's span of recording k that its pairs reach back to."""
-        return min(self.data.lags - 1, self._span(k)[0])
+        """Rows before this rank's span of recording k that its pairs reach back to (none
+        when the span is empty)."""
+        lo, hi = self._span(k)
+        return min(self.data.lags - 1, lo) if hi > lo else 0
 
     def projection_rows(self, k: int) -> tuple[int, int]:
         """The rows ``[t0, t1)`` whose projections this rank keeps for recording k: its span

@@ -126,7 +126,7 @@ class Basis:
         for k in self.data_recs:
             P = self.P[k]
             R = P.shape[1]
-            flat = P.permute(1, 0, 2, 3).reshape(R, -1)
+            flat = P.permute(1, 0, 2, 3).reshape(R, P.shape[0] * P.shape[2] * P.shape[3])
             h = self.term.span_halo(k)
             M = flat.new_zeros((K, flat.shape[1], flat.shape[1]))
             for s in range(K):
