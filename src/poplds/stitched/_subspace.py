@@ -144,10 +144,9 @@ class Basis:
     # -- the restricted parameterisation, eqs. (1) and (2) ---------------------------------
     def coefficients(self, Gam: torch.Tensor, gam: torch.Tensor, k: int) -> torch.Tensor:
         """(m+1, G_r, n, n): recording k's slots' ``Gamma_g`` and ``gamma_jg I``."""
-        s = self.slots[k]
         n = Gam.shape[1]
-        eye = torch.eye(n, dtype=Gam.dtype, device=Gam.device)
-        return torch.cat([Gam[s][None], gam[:, s, None, None] * eye], dim=0)
+        B = self.stacked(Gam, gam).view(len(self.bounds), -1, n, n)
+        return B[self.slots[k]].transpose(0, 1)
 
     def stacked(self, Gam: torch.Tensor, gam: torch.Tensor) -> torch.Tensor:
         """``B_g`` (G, (m+1) n, n): the coefficients of group g, ``C_g = E_g B_g``."""
