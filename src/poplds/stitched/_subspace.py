@@ -63,6 +63,10 @@ MEMORY = 6
 #: Iterations of the inner L-BFGS at most, per pass.
 INNER_ITERATIONS = 60
 
+#: The key under which :meth:`Basis._rebuild` carries a vector's coordinates in the old basis
+#: beside its projections.
+COORDS = -1
+
 
 class Basis:
     """The current point ``D_0``, the directions ``D_1 .. D_m``, their projections and the
@@ -95,6 +99,7 @@ class Basis:
         self.kinds: list[str] = []  # of D[1:]: "gradient" or "step"
         self.P: dict[int, torch.Tensor] = {}
         self.M: dict[int, torch.Tensor] = {}
+        self.Mflat: dict[int, torch.Tensor] = {}  # the same (K, d, d), columns (a, slot, n)
         self.queued: torch.Tensor | None = None  # (N_obs, n), projections not yet formed
         self.linear_diagonal_ok = not self.moment_recs and len(
             self.order
@@ -112,34 +117,86 @@ class Basis:
         self.refresh()
 
     def refresh(self) -> None:
-        """Form ``M`` from ``P`` (one GEMM per lag and recording), summed over ranks, and lay
-        the basis side by side, ``E' = [D_0 D_1 ... D_m]'`` ((m+1) n, N_obs), with ``D`` views
-        of it: the loadings of any coefficients are then one product per group (in this
-        layout both it and its gradient run about 3x faster than with rows of E)."""
+        """Lay out the basis (:meth:`_layout`) and form the lagged moments ``M`` of the
+        stored projections from scratch: one GEMM per lag and recording, summed over ranks
+        (:meth:`_extend` and :meth:`_transform` keep them up to date afterwards)."""
+        self._layout()
+        self.Mflat = {k: self._lagged(self._flat(self.P[k]), None, k) for k in self.data_recs}
+        if self.Mflat:
+            all_sum(*self.Mflat.values())
+        self._slot_layout()
+
+    def _layout(self) -> None:
+        """Lay the basis side by side, ``E' = [D_0 D_1 ... D_m]'`` ((m+1) n, N_obs), with
+        ``D`` views of it (the loadings of any coefficients are then one product per group;
+        in this layout both it and its gradient run about 3x faster than with rows of E),
+        and form its groups' Gram matrices ``W``."""
         n = self.D[0].shape[1]
         self.Et = torch.stack([d.T for d in self.D]).reshape(-1, self.D[0].shape[0])
         self.D = [self.Et[a * n : (a + 1) * n].T for a in range(len(self.D))]
         parts = torch.split(self.Et, [b - a for a, b in self.bounds], dim=1)
         self.W = torch.stack([Et_g @ Et_g.T for Et_g in parts])  # (G, d1, d1): E_g' E_g
+
+    @staticmethod
+    def _flat(P: torch.Tensor) -> torch.Tensor:
+        """Projections (a, rows, G_r, n) as (rows, a G_r n), columns ordered (a, slot, n)."""
+        a, R, G, n = P.shape
+        return P.permute(1, 0, 2, 3).reshape(R, a * G * n)
+
+    def _lagged(self, left: torch.Tensor, right: torch.Tensor | None, k: int) -> torch.Tensor:
+        """``sum_u left[u] right[u - s]'`` (K, left cols, right cols) over the pairs this rank
+        counts in recording k (rows before its span's halo start no pair); ``right`` None:
+        ``left``."""
+        right = left if right is None else right
+        K, R, h = self.term.data.lags, left.shape[0], self.term.span_halo(k)
+        M = left.new_zeros((K, left.shape[1], right.shape[1]))
+        for s in range(K):
+            lo = max(h, s)
+            if lo < R:
+                M[s] = left[lo:].T @ right[lo - s : R - s]
+        return M
+
+    def _transform(self, Mf: torch.Tensor, coords: torch.Tensor, k: int) -> torch.Tensor:
+        """The moments of a new basis from the old one's: ``coords`` (m'+1, (m+1) n, G, n)
+        gives each new direction in the old basis, group by group (``D'_bg = E_g coords[b,
+        :, g]``); the projections are the same combinations of the old ones, so recording
+        k's moments (K, d, d) become ``T' M_s T``, ``T`` block diagonal over its slots: no
+        pass over the stored projections."""
+        K, n = Mf.shape[0], coords.shape[3]
+        a0, a1 = coords.shape[1] // n, coords.shape[0]
+        Tk = coords[:, :, self.slots[k]].view(a1, a0, n, -1, n)  # (b, a, i, r, j)
+        R = Tk.shape[3]
+        M = Mf.view(K, a0, R, n, a0, R, n)  # (s, a, r, i, c, q, l)
+        left = torch.einsum("bairj,saricql->sbrjcql", Tk, M)
+        out = torch.einsum("sbrjcql,dclqm->sbrjdqm", left, Tk)
+        return out.reshape(K, a1 * R * n, a1 * R * n)
+
+    def _slot_layout(self) -> None:
+        """``M[k]`` (G_h, K d, (m+1) n) from ``Mflat[k]``: the columns of each slot h
+        together, as :meth:`data_term` takes them."""
         K = self.term.data.lags
         self.M = {}
-        for k in self.data_recs:
-            P = self.P[k]
-            R = P.shape[1]
-            flat = P.permute(1, 0, 2, 3).reshape(R, P.shape[0] * P.shape[2] * P.shape[3])
-            h = self.term.span_halo(k)
-            M = flat.new_zeros((K, flat.shape[1], flat.shape[1]))
-            for s in range(K):
-                lo = max(h, s)
-                if lo < R:
-                    M[s] = flat[lo:].T @ flat[lo - s : R - s]
-            self.M[k] = M
-        if self.M:
-            all_sum(*self.M.values())
-        for k, M in self.M.items():  # (G_h, K d, a1 n): the columns of each slot h together
+        for k, M in self.Mflat.items():
             a1, G, n = self.P[k].shape[0], self.P[k].shape[2], self.P[k].shape[3]
             d = a1 * G * n
             self.M[k] = M.view(K, d, a1, G, n).permute(3, 0, 1, 2, 4).reshape(G, K * d, a1 * n)
+
+    def _extend(self, Pq: dict[int, torch.Tensor]) -> None:
+        """Append the moments of a new direction's projections ``Pq[k]`` (rows, G_r, n) with
+        themselves and with the stored ones: two GEMMs of ``rows x d x G_r n`` per lag (not
+        the ``rows x d x d`` of forming ``M`` again), summed over ranks."""
+        cols, rows = {}, {}
+        for k in self.data_recs:
+            R, G, n = Pq[k].shape
+            new = Pq[k].reshape(R, G * n)
+            old = self._flat(self.P[k])
+            cols[k] = self._lagged(torch.cat([old, new], dim=1), new, k)  # (K, d + e, e)
+            rows[k] = self._lagged(new, old, k)  # (K, e, d)
+        if cols:
+            all_sum(*cols.values(), *rows.values())
+        for k in self.data_recs:
+            top = torch.cat([self.Mflat[k], rows[k]], dim=1)
+            self.Mflat[k] = torch.cat([top, cols[k]], dim=2)
 
     # -- the restricted parameterisation, eqs. (1) and (2) ---------------------------------
     def coefficients(self, Gam: torch.Tensor, gam: torch.Tensor, k: int) -> torch.Tensor:
@@ -268,6 +325,7 @@ class Basis:
         v = v.clone()
         Pv = None if Pv is None else {k: x.clone() for k, x in Pv.items()}
         n, G = v.shape[1], len(self.bounds)
+        slots = {**self.slots, COORDS: torch.arange(G, device=v.device)}
         v0 = self._group_sum((v * v).sum(1))
         Mg = torch.zeros((G, n, n), dtype=v.dtype, device=v.device)
         for g, (a, b) in enumerate(self.bounds):
@@ -280,61 +338,81 @@ class Basis:
                 v[a:b] -= A @ Mg[g]
         if Pv is not None:
             for k in Pv:
-                Pv[k] -= torch.einsum("tgn,gnm->tgm", P[k][0], Mg[self.slots[k]])
+                Pv[k] -= torch.einsum("tgn,gnm->tgm", P[k][0], Mg[slots[k]])
         for j, u in enumerate(D[1:]):
             uu, uv = self._group_sum((u * u).sum(1)), self._group_sum((u * v).sum(1))
             c = torch.where(uu > 0, uv / torch.where(uu > 0, uu, 1.0), 0.0)
             v -= c[self.gid, None] * u
             if Pv is not None:
                 for k in Pv:
-                    Pv[k] -= c[self.slots[k]][None, :, None] * P[k][j + 1]
+                    Pv[k] -= c[slots[k]][None, :, None] * P[k][j + 1]
         vv, dd = self._group_sum((v * v).sum(1)), self._group_sum((D[0] * D[0]).sum(1))
         keep = (vv > 1e-10 * v0) & (dd > 0)  # what is left is more than rounding
         f = torch.where(keep, torch.sqrt(dd / torch.where(keep, vv, 1.0)), 0.0)
         v *= f[self.gid, None]
         if Pv is not None:
             for k in Pv:
-                Pv[k] *= f[self.slots[k]][None, :, None]
+                Pv[k] *= f[slots[k]][None, :, None]
         return v, Pv
 
     def _rebuild(self, D0, P0, dirs) -> None:
         """The point ``D0`` with projections ``P0`` and the directions ``dirs`` ((v, Pv,
-        kind) each), made orthogonal in turn; ``M`` formed again."""
-        D, P = [D0], {k: P0[k][None] for k in self.data_recs}
+        kind) each), made orthogonal in turn; ``P0`` and each ``Pv`` also hold, under
+        ``COORDS``, the vector's coordinates in the old basis ((m+1) n, G, n), which carry
+        ``M`` over (:meth:`_transform`)."""
+        D, P = [D0], {k: x[None] for k, x in P0.items()}
         kinds = []
         for v, Pv, kind in dirs:
             v, Pv = self._combine(v, Pv, D, P)
             D.append(v)
-            P = {k: torch.cat([P[k], Pv[k][None]]) for k in self.data_recs}
+            P = {k: torch.cat([P[k], Pv[k][None]]) for k in P}
             kinds.append(kind)
+        coords = P.pop(COORDS)
         self.D, self.P, self.kinds = D, P, kinds
         if self.queued is not None:
             self.queued, _ = self._combine(self.queued, None, D, P)
-        self.refresh()
+        self._layout()
+        for k in self.data_recs:
+            self.Mflat[k] = self._transform(self.Mflat[k], coords, k)
+        self._slot_layout()
 
     def move(self, Gam: torch.Tensor, gam: torch.Tensor) -> None:
         """Make the point (1) at the coefficients the new ``D_0``: the step from the old one
         becomes a direction (replacing the last step), the last ``MEMORY`` gradients stay,
         and the queued direction is made orthogonal to the new basis."""
         with torch.no_grad():
+            n, G = Gam.shape[1], len(self.bounds)
             D0 = self.loadings(Gam, gam)
+            c0 = self.stacked(Gam, gam).permute(1, 0, 2)  # coordinates ((m+1) n, G, n)
+            eye = torch.eye(c0.shape[0], dtype=c0.dtype, device=c0.device)
+
+            def unit(a: int) -> torch.Tensor:  # the coordinates of D_a
+                return eye[:, a * n : (a + 1) * n, None].transpose(1, 2).expand(-1, G, n)
+
             P0 = {k: self.projections(k, Gam, gam) for k in self.data_recs}
-            step = (D0 - self.D[0], {k: P0[k] - self.P[k][0] for k in self.data_recs}, "step")
+            step = {k: P0[k] - self.P[k][0] for k in self.data_recs}
+            P0[COORDS], step[COORDS] = c0, c0 - unit(0)
             grads = [
-                (self.D[j + 1], {k: self.P[k][j + 1] for k in self.data_recs}, kind)
+                (
+                    self.D[j + 1],
+                    {**{k: self.P[k][j + 1] for k in self.data_recs}, COORDS: unit(j + 1)},
+                    kind,
+                )
                 for j, kind in enumerate(self.kinds)
                 if kind == "gradient"
             ][-MEMORY:]
-            self._rebuild(D0, P0, [*grads, step])
+            self._rebuild(D0, P0, [*grads, (D0 - self.D[0], step, "step")])
 
     def add_queued(self, Pq: dict[int, torch.Tensor]) -> None:
         """The queued direction, whose projections ``Pq[k]`` (rows, G_r, n) a pass has just
-        formed, joins the basis."""
+        formed, joins the basis (its moments by :meth:`_extend`)."""
+        self._extend(Pq)
         self.D.append(self.queued)
         self.kinds.append("gradient")
         self.P = {k: torch.cat([self.P[k], Pq[k][None]]) for k in self.data_recs}
         self.queued = None
-        self.refresh()
+        self._layout()
+        self._slot_layout()
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps (host copies). The projections are this rank's; with

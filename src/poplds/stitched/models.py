@@ -504,35 +504,22 @@ def _lbfgs(
 
 def _run_stage(params, make_X, term, tens, opts, trace, stage, progress):
     """One stage on ``params`` (``params[0]`` is C; ``make_X()`` builds X from the others)
-    by the chosen optimiser: L-BFGS (:func:`_lbfgs`) or minibatch SGD (:func:`._sgd.sgd`)."""
+    by the chosen optimiser: L-BFGS (:func:`_lbfgs`), minibatch SGD (:func:`._sgd.sgd`) or
+    subspace moment matching (:func:`._subspace.subspace`)."""
     C = params[0]
+    common = dict(stage=stage, tol=opts["tol"], scale=opts["scale"], trace=trace, progress=progress)
     if opts["optimizer"] == "subspace":
         return subspace(
             params,
             make_X,
             term,
             tens,
-            stage=stage,
             max_passes=opts["max_passes"],
-            tol=opts["tol"],
-            scale=opts["scale"],
-            trace=trace,
             carry=opts["carry"],
-            progress=progress,
+            **common,
         )
     if opts["optimizer"] == "sgd":
-        return sgd(
-            params,
-            make_X,
-            term,
-            tens,
-            stage=stage,
-            tol=opts["tol"],
-            scale=opts["scale"],
-            trace=trace,
-            progress=progress,
-            **opts["sgd"],
-        )
+        return sgd(params, make_X, term, tens, **common, **opts["sgd"])
 
     def closure() -> torch.Tensor:
         for p in params[1:]:
@@ -541,8 +528,7 @@ def _run_stage(params, make_X, term, tens, opts, trace, stage, progress):
         C.grad = gC
         return loss
 
-    lbfgs_opts = {k: opts[k] for k in ("max_passes", "tol", "scale")}
-    info = _lbfgs(params, closure, trace=trace, stage=stage, progress=progress, **lbfgs_opts)
+    info = _lbfgs(params, closure, max_passes=opts["max_passes"], **common)
     return {"optimizer": "lbfgs", **info}
 
 
