@@ -183,20 +183,21 @@ class Basis:
 
     def _extend(self, Pq: dict[int, torch.Tensor]) -> None:
         """Append the moments of a new direction's projections ``Pq[k]`` (rows, G_r, n) with
-        themselves and with the stored ones: two GEMMs of ``rows x d x G_r n`` per lag (not
-        the ``rows x d x d`` of forming ``M`` again), summed over ranks."""
-        cols, rows = {}, {}
+        the stored ones and with themselves: per lag two GEMMs of ``rows x d x G_r n`` and one
+        of ``rows x G_r n x G_r n`` (not the ``rows x d x d`` of forming ``M`` again), summed
+        over ranks; nothing stored is copied."""
+        blocks = {}
         for k in self.data_recs:
             R, G, n = Pq[k].shape
-            new = Pq[k].reshape(R, G * n)
-            old = self._flat(self.P[k])
-            cols[k] = self._lagged(torch.cat([old, new], dim=1), new, k)  # (K, d + e, e)
-            rows[k] = self._lagged(new, old, k)  # (K, e, d)
-        if cols:
-            all_sum(*cols.values(), *rows.values())
-        for k in self.data_recs:
-            top = torch.cat([self.Mflat[k], rows[k]], dim=1)
-            self.Mflat[k] = torch.cat([top, cols[k]], dim=2)
+            new, old = Pq[k].reshape(R, G * n), self._flat(self.P[k])
+            # (K, d, e), (K, e, d), (K, e, e): old x new, new x old, new x new
+            blocks[k] = [self._lagged(a, b, k) for a, b in ((old, new), (new, old), (new, None))]
+        if blocks:
+            all_sum(*(b for bs in blocks.values() for b in bs))
+        for k, (on, no, nn) in blocks.items():
+            self.Mflat[k] = torch.cat(
+                [torch.cat([self.Mflat[k], on], dim=2), torch.cat([no, nn], dim=2)], dim=1
+            )
 
     # -- the restricted parameterisation, eqs. (1) and (2) ---------------------------------
     def coefficients(self, Gam: torch.Tensor, gam: torch.Tensor, k: int) -> torch.Tensor:
