@@ -185,7 +185,7 @@ class Basis:
         """Append the moments of a new direction's projections ``Pq[k]`` (rows, G_r, n) with
         the stored ones and with themselves: per lag two GEMMs of ``rows x d x G_r n`` and one
         of ``rows x G_r n x G_r n`` (not the ``rows x d x d`` of forming ``M`` again), summed
-        over ranks; nothing stored is copied."""
+        over ranks."""
         blocks = {}
         for k in self.data_recs:
             R, G, n = Pq[k].shape
