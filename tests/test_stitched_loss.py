@@ -11,6 +11,7 @@ from poplds.stitched._loss import DataTerm, loss_and_grad, loss_tensors, window_
 from poplds.stitched.models import linked_lagged
 
 torch.set_default_dtype(torch.float64)
+CPU = torch.device("cpu")
 
 
 def small_dataset(rng, missing=False):
@@ -210,3 +211,84 @@ def test_warm_start_pieces_agree_from_data_and_from_moments():
     _place_new_neurons(data, rec, placed[1], X, known, 1e-6, None)
     assert not torch.equal(placed[0], C0)
     np.testing.assert_allclose(placed[0].numpy(), placed[1].numpy(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("heldout", [0.0, 0.3])
+def test_streamed_windows_equal_the_data_prepared_in_memory(tmp_path, heldout):
+    """Windows decoded from a zarr store into reused buffers (columns reordered by group, or
+    in the store's own order when no column moves) equal the data prepared in memory, and
+    reading never changes an in-memory source."""
+    import zarr
+
+    rng = np.random.default_rng(5)
+    recs = []
+    for name, idx, t in [("a", np.arange(0, 30), 70), ("b", np.arange(20, 40), 53)]:
+        y = (rng.standard_normal((t, len(idx))) + 3.0).astype(np.float32)
+        arr = zarr.create_array(
+            str(tmp_path / f"{name}.zarr"), shape=y.shape, chunks=(6, len(idx)), dtype="float32"
+        )
+        arr[:] = y
+        recs.append((RecordingInput(name, arr, idx), RecordingInput(name, y, idx), y.copy()))
+
+    def prepared(which, budget):
+        return prepare_data(
+            [r[which] for r in recs],
+            40,
+            lags=3,
+            device=torch.device("cpu"),
+            heldout_fraction=heldout,
+            seed=1,
+            max_device_bytes=budget,
+            chunk_rows=12,
+            dtype=torch.float32,
+        )
+
+    mem = prepared(1, None)
+    for source in (0, 1):
+        streamed = prepared(source, 0)
+        for rec, ref in zip(streamed.recordings, mem.recordings, strict=True):
+            assert rec.data is None and ref.data is not None
+            got = [
+                (t0, h.clone(), y.clone())
+                for t0, h, y in rec.windows(CPU, 2, span=(12, rec.n_time))
+            ]
+            want = list(ref.windows(CPU, 2, span=(12, rec.n_time)))
+            assert [g[0] for g in got] == [w[0] for w in want]
+            for (_, h, y), (_, h0, y0) in zip(got, want, strict=True):
+                torch.testing.assert_close(h, h0, rtol=0, atol=1e-6)
+                torch.testing.assert_close(y, y0, rtol=0, atol=1e-6)
+            mean = torch.as_tensor(rec.mean, dtype=torch.float32)
+            for (_, h, y), (_, h1, y1) in zip(
+                got, rec.windows(CPU, 2, span=(12, rec.n_time), centred=False), strict=True
+            ):
+                torch.testing.assert_close(y1 - mean, y, rtol=0, atol=1e-6)
+                torch.testing.assert_close(h1 - mean, h, rtol=0, atol=1e-6)
+        assert streamed.recordings[0]._identity == (heldout == 0.0)
+    for _, rec, y in recs:
+        np.testing.assert_array_equal(rec.activity, y)
+
+
+def test_blocked_products_equal_plain_products():
+    """The CPU products split into column blocks (long contraction, many columns) give the
+    plain products, remainders included."""
+    from poplds.stitched._loss import WideSum, _blocks, mm_long
+
+    W = 8192 * 2 * torch.get_num_threads() + 13
+    assert _blocks(W) > 1
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(7, W, generator=g, dtype=torch.float32)
+    B = torch.randn(W, 5, generator=g, dtype=torch.float32)
+    exact = A.double() @ B.double()  # entries about sqrt(W) = 180: float32 sums to about 1e-3
+    torch.testing.assert_close(mm_long(A, B).double(), exact, rtol=0, atol=2e-3)
+    assert (mm_long(A, B).double() - exact).abs().max() <= 2 * (A @ B - exact).abs().max() + 1e-3
+    slices = [slice(0, 9), slice(9, W), slice(W, W + 20)]
+    acc = WideSum(4, slices, W + 20, torch.float32, CPU, flush_every=2)
+    want = torch.zeros((4, W + 20), dtype=torch.float64)
+    for _ in range(5):  # windows: folded in after the second and fourth, and at the end
+        for k, sl in enumerate(slices):
+            dZ = torch.randn(4, 3, generator=g, dtype=torch.float32)
+            Y = torch.randn(3, sl.stop - sl.start, generator=g, dtype=torch.float32)
+            acc.add(k, dZ, Y)
+            want[:, sl] += (dZ @ Y).double()
+        acc.step()
+    torch.testing.assert_close(acc.result(), want, rtol=1e-5, atol=1e-5)

@@ -20,6 +20,8 @@ missing at random; with no missing values (the usual case) every statistic is ex
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +32,46 @@ from .._errors import InputError
 from .._logging import get_logger
 
 log = get_logger()
+
+
+class Staging:
+    """Host buffers of streamed windows, kept from pass to pass (fresh memory of this size
+    costs page faults at every pass: a third of a million-neuron decode) and shared by a
+    dataset's recordings, which stream one at a time; a stream opened while another holds
+    the buffers gets buffers of its own."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[torch.dtype | None, bool], list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def lease(self, dtype: torch.dtype | None, pin: bool) -> Iterator[_Lease]:
+        """The buffers of type ``dtype`` (pinned host memory when ``pin``) for one stream."""
+        with self._lock:
+            held = self._free.pop((dtype, pin), None)
+        lease = _Lease(held or [], dtype, pin)
+        try:
+            yield lease
+        finally:
+            with self._lock:
+                self._free[(dtype, pin)] = lease.buffers
+
+
+@dataclass
+class _Lease:
+    buffers: list[torch.Tensor]
+    dtype: torch.dtype | None
+    pin: bool
+
+    def get(self, i: int, shape: tuple[int, int]) -> torch.Tensor:
+        """Buffer ``i`` viewed as ``shape`` (grown when smaller)."""
+        size = shape[0] * shape[1]
+        while len(self.buffers) <= i:
+            self.buffers.append(torch.empty(0, dtype=self.dtype))
+        if self.buffers[i].numel() < size:
+            self.buffers[i] = torch.empty(0, dtype=self.dtype)  # the old one freed first
+            self.buffers[i] = torch.empty(size, dtype=self.dtype, pin_memory=self.pin)
+        return self.buffers[i][:size].view(shape)
 
 
 @dataclass
@@ -69,8 +111,10 @@ class RecordingBlock:
     chunk_rows: int = 8192
     has_missing: bool = False
     dtype: torch.dtype = torch.float32
+    staging: Staging | None = field(default=None, repr=False)
     _mean_t: torch.Tensor | None = field(default=None, repr=False)
     _order_t: torch.Tensor | None = field(default=None, repr=False)
+    _identity: bool = field(default=False, repr=False)
     _scale_t: torch.Tensor | None = field(default=None, repr=False)
 
     def mean_in_source_order(self) -> np.ndarray:
@@ -95,27 +139,50 @@ class RecordingBlock:
             self._scale_t = torch.as_tensor(self.scale, dtype=dtype, device=device)
         return self._mean_t, self._scale_t
 
-    def _read_host(
-        self, t0: int, t1: int, pin: bool, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Rows ``[t0, t1)`` of the source, group-sorted columns, as read (host memory), into
-        the front of ``out`` (rows, N_r) when given: reusing buffers spares the page faults
-        of fresh memory, which cost more than the reordering itself."""
-        block = torch.from_numpy(np.asarray(self.source[t0:t1]))
+    def _decode(self, t0: int, t1: int, raw: np.ndarray | None = None) -> torch.Tensor:
+        """Rows ``[t0, t1)`` of the source in its own column order (host memory): a zarr
+        source decoded into the front of ``raw`` (rows, source columns) when given (reused
+        buffers spare the page faults of fresh memory, which cost a million-neuron decode
+        more than a third of its time), else as the source returns them."""
+        if raw is not None:
+            return _decode_into(self.source, t0, t1, raw)
+        rows = self.source[t0:t1]
+        # rows of an in-memory array are a view of it: copied, as the rows are centred in place
+        copy = isinstance(self.source, np.ndarray)
+        return torch.from_numpy(np.array(rows, copy=True) if copy else np.asarray(rows))
+
+    def _identity_order(self) -> bool:
+        """Whether the group-sorted order is the source's own (no column moves)."""
         if self._order_t is None:
             self._order_t = torch.as_tensor(self.column_order)
-        if out is not None and out.dtype == block.dtype:
-            host = torch.index_select(block, 1, self._order_t, out=out[: t1 - t0])
-        else:
-            host = torch.index_select(block, 1, self._order_t)
-            if pin:
-                host = host.pin_memory()
-        return host
+            n_src = int(self.source.shape[1])
+            self._identity = bool(
+                len(self.column_order) == n_src
+                and np.array_equal(self.column_order, np.arange(n_src))
+            )
+        return self._identity
 
-    def _to_device(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    def _order(
+        self, block: torch.Tensor, out: torch.Tensor | None = None, pin: bool = False
+    ) -> torch.Tensor:
+        """``block`` (rows, source columns) in group-sorted column order, into the front of
+        ``out`` (rows, N_r) when given (``block`` itself when no column moves)."""
+        if self._identity_order():
+            return block
+        if out is not None and out.dtype == block.dtype:
+            return torch.index_select(block, 1, self._order_t, out=out[: block.shape[0]])
+        host = torch.index_select(block, 1, self._order_t)
+        return host.pin_memory() if pin else host
+
+    def _to_device(
+        self, host: torch.Tensor, device: torch.device, centred: bool = True
+    ) -> torch.Tensor:
         """Rows as read to prepared rows: ``(y - mean) * scale``, missing values 0, computed in
         the wider of the source's and the data's floating types (float32 for a store);
-        in place when ``host`` is already on ``device`` in that type."""
+        in place when ``host`` is already on ``device`` in that type. ``centred=False``
+        (no missing values only): ``y`` as read, in the data's type."""
+        if not centred:
+            return host.to(device).to(self.dtype)
         work = torch.promote_types(host.dtype, self.dtype)
         if not work.is_floating_point:
             work = torch.float64
@@ -127,11 +194,13 @@ class RecordingBlock:
             torch.nan_to_num_(y, nan=0.0)
         return y.to(self.dtype)
 
-    def read(self, t0: int, t1: int, device: torch.device) -> torch.Tensor:
-        """Prepared rows ``[t0, t1)`` (rows, N_r) on ``device`` (a view when in memory)."""
+    def read(self, t0: int, t1: int, device: torch.device, centred: bool = True) -> torch.Tensor:
+        """Prepared rows ``[t0, t1)`` (rows, N_r) on ``device`` (a view when in memory);
+        ``centred=False``: streamed rows as read (see :meth:`windows`)."""
         if self.data is not None:
             return self.data[t0:t1]
-        return self._to_device(self._read_host(t0, t1, device.type == "cuda"), device)
+        host = self._order(self._decode(t0, t1), pin=device.type == "cuda")
+        return self._to_device(host, device, centred)
 
     def chunks(self, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(t0, Y[t0:t1])`` float32 (rows, N_r) on ``device``, prepared (centred,
@@ -145,17 +214,23 @@ class RecordingBlock:
         halo: int,
         rows: int | None = None,
         span: tuple[int, int] | None = None,
+        centred: bool = True,
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Yield ``(t0, Y[t0 - h : t0], Y[t0 : t1])`` for consecutive windows ``[t0, t1)`` of
         ``rows`` rows (default ``chunk_rows``) covering ``span`` (default all rows; it starts on
         a window boundary), each with its ``h = min(halo, t0)`` halo rows before it. Every row
         is read once: streamed windows keep the last rows of the one before (the first window
-        of a span reads its own), are read one ahead in a background thread into two reused
-        buffers (pinned host memory on a GPU), so reading overlaps computing. A window is
-        valid until the next is asked for."""
+        of a span reads its own) and are decoded one ahead in a background thread into two
+        reused buffers, while this thread puts the window before in group order (into a
+        third, pinned on a GPU) and computes on it. A window is valid until the next is asked
+        for. ``centred=False`` yields streamed rows as read, not centred (for a caller that
+        folds the mean into its products; recordings without missing values only); rows held
+        in memory are centred either way."""
         rows = rows or self.chunk_rows
         if halo > rows:
             raise ValueError(f"a window of {rows} rows cannot carry a halo of {halo}")
+        if not centred and self.has_missing:
+            raise ValueError(f"{self.name}: rows with missing values are always centred")
         a, b = span or (0, self.n_time)
         starts = list(range(a, b, rows))
         if self.data is not None:
@@ -164,30 +239,70 @@ class RecordingBlock:
                 yield t0, self.data[t0 - h : t0], self.data[t0 : min(b, t0 + rows)]
             return
         pin = device.type == "cuda"
-        tail = self.read(a - min(halo, a), a, device)  # the first window's halo
-        n_r = len(self.neurons)
+        tail = self.read(a - min(halo, a), a, device, centred)  # the first window's halo
         src = getattr(self.source, "dtype", None)
         src_t = torch.from_numpy(np.empty(0, dtype=src)).dtype if src is not None else None
-        buffers = (
-            [torch.empty((rows, n_r), dtype=src_t, pin_memory=pin) for _ in range(2)]
-            if src_t is not None and src_t.is_floating_point
-            else [None, None]
-        )
+        floating = src_t is not None and src_t.is_floating_point
+        staging = self.staging or Staging()
+        with staging.lease(src_t if floating else None, pin) as buffers:
+            out, raws = None, [None, None]
+            if floating and not self._identity_order():
+                out = buffers.get(0, (rows, len(self.neurons)))
+            if floating and _decodes_into(self.source, src_t):
+                n_src = int(self.source.shape[1])
+                raws = [buffers.get(1 + i, (rows, n_src)).numpy() for i in range(2)]
+            yield from self._stream(starts, b, rows, halo, tail, out, raws, device, centred)
+
+    def _stream(
+        self,
+        starts: list[int],
+        b: int,
+        rows: int,
+        halo: int,
+        tail: torch.Tensor,
+        out: torch.Tensor | None,
+        raws: list[np.ndarray | None],
+        device: torch.device,
+        centred: bool,
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """The streamed windows of :meth:`windows` starting at ``starts`` (up to row ``b``),
+        decoded into ``raws`` and ordered into ``out`` (host buffers; None: fresh memory)."""
+        pin = device.type == "cuda"
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
             future = None
             if starts:
-                future = pool.submit(self._read_host, a, min(b, a + rows), pin, buffers[0])
+                future = pool.submit(self._decode, starts[0], min(b, starts[0] + rows), raws[0])
             for k, t0 in enumerate(starts):
-                host = future.result()
+                block = future.result()
                 if k + 1 < len(starts):
                     nxt = starts[k + 1]
-                    future = pool.submit(
-                        self._read_host, nxt, min(b, nxt + rows), pin, buffers[(k + 1) % 2]
-                    )
-                y = self._to_device(host, device)
+                    future = pool.submit(self._decode, nxt, min(b, nxt + rows), raws[(k + 1) % 2])
+                y = self._to_device(self._order(block, out, pin), device, centred)
                 h = min(halo, t0)
                 yield t0, tail[tail.shape[0] - h :], y
                 tail = y[max(0, y.shape[0] - halo) :].clone()
+
+
+def _decodes_into(source: object, dtype: torch.dtype) -> bool:
+    """Whether ``source`` is a zarr array of type ``dtype`` that can decode rows into a
+    reused host buffer."""
+    get = getattr(source, "get_basic_selection", None)
+    src = getattr(source, "dtype", None)
+    return (
+        get is not None
+        and type(source).__module__.startswith("zarr")
+        and src is not None
+        and torch.from_numpy(np.empty(0, dtype=src)).dtype == dtype
+    )
+
+
+def _decode_into(source, t0: int, t1: int, buffer: np.ndarray) -> torch.Tensor:
+    """Decode rows ``[t0, t1)`` of a zarr array into the front of ``buffer`` (rows, columns)."""
+    from zarr.core.buffer.cpu import NDBuffer
+
+    front = buffer[: max(0, min(t1, source.shape[0]) - t0)]
+    source.get_basic_selection(slice(t0, t0 + len(front)), out=NDBuffer.from_numpy_array(front))
+    return torch.from_numpy(front)
 
 
 @dataclass
@@ -455,6 +570,7 @@ def prepare_data(
     count = np.zeros(n_neurons)
     sum_sq_scaled = np.zeros(n_neurons)
     blocks = []
+    staging = Staging()
     for rec, keep, (total_src, n_obs_src, mean_src, ss_src) in zip(
         recordings, kept, stats, strict=True
     ):
@@ -487,6 +603,7 @@ def prepare_data(
             has_missing=bool(np.any(n_obs < t_r)),
             dtype=dtype,
             chunk_rows=rows,
+            staging=staging,
         )
         ss = ss_src[order]
         if in_memory:  # a second pass places the prepared data on the device

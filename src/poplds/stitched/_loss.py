@@ -75,6 +75,90 @@ HALO_CACHE_BYTES = 1.5e9
 CROSS_FLOP_COST = 8.0
 
 
+def _blocks(width: int) -> int:
+    """Column blocks a CPU product over ``width`` columns is split into (1: not split).
+
+    One matrix product of these shapes (10-30 rows against 1e5-1e6 columns) runs on one
+    core; split into blocks it runs on all, about twice as fast on two cores."""
+    nb = 2 * torch.get_num_threads()
+    return nb if nb >= 2 and width >= 8192 * nb else 1
+
+
+def mm_long(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``A @ B`` (m, p) for ``A`` (m, K), ``B`` (K, p) with a long contraction ``K``: on the
+    CPU the contraction is split into blocks whose products run in parallel and are summed."""
+    K = A.shape[1]
+    nb = _blocks(K) if A.device.type == "cpu" else 1
+    if nb == 1:
+        return A @ B
+    b = K // nb
+    m = nb * b
+    out = torch.bmm(A[:, :m].unflatten(1, (nb, b)).transpose(0, 1), B[:m].unflatten(0, (nb, b)))
+    out = out.sum(0)
+    if m < K:
+        out += A[:, m:] @ B[m:]
+    return out
+
+
+class WideSum:
+    """``acc[:, sl_g] += A @ B`` over the windows of a pass, for each group ``g`` of a
+    recording (``A`` (n, rows), ``B`` (rows, W_g) its columns of a window): the products are
+    added in place in the data's type, split into column blocks on the CPU (so they run on
+    every core, see :func:`_blocks`), and folded into the float64 total every
+    ``flush_every`` windows (no temporaries of the products' size at any window).
+
+    ``n``: rows of ``A``; ``slices``: (G,) the groups' columns of the (n, N_r) total."""
+
+    def __init__(
+        self,
+        n: int,
+        slices: Sequence[slice],
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        flush_every: int = 8,
+    ) -> None:
+        self.total = torch.zeros((n, width), dtype=torch.float64, device=device)
+        self.slices = list(slices)
+        self.flush_every = flush_every
+        self._windows = 0
+        self._parts = []
+        for sl in self.slices:
+            W = sl.stop - sl.start
+            nb = _blocks(W) if device.type == "cpu" else 1
+            b = W // nb
+            main = torch.zeros((nb, n, b), dtype=dtype, device=device)
+            rest = torch.zeros((n, W - nb * b), dtype=dtype, device=device)
+            self._parts.append((nb, b, main, rest))
+
+    def add(self, g: int, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Add ``A @ B`` into group ``g``'s columns."""
+        nb, b, main, rest = self._parts[g]
+        m = nb * b
+        main.baddbmm_(A.expand(nb, *A.shape), B[:, :m].unflatten(1, (nb, b)).transpose(0, 1))
+        if rest.shape[1]:
+            rest.addmm_(A, B[:, m:])
+
+    def step(self) -> None:
+        """One window done: the partial sums are folded in every ``flush_every`` windows."""
+        self._windows += 1
+        if self._windows % self.flush_every == 0:
+            self._flush()
+
+    def _flush(self) -> None:
+        for sl, (nb, b, main, rest) in zip(self.slices, self._parts, strict=True):
+            cols = self.total[:, sl]
+            cols[:, : nb * b].unflatten(1, (nb, b)).add_(main.transpose(0, 1).to(torch.float64))
+            cols[:, nb * b :] += rest.to(torch.float64)
+            main.zero_()
+            rest.zero_()
+
+    def result(self) -> torch.Tensor:
+        """The float64 total (n, N_r)."""
+        self._flush()
+        return self.total
+
+
 def window_cross(
     Z: torch.Tensor, h: int, X: torch.Tensor, w: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -269,6 +353,11 @@ class DataTerm:
                 ]
         return out
 
+    def _wide_sum(self, k: int) -> WideSum:
+        """The accumulator of recording k's data-route gradient ``(dD/dZ)' Y`` (n, N_r)."""
+        rec = self.data.recordings[k]
+        return WideSum(self.n_latent, rec.slices, len(rec.neurons), rec.dtype, self.data.device)
+
     def _moments_term(self, k: int, C: torch.Tensor, X: torch.Tensor, gC: torch.Tensor):
         """Eq. (3) for recording k, its gradient added into ``gC``; returns (D, dD/dX)."""
         S, Cr = self.moments[k], C[self.index[k]]
@@ -279,16 +368,17 @@ class DataTerm:
         gC.index_add_(0, self.index[k], torch.einsum("sib,sab->ia", SC, X) + (StC @ X).sum(0))
         return D, dX
 
-    def _window_term(self, k, halo, y, CT, X, accT):
+    def _window_term(self, k, halo, y, CT, X, acc: WideSum):
         """Eq. (2) on one window ``y`` (L, N_r) with its ``halo`` rows (h, N_r) before it;
         ``CT``: the recording's ``C'`` (n, N_r) in the data's type. ``(dD/dZ)' Y`` is added
-        into ``accT`` (n, N_r). Returns (D, dD/dX). The products are written ``C_g' Y_g'`` and
-        ``dZ_g' Y_g``, which BLAS runs about twice as fast as ``Y_g C_g`` on these shapes."""
+        into ``acc`` (n, N_r). Returns (D, dD/dX, the projections). The products are written
+        ``C_g' Y_g'`` and ``dZ_g' Y_g``, which BLAS runs about twice as fast as ``Y_g C_g``
+        on these shapes."""
         rec = self.data.recordings[k]
         h = halo.shape[0]
 
         def project(rows: torch.Tensor) -> torch.Tensor:  # (G, n, rows)
-            return torch.stack([CT[:, sl] @ rows[:, sl].T for sl in rec.slices])
+            return torch.stack([mm_long(CT[:, sl], rows[:, sl].T) for sl in rec.slices])
 
         Zt = project(y).to(torch.float64)
         if h:  # only the projections are joined, never the data
@@ -296,10 +386,10 @@ class DataTerm:
         D, dZ, dX = window_cross(Zt.permute(2, 0, 1), h, X, self.w[k])
         dZt = dZ.permute(1, 2, 0).to(rec.dtype).contiguous()  # (G, n, h + L)
         for g, sl in enumerate(rec.slices):
-            grad = dZt[g, :, h:] @ y[:, sl]
+            acc.add(g, dZt[g, :, h:], y[:, sl])
             if h:
-                grad = grad + dZt[g, :, :h] @ halo[:, sl]
-            accT[:, sl] += grad.to(torch.float64)
+                acc.add(g, dZt[g, :, :h], halo[:, sl])
+        acc.step()
         return D, dX, Zt
 
     def full(
@@ -315,7 +405,6 @@ class DataTerm:
         ``keep`` (a dict), the projections ``z_g[t] = C_g' y_g[t]`` of this rank's rows of
         each data-route recording k (:meth:`projection_rows`) are put in ``keep[k]``
         (rows, G_r, n) float64."""
-        n = C.shape[1]
         gC = torch.zeros_like(C)
         D = C.new_zeros(())
         dX = torch.zeros_like(X)
@@ -328,20 +417,20 @@ class DataTerm:
                     D, dX = D + d, dX + x
                 continue
             CT = C[self.index[k]].to(rec.dtype).T.contiguous()
-            accT = torch.zeros((n, len(rec.neurons)), dtype=torch.float64, device=C.device)
+            acc = self._wide_sum(k)
             rows = self._full_rows(k)
             span = self._span(k)
             if keep is not None:
                 keep[k] = self.projection_buffer(k, 1)[0]
             for t0, halo, y in rec.windows(C.device, self.data.lags - 1, rows, span):
-                d, x, Zt = self._window_term(k, halo, y, CT, X, accT)
+                d, x, Zt = self._window_term(k, halo, y, CT, X, acc)
                 D, dX = D + d, dX + x
                 if keep is not None:  # rows [t0 - h, t1) at offset t0 - h - (span start - h0)
                     first = t0 == span[0]
                     part = Zt if first else Zt[:, :, halo.shape[0] :]
                     at = 0 if first else t0 - span[0] + self.span_halo(k)
                     keep[k][at : at + part.shape[2]] = part.permute(2, 0, 1)
-            gC.index_add_(0, self.index[k], accT.T)
+            gC.index_add_(0, self.index[k], acc.result().T)
         all_sum(D, gC, dX)
         return D, gC, dX
 
@@ -388,7 +477,7 @@ class DataTerm:
             if q:  # (q n, N_r): every direction's C' at once
                 QT = Q[:, self.index[k]].to(rec.dtype).permute(0, 2, 1).reshape(q * n, -1)
             dZt = dZ[k].to(rec.dtype).permute(1, 2, 0).contiguous()  # (G, n, rows)
-            accT = torch.zeros((n, len(rec.neurons)), dtype=torch.float64, device=dev)
+            acc = self._wide_sum(k)
             span, h0 = self._span(k), self.span_halo(k)
             for t0, halo, y in rec.windows(dev, h0, self._full_rows(k), span):
                 parts = [(t0 - span[0] + h0, y)]
@@ -398,12 +487,12 @@ class DataTerm:
                     L = rows.shape[0]
                     for g, sl in enumerate(rec.slices):
                         if QT is not None:
-                            pg = (QT[:, sl] @ rows[:, sl].T).view(q, n, L)
+                            pg = mm_long(QT[:, sl], rows[:, sl].T).view(q, n, L)
                             P[:, at : at + L, g] = pg.permute(0, 2, 1).to(torch.float64)
-                        grad = dZt[g, :, at : at + L] @ rows[:, sl]
-                        accT[:, sl] += grad.to(torch.float64)
+                        acc.add(g, dZt[g, :, at : at + L], rows[:, sl])
+                acc.step()
             out[k] = P
-            gC.index_add_(0, self.index[k], accT.T)
+            gC.index_add_(0, self.index[k], acc.result().T)
         all_sum(gC)
         return out, gC
 
@@ -421,10 +510,10 @@ class DataTerm:
             rows = self._read_window(win, C.device)
         halo, y = rows
         gC = torch.zeros_like(C)
-        accT = torch.zeros((C.shape[1], len(rec.neurons)), dtype=torch.float64, device=C.device)
+        acc = self._wide_sum(win.rec)
         CT = C[self.index[win.rec]].to(rec.dtype).T.contiguous()
-        D, dX, _ = self._window_term(win.rec, halo, y, CT, X, accT)
-        gC.index_add_(0, self.index[win.rec], accT.T)
+        D, dX, _ = self._window_term(win.rec, halo, y, CT, X, acc)
+        gC.index_add_(0, self.index[win.rec], acc.result().T)
         return D, gC, dX
 
     def _read_window(self, win: Window, device: torch.device):
