@@ -583,7 +583,7 @@ def prepare_data(
         slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         t_r, n_r = int(rec.activity.shape[0]), len(neurons_sorted)
         rows = chunk_rows or _aligned(
-            max(16 * lags, min(8192, int(32e6 // max(1, itemsize * n_r)))), rec.activity
+            max(4 * lags, min(8192, int(32e6 // max(1, itemsize * n_r)))), rec.activity
         )
         total, n_obs = total_src[order], n_obs_src[order]
         mean = total / n_obs
