@@ -174,15 +174,10 @@ class RecordingBlock:
         host = torch.index_select(block, 1, self._order_t)
         return host.pin_memory() if pin else host
 
-    def _to_device(
-        self, host: torch.Tensor, device: torch.device, centred: bool = True
-    ) -> torch.Tensor:
+    def _to_device(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Rows as read to prepared rows: ``(y - mean) * scale``, missing values 0, computed in
         the wider of the source's and the data's floating types (float32 for a store);
-        in place when ``host`` is already on ``device`` in that type. ``centred=False``
-        (no missing values only): ``y`` as read, in the data's type."""
-        if not centred:
-            return host.to(device).to(self.dtype)
+        in place when ``host`` is already on ``device`` in that type."""
         work = torch.promote_types(host.dtype, self.dtype)
         if not work.is_floating_point:
             work = torch.float64
@@ -194,13 +189,12 @@ class RecordingBlock:
             torch.nan_to_num_(y, nan=0.0)
         return y.to(self.dtype)
 
-    def read(self, t0: int, t1: int, device: torch.device, centred: bool = True) -> torch.Tensor:
-        """Prepared rows ``[t0, t1)`` (rows, N_r) on ``device`` (a view when in memory);
-        ``centred=False``: streamed rows as read (see :meth:`windows`)."""
+    def read(self, t0: int, t1: int, device: torch.device) -> torch.Tensor:
+        """Prepared rows ``[t0, t1)`` (rows, N_r) on ``device`` (a view when in memory)."""
         if self.data is not None:
             return self.data[t0:t1]
         host = self._order(self._decode(t0, t1), pin=device.type == "cuda")
-        return self._to_device(host, device, centred)
+        return self._to_device(host, device)
 
     def chunks(self, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(t0, Y[t0:t1])`` float32 (rows, N_r) on ``device``, prepared (centred,
@@ -214,7 +208,6 @@ class RecordingBlock:
         halo: int,
         rows: int | None = None,
         span: tuple[int, int] | None = None,
-        centred: bool = True,
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Yield ``(t0, Y[t0 - h : t0], Y[t0 : t1])`` for consecutive windows ``[t0, t1)`` of
         ``rows`` rows (default ``chunk_rows``) covering ``span`` (default all rows; it starts on
@@ -223,14 +216,10 @@ class RecordingBlock:
         of a span reads its own) and are decoded one ahead in a background thread into two
         reused buffers, while this thread puts the window before in group order (into a
         third, pinned on a GPU) and computes on it. A window is valid until the next is asked
-        for. ``centred=False`` yields streamed rows as read, not centred (for a caller that
-        folds the mean into its products; recordings without missing values only); rows held
-        in memory are centred either way."""
+        for."""
         rows = rows or self.chunk_rows
         if halo > rows:
             raise ValueError(f"a window of {rows} rows cannot carry a halo of {halo}")
-        if not centred and self.has_missing:
-            raise ValueError(f"{self.name}: rows with missing values are always centred")
         a, b = span or (0, self.n_time)
         starts = list(range(a, b, rows))
         if self.data is not None:
@@ -239,61 +228,38 @@ class RecordingBlock:
                 yield t0, self.data[t0 - h : t0], self.data[t0 : min(b, t0 + rows)]
             return
         pin = device.type == "cuda"
-        tail = self.read(a - min(halo, a), a, device, centred)  # the first window's halo
+        tail = self.read(a - min(halo, a), a, device)  # the first window's halo
         src = getattr(self.source, "dtype", None)
         src_t = torch.from_numpy(np.empty(0, dtype=src)).dtype if src is not None else None
         floating = src_t is not None and src_t.is_floating_point
         staging = self.staging or Staging()
-        with staging.lease(src_t if floating else None, pin) as buffers:
+        with (
+            staging.lease(src_t if floating else None, pin) as buffers,
+            concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool,
+        ):
             out, raws = None, [None, None]
             if floating and not self._identity_order():
                 out = buffers.get(0, (rows, len(self.neurons)))
-            if floating and _decodes_into(self.source, src_t):
+            if floating and _is_zarr(self.source):
                 n_src = int(self.source.shape[1])
                 raws = [buffers.get(1 + i, (rows, n_src)).numpy() for i in range(2)]
-            yield from self._stream(starts, b, rows, halo, tail, out, raws, device, centred)
-
-    def _stream(
-        self,
-        starts: list[int],
-        b: int,
-        rows: int,
-        halo: int,
-        tail: torch.Tensor,
-        out: torch.Tensor | None,
-        raws: list[np.ndarray | None],
-        device: torch.device,
-        centred: bool,
-    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """The streamed windows of :meth:`windows` starting at ``starts`` (up to row ``b``),
-        decoded into ``raws`` and ordered into ``out`` (host buffers; None: fresh memory)."""
-        pin = device.type == "cuda"
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
             future = None
             if starts:
-                future = pool.submit(self._decode, starts[0], min(b, starts[0] + rows), raws[0])
+                future = pool.submit(self._decode, a, min(b, a + rows), raws[0])
             for k, t0 in enumerate(starts):
                 block = future.result()
                 if k + 1 < len(starts):
                     nxt = starts[k + 1]
                     future = pool.submit(self._decode, nxt, min(b, nxt + rows), raws[(k + 1) % 2])
-                y = self._to_device(self._order(block, out, pin), device, centred)
+                y = self._to_device(self._order(block, out, pin), device)
                 h = min(halo, t0)
                 yield t0, tail[tail.shape[0] - h :], y
                 tail = y[max(0, y.shape[0] - halo) :].clone()
 
 
-def _decodes_into(source: object, dtype: torch.dtype) -> bool:
-    """Whether ``source`` is a zarr array of type ``dtype`` that can decode rows into a
-    reused host buffer."""
-    get = getattr(source, "get_basic_selection", None)
-    src = getattr(source, "dtype", None)
-    return (
-        get is not None
-        and type(source).__module__.startswith("zarr")
-        and src is not None
-        and torch.from_numpy(np.empty(0, dtype=src)).dtype == dtype
-    )
+def _is_zarr(source: object) -> bool:
+    """Whether ``source`` is a zarr array (whose rows can be decoded into a given buffer)."""
+    return type(source).__module__.startswith("zarr") and hasattr(source, "get_basic_selection")
 
 
 def _decode_into(source, t0: int, t1: int, buffer: np.ndarray) -> torch.Tensor:
