@@ -24,6 +24,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/ingest.smk"
 include: "workflow/rules/stitched.smk"
 include: "workflow/rules/nplds.smk"
+include: "workflow/rules/nwb.smk"
 
 
 rule all:

@@ -183,7 +183,7 @@ def test_interrupted_ingest_resumes(tmp_path, rng, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ingest(tmp_path, *paths)
     assert not (tmp_path / "ds" / "data.zarr").exists()  # nothing half-written in place
-    assert (tmp_path / "ds" / "data.zarr.partial").exists()
+    assert (tmp_path / "ds" / "data.zarr.parts" / "r1.zarr").exists()  # written so far
     written.clear()
     monkeypatch.setattr(
         ingest_module,

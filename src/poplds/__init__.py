@@ -2,7 +2,8 @@
 
 Public surface:
 
-- :func:`ingest_dataset` — partial recordings (NWB, npz, suite2p) into one Zarr v3 store.
+- :func:`ingest_dataset` — partial recordings (NWB, npz, suite2p) into one Zarr v3 store
+  (:func:`ingest_recording` per recording, then :func:`assemble_dataset`, as the workflow does).
 - :class:`DatasetStore` — read that store.
 - :mod:`poplds.simulate` — seeded ground-truth datasets (stitched LDS, Poisson LDS with drift).
 - :class:`InputError` — every bad-input error, naming the file and the problem.
@@ -10,7 +11,7 @@ Public surface:
 
 from ._errors import InputError
 from ._version import __version__
-from .ingest import ingest_dataset
+from .ingest import assemble_dataset, ingest_dataset, ingest_recording
 from .sources import RecordingSpec, open_recording
 from .store import DatasetStore
 
@@ -19,6 +20,8 @@ __all__ = [
     "InputError",
     "RecordingSpec",
     "__version__",
+    "assemble_dataset",
     "ingest_dataset",
+    "ingest_recording",
     "open_recording",
 ]

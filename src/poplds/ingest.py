@@ -1,20 +1,30 @@
 """Ingest: several partial recordings of one circuit into one dataset store.
 
-``ingest_dataset`` opens every recording lazily, checks them against each other (same sampling
-rate, same kind of data, same trial structure), builds the global neuron table (ids in order of
-first appearance across recordings), and streams each recording's activity through dask into
-``data.zarr``. The store is built at ``<out>.partial`` and renamed when complete, so a failed or
-interrupted run never leaves a half-written store; rerunning after an interruption resumes at
-the first recording not yet written (same sources, by sha256).
+Two steps, so that a cluster ingests a dataset's recordings in parallel:
+
+1. :func:`ingest_recording` opens one recording lazily, checks it, and streams its activity
+   through dask into a part store of its own (its own neuron ids, independent of the other
+   recordings; one workflow job per recording).
+2. :func:`assemble_dataset` checks the parts against each other (same sampling rate, same kind
+   of data, same trial structure, no data listed twice), builds the global neuron table (ids in
+   order of first appearance across recordings) and the coverage tables, and links the parts'
+   chunks into ``data.zarr`` (hard links: no second copy of the data).
+
+:func:`ingest_dataset` runs both from Python. Every store and part is built at
+``<path>.partial`` and renamed when complete, so a failed or interrupted run never leaves a
+half-written output; rerunning :func:`ingest_dataset` after an interruption reuses the
+recordings already written (same sources, by sha256).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +41,16 @@ from .sources import (
     Recording,
     RecordingSpec,
     TrialOptions,
+    check_name,
     file_sha256,
     open_recording,
 )
 from .store import FORMAT, coverage, create_activity, write_array, write_strings
 
 log = get_logger()
+
+#: Format tag of a one-recording part store (:func:`ingest_recording`).
+PART_FORMAT = "poplds-part-1"
 
 #: Spike counts above this are not exactly representable in float32.
 MAX_EXACT_COUNT = 2**24
@@ -63,84 +77,147 @@ class _Progress(Callback):
             self.next_pct = 10 * (int(pct) // 10 + 1)
 
 
-def global_neuron_ids(recordings: Sequence[Recording]) -> tuple[np.ndarray, list[np.ndarray]]:
+def global_neuron_ids(
+    neuron_ids: Sequence[np.ndarray],
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """The dataset's neuron table and each recording's positions in it.
 
-    Ids are taken in order of first appearance: recording by recording, neuron by neuron.
+    ``neuron_ids`` holds each recording's own ids, (neurons_r,) str. Ids are taken in order of
+    first appearance: recording by recording, neuron by neuron.
     Returns ``(neuron_ids (N_total,), [positions (neurons_r,) for each recording])``.
     """
     table: dict[str, int] = {}
     positions = []
-    for rec in recordings:
-        pos = np.empty(len(rec.neuron_ids), dtype=np.int64)
-        for j, nid in enumerate(rec.neuron_ids.tolist()):
+    for ids in neuron_ids:
+        pos = np.empty(len(ids), dtype=np.int64)
+        for j, nid in enumerate(np.asarray(ids).tolist()):
             pos[j] = table.setdefault(nid, len(table))
         positions.append(pos)
     return np.array(list(table), dtype=str), positions
 
 
-def _check_consistent(recordings: Sequence[Recording], trials: bool) -> None:
-    """Same rate, kind and axis layout across one dataset's recordings."""
-    first = recordings[0]
-    names: dict[str, Path] = {}
-    for rec in recordings:
-        if rec.name in names:
+@dataclass(frozen=True)
+class _Part:
+    """What the assembly needs to know about one ingested recording (a part store)."""
+
+    path: Path
+    name: str
+    reading: dict[str, Any]
+    settings: dict[str, Any]
+    recording: dict[str, Any]
+    shape: tuple[int, ...]
+
+    @property
+    def source(self) -> Path:
+        return Path(self.recording["source"])
+
+    @property
+    def sha(self) -> str:
+        return str(self.recording["sha256"])
+
+    @classmethod
+    def read(cls, path: str | Path) -> _Part:
+        """Open a part written by :func:`ingest_recording`; :class:`InputError` if it is not
+        one or was never completed."""
+        path = Path(path)
+        try:
+            root = zarr.open_group(str(path), mode="r")
+            attrs = dict(root.attrs)
+            shape = tuple(root["activity"].shape)
+        except Exception as err:  # noqa: BLE001 - any unreadable part is reported as such
+            raise InputError(path, f"not a readable recording part ({err})") from err
+        if attrs.get("format") != PART_FORMAT or not attrs.get("recording", {}).get("complete"):
+            raise InputError(path, "not a complete poplds recording part; ingest it again")
+        return cls(
+            path, attrs["name"], attrs["reading"], attrs["settings"], attrs["recording"], shape
+        )
+
+    def neuron_ids(self) -> np.ndarray:
+        """(neurons,) the recording's own neuron ids, in its column order."""
+        root = zarr.open_group(str(self.path), mode="r")
+        return np.array(root["neuron_ids"][:].tolist(), dtype=str)
+
+
+def _check_names(specs: Sequence[RecordingSpec]) -> list[str]:
+    """Each recording's name (usable, and distinct across the dataset)."""
+    seen: dict[str, Path] = {}
+    for spec in specs:
+        name = check_name(spec)
+        if name in seen:
             raise InputError(
-                rec.source,
-                f"recording name {rec.name!r} is also used by {names[rec.name]}; "
+                spec.path,
+                f"recording name {name!r} is also used by {seen[name]}; "
                 "give each recording a distinct 'name'",
             )
-        names[rec.name] = rec.source
-        if trials and rec.activity.ndim != 3:
-            raise InputError(rec.source, "trials: true but this recording has no trial axis")
-        if not math.isclose(rec.rate_hz, first.rate_hz, rel_tol=RATE_RTOL):
+        seen[name] = spec.path
+    return list(seen)
+
+
+def _check_consistent(parts: Sequence[_Part]) -> None:
+    """Same rate, kind, axis layout and ingest settings across one dataset's recordings."""
+    first = parts[0]
+    names: dict[str, Path] = {}
+    for part in parts:
+        rec, ref = part.recording, first.recording
+        if part.name in names:
             raise InputError(
-                rec.source,
-                f"sampling rate {rec.rate_hz:g} Hz differs from {first.rate_hz:g} Hz of "
+                part.source,
+                f"recording name {part.name!r} is also used by {names[part.name]}; "
+                "give each recording a distinct 'name'",
+            )
+        names[part.name] = part.source
+        if part.settings != first.settings:
+            raise InputError(
+                part.path,
+                f"was ingested with {part.settings} but {first.path} with {first.settings}; "
+                "ingest every recording of a dataset with the same settings",
+            )
+        if not math.isclose(rec["rate_hz"], ref["rate_hz"], rel_tol=RATE_RTOL):
+            raise InputError(
+                part.source,
+                f"sampling rate {rec['rate_hz']:g} Hz differs from {ref['rate_hz']:g} Hz of "
                 f"{first.source}; all recordings of a dataset need the same rate",
             )
-        if rec.kind != first.kind:
+        if rec["kind"] != ref["kind"]:
             raise InputError(
-                rec.source,
-                f"holds {rec.kind} but {first.source} holds {first.kind}; "
+                part.source,
+                f"holds {rec['kind']} but {first.source} holds {ref['kind']}; "
                 "one dataset cannot mix spike counts and traces",
             )
-        if rec.activity.ndim != first.activity.ndim:
+        if len(part.shape) != len(first.shape):
             raise InputError(
-                rec.source,
-                f"has {rec.activity.ndim} axes but {first.source} has "
-                f"{first.activity.ndim}; one dataset cannot mix trial and continuous data",
+                part.source,
+                f"has {len(part.shape)} axes but {first.source} has "
+                f"{len(first.shape)}; one dataset cannot mix trial and continuous data",
             )
-        if rec.activity.ndim == 3 and rec.activity.shape[1] != first.activity.shape[1]:
+        if len(part.shape) == 3 and part.shape[1] != first.shape[1]:
             raise InputError(
-                rec.source,
-                f"trials have {rec.activity.shape[1]} bins but those of "
-                f"{first.source} have {first.activity.shape[1]}",
+                part.source,
+                f"trials have {part.shape[1]} bins but those of "
+                f"{first.source} have {first.shape[1]}",
             )
 
 
-def _check_not_twice(
-    specs: Sequence[RecordingSpec], opened: Sequence[Recording], shas: Sequence[str]
-) -> None:
+def _check_not_twice(parts: Sequence[_Part]) -> None:
     """The same data (same file content and the same reading of it) listed twice under two
     names would count every one of its pairs twice: refused."""
-    seen: dict[tuple, Recording] = {}
-    for spec, rec, sha in zip(specs, opened, shas, strict=True):
-        key = (sha, spec.series, spec.kind, spec.neuropil_coefficient, spec.neuron_ids)
+    seen: dict[tuple, _Part] = {}
+    for part in parts:
+        r = part.reading
+        key = (part.sha, r["series"], r["kind"], r["neuropil_coefficient"], r["neuron_ids"])
         if key in seen:
             first = seen[key]
             raise InputError(
-                rec.source,
-                f"recording {rec.name!r} is the same data as recording {first.name!r} "
-                f"({first.source}, sha256 {sha[:12]}...); list each recording once",
+                part.source,
+                f"recording {part.name!r} is the same data as recording {first.name!r} "
+                f"({first.source}, sha256 {part.sha[:12]}...); list each recording once",
             )
-        seen[key] = rec
+        seen[key] = part
 
 
-def _write_recording(
-    group: zarr.Group, rec: Recording, positions: np.ndarray, sha: str, chunk_mb: float
-) -> None:
-    """Stream one recording into ``group`` and check its values in the same pass."""
+def _write_recording(group: zarr.Group, rec: Recording, sha: str, chunk_mb: float) -> None:
+    """Stream one recording into the part store ``group`` and check its values in the same
+    pass; the recording's attributes go to ``group.attrs["recording"]``."""
     arr = create_activity(group, rec.activity.shape, chunk_mb)
     x = rec.activity.rechunk(arr.chunks)
     finite0 = dask.array.where(dask.array.isnan(x), 0, x)
@@ -196,23 +273,21 @@ def _write_recording(
             len(constant),
             constant[:20],
         )
-    write_array(group, "neurons", positions)
+    write_strings(group, "neuron_ids", rec.neuron_ids)
     if rec.trial_ids is not None:
         write_array(group, "trial_ids", rec.trial_ids.astype(np.int64))
-    group.attrs.update(
-        {
-            **{k: _jsonable(v) for k, v in rec.attrs.items()},
-            "rate_hz": rec.rate_hz,
-            "kind": rec.kind,
-            "source": str(rec.source),
-            "sha256": sha,
-            "poplds_version": __version__,
-            "n_missing": int(stats["n_missing"]),
-            "empty_neurons": empty,
-            "constant_neurons": constant,
-            "complete": True,
-        }
-    )
+    group.attrs["recording"] = {
+        **{k: _jsonable(v) for k, v in rec.attrs.items()},
+        "rate_hz": rec.rate_hz,
+        "kind": rec.kind,
+        "source": str(rec.source),
+        "sha256": sha,
+        "poplds_version": __version__,
+        "n_missing": int(stats["n_missing"]),
+        "empty_neurons": empty,
+        "constant_neurons": constant,
+        "complete": True,
+    }
     log.info(
         "%s: %s float32 (%.1f MB) in %.2f s, %.1f MB/s; %d missing values",
         rec.name,
@@ -254,6 +329,203 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _as_spec(recording: RecordingSpec | Mapping[str, Any], base: Path) -> RecordingSpec:
+    if isinstance(recording, RecordingSpec):
+        return recording
+    return RecordingSpec.from_mapping(dict(recording), base)
+
+
+def _settings(
+    bin_size_s: float,
+    trials: bool,
+    trial_window: Sequence[float] | None,
+    trial_crop: bool,
+    chunk_mb: float,
+) -> dict[str, Any]:
+    """The ingest settings a part was written with (all parts of a store share them)."""
+    return {
+        "chunk_mb": chunk_mb,
+        "bin_size_s": bin_size_s,
+        "trials": trials,
+        "trial_window": list(trial_window) if trial_window else None,
+        "trial_crop": trial_crop,
+    }
+
+
+def _reading(spec: RecordingSpec) -> dict[str, Any]:
+    """How the configuration asked for the source to be read (with its sha256, what makes two
+    recordings the same data)."""
+    return {
+        "series": spec.series,
+        "kind": spec.kind,
+        "neuropil_coefficient": spec.neuropil_coefficient,
+        "neuron_ids": None if spec.neuron_ids is None else str(spec.neuron_ids),
+    }
+
+
+def ingest_recording(
+    recording: RecordingSpec | Mapping[str, Any],
+    out: str | Path,
+    *,
+    bin_size_s: float = 0.02,
+    trials: bool = False,
+    trial_window: Sequence[float] | None = None,
+    trial_crop: bool = False,
+    chunk_mb: float = 4.0,
+    base_dir: str | Path | None = None,
+) -> Path:
+    """Ingest one recording into its own part store ``out`` (one job per recording).
+
+    The part is a Zarr v3 group laid out like ``data.zarr/recordings/<name>`` (``activity``,
+    ``trial_ids``) plus the recording's own ``neuron_ids`` (str, (neurons,)); it does not depend
+    on the other recordings, so a dataset's recordings can be ingested in parallel and adding
+    one ingests only that one. :func:`assemble_dataset` then builds the dataset store from the
+    parts. Written at ``<out>.partial`` and renamed when complete.
+
+    Parameters are those of :func:`ingest_dataset` for one ``recordings:`` entry.
+
+    Raises
+    ------
+    InputError: the recording is missing or malformed.
+    """
+    out = Path(out)
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    spec = _as_spec(recording, base)
+    name = check_name(spec)
+    trial_opts = (
+        TrialOptions(tuple(trial_window) if trial_window else None, crop=trial_crop)
+        if trials
+        else None
+    )
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    rec: Recording | None = None
+    try:
+        log.info("opening %s", spec.path)
+        rec = open_recording(spec, bin_size_s=bin_size_s, trials=trial_opts, chunk_mb=chunk_mb)
+        if trials and rec.activity.ndim != 3:
+            raise InputError(rec.source, "trials: true but this recording has no trial axis")
+        sha = file_sha256(rec.source)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        root.attrs.update(
+            {
+                "format": PART_FORMAT,
+                "name": name,
+                "reading": _reading(spec),
+                "settings": _settings(bin_size_s, trials, trial_window, trial_crop, chunk_mb),
+            }
+        )
+        _write_recording(root, rec, sha, chunk_mb)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if rec is not None:
+            rec.close()
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link every file of the folder ``src`` into ``dst`` (a copy where the two lie on
+    different file systems): the store shares the parts' chunks instead of a second copy."""
+    for folder, _, files in os.walk(src):
+        target = dst / Path(folder).relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            try:
+                os.link(Path(folder) / f, target / f)
+            except OSError:
+                shutil.copy2(Path(folder) / f, target / f)
+
+
+def assemble_dataset(
+    parts: Sequence[str | Path], out: str | Path, *, dataset: str | None = None
+) -> Path:
+    """Build the dataset store ``out`` (``data.zarr``) from parts written by
+    :func:`ingest_recording`, in configuration order.
+
+    Checks the recordings against each other (same rate, kind, trial structure and ingest
+    settings; the same data not listed twice), builds the global neuron table (ids in order of
+    first appearance, recording by recording), each recording's positions in it and the
+    coverage tables, and links the parts' chunks into the store. The layout is that of
+    :mod:`poplds.store`. Written at ``<out>.partial`` and renamed when complete; a previous
+    store is replaced only then.
+
+    Raises
+    ------
+    InputError: a part is missing or incomplete, or the recordings disagree.
+    """
+    out = Path(out)
+    if not parts:
+        raise InputError(out, "no recordings to ingest")
+    infos = [_Part.read(p) for p in parts]
+    _check_consistent(infos)
+    _check_not_twice(infos)
+    neuron_ids, positions = global_neuron_ids([p.neuron_ids() for p in infos])
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        root.attrs["plan"] = {
+            "recordings": [[p.name, p.sha] for p in infos],
+            **infos[0].settings,
+        }
+        recs = root.create_group("recordings")
+        for part, pos in zip(infos, positions, strict=True):
+            group = recs.create_group(part.name)
+            for array in ("activity", "trial_ids"):
+                if (part.path / array).exists():
+                    _link_tree(part.path / array, tmp / "recordings" / part.name / array)
+            write_array(group, "neurons", pos)
+            group.attrs.update(part.recording)
+        write_strings(root, "neuron_ids", neuron_ids)
+        shared, per_neuron = coverage(positions, len(neuron_ids))
+        cov = root.create_group("coverage")
+        write_strings(cov, "recording_names", np.array([p.name for p in infos]))
+        write_array(cov, "shared_neurons", shared)
+        write_array(cov, "recordings_per_neuron", per_neuron)
+        first = infos[0]
+        root.attrs.update(
+            {
+                "format": FORMAT,
+                "poplds_version": __version__,
+                "dataset": dataset or out.parent.name,
+                "recordings": [p.name for p in infos],
+                "rate_hz": first.recording["rate_hz"],
+                "kind": first.recording["kind"],
+                "trials": len(first.shape) == 3,
+            }
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log.info("wrote %s: %d recordings, %d neurons in all", out, len(infos), len(neuron_ids))
+    return out
+
+
+def _reusable(part: Path, spec: RecordingSpec, settings: dict[str, Any]) -> bool:
+    """Whether a part left by an interrupted :func:`ingest_dataset` holds this recording as
+    the configuration now reads it (same settings, same reading, same source content)."""
+    try:
+        info = _Part.read(part)
+    except InputError:
+        return False
+    return (
+        info.settings == settings
+        and info.reading == _reading(spec)
+        and info.recording.get("source") == str(spec.path)
+        and info.sha == file_sha256(spec.path)
+    )
+
+
 def ingest_dataset(
     recordings: Sequence[RecordingSpec | Mapping[str, Any]],
     out: str | Path,
@@ -267,6 +539,12 @@ def ingest_dataset(
     base_dir: str | Path | None = None,
 ) -> Path:
     """Ingest partial recordings of one circuit into the store ``out`` (``data.zarr``).
+
+    Each recording is ingested by :func:`ingest_recording` into its own part under
+    ``<out>.parts/``, then :func:`assemble_dataset` builds the store; the workflow runs the same
+    two steps as one job per recording and one assembly job. Rerun after an interruption, the
+    recordings already written are reused (same settings and same source content, by sha256);
+    the parts are removed once the store is complete.
 
     Parameters
     ----------
@@ -294,90 +572,30 @@ def ingest_dataset(
     """
     out = Path(out)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
-    specs = [
-        r if isinstance(r, RecordingSpec) else RecordingSpec.from_mapping(dict(r), base)
-        for r in recordings
-    ]
+    specs = [_as_spec(r, base) for r in recordings]
     if not specs:
         raise InputError(out, "no recordings to ingest")
-    trial_opts = (
-        TrialOptions(tuple(trial_window) if trial_window else None, crop=trial_crop)
-        if trials
-        else None
-    )
-    opened: list[Recording] = []
-    tmp = out.with_name(out.name + ".partial")
+    names = _check_names(specs)
+    settings = _settings(bin_size_s, trials, trial_window, trial_crop, chunk_mb)
+    parts_dir = out.with_name(out.name + ".parts")
+    parts = [parts_dir / f"{name}.zarr" for name in names]
     try:
-        for spec in specs:
-            log.info("opening %s", spec.path)
-            opened.append(
-                open_recording(spec, bin_size_s=bin_size_s, trials=trial_opts, chunk_mb=chunk_mb)
-            )
-        _check_consistent(opened, trials)
-        shas = [file_sha256(rec.source) for rec in opened]
-        _check_not_twice(specs, opened, shas)
-        neuron_ids, positions = global_neuron_ids(opened)
-        plan = {
-            "recordings": [[rec.name, sha] for rec, sha in zip(opened, shas, strict=True)],
-            "chunk_mb": chunk_mb,
-            "bin_size_s": bin_size_s,
-            "trials": trials,
-            "trial_window": list(trial_window) if trial_window else None,
-            "trial_crop": trial_crop,
-        }
-        root = _open_partial(tmp, plan)
-        recs = root.require_group("recordings")
-        for rec, pos, sha in zip(opened, positions, shas, strict=True):
-            if rec.name in recs and recs[rec.name].attrs.get("complete"):
-                log.info("%s: already written (resuming)", rec.name)
+        for spec, part in zip(specs, parts, strict=True):
+            if part.exists() and _reusable(part, spec, settings):
+                log.info("%s: already written (resuming)", part.stem)
                 continue
-            if rec.name in recs:
-                del recs[rec.name]
-            _write_recording(recs.create_group(rec.name), rec, pos, sha, chunk_mb)
-        for name in ("neuron_ids", "coverage"):
-            if name in root:
-                del root[name]
-        write_strings(root, "neuron_ids", neuron_ids)
-        shared, per_neuron = coverage(positions, len(neuron_ids))
-        cov = root.create_group("coverage")
-        write_strings(cov, "recording_names", np.array([r.name for r in opened]))
-        write_array(cov, "shared_neurons", shared)
-        write_array(cov, "recordings_per_neuron", per_neuron)
-        root.attrs.update(
-            {
-                "format": FORMAT,
-                "poplds_version": __version__,
-                "dataset": dataset or out.parent.name,
-                "recordings": [r.name for r in opened],
-                "rate_hz": opened[0].rate_hz,
-                "kind": opened[0].kind,
-                "trials": opened[0].activity.ndim == 3,
-            }
-        )
+            ingest_recording(
+                spec,
+                part,
+                bin_size_s=bin_size_s,
+                trials=trials,
+                trial_window=trial_window,
+                trial_crop=trial_crop,
+                chunk_mb=chunk_mb,
+            )
+        assemble_dataset(parts, out, dataset=dataset)
     except InputError:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(parts_dir, ignore_errors=True)
         raise
-    finally:
-        for rec in opened:
-            rec.close()
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    log.info("wrote %s: %d recordings, %d neurons in all", out, len(opened), len(neuron_ids))
+    shutil.rmtree(parts_dir, ignore_errors=True)
     return out
-
-
-def _open_partial(tmp: Path, plan: dict[str, Any]) -> zarr.Group:
-    """The half-built store to continue, or a fresh one when its plan differs."""
-    if tmp.exists():
-        try:
-            root = zarr.open_group(str(tmp), mode="r+")
-            if root.attrs.get("plan") == plan:
-                return root
-        except Exception:  # unreadable leftovers are simply rebuilt
-            pass
-        shutil.rmtree(tmp)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-    root.attrs["plan"] = plan
-    return root

@@ -55,21 +55,52 @@ def recording_entries(dataset):
     ]
 
 
-def ingest_inputs(wildcards):
-    """Every file the ingest of a dataset reads: its sources and neuron_ids files (a simulated
-    dataset's folder of npz files)."""
+def recording_name(entry):
+    """A recording's name in the store: its ``name``, else the file's stem (the folder's name
+    for a suite2p plane), as poplds.RecordingSpec.display_name gives it."""
+    if entry.get("name"):
+        return entry["name"]
+    path = Path(entry["path"])
+    return path.name if path.is_dir() else path.stem
+
+
+def recording_names(dataset):
+    """The dataset's recording names in configuration order (distinct: each is one job)."""
+    names = {}
+    for entry in recording_entries(dataset):
+        name = recording_name(entry)
+        if name in names:
+            raise ValueError(
+                f"dataset {dataset}: {entry['path']}: recording name {name!r} is also used by "
+                f"{names[name]}; give each recording a distinct 'name'"
+            )
+        names[name] = entry["path"]
+    return list(names)
+
+
+def recording_entry(wildcards):
+    """The config entry of one recording of a dataset."""
+    for entry in recording_entries(wildcards.dataset):
+        if recording_name(entry) == wildcards.recording:
+            return entry
+    raise ValueError(f"dataset {wildcards.dataset} has no recording {wildcards.recording!r}")
+
+
+def recording_inputs(wildcards):
+    """Every file the ingest of one recording reads: its source and neuron_ids file (a
+    simulated dataset's folder of npz files)."""
     if is_simulated(wildcards.dataset):
         return f"results/{wildcards.dataset}/simulated"
-    entries = recording_entries(wildcards.dataset)
-    # the neuron_ids files too: editing one re-ingests the dataset
-    return [r["path"] for r in entries] + [r["neuron_ids"] for r in entries if "neuron_ids" in r]
+    entry = recording_entry(wildcards)
+    # the neuron_ids file too: editing it re-ingests the recording
+    return [entry["path"]] + ([entry["neuron_ids"]] if "neuron_ids" in entry else [])
 
 
 def ingest_params(wildcards):
-    """The slice of config that the ingest of one dataset depends on."""
+    """The slice of config that the ingest of one recording depends on."""
     ds = dataset_config(wildcards.dataset)
     return {
-        "recordings": recording_entries(wildcards.dataset),
+        "recording": recording_entry(wildcards),
         "bin_size_s": ds["bin_size_s"],
         "trials": ds["trials"] or (is_simulated(wildcards.dataset)
                                    and ds["simulate"]["model"] == "poisson_trials"),
@@ -77,6 +108,72 @@ def ingest_params(wildcards):
         "trial_crop": ds["trial_crop"],
         "chunk_mb": ds["chunk_mb"],
     }
+
+
+def recording_parts(wildcards):
+    """The ingested recordings (one part store each) that make up a dataset's store."""
+    return [
+        f"results/{wildcards.dataset}/recordings/{name}.zarr"
+        for name in recording_names(wildcards.dataset)
+    ]
+
+
+# ------------------------------------------------------------------ cluster resources
+# Sized from what each job reads, so that small jobs ask a scheduler for little and fits for
+# what their data need. Callables taking `input` are evaluated when the job is submitted,
+# once its inputs exist. A profile's set-resources overrides any of them.
+
+
+def _size_mb(paths):
+    """MB of the files under these paths (folders counted whole)."""
+    total = 0
+    for p in map(Path, paths):
+        if p.is_dir():
+            total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        elif p.exists():
+            total += p.stat().st_size
+    return total / 1e6
+
+
+def _activity_mb(store):
+    """MB of a dataset store's activity as float32 in memory (from the arrays' metadata)."""
+    import json
+
+    total = 0
+    for meta in Path(store).glob("recordings/*/activity/zarr.json"):
+        shape = json.loads(meta.read_text())["shape"]
+        n = 1
+        for s in shape:
+            n *= s
+        total += 4 * n
+    return total / 1e6
+
+
+def ingest_mem_mb(wildcards, input):
+    # dask streams chunk by chunk; an NWB units table is binned in memory
+    return int(2000 + 3 * _size_mb(input))
+
+
+def ingest_runtime(wildcards, input):
+    return int(min(1440, 15 + _size_mb(input) / 1000))  # minutes: a minute per GB read
+
+
+def stitched_mem_mb(wildcards, input):
+    # on the CPU, up to 4 GB of data are held in memory and the rest streamed from the store
+    return int(3000 + 1.5 * min(_activity_mb(input.store), 4000))
+
+
+def stitched_runtime(wildcards, input):
+    return int(min(1440, 30 + _activity_mb(input.store) / 100))
+
+
+def nplds_mem_mb(wildcards, input):
+    # per-trial posteriors over k latents for every bin, for each model fitted
+    return int(3000 + 20 * _activity_mb(input.store))
+
+
+def nplds_runtime(wildcards, input):
+    return int(min(1440, 30 + 2 * _activity_mb(input.store)))
 
 
 def simulate_params(wildcards):
@@ -156,6 +253,48 @@ def fit_metrics(dataset):
     return out
 
 
+def nwb_recordings(dataset):
+    """The recordings whose latents are written back as NWB (export_nwb: auto takes those read
+    from NWB files)."""
+    mode = dataset_config(dataset)["export_nwb"]
+    if mode is False or mode == "false":
+        return []
+    entries = recording_entries(dataset)
+    if mode == "auto":
+        entries = [e for e in entries if str(e["path"]).lower().endswith(".nwb")]
+    return [recording_name(e) for e in entries]
+
+
+def nplds_models(dataset):
+    """The Poisson models one nplds job fits (each gets its own results folder)."""
+    return ["nplds", "plds"] + (["nplds_dynamics"] if dataset in NPLDS_DYNAMICS else [])
+
+
+def nwb_outputs(dataset):
+    """Every NWB file of latents the workflow writes for a dataset."""
+    names = nwb_recordings(dataset)
+    out = []
+    if "stitched_lds" in dataset_config(dataset)["models"]:
+        out += [
+            f"results/{dataset}/stitched_lds/n{n}/nwb/{name}.nwb"
+            for n in stitched_dims(dataset)
+            for name in names
+        ]
+    if "nplds" in dataset_config(dataset)["models"]:
+        out += [
+            f"results/{dataset}/{model}/k{k}/nwb/{name}.nwb"
+            for model in nplds_models(dataset)
+            for k in nplds_dims(dataset)
+            for name in names
+        ]
+    return out
+
+
+def nwb_mem_mb(wildcards, input):
+    paths = [input.model] + ([input.latents] if "latents" in input.keys() else [])
+    return int(2000 + 3 * _size_mb(paths))
+
+
 def all_outputs():
     """Every result the workflow makes by default."""
     out = []
@@ -181,4 +320,10 @@ def all_outputs():
                     out.append(f"results/{ds}/figures/nplds/k{k}_eigenvalues.png")
             out.append(f"results/{ds}/figures/nplds/dimension.png")
             out.append(f"results/{ds}/nplds/scores.html")
+        out += nwb_outputs(ds)
     return out
+
+
+# recording names of every dataset (checked distinct within each dataset here, at parse time)
+wildcard_constraints:
+    recording=dataset_pattern(sorted({name for ds in DATASETS for name in recording_names(ds)})),

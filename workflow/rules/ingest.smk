@@ -1,4 +1,4 @@
-# Stage 1: simulated data (demo, tests) and ingest of recordings into the dataset store.
+# Stage 1: simulated data (demo, tests), ingest of each recording, and the dataset store.
 
 
 rule simulate:
@@ -14,20 +14,41 @@ rule simulate:
         "../scripts/simulate.py"
 
 
+# one job per recording, each into its own part store (so a cluster ingests them in parallel)
 rule ingest:
     input:
-        ingest_inputs,
+        recording_inputs,
     output:
-        directory("results/{dataset}/data.zarr"),
+        directory("results/{dataset}/recordings/{recording}.zarr"),
     params:
         ingest=ingest_params,
     log:
-        "logs/{dataset}/ingest.log",
+        "logs/{dataset}/ingest_{recording}.log",
     threads: 2
+    resources:
+        mem_mb=ingest_mem_mb,
+        runtime=ingest_runtime,
     conda:
         "../../envs/poplds.yaml"
     script:
         "../scripts/ingest.py"
+
+
+# the dataset store from its parts: neuron table, coverage, the parts' chunks hard-linked
+rule assemble_store:
+    input:
+        recording_parts,
+    output:
+        directory("results/{dataset}/data.zarr"),
+    log:
+        "logs/{dataset}/assemble_store.log",
+    resources:
+        mem_mb=2000,
+        runtime=15,
+    conda:
+        "../../envs/poplds.yaml"
+    script:
+        "../scripts/assemble_store.py"
 
 
 rule coverage_figure:

@@ -21,6 +21,9 @@ rule fit_nplds:
     log:
         "logs/{dataset}/fit_nplds_k{k}.log",
     threads: 2
+    resources:
+        mem_mb=nplds_mem_mb,
+        runtime=nplds_runtime,
     conda:
         "../../envs/poplds.yaml"
     script:

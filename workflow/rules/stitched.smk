@@ -18,6 +18,9 @@ rule fit_stitched_lds:
     log:
         "logs/{dataset}/fit_stitched_lds_n{n}.log",
     threads: 2
+    resources:
+        mem_mb=stitched_mem_mb,
+        runtime=stitched_runtime,
     conda:
         "../../envs/poplds.yaml"
     script:

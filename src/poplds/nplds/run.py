@@ -9,7 +9,8 @@ neurons, and writes under ``results/<dataset>/``::
                               recording lacks), d (N_total,), A, Q, V0 (k, k), x0 (k,),
                               h_mean, h_var (trials, k), trial_ids, heldout (trials,) bool,
                               sigma2, tau (k,) (plds: sigma2 = 0, tau = NaN), bound_trace,
-                              x_mean (trials, T, k) float32 (NaN on held-out trials);
+                              x_mean, x_var (trials, T, k) float32: posterior means and
+                              marginal variances of the latents (NaN on held-out trials);
                               nplds_dynamics also A1 (k, k), g_mean, g_var (trials,), tau_g,
                               A_trials (trials, k, k) = A + g_mean A1
     nplds/k<k>/metrics.json   every model's scores (poplds.nplds.evaluate), bound trace,
@@ -366,6 +367,8 @@ def fit_store(
         figure[f"{name}_bound"] = np.asarray(fit.bound)
         x_mean = np.full((R, T, k), np.nan, dtype=np.float32)
         x_mean[train] = fit.state.m.cpu().numpy()
+        x_var = np.full((R, T, k), np.nan, dtype=np.float32)
+        x_var[train] = torch.diagonal(fit.state.S, dim1=-2, dim2=-1).cpu().numpy()
         fits[name] = fit
         entry["nonfinite_written"] = unexpected_nonfinite(
             {"A": p.A, "Q": p.Q, "x0": p.x0, "V0": p.V0, "C": C, "h_mean": h_mean, "h_var": h_var}
@@ -384,6 +387,7 @@ def fit_store(
             h_mean=h_mean,
             h_var=h_var,
             x_mean=x_mean,
+            x_var=x_var,
             arrays=arrays,
             inverse=inverse,
             A_trials=A_trials,
@@ -431,6 +435,7 @@ def _write_model(
     h_mean: np.ndarray,
     h_var: np.ndarray,
     x_mean: np.ndarray,
+    x_var: np.ndarray,
     arrays: dict[str, torch.Tensor],
     inverse: np.ndarray,
     A_trials: np.ndarray | None,
@@ -462,6 +467,7 @@ def _write_model(
         write_array(root, "tau", np.full(k, np.nan))
     write_array(root, "bound_trace", np.asarray(fit.bound))
     write_array(root, "x_mean", x_mean)
+    write_array(root, "x_var", x_var)
     if A_trials is not None:
         write_array(root, "A1", p["A1"])
         write_array(root, "g_mean", arrays["g_mean"].cpu().numpy()[inverse])
