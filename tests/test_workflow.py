@@ -99,7 +99,7 @@ def test_workflow_runs_from_another_directory(tmp_path, rng):
     assert len(sim.neuron_ids) == 20
     for ds in ("real", "sim"):
         assert (work / "results" / ds / "figures" / "coverage.png").stat().st_size > 10_000
-        assert (work / "logs" / ds / "ingest.log").exists()
+        assert (work / "logs" / ds / "assemble_store.log").exists()
     assert not (REPO / "results" / "real").exists()  # nothing written beside the Snakefile
     # the stitched LDS output contract (README): model, latents, metrics, figures
     fit = work / "results" / "sim" / "stitched_lds" / "n2"
