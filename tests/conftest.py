@@ -8,9 +8,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def assert_same_store(a: Path, b: Path, ignore_attrs: tuple[str, ...] = ()) -> None:
+    """Two Zarr stores hold the same attributes (less ``ignore_attrs``) and the same arrays
+    (values, dtypes, shapes, chunks), group by group."""
+
+    def walk(x: zarr.Group, y: zarr.Group, where: str) -> None:
+        ax = {k: v for k, v in x.attrs.items() if k not in ignore_attrs}
+        ay = {k: v for k, v in y.attrs.items() if k not in ignore_attrs}
+        assert ax == ay, f"{where}: attributes differ"
+        assert sorted(x.array_keys()) == sorted(y.array_keys()), where
+        for name in x.array_keys():
+            u, v = x[name], y[name]
+            assert (u.dtype, u.shape, u.chunks) == (v.dtype, v.shape, v.chunks), f"{where}/{name}"
+            np.testing.assert_array_equal(u[...], v[...], err_msg=f"{where}/{name}")
+        assert sorted(x.group_keys()) == sorted(y.group_keys()), where
+        for name in x.group_keys():
+            walk(x[name], y[name], f"{where}/{name}")
+
+    walk(zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r"), str(a))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,12 +50,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
 
 
-def _nwbfile():
+def _nwbfile(identifier: str = "poplds-test"):
     from pynwb import NWBFile
 
     return NWBFile(
         session_description="poplds test",
-        identifier="poplds-test",
+        identifier=identifier,
         session_start_time=datetime(2024, 1, 1, tzinfo=UTC),
     )
 
@@ -59,12 +80,14 @@ def write_ophys_nwb(
     rois: np.ndarray | None = None,
     trials: list[tuple[float, float]] | None = None,
     timestamps: np.ndarray | None = None,
+    starting_time: float = 0.0,
+    identifier: str = "poplds-test",
 ) -> Path:
     """An NWB file with a PlaneSegmentation of ``data.shape[1]`` (or more) ROIs and one
     RoiResponseSeries per name in ``series_names`` (all holding ``data``, (time, rois))."""
     from pynwb.ophys import Fluorescence, ImageSegmentation, OpticalChannel, RoiResponseSeries
 
-    nwb = _nwbfile()
+    nwb = _nwbfile(identifier)
     device = nwb.create_device(name="scope")
     plane = nwb.create_imaging_plane(
         name="plane0",
@@ -92,7 +115,11 @@ def write_ophys_nwb(
     region_idx = list(range(data.shape[1])) if rois is None else [int(r) for r in rois]
     for name in series_names:
         region = ps.create_roi_table_region(region=region_idx, description="cells")
-        kw = {"rate": rate} if timestamps is None else {"timestamps": timestamps}
+        kw = (
+            {"rate": rate, "starting_time": starting_time}
+            if timestamps is None
+            else {"timestamps": timestamps}
+        )
         fl.add_roi_response_series(
             RoiResponseSeries(name=name, data=data, rois=region, unit="a.u.", **kw)
         )

@@ -2,8 +2,9 @@
 runs through ``snakemake --profile`` with the executor plugin, edited only where a user edits
 it (the GPU partition's name), and gives the outputs of a local run.
 
-Skipped, with the reason in pytest's summary, where SLURM cannot be installed or started, or
-the executor plugin is missing.
+Part of ``make test`` (about 5 minutes on 2 cores). Skipped, with the reason in pytest's
+summary, where SLURM cannot be installed or started (not root, no apt-get, a machine that
+already runs SLURM), where the executor plugin is missing, or with ``POPLDS_SLURM_TEST=0``.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
+from conftest import REPO, assert_same_store
 
-REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
@@ -64,6 +64,17 @@ def _project(root: Path) -> Path:
     return root
 
 
+def _slurm_job(jobid: str) -> dict[str, str]:
+    """SLURM's record of one job (``scontrol show job -d``; the test cluster keeps finished
+    jobs for an hour)."""
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-d", "-o", jobid], capture_output=True, text=True, check=True
+    ).stdout
+    record = dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+    record.setdefault("TresPerNode", "")
+    return record
+
+
 def _leaves(obj, prefix=""):
     if isinstance(obj, dict):
         for k, v in obj.items():
@@ -90,30 +101,22 @@ def _same_json(a: Path, b: Path) -> None:
             assert va == vb, f"{a}: {key} {va!r} != {vb!r}"
 
 
-def _same_store(a: Path, b: Path) -> None:
-    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
-
-    def walk(x, y, where):
-        ax, ay = dict(x.attrs), dict(y.attrs)
-        ax.pop("source", None), ay.pop("source", None)  # absolute paths of two folders
-        assert ax == ay, f"{where}: attributes differ"
-        assert sorted(x.array_keys()) == sorted(y.array_keys()), where
-        for name in x.array_keys():
-            np.testing.assert_array_equal(x[name][...], y[name][...], err_msg=f"{where}/{name}")
-        assert sorted(x.group_keys()) == sorted(y.group_keys()), where
-        for name in x.group_keys():
-            walk(x[name], y[name], f"{where}/{name}")
-
-    walk(ga, gb, str(a))
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not os.environ.get("POPLDS_SLURM_TEST"),
-    reason="set POPLDS_SLURM_TEST=1 to run the demo on a live SLURM (about 9 min on 2 cores)",
+    os.environ.get("POPLDS_SLURM_TEST") == "0", reason="POPLDS_SLURM_TEST=0: SLURM test not run"
 )
 def test_demo_runs_on_slurm_through_the_shipped_profile(cluster, tmp_path):
     slurm, local = _project(tmp_path / "slurm"), _project(tmp_path / "local")
+    common = ["-s", str(REPO / "Snakefile")]
+    # the local reference first: run beside the SLURM jobs, two sets of torch threads on the
+    # same cores slow both several-fold
+    ref = subprocess.run(
+        [*SNAKEMAKE, *common, "--directory", str(local), "--cores", "2"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert ref.returncode == 0, ref.stderr[-3000:]
     # the user's one edit: the GPU partition's name (the account stays unset: this cluster
     # keeps no accounting, like many small ones)
     profile = slurm / "profile"
@@ -123,8 +126,7 @@ def test_demo_runs_on_slurm_through_the_shipped_profile(cluster, tmp_path):
     (profile / "config.yaml").write_text(
         text.replace('slurm_partition: "gpu"', 'slurm_partition: "gpuq"')
     )
-    common = ["-s", str(REPO / "Snakefile")]
-    on_slurm = subprocess.Popen(
+    on_slurm = subprocess.run(
         [
             *SNAKEMAKE,
             *common,
@@ -142,27 +144,29 @@ def test_demo_runs_on_slurm_through_the_shipped_profile(cluster, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        timeout=1200,
     )
-    # the local reference runs meanwhile (the SLURM run mostly waits on the scheduler)
-    ref = subprocess.run(
-        [*SNAKEMAKE, *common, "--directory", str(local), "--cores", "2"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    out, _ = on_slurm.communicate(timeout=1200)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = on_slurm.stdout
     assert on_slurm.returncode == 0, out[-5000:]
     assert "executor: slurm" in out.lower() or "slurm run id" in out.lower()
 
-    # every job went through sbatch; the fits asked for the GPU partition and a GPU
-    logs = slurm / ".snakemake" / "slurm_logs"
-    rules = {p.name.removeprefix("rule_") for p in logs.iterdir()}
-    assert {"ingest", "assemble_store", "fit_stitched_lds", "fit_nplds_dynamics"} <= rules
-    fit_log = next((logs / "rule_fit_stitched_lds").rglob("*.log")).read_text()
-    assert "slurm_partition=gpuq" in fit_log and "gres=gpu:1" in fit_log
-    ingest_log = next((logs / "rule_ingest").rglob("*.log")).read_text()
-    assert "gres=" not in ingest_log and "slurm_partition=gpuq" not in ingest_log
+    # every job went through sbatch, and SLURM ran it as the profile asked: the fits in the
+    # GPU partition with one GPU, everything else small in the default partition
+    jobs = {}
+    for log in (slurm / ".snakemake" / "slurm_logs").rglob("*.log"):
+        rule = next(p for p in log.parts if p.startswith("rule_")).removeprefix("rule_")
+        jobs.setdefault(rule, []).append(_slurm_job(log.stem))
+    assert {"ingest", "assemble_store", "fit_stitched_lds", "fit_nplds_dynamics"} <= set(jobs)
+    assert len(jobs["ingest"]) == 4  # one job per recording: 3 + 1
+    for rule, records in jobs.items():
+        for job in records:
+            assert job["JobState"] == "COMPLETED", (rule, job)
+            if rule.startswith("fit_"):
+                assert job["Partition"] == "gpuq" and "gpu:1" in job["TresPerNode"], (rule, job)
+            else:
+                assert job["Partition"] == "main" and "gpu" not in job["TresPerNode"], (rule, job)
+    small = jobs["simulate"][0]
+    assert "mem=2000M" in small["TRES"] and small["TimeLimit"] == "00:15:00", small
 
     # the same outputs as the local run
     res_s, res_l = slurm / "results", local / "results"
@@ -170,7 +174,8 @@ def test_demo_runs_on_slurm_through_the_shipped_profile(cluster, tmp_path):
     files_l = sorted(p.relative_to(res_l) for p in res_l.rglob("*") if p.is_file())
     assert files_s == files_l
     for ds in ("demo_stitched", "demo_trials"):
-        _same_store(res_s / ds / "data.zarr", res_l / ds / "data.zarr")
+        # the same but for the absolute source paths of two folders
+        assert_same_store(res_s / ds / "data.zarr", res_l / ds / "data.zarr", ("source",))
     metrics = [p for p in files_l if p.name == "metrics.json" or p.name == "dimension.json"]
     assert len(metrics) >= 8
     for rel in metrics:

@@ -123,11 +123,16 @@ class _Part:
         try:
             root = zarr.open_group(str(path), mode="r")
             attrs = dict(root.attrs)
-            shape = tuple(root["activity"].shape)
         except Exception as err:  # noqa: BLE001 - any unreadable part is reported as such
             raise InputError(path, f"not a readable recording part ({err})") from err
+        if attrs.get("format") == FORMAT:
+            raise InputError(path, "is a dataset store, not a recording part (ingest_recording)")
         if attrs.get("format") != PART_FORMAT or not attrs.get("recording", {}).get("complete"):
             raise InputError(path, "not a complete poplds recording part; ingest it again")
+        try:
+            shape = tuple(root["activity"].shape)
+        except Exception as err:  # noqa: BLE001
+            raise InputError(path, f"not a readable recording part ({err})") from err
         return cls(
             path, attrs["name"], attrs["reading"], attrs["settings"], attrs["recording"], shape
         )

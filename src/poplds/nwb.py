@@ -7,7 +7,7 @@ Widgets or a lab's own NWB code.
     latent_mean      TimeSeries (time, n)  posterior means of the latents, on the recording's
                      own clock: rate and starting time of continuous data, or the timestamps of
                      each modelled bin of each trial (held-out trials, which have no latents,
-                     and bins outside a trial are left out)
+                     and padded bins outside a trial are left out)
     latent_variance  TimeSeries (time, n)  their marginal posterior variances
     loadings         DynamicTable, one row per neuron of the recording: neuron_id, loading (n,),
                      and the model's per-neuron parameters (stitched LDS: noise_variance, mean;
@@ -16,7 +16,8 @@ Widgets or a lab's own NWB code.
     source           DynamicTable, one row: the source file's path (relative to this file),
                      NWB identifier, sha256 and the series read, with the poplds version
 
-Trial data also get the file's ``trials`` table: each modelled trial's start and stop time,
+Trial data also get the file's ``trials`` table: each trial's start time and the end of its
+last bin with data (for whole trials the source's stop time, to within one bin),
 its trial id in the source, whether it was held out, and (Poisson models with drift) the
 posterior mean and variance of its slow modulator. The module's description holds the fit's
 settings as JSON; the file's ``source_script`` and ``was_generated_by`` name the poplds version.
@@ -34,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import zarr
 
@@ -97,8 +99,8 @@ def write_latents_nwb(
     latents: stitched LDS only: the fit's ``latents.zarr`` (means and variances, (T_r, n)).
 
     Latent means ``m[t]`` and marginal variances ``diag S[t]`` are ``(time, n)``; for trial data
-    the modelled bins of every training trial are concatenated in trial order, each bin at
-    ``start[r] + b / rate`` on the source's clock.
+    the bins of every training trial that lie inside the trial (where the store has data) are
+    concatenated in trial order, each bin at ``start[r] + b / rate`` on the source's clock.
 
     Raises
     ------
@@ -131,12 +133,18 @@ def write_latents_nwb(
         starts = np.asarray(
             rattrs.get("trial_window_start_s", np.arange(x_mean.shape[0]) * x_mean.shape[1] / rate)
         )
+        # the bins of each training trial that lie inside the trial (the store's activity is
+        # missing outside it, where the smoother's latents are extrapolations)
+        inside = np.asarray(da.isfinite(ds.activity(recording)).any(axis=2).compute())
         modelled = ~p["heldout"]
-        bins = np.isfinite(x_mean[..., 0]) & modelled[:, None]
+        bins = np.isfinite(x_mean[..., 0]) & inside & modelled[:, None]
         t = starts[:, None] + np.arange(x_mean.shape[1])[None, :] / rate
         mean, var = x_mean[bins], x_var[bins]
         timing = {"timestamps": t[bins]}
-        trial_rows = starts
+        # each trial from its start to the end of its last bin with data (whole trials: the
+        # source's stop time, to within one bin; a window: the window or the trial's end)
+        last = np.where(inside.any(axis=1), x_mean.shape[1] - np.argmax(inside[:, ::-1], 1), 0)
+        trial_rows = np.stack([starts, starts + last / rate], axis=1)
     n = mean.shape[1]
 
     start_time = meta.get("session_start_time", NO_START_TIME)
@@ -246,25 +254,24 @@ def write_latents_nwb(
         )
     )
     if trial_rows is not None:
-        duration = float(rattrs.get("trial_duration_s", p["x_mean"].shape[1] / rate))
         nwb.add_trial_column("source_trial_id", "the trial's id in the source's trials table")
         nwb.add_trial_column("heldout", "left out of the fit (scored, no latents here)")
         extra = {}
         if model != "plds":
             nwb.add_trial_column("modulator_mean", "posterior mean of the slow modulator h (k,)")
             nwb.add_trial_column("modulator_var", "posterior variance of h (k,)")
-        for r, t0 in enumerate(trial_rows):
+        for r, (t0, t1) in enumerate(trial_rows):
             if model != "plds":
                 extra = {"modulator_mean": p["h_mean"][r], "modulator_var": p["h_var"][r]}
             nwb.add_trial(
                 start_time=float(t0),
-                stop_time=float(t0) + duration,
+                stop_time=float(t1),
                 source_trial_id=int(p["trial_ids"][r]),
                 heldout=bool(p["heldout"][r]),
                 **extra,
             )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(out.stem + ".partial.nwb")
     try:
         with NWBHDF5IO(str(tmp), "w") as io:
             io.write(nwb)

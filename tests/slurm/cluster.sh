@@ -7,6 +7,8 @@
 # The node has every CPU of this machine, its memory less 1 GB, and one GPU slot (a count-only
 # gres backed by /dev/null, so that the profile's --gres=gpu:1 requests are scheduled for real;
 # jobs see no CUDA device and fit on the CPU). Partitions: "main" (the default) and "gpuq".
+# Finished jobs stay in `scontrol show job` for an hour (MinJobAge), so the test can check
+# each job's partition, GPU and limits after the run.
 # State, logs and the munge key live in DIR; SLURM's tools read /etc/slurm/slurm.conf (jobs
 # drop a custom SLURM_CONF), so start writes it there, marked as ours, and stop removes it.
 # It refuses to touch a machine that already has a slurm.conf or a running slurmctld.
@@ -25,7 +27,8 @@ stop() {
         if [[ -f "$dir/$name.pid" ]]; then
             pid=$(cat "$dir/$name.pid")
             kill "$pid" 2>/dev/null || true
-            for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            kill -9 "$pid" 2>/dev/null || true
             rm -f "$dir/$name.pid"
         fi
     done
@@ -92,7 +95,7 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 ReturnToService=2
-MinJobAge=300
+MinJobAge=3600
 GresTypes=gpu
 MpiDefault=none
 SwitchType=switch/none
