@@ -148,7 +148,8 @@ def write_latents_nwb(
     n = mean.shape[1]
 
     start_time = meta.get("session_start_time", NO_START_TIME)
-    rel = os.path.relpath(source.resolve(), out.parent.resolve())
+    # relative as the user laid the folders out (symlinks kept: a data/ link stays data/)
+    rel = os.path.relpath(os.path.abspath(source), os.path.abspath(out.parent))
     key = json.dumps([rattrs["sha256"], model, recording, settings], sort_keys=True, default=str)
     nwb = NWBFile(
         session_description=f"poplds {model} latents (n = {n}) of recording {recording}"

@@ -21,6 +21,7 @@ in every chunk, about ``chunk_mb`` MB per chunk, compressed with Blosc zstd + by
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,12 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from ._errors import InputError
+
+# Snakemake marks a directory output (every .zarr of the workflow) with a .snakemake_timestamp
+# file, which zarr warns about each time it lists the group's members: nothing is wrong.
+warnings.filterwarnings(
+    "ignore", message=r"Object at \.snakemake_timestamp is not recognized", category=UserWarning
+)
 
 FORMAT = "poplds-store-1"
 
