@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import yaml
 import zarr
-from conftest import REPO
+from conftest import REPO, assert_same_store
 
-from poplds import DatasetStore
+from poplds import DatasetStore, ingest_dataset
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
@@ -93,6 +93,17 @@ def test_workflow_runs_from_another_directory(tmp_path, rng):
     assert proc.returncode == 0, proc.stderr[-3000:]
     store = DatasetStore(work / "results" / "real" / "data.zarr")
     assert store.recording_names == ["a", "second"]
+    # one ingest job per recording, then the assembly: the store ingest_dataset writes
+    reference = ingest_dataset(
+        [{"path": "data/a.npz"}, {"path": "data/b.npz", "name": "second"}],
+        tmp_path / "reference" / "real" / "data.zarr",
+        base_dir=work,
+    )
+    assert_same_store(store.path, reference)
+    assert sorted(p.name for p in (work / "results" / "real" / "recordings").iterdir()) == [
+        "a.zarr",
+        "second.zarr",
+    ]
     np.testing.assert_array_equal(store.shared_neurons, [[6, 2], [2, 6]])
     assert store.attrs["dataset"] == "real"
     sim = DatasetStore(work / "results" / "sim" / "data.zarr")
@@ -383,3 +394,33 @@ def test_a_killed_run_resumes_its_fit_after_unlock_and_rerun_incomplete(tmp_path
     log = (wd / "logs" / "big" / "fit_stitched_lds_n6.log").read_text()
     assert "resuming from the checkpoint" in log
     assert (out / "metrics.json").exists() and not (out / "checkpoint").exists()
+
+
+def test_adding_a_recording_ingests_only_that_one(tmp_path, rng):
+    """One ingest job per recording: a recording added to the config is ingested alone, the
+    others' parts are kept, and the store is assembled again from all of them."""
+    wd = tmp_path / "wd"
+    (wd / "data").mkdir(parents=True)
+    for name, ids in (("a", ["p", "q", "r"]), ("b", ["q", "r", "s"]), ("c", ["s", "t", "p"])):
+        np.savez(
+            wd / "data" / f"{name}.npz",
+            activity=rng.random((40, 3)),
+            neuron_ids=np.array(ids),
+            rate_hz=10.0,
+        )
+    recs = [{"path": f"data/{n}.npz"} for n in "abc"]
+    write_config(wd, {"ds": {"recordings": recs[:2], "models": ["stitched_lds"]}})
+    first = run_snakemake(wd, "results/ds/data.zarr")
+    assert first.returncode == 0, first.stderr[-2000:]
+    part_a = wd / "results" / "ds" / "recordings" / "a.zarr" / "zarr.json"
+    kept = part_a.stat().st_mtime_ns
+    write_config(wd, {"ds": {"recordings": recs, "models": ["stitched_lds"]}})
+    again = run_snakemake(wd, "results/ds/data.zarr")
+    assert again.returncode == 0, again.stderr[-2000:]
+    log = again.stdout + again.stderr
+    assert log.count("rule ingest:") == 1 and "recordings/c.zarr" in log
+    assert "rule assemble_store:" in log
+    assert part_a.stat().st_mtime_ns == kept
+    store = DatasetStore(wd / "results" / "ds" / "data.zarr")
+    assert store.recording_names == ["a", "b", "c"]
+    assert store.neuron_ids.tolist() == ["p", "q", "r", "s", "t"]
