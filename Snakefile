@@ -27,6 +27,22 @@ include: "workflow/rules/nplds.smk"
 include: "workflow/rules/nwb.smk"
 
 
+# Light jobs (figures, tables, the report's pages, NWB export: seconds each) run where snakemake
+# runs, also with a cluster executor: queueing each of them would take longer than running it.
+localrules:
+    coverage_figure,
+    provenance,
+    stitched_lds_figures,
+    stitched_lds_dimension,
+    stitched_lds_scores,
+    nplds_figures,
+    nplds_eigenvalues,
+    nplds_dimension,
+    nplds_scores,
+    stitched_lds_nwb,
+    nplds_nwb,
+
+
 rule all:
     input:
         all_outputs(),
