@@ -15,9 +15,33 @@
   emissions (the Kalman/RTS smoother's answer), the reference of tests and benchmarks.
 """
 
-from .model import PLDSParams
-from .run import NPLDSOutputs, fit_store
-from .settings import NPLDSSettings
-from .vi import FitResult, fit
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .model import PLDSParams
+    from .run import NPLDSOutputs, fit_store
+    from .settings import NPLDSSettings
+    from .vi import FitResult, fit
+
+#: Where each public name lives. Imported on first use, so that ``poplds.nplds.plots`` (the
+#: figure jobs) starts without torch.
+_WHERE = {
+    "PLDSParams": ".model",
+    "NPLDSOutputs": ".run",
+    "fit_store": ".run",
+    "NPLDSSettings": ".settings",
+    "FitResult": ".vi",
+    "fit": ".vi",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["FitResult", "NPLDSOutputs", "NPLDSSettings", "PLDSParams", "fit", "fit_store"]

@@ -10,11 +10,39 @@ together and gives every recording latent trajectories in one shared latent spac
 - :func:`smooth_recordings` — Kalman/RTS latents of each recording.
 """
 
-from ._data import RecordingInput, prepare_data
-from .inference import Posterior, smooth_recordings
-from .models import StitchedFit, StitchedLDSParams, fit
-from .run import StitchedOutputs, fit_store
-from .settings import StitchedSettings
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._data import RecordingInput, prepare_data
+    from .inference import Posterior, smooth_recordings
+    from .models import StitchedFit, StitchedLDSParams, fit
+    from .run import StitchedOutputs, fit_store
+    from .settings import StitchedSettings
+
+#: Where each public name lives. Imported on first use, so that ``poplds.stitched.plots`` (the
+#: figure jobs) starts without torch.
+_WHERE = {
+    "RecordingInput": "._data",
+    "prepare_data": "._data",
+    "Posterior": ".inference",
+    "smooth_recordings": ".inference",
+    "StitchedFit": ".models",
+    "StitchedLDSParams": ".models",
+    "fit": ".models",
+    "StitchedOutputs": ".run",
+    "fit_store": ".run",
+    "StitchedSettings": ".settings",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Posterior",
