@@ -14,6 +14,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def write_npz(path: Path, activity, ids=None, rate: float = 10.0, **extra) -> Path:
+    """An npz recording: ``activity`` (time, neurons) or (trials, time, neurons), its neuron
+    ids (default 0..N-1) and ``rate_hz``, plus any ``extra`` arrays."""
+    activity = np.asarray(activity)
+    if ids is None:
+        ids = np.arange(activity.shape[-1]) if activity.ndim else np.arange(1)
+    np.savez(path, activity=activity, neuron_ids=np.asarray(ids), rate_hz=rate, **extra)
+    return path
+
+
 def assert_same_store(a: Path, b: Path, ignore_attrs: tuple[str, ...] = ()) -> None:
     """Two Zarr stores hold the same attributes (less ``ignore_attrs``) and the same arrays
     (values, dtypes, shapes, chunks), group by group."""

@@ -11,13 +11,9 @@ import numpy as np
 import pytest
 import zarr
 from conftest import assert_same_store
+from conftest import write_npz as npz
 
 from poplds import DatasetStore, InputError, assemble_dataset, ingest_dataset, ingest_recording
-
-
-def npz(path: Path, activity: np.ndarray, ids, rate: float = 10.0) -> Path:
-    np.savez(path, activity=activity, neuron_ids=np.asarray(ids), rate_hz=rate)
-    return path
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import write_ophys_nwb, write_suite2p, write_units_nwb
+from conftest import write_npz, write_ophys_nwb, write_suite2p, write_units_nwb
 
 from poplds import DatasetStore, InputError, ingest_dataset
 from poplds import ingest as ingest_module
@@ -24,12 +24,7 @@ def expect_error(tmp_path, match, culprit, *paths, **kw):
     return info.value
 
 
-def npz(path, activity, ids=None, rate=10.0, **extra):
-    activity = np.asarray(activity)
-    if ids is None:
-        ids = np.arange(activity.shape[-1]) if activity.ndim else np.arange(1)
-    np.savez(path, activity=activity, neuron_ids=ids, rate_hz=rate, **extra)
-    return path
+npz = write_npz
 
 
 def test_missing_file(tmp_path):
