@@ -327,3 +327,98 @@ def test_a_job_started_with_sigint_ignored_still_stops_on_ctrl_c():
     _, err = proc.communicate(timeout=20)
     assert proc.returncode != 0 and "KeyboardInterrupt" in err
     assert time.perf_counter() - t < 10
+
+
+def test_a_job_tells_errors_a_user_can_act_on_without_a_traceback(tmp_path):
+    """Inside a workflow job (setup_job) an InputError prints its message alone, in the
+    terminal and the log, and the job exits non-zero; a bug keeps its traceback."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "job.log"
+    setup = f"from poplds._logging import setup_job; setup_job({str(log)!r}); "
+    told = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            setup + "from poplds import InputError; "
+            "raise InputError('data/x.npz', 'negative spike counts')",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert told.returncode == 1
+    assert "data/x.npz: negative spike counts" in told.stderr
+    assert "Traceback" not in told.stderr
+    assert "data/x.npz: negative spike counts" in log.read_text()
+    bug = subprocess.run([sys.executable, "-c", setup + "1 / 0"], capture_output=True, text=True)
+    assert bug.returncode == 1 and "Traceback" in bug.stderr and "ZeroDivisionError" in bug.stderr
+
+
+def _full_disk(folder):
+    """Mount a 1 MB tmpfs at ``folder`` (root on Linux), or skip."""
+    import shutil
+    import subprocess
+
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    folder.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+
+
+def test_a_full_disk_during_ingest_is_told_and_leaves_nothing(tmp_path):
+    """Ingesting onto a disk that fills up (a 1 MB tmpfs, 4 MB of incompressible data) stops
+    with the path, the free space and what the data need, keeps no partial store, and the
+    same call with room succeeds."""
+    import subprocess
+
+    from poplds import NoSpaceError
+
+    data = npz(tmp_path / "big.npz", np.random.default_rng(0).standard_normal((20_000, 50)))
+    disk = tmp_path / "disk"
+    _full_disk(disk)
+    try:
+        with pytest.raises(NoSpaceError) as info:
+            ingest_dataset([{"path": str(data)}], disk / "ds" / "data.zarr")
+        message = str(info.value)
+        assert str(disk / "ds") in message and "no space left on the device" in message
+        assert " free of 1.05 MB on that disk" in message
+        assert "take up to 4 MB uncompressed" in message and "Nothing half-written" in message
+        left = [p.relative_to(disk) for p in disk.rglob("*") if p.is_file()]
+        assert not [p for p in left if "partial" in str(p) or p.suffix == ".zarr"], left
+        assert not (disk / "ds" / "data.zarr").exists()
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+    store = ingest_dataset([{"path": str(data)}], tmp_path / "room" / "data.zarr")
+    assert DatasetStore(store).activity("big").shape == (20_000, 50)
+
+
+def test_a_damaged_chunk_names_the_recording_and_the_remedy(tmp_path):
+    """A chunk that no longer decodes stops a fit with the store, the recording, the chunk
+    and how to ingest it again, not with the decoder's RuntimeError."""
+    from poplds.stitched import StitchedSettings, fit_store
+
+    rng = np.random.default_rng(1)
+    a = npz(tmp_path / "a.npz", rng.standard_normal((400, 6)), ids=np.arange(6))
+    b = npz(tmp_path / "b.npz", rng.standard_normal((400, 6)), ids=np.arange(3, 9))
+    store = ingest(tmp_path, a, b)
+    assert DatasetStore(store).damaged_chunks() == {}
+    chunk = next(
+        p
+        for p in (store / "recordings" / "b" / "activity").rglob("*")
+        if p.is_file() and p.name != "zarr.json"
+    )
+    raw = bytearray(chunk.read_bytes())
+    raw[20:60] = bytes(range(40))
+    chunk.write_bytes(bytes(raw))
+    assert list(DatasetStore(store).damaged_chunks()) == ["b"]
+    with pytest.raises(InputError) as info:
+        fit_store(store, 2, StitchedSettings(device="cpu", lags=3), checkpoints=tmp_path / "ck")
+    message = str(info.value)
+    assert message.startswith(f"{store}: the store is damaged")
+    assert "recording b: 1 chunk(s)" in message and "recordings/b/activity/c/" in message
+    assert "results/<dataset>/recordings/<name>.zarr" in message and "run snakemake" in message

@@ -6,10 +6,11 @@ Public surface:
   (:func:`ingest_recording` per recording, then :func:`assemble_dataset`, as the workflow does).
 - :class:`DatasetStore` — read that store.
 - :mod:`poplds.simulate` — seeded ground-truth datasets (stitched LDS, Poisson LDS with drift).
-- :class:`InputError` — every bad-input error, naming the file and the problem.
+- :class:`InputError` — every bad-input error, naming the file and the problem;
+  :class:`NoSpaceError` — the disk filled up; both are :class:`PopldsError`.
 """
 
-from ._errors import InputError
+from ._errors import InputError, NoSpaceError, PopldsError
 from ._version import __version__
 from .ingest import assemble_dataset, ingest_dataset, ingest_recording
 from .sources import RecordingSpec, open_recording
@@ -18,6 +19,8 @@ from .store import DatasetStore
 __all__ = [
     "DatasetStore",
     "InputError",
+    "NoSpaceError",
+    "PopldsError",
     "RecordingSpec",
     "__version__",
     "assemble_dataset",

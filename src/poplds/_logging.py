@@ -45,12 +45,26 @@ def honour_interrupts() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def _job_excepthook(kind, exc, tb) -> None:  # noqa: ANN001 - sys.excepthook's signature
+    """A :class:`~poplds._errors.PopldsError` (bad input, a full disk, a damaged store) is
+    told in its own words, in the terminal and the job's log, without a traceback; anything
+    else is a bug and keeps its traceback. Python exits with status 1 either way."""
+    from ._errors import PopldsError
+
+    if isinstance(exc, PopldsError):
+        get_logger().error("%s", exc)
+    else:
+        sys.__excepthook__(kind, exc, tb)
+
+
 def setup_job(log_file: str | PathLike[str] | None, threads: int | None = None) -> None:
-    """Set up a workflow job: logging (:func:`setup_logging`) and, when given, torch's
-    intra-op threads to the job's ``threads``. torch defaults to every core of the machine;
-    two such jobs side by side, or one job on a cluster node shared with others, oversubscribe
-    the cores and slow every fit many times over."""
+    """Set up a workflow job: logging (:func:`setup_logging`), errors a user can act on told
+    without a traceback (:func:`_job_excepthook`) and, when given, torch's intra-op threads
+    to the job's ``threads``. torch defaults to every core of the machine; two such jobs side
+    by side, or one job on a cluster node shared with others, oversubscribe the cores and
+    slow every fit many times over."""
     setup_logging(log_file)
+    sys.excepthook = _job_excepthook
     honour_interrupts()
     if threads:
         import torch

@@ -33,7 +33,7 @@ import numpy as np
 import zarr
 from dask.callbacks import Callback
 
-from ._errors import InputError
+from ._errors import InputError, disk_space_named
 from ._logging import get_logger
 from ._version import __version__
 from .sources import (
@@ -404,30 +404,30 @@ def ingest_recording(
     )
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    rec: Recording | None = None
+    log.info("opening %s", spec.path)
+    rec = open_recording(spec, bin_size_s=bin_size_s, trials=trial_opts, chunk_mb=chunk_mb)
+    size = 4.0 * float(np.prod(rec.activity.shape))  # float32 in the store
     try:
-        log.info("opening %s", spec.path)
-        rec = open_recording(spec, bin_size_s=bin_size_s, trials=trial_opts, chunk_mb=chunk_mb)
-        if trials and rec.activity.ndim != 3:
-            raise InputError(rec.source, "trials: true but this recording has no trial axis")
-        sha = file_sha256(rec.source)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        root.attrs.update(
-            {
-                "format": PART_FORMAT,
-                "name": name,
-                "reading": _reading(spec),
-                "settings": _settings(bin_size_s, trials, trial_window, trial_crop, chunk_mb),
-            }
-        )
-        _write_recording(root, rec, sha, chunk_mb)
-    except BaseException:
+        with disk_space_named(out, f"recording {name} of {rec.source}", size):
+            if trials and rec.activity.ndim != 3:
+                raise InputError(rec.source, "trials: true but this recording has no trial axis")
+            sha = file_sha256(rec.source)
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+            root.attrs.update(
+                {
+                    "format": PART_FORMAT,
+                    "name": name,
+                    "reading": _reading(spec),
+                    "settings": _settings(bin_size_s, trials, trial_window, trial_crop, chunk_mb),
+                }
+            )
+            _write_recording(root, rec, sha, chunk_mb)
+    except BaseException:  # the message may say nothing half-written is kept: it is not
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        if rec is not None:
-            rec.close()
+        rec.close()
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -473,39 +473,10 @@ def assemble_dataset(
     neuron_ids, positions = global_neuron_ids([p.neuron_ids() for p in infos])
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    size = sum(4.0 * float(np.prod(p.shape)) for p in infos)  # when links fall back to copies
     try:
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        root.attrs["plan"] = {
-            "recordings": [[p.name, p.sha] for p in infos],
-            **infos[0].settings,
-        }
-        recs = root.create_group("recordings")
-        for part, pos in zip(infos, positions, strict=True):
-            group = recs.create_group(part.name)
-            for array in ("activity", "trial_ids"):
-                if (part.path / array).exists():
-                    _link_tree(part.path / array, tmp / "recordings" / part.name / array)
-            write_array(group, "neurons", pos)
-            group.attrs.update(part.recording)
-        write_strings(root, "neuron_ids", neuron_ids)
-        shared, per_neuron = coverage(positions, len(neuron_ids))
-        cov = root.create_group("coverage")
-        write_strings(cov, "recording_names", np.array([p.name for p in infos]))
-        write_array(cov, "shared_neurons", shared)
-        write_array(cov, "recordings_per_neuron", per_neuron)
-        first = infos[0]
-        root.attrs.update(
-            {
-                "format": FORMAT,
-                "poplds_version": __version__,
-                "dataset": dataset or out.parent.name,
-                "recordings": [p.name for p in infos],
-                "rate_hz": first.recording["rate_hz"],
-                "kind": first.recording["kind"],
-                "trials": len(first.shape) == 3,
-            }
-        )
+        with disk_space_named(out, f"the dataset store of {len(infos)} recordings", size):
+            _write_dataset(tmp, infos, positions, neuron_ids, dataset or out.parent.name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -514,6 +485,44 @@ def assemble_dataset(
     tmp.rename(out)
     log.info("wrote %s: %d recordings, %d neurons in all", out, len(infos), len(neuron_ids))
     return out
+
+
+def _write_dataset(
+    tmp: Path, infos: Sequence[_Part], positions: list, neuron_ids: np.ndarray, dataset: str
+) -> None:
+    """The dataset store's group at ``tmp`` from its parts (:func:`assemble_dataset`)."""
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    root.attrs["plan"] = {
+        "recordings": [[p.name, p.sha] for p in infos],
+        **infos[0].settings,
+    }
+    recs = root.create_group("recordings")
+    for part, pos in zip(infos, positions, strict=True):
+        group = recs.create_group(part.name)
+        for array in ("activity", "trial_ids"):
+            if (part.path / array).exists():
+                _link_tree(part.path / array, tmp / "recordings" / part.name / array)
+        write_array(group, "neurons", pos)
+        group.attrs.update(part.recording)
+    write_strings(root, "neuron_ids", neuron_ids)
+    shared, per_neuron = coverage(positions, len(neuron_ids))
+    cov = root.create_group("coverage")
+    write_strings(cov, "recording_names", np.array([p.name for p in infos]))
+    write_array(cov, "shared_neurons", shared)
+    write_array(cov, "recordings_per_neuron", per_neuron)
+    first = infos[0]
+    root.attrs.update(
+        {
+            "format": FORMAT,
+            "poplds_version": __version__,
+            "dataset": dataset,
+            "recordings": [p.name for p in infos],
+            "rate_hz": first.recording["rate_hz"],
+            "kind": first.recording["kind"],
+            "trials": len(first.shape) == 3,
+        }
+    )
 
 
 def _reusable(part: Path, spec: RecordingSpec, settings: dict[str, Any]) -> bool:

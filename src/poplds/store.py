@@ -21,8 +21,10 @@ in every chunk, about ``chunk_mb`` MB per chunk, compressed with Blosc zstd + by
 
 from __future__ import annotations
 
+import itertools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -184,3 +186,58 @@ class DatasetStore:
     def recordings_per_neuron(self) -> np.ndarray:
         """(N_total,) number of recordings that observed each neuron."""
         return np.asarray(self.root["coverage/recordings_per_neuron"][:])
+
+    def damaged_chunks(self) -> dict[str, list[str]]:
+        """Per recording, the chunk files of its arrays that cannot be decoded, with the
+        decoder's error (an empty dict for a sound store). Reads every chunk once."""
+        out: dict[str, list[str]] = {}
+        for name in self.recording_names:
+            group = self.root[f"recordings/{name}"]
+            for key in ("activity", "trial_ids", "neurons"):
+                if key in group:
+                    bad = _undecodable(group[key])
+                    if bad:
+                        out.setdefault(name, []).extend(f"{key}/{b}" for b in bad)
+        return out
+
+
+def _undecodable(arr: zarr.Array) -> list[str]:
+    """Chunk keys of ``arr`` (relative to it, e.g. ``c/3/0``) that raise when decoded."""
+    grid = [range(-(-int(s) // int(c))) for s, c in zip(arr.shape, arr.chunks, strict=True)]
+    encoding = arr.metadata.chunk_key_encoding
+    bad = []
+    for index in itertools.product(*grid):
+        sel = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, arr.chunks, strict=True))
+        try:
+            arr[sel]
+        except (RuntimeError, ValueError, OSError) as exc:
+            bad.append(f"{encoding.encode_chunk_key(index)} ({exc})")
+    return bad
+
+
+@contextmanager
+def damage_named(store: DatasetStore) -> Iterator[None]:
+    """Turn a failure while reading ``store`` (a decoder's ``RuntimeError: error during blosc
+    decompression``, say) into an :class:`InputError` that names the damaged recordings and
+    chunks and says how to re-ingest them, when the store is indeed damaged; any other
+    failure goes on as it was."""
+    try:
+        yield
+    except (RuntimeError, ValueError, OSError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        damaged = store.damaged_chunks()
+        if not damaged:
+            raise
+        told = "; ".join(
+            f"recording {name}: {len(keys)} chunk(s) cannot be decoded, e.g. "
+            f"recordings/{name}/{keys[0]}"
+            for name, keys in damaged.items()
+        )
+        raise InputError(
+            store.path,
+            f"the store is damaged ({told}). Ingest these recordings again: delete the store "
+            f"and each damaged recording's part store (results/<dataset>/recordings/<name>.zarr "
+            "in the workflow, whose chunk files are the same, hard-linked), then run snakemake "
+            "again; it ingests only the deleted recordings and assembles the store anew",
+        ) from exc

@@ -1,9 +1,9 @@
 """Snakemake script: the Poisson LDS scores table and choice of k (write_nplds_scores)."""
 
-from poplds._logging import setup_logging
+from poplds._logging import setup_job
 from poplds.report import write_nplds_scores
 
-setup_logging(snakemake.log[0])  # noqa: F821
+setup_job(snakemake.log[0])  # noqa: F821
 write_nplds_scores(
     snakemake.input.metrics,  # noqa: F821
     snakemake.output.html,  # noqa: F821

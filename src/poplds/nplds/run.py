@@ -41,7 +41,7 @@ from .._provenance import provenance
 from .._results import StoreFit, atomic_group, finish_group, unexpected_nonfinite, write_json
 from .._settings import config_settings
 from .._version import __version__
-from ..store import DatasetStore, write_array, write_strings
+from ..store import DatasetStore, damage_named, write_array, write_strings
 from . import model, vi
 from .evaluate import centred_correlation, evaluate, split_neurons, split_trials, trial_mean
 from .settings import NPLDSSettings
@@ -181,7 +181,8 @@ def fit_store(
     if missing:
         raise InputError("outputs", f"no model.zarr path for {missing}")
     store = DatasetStore(store_path)
-    y, trial_ids, neurons, bin_s = counts_from_store(store)
+    with damage_named(store):
+        y, trial_ids, neurons, bin_s = counts_from_store(store)
     R, T, N = y.shape
     k = int(latent_dim)
     if k < 1:

@@ -46,7 +46,7 @@ from .._results import (
 )
 from .._settings import config_settings
 from .._version import __version__
-from ..store import DatasetStore, write_array, write_strings
+from ..store import DatasetStore, damage_named, write_array, write_strings
 from . import models
 from ._data import RecordingInput
 from .evaluate import covariance_scores, identifiability, matched_eigenvalues, principal_angles_deg
@@ -181,32 +181,33 @@ def fit_store(
     store = DatasetStore(store_path)
     recs = recordings_from_store(store)
     neuron_ids = store.neuron_ids
-    fit = models.fit(
-        recs,
-        len(neuron_ids),
-        latent_dim,
-        lags=s.lags,
-        device=s.device,
-        heldout_fraction=s.heldout_fraction,
-        seed=s.seed,
-        restarts=s.restarts,
-        max_passes=s.max_passes,
-        tol=s.tol,
-        max_device_bytes=s.max_device_bytes,
-        route=s.route,
-        optimizer=s.optimizer,
-        minibatch_rows=s.minibatch_rows,
-        max_epochs=s.max_epochs,
-        learning_rate=s.learning_rate,
-        checkpoint=ckpt_dir / "fit.ckpt",
-        checkpoint_every_s=CHECKPOINT_EVERY_S,
-    )
-    if rank_and_size()[0] != 0:  # rank 0 writes the results
-        return StoreFit({}, out, {"stitched_lds": fit}, [])
-    p = fit.params
-    posts = smooth_recordings(p.A, p.Q, p.Pi, p.C, p.R, fit.data.recordings, fit.data.device)
-    truth_params = load_truth(truth, neuron_ids, s.lags) if truth else None
-    metrics = evaluate_fit(fit, truth_params, s.seed)
+    with damage_named(store):  # a chunk that cannot be decoded: say which, and what to do
+        fit = models.fit(
+            recs,
+            len(neuron_ids),
+            latent_dim,
+            lags=s.lags,
+            device=s.device,
+            heldout_fraction=s.heldout_fraction,
+            seed=s.seed,
+            restarts=s.restarts,
+            max_passes=s.max_passes,
+            tol=s.tol,
+            max_device_bytes=s.max_device_bytes,
+            route=s.route,
+            optimizer=s.optimizer,
+            minibatch_rows=s.minibatch_rows,
+            max_epochs=s.max_epochs,
+            learning_rate=s.learning_rate,
+            checkpoint=ckpt_dir / "fit.ckpt",
+            checkpoint_every_s=CHECKPOINT_EVERY_S,
+        )
+        if rank_and_size()[0] != 0:  # rank 0 writes the results
+            return StoreFit({}, out, {"stitched_lds": fit}, [])
+        p = fit.params
+        posts = smooth_recordings(p.A, p.Q, p.Pi, p.C, p.R, fit.data.recordings, fit.data.device)
+        truth_params = load_truth(truth, neuron_ids, s.lags) if truth else None
+        metrics = evaluate_fit(fit, truth_params, s.seed)
     recorded = {
         "latent_dim": latent_dim,
         **config_settings(s, StitchedSettings.PYTHON_ONLY),
