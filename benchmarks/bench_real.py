@@ -41,7 +41,7 @@ import torch
 
 from poplds import stitched
 from poplds.report import STITCHED_SLACK, choose_dimension
-from poplds.stitched import RecordingInput
+from poplds.stitched import RecordingInput, StitchedSettings
 from poplds.stitched.evaluate import covariance_scores
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,10 +167,12 @@ def stitched_case(y: np.ndarray, label: str, latents: list[int]) -> dict:
     )
     out: dict = {"ceiling": ceiling}
     for n in latents:
-        full = stitched.fit([RecordingInput("all", y, np.arange(N))], N, n, lags=K, device="cpu")
+        full = stitched.fit(
+            [RecordingInput("all", y, np.arange(N))], N, n, StitchedSettings(lags=K, device="cpu")
+        )
         full_r = [corr(full.params.C @ full.params.X[s] @ full.params.C.T, s) for s in range(K)]
         t = time.perf_counter()
-        fit = stitched.fit(recs, N, n, lags=K, device="cpu", heldout_fraction=0.1)
+        fit = stitched.fit(recs, N, n, StitchedSettings(lags=K, device="cpu", heldout_fraction=0.1))
         dt = time.perf_counter() - t
         never = [corr(fit.params.C @ fit.params.X[s] @ fit.params.C.T, s) for s in range(K)]
         held = covariance_scores(fit.params, fit.data)["heldout"]
@@ -181,7 +183,7 @@ def stitched_case(y: np.ndarray, label: str, latents: list[int]) -> dict:
             "never_corr": never,
             "fully_observed_corr": full_r,
             "ratio_to_ceiling": ratio,
-            "stop": fit.info["stop"],
+            "stop": fit.info.stop,
             "heldout_rel_error": held_err,
         }
         print(

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from poplds import simulate, stitched
-from poplds.stitched import RecordingInput
+from poplds.stitched import RecordingInput, StitchedSettings
 from poplds.stitched.evaluate import principal_angles_deg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +111,12 @@ def paper(args) -> dict:
             del ys
             t = time.perf_counter()
             fit = stitched.fit(
-                recs, N, n, lags=K, device=args.device, seed=seed, optimizer=optimizer, route=route
+                recs,
+                N,
+                n,
+                StitchedSettings(
+                    lags=K, device=args.device, seed=seed, optimizer=optimizer, route=route
+                ),
             )
             dt = time.perf_counter() - t
             a = np.arange(*layout[0].neurons)
@@ -119,7 +124,7 @@ def paper(args) -> dict:
             a_only, b_only = np.setdiff1d(a, b), np.setdiff1d(b, a)
             corr = never_scores(p, fit, a_only, b_only, K) if len(a_only) else [np.nan] * K
             angle = max(principal_angles_deg(p.C, fit.params.C))
-            passes = fit.info["free"]["passes"] + fit.info["linked"]["passes"]
+            passes = fit.info.free.passes + fit.info.linked.passes
             rows.append(
                 {
                     "overlap": overlap,
@@ -129,7 +134,7 @@ def paper(args) -> dict:
                     "passes": passes,
                     "never_corr": corr,
                     "max_angle_deg": angle,
-                    "warnings": fit.info["warnings"],
+                    "warnings": fit.info.warnings,
                 }
             )
             print(
@@ -197,7 +202,10 @@ def peer(args) -> dict:
         (y,), _ = simulate.simulate_stitched(p, [simulate.SimRecording("r", (0, N), T)], seed=N)
         t = time.perf_counter()
         fit = stitched.fit(
-            [RecordingInput("r", y, np.arange(N))], N, n, lags=K, device="cpu", heldout_fraction=0.1
+            [RecordingInput("r", y, np.arange(N))],
+            N,
+            n,
+            StitchedSettings(lags=K, device="cpu", heldout_fraction=0.1),
         )
         ours_s = time.perf_counter() - t
         sample = np.arange(N)
@@ -366,7 +374,7 @@ def scale(args) -> dict:
     import shutil
     import tempfile
 
-    from poplds.stitched import StitchedOutputs, StitchedSettings, fit_store
+    from poplds.stitched import StitchedOutputs, fit_store
 
     N, T, n = args.neurons[0], args.time, args.latents
     dev = torch.device(
@@ -409,7 +417,7 @@ def scale(args) -> dict:
     total = time.perf_counter() - t
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     fit = result.fits["stitched_lds"]
-    info = fit.info
+    info = fit.info.as_dict()
     passes = info["free"]["passes"] + info["linked"]["passes"]
     fit_s = info["free"]["seconds"] + info["linked"]["seconds"]
     in_memory = all(r.data is not None for r in fit.data.recordings)
@@ -501,13 +509,16 @@ def dense_fit(recs, n_total: int, n: int, seed: int = 0):
     co-observed, not held-out pairs by autograd on dense matrices; poplds' warm start, L-BFGS
     and stopping rule, free then linked stage. Returns (seconds, passes, params C, X)."""
     from poplds.stitched._data import prepare_data
-    from poplds.stitched.models import (
-        FREE_STAGE_TOL,
-        _lbfgs,
-        dynamics_from_lagged,
-        linked_lagged,
-        warm_start,
-    )
+    from poplds.stitched._stage import StageProblem, registry, run_stage
+    from poplds.stitched._warm import warm_start
+    from poplds.stitched.models import FREE_STAGE_TOL, dynamics_from_lagged, linked_lagged
+
+    lbfgs = registry()["lbfgs"]
+    options = lbfgs.options(max_passes=2000)
+
+    def stage(name, params, objective, tol, trace):
+        problem = StageProblem(name, params, None, None, None, tol, scale, objective=objective)
+        return run_stage(lbfgs, options, problem, trace, {})
 
     t = time.perf_counter()
     K, cpu = 10, torch.device("cpu")
@@ -546,15 +557,7 @@ def dense_fit(recs, n_total: int, n: int, seed: int = 0):
         val.backward()
         return val.detach()
 
-    i1 = _lbfgs(
-        [C, Xt],
-        free,
-        max_passes=2000,
-        tol=FREE_STAGE_TOL * 1e-3,
-        scale=scale,
-        trace=trace,
-        stage="free",
-    )
+    i1 = stage("free", [C, Xt], free, FREE_STAGE_TOL * 1e-3, trace)
     X1 = unit * Xt.detach()
     A = torch.as_tensor(dynamics_from_lagged(X1.numpy())).clone().requires_grad_(True)
     Pi1 = 0.5 * (X1[0] + X1[0].T)
@@ -570,12 +573,10 @@ def dense_fit(recs, n_total: int, n: int, seed: int = 0):
         val.backward()
         return val.detach()
 
-    i2 = _lbfgs(
-        [C2, A, L], linked, max_passes=2000, tol=1e-3, scale=scale, trace=trace, stage="linked"
-    )
+    i2 = stage("linked", [C2, A, L], linked, 1e-3, trace)
     Lt = torch.tril(L.detach())
     X = linked_lagged(A.detach(), unit * Lt @ Lt.T, K)
-    return time.perf_counter() - t, i1["passes"] + i2["passes"], C2.detach().numpy(), X.numpy()
+    return time.perf_counter() - t, i1.passes + i2.passes, C2.detach().numpy(), X.numpy()
 
 
 def sessions(args) -> dict:
@@ -590,11 +591,11 @@ def sessions(args) -> dict:
         N = int(round(2000 * R / 30))
         recs, truth, overlap = _chain(R, size, N, n, T, seed=0)
         t = time.perf_counter()
-        fit = stitched.fit(recs, N, n, device=args.device)
+        fit = stitched.fit(recs, N, n, StitchedSettings(device=args.device))
         dt = time.perf_counter() - t
-        passes = fit.info["free"]["passes"] + fit.info["linked"]["passes"]
-        per_pass = (fit.info["free"]["seconds"] + fit.info["linked"]["seconds"]) / passes
-        routes = list(fit.info["routes"].values())
+        passes = fit.info.free.passes + fit.info.linked.passes
+        per_pass = (fit.info.free.seconds + fit.info.linked.seconds) / passes
+        routes = list(fit.info.routes.values())
         route_txt = f"{routes.count('moments')} mom. {routes.count('data')} data"
         r = _never_r(fit, truth)
         rows.append(
@@ -605,7 +606,7 @@ def sessions(args) -> dict:
                 "passes": passes,
                 "per_pass_s": per_pass,
                 "never_corr": r,
-                "routes": fit.info["routes"],
+                "routes": fit.info.routes,
             }
         )
         print(
@@ -623,9 +624,9 @@ def sessions(args) -> dict:
     ]
     truth = stitched.StitchedLDSParams.from_dynamics(p.A, p.C, p.Q, p.R, p.Pi, 10)
     t = time.perf_counter()
-    fit = stitched.fit(recs, 300, n, device="cpu")
+    fit = stitched.fit(recs, 300, n, StitchedSettings(device="cpu"))
     ours = time.perf_counter() - t
-    ours_passes = fit.info["free"]["passes"] + fit.info["linked"]["passes"]
+    ours_passes = fit.info.free.passes + fit.info.linked.passes
     dense_s, dense_passes, Cd, Xd = dense_fit(recs, 300, n)
     dense_params = fit.params._replace(C=Cd, X=Xd)
     from poplds.stitched.evaluate import covariance_scores
@@ -645,7 +646,7 @@ def sessions(args) -> dict:
 def parallel(args) -> dict:
     import tempfile
 
-    from poplds.stitched import StitchedOutputs, StitchedSettings, fit_store
+    from poplds.stitched import StitchedOutputs, fit_store
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="poplds-parallel-"))
     store = work / "data.zarr"

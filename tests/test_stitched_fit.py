@@ -49,7 +49,9 @@ def truth_params(p, lags):
 @pytest.fixture(scope="module")
 def recovered():
     p, recs = simulated()
-    fit = stitched.fit(recs, 60, 3, lags=6, device="cpu", heldout_fraction=0.1, seed=0)
+    fit = stitched.fit(
+        recs, 60, 3, StitchedSettings(lags=6, device="cpu", heldout_fraction=0.1, seed=0)
+    )
     return p, recs, fit
 
 
@@ -80,7 +82,7 @@ def test_heldout_pairs_are_predicted_as_well_as_fitted_ones(recovered):
 
 def test_fit_converges_and_loss_falls(recovered):
     _, _, fit = recovered
-    assert fit.info["free"]["converged"] and fit.info["linked"]["converged"]
+    assert fit.info.free.converged and fit.info.linked.converged
     losses = [v for stage, _, v in fit.trace if stage == "free"]
     assert losses[-1] < losses[0]
 
@@ -89,7 +91,7 @@ def test_warm_start_never_sees_heldout_pairs():
     """The start's PCA is that of the covariance with the held-out pairs' entries zeroed, so
     a held-out score never rests on the pairs it scores, however early a fit stops."""
     from poplds.stitched._loss import DataTerm
-    from poplds.stitched.models import _top_subspace
+    from poplds.stitched._warm import _top_subspace
 
     _, recs = simulated(N=40, n_rec=1, T=3000)
     data = prepare_data(recs, 40, lags=3, device=CPU, heldout_fraction=0.3, seed=1)
@@ -114,11 +116,11 @@ def test_convergence_test_does_not_depend_on_the_data_units():
     give the same passes and the same fit up to the units."""
     _, recs = simulated(N=40, T=3000)
     small = [RecordingInput(r.name, r.activity * 1e-3, r.neurons) for r in recs]
-    a = stitched.fit(recs, 40, 3, lags=5, device="cpu", heldout_fraction=0.1)
-    b = stitched.fit(small, 40, 3, lags=5, device="cpu", heldout_fraction=0.1)
+    a = stitched.fit(recs, 40, 3, StitchedSettings(lags=5, device="cpu", heldout_fraction=0.1))
+    b = stitched.fit(small, 40, 3, StitchedSettings(lags=5, device="cpu", heldout_fraction=0.1))
     for stage in ("free", "linked"):
-        assert a.info[stage]["stop"] != "max_passes"
-        assert abs(a.info[stage]["passes"] - b.info[stage]["passes"]) <= 2
+        assert getattr(a.info, stage).stop != "max_passes"
+        assert abs(getattr(a.info, stage).passes - getattr(b.info, stage).passes) <= 2
     pa = a.params.C @ a.params.Pi @ a.params.C.T
     pb = b.params.C @ b.params.Pi @ b.params.C.T * 1e6
     np.testing.assert_allclose(pb, pa, rtol=1e-3, atol=1e-4 * np.abs(pa).max())
@@ -126,10 +128,10 @@ def test_convergence_test_does_not_depend_on_the_data_units():
 
 def test_a_fit_at_the_cap_warns():
     _, recs = simulated(N=40, T=2000)
-    fit = stitched.fit(recs, 40, 3, lags=5, device="cpu", max_passes=8)
-    assert fit.info["stop"] == "max_passes"
-    assert fit.info["free"]["stop"] == "max_passes" and fit.info["free"]["passes"] == 8
-    assert any("max_passes (8)" in w for w in fit.info["warnings"])
+    fit = stitched.fit(recs, 40, 3, StitchedSettings(lags=5, device="cpu", max_passes=8))
+    assert fit.info.stop == "max_passes"
+    assert fit.info.free.stop == "max_passes" and fit.info.free.passes == 8
+    assert any("max_passes (8)" in w for w in fit.info.warnings)
 
 
 @pytest.mark.shared_data
@@ -143,11 +145,13 @@ def test_sparse_real_events_fit_moves_and_converges():
     with h5py.File(SHARED_DATA / "dentate_gyrus_events.nwb", "r") as f:
         y = np.asarray(f["processing/ophys/events/data"][:], dtype=np.float32)
     N = y.shape[1]
-    fit = stitched.fit([RecordingInput("dg", y, np.arange(N))], N, 4, device="cpu")
-    assert fit.info["stop"] == "converged", fit.info
-    assert fit.info["free"]["passes"] > 20
-    assert fit.info["moved_noise_units"] > 10 * 1e-3
-    assert not any("barely moved" in w for w in fit.info["warnings"])
+    fit = stitched.fit(
+        [RecordingInput("dg", y, np.arange(N))], N, 4, StitchedSettings(device="cpu")
+    )
+    assert fit.info.stop == "converged", fit.info
+    assert fit.info.free.passes > 20
+    assert fit.info.moved_noise_units > 10 * 1e-3
+    assert not any("barely moved" in w for w in fit.info.warnings)
 
 
 def test_heldout_split_holds_out_the_asked_fraction():
@@ -163,8 +167,8 @@ def test_heldout_split_holds_out_the_asked_fraction():
 
 def test_same_seed_same_fit_and_dynamics_estimate():
     _, recs = simulated(N=30, n=2, T=1500)
-    a = stitched.fit(recs, 30, 2, lags=4, device="cpu", seed=5)
-    b = stitched.fit(recs, 30, 2, lags=4, device="cpu", seed=5)
+    a = stitched.fit(recs, 30, 2, StitchedSettings(lags=4, device="cpu", seed=5))
+    b = stitched.fit(recs, 30, 2, StitchedSettings(lags=4, device="cpu", seed=5))
     np.testing.assert_array_equal(a.params.C, b.params.C)
     np.testing.assert_array_equal(a.params.A, b.params.A)
     # A from exact lagged covariances X_s = A^s Pi is A itself
@@ -213,11 +217,11 @@ def test_streamed_from_the_store_equals_in_memory(tmp_path):
 
 def test_disconnected_recordings_are_reported(caplog):
     _, recs = simulated(N=40, n=2, overlap=0, T=1500)
-    fit = stitched.fit(recs, 40, 2, lags=4, device="cpu")
+    fit = stitched.fit(recs, 40, 2, StitchedSettings(lags=4, device="cpu"))
     report = identifiability(fit.params, fit.data)
     assert report["components"] == [["s1"], ["s2"]]
     assert report["sign_ambiguous"] is True
-    assert any("disconnected" in w for w in fit.info["warnings"])
+    assert any("disconnected" in w for w in fit.info.warnings)
     # a rotation-scaling A with isotropic Pi leaves a one-dimensional family of rotations;
     # a generic Pi leaves none
     A = 0.9 * np.array([[np.cos(0.3), -np.sin(0.3)], [np.sin(0.3), np.cos(0.3)]])
@@ -228,13 +232,13 @@ def test_disconnected_recordings_are_reported(caplog):
 def test_bad_input():
     _, recs = simulated(N=20, n=2, T=200)
     with pytest.raises(InputError, match="latent dimension 50 exceeds"):
-        stitched.fit(recs, 20, 50, lags=4, device="cpu")
+        stitched.fit(recs, 20, 50, StitchedSettings(lags=4, device="cpu"))
     with pytest.raises(InputError, match="at least 2 lags"):
-        stitched.fit(recs, 20, 2, lags=1, device="cpu")
+        stitched.fit(recs, 20, 2, StitchedSettings(lags=1, device="cpu"))
     with pytest.raises(InputError, match="needs more than 300"):
-        stitched.fit(recs, 20, 2, lags=300, device="cpu")
+        stitched.fit(recs, 20, 2, StitchedSettings(lags=300, device="cpu"))
     with pytest.raises(InputError, match="at most 0.5"):
-        stitched.fit(recs, 20, 2, lags=4, device="cpu", heldout_fraction=0.8)
+        stitched.fit(recs, 20, 2, StitchedSettings(lags=4, device="cpu", heldout_fraction=0.8))
 
 
 def test_trial_data_is_refused(tmp_path):
@@ -251,9 +255,9 @@ def test_trial_data_is_refused(tmp_path):
 @pytest.mark.requires_cuda
 def test_cuda_path_matches_cpu():
     _, recs = simulated(N=40, n=2, T=2000)
-    cpu = stitched.fit(recs, 40, 2, lags=4, device="cpu", max_passes=60)
-    gpu = stitched.fit(recs, 40, 2, lags=4, device="cuda", max_passes=60)
-    assert gpu.info["device"].startswith("cuda")
+    cpu = stitched.fit(recs, 40, 2, StitchedSettings(lags=4, device="cpu", max_passes=60))
+    gpu = stitched.fit(recs, 40, 2, StitchedSettings(lags=4, device="cuda", max_passes=60))
+    assert gpu.info.device.startswith("cuda")
     pred_c = cpu.params.C @ cpu.params.Pi @ cpu.params.C.T
     pred_g = gpu.params.C @ gpu.params.Pi @ gpu.params.C.T
     np.testing.assert_allclose(pred_g, pred_c, rtol=1e-3, atol=1e-3 * np.abs(pred_c).max())
@@ -315,33 +319,25 @@ def test_a_recording_with_nothing_that_varies_is_refused():
     y = np.ones((100, 4))
     y[:, 2] = np.nan
     with pytest.raises(InputError, match="^flat: every one of its 4 neurons is constant"):
-        stitched.fit([RecordingInput("flat", y, np.arange(4))], 4, 1, lags=3, device="cpu")
+        stitched.fit(
+            [RecordingInput("flat", y, np.arange(4))], 4, 1, StitchedSettings(lags=3, device="cpu")
+        )
 
 
 KILLED_STITCHED = """
 import sys, numpy as np, torch
 from poplds import simulate, stitched
-from poplds.stitched import RecordingInput, models
+from poplds.stitched import RecordingInput, StitchedSettings
+from poplds.stitched._loss import DataTerm
 torch.set_num_threads(1)
 calls = [0]
-from poplds.stitched import _sgd
-real_loss, real_mini = models.loss_and_grad, _sgd.minibatch_loss_and_grad
-def counted(*a, **k):
-    calls[0] += 1
-    return real_loss(*a, **k)
-def counted_mini(*a, **k):
-    calls[0] += 1
-    return real_mini(*a, **k)
-models.loss_and_grad = counted
-_sgd.minibatch_loss_and_grad = counted_mini
 def counting(real):
     def f(*a, **k):
         calls[0] += 1
         return real(*a, **k)
     return f
-if sys.argv[3] == "subspace":  # its passes
-    for name in ("full", "sweep"):
-        setattr(stitched._loss.DataTerm, name, counting(getattr(stitched._loss.DataTerm, name)))
+for name in ("full", "sweep", "window"):  # every read of the data, by every optimiser
+    setattr(DataTerm, name, counting(getattr(DataTerm, name)))
 p = simulate.random_stitched_lds(60, 4, eig_moduli=(0.8, 0.97), noise_to_signal=1.0, seed=5)
 layout = [simulate.SimRecording("a", (0, 40), 3000), simulate.SimRecording("b", (25, 60), 3000)]
 ys, _ = simulate.simulate_stitched(p, layout, seed=6)
@@ -350,11 +346,12 @@ kw = dict(lags=5, device="cpu", tol=1e-12, max_passes=300, optimizer=sys.argv[3]
 if sys.argv[3] == "subspace":  # on the data route, where it forms and keeps projections
     kw.update(route="data", max_passes=6)
 if sys.argv[1] == "-":
-    fit = stitched.fit(recs, 60, 4, **kw)
+    fit = stitched.fit(recs, 60, 4, StitchedSettings(**kw))
 else:
-    fit = stitched.fit(recs, 60, 4, checkpoint=sys.argv[1], checkpoint_every_s=0.0, **kw)
+    fit = stitched.fit(recs, 60, 4, StitchedSettings(**kw), checkpoint=sys.argv[1],
+                       checkpoint_every_s=0.0)
 np.savez(sys.argv[2], C=fit.params.C, A=fit.params.A, trace=np.array([v for _, _, v in fit.trace]),
-         passes=[fit.info["free"]["passes"], fit.info["linked"]["passes"]], calls=calls[0])
+         passes=[fit.info.free.passes, fit.info.linked.passes], calls=calls[0])
 """
 
 
@@ -410,6 +407,6 @@ def test_numerical_guards_count_what_they_changed():
     stabilise(np.diag([0.3, 0.5]), 0.99, guards=g)
     assert g["stable_cap"] == 1
     _, recs = simulated(N=30, n=2, T=800)
-    fit = stitched.fit(recs, 30, 2, lags=4, device="cpu", max_passes=40)
-    assert set(fit.info["guards"]) == {"stable_cap", "psd_floor", "noise_floor"}
-    assert all(isinstance(v, int) and v >= 0 for v in fit.info["guards"].values())
+    fit = stitched.fit(recs, 30, 2, StitchedSettings(lags=4, device="cpu", max_passes=40))
+    assert set(fit.info.guards) == {"stable_cap", "psd_floor", "noise_floor"}
+    assert all(isinstance(v, int) and v >= 0 for v in fit.info.guards.values())

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from poplds.stitched._data import RecordingInput, prepare_data
-from poplds.stitched._loss import DataTerm, loss_and_grad, loss_tensors, window_cross
+from poplds.stitched._loss import DataTerm, LossTensors, loss_and_grad, window_cross
 from poplds.stitched.models import linked_lagged
 
 torch.set_default_dtype(torch.float64)
@@ -96,7 +96,7 @@ def test_reduced_loss_and_gradient_match_dense(heldout, missing, route):
     C = torch.as_tensor(rng.standard_normal((n_total, n)) * 0.5)
     X = torch.as_tensor(rng.standard_normal((4, n, n)) * 0.3)
     X[0] = X[0] @ X[0].T + torch.eye(n)  # a covariance, so the hinge is active somewhere
-    tens = loss_tensors(data, torch.device("cpu"))
+    tens = LossTensors.of(data, torch.device("cpu"))
     term = DataTerm(data, data.weights(torch.device("cpu")), n, route=route)
     assert term.routes == [route] * 3
     Xg = X.clone().requires_grad_(True)
@@ -119,7 +119,7 @@ def test_linked_gradient_matches_finite_differences():
     rng = np.random.default_rng(3)
     recs, n_total = small_dataset(rng)
     data = prepare_data(recs, n_total, lags=5, device=torch.device("cpu"), dtype=torch.float64)
-    tens = loss_tensors(data, torch.device("cpu"))
+    tens = LossTensors.of(data, torch.device("cpu"))
     n = 2
     term = DataTerm(data, data.weights(torch.device("cpu")), n, route="data")
     C = torch.as_tensor(rng.standard_normal((n_total, n)) * 0.5)
@@ -188,7 +188,7 @@ def test_windows_sum_to_the_full_pass_and_cover_every_row():
 def test_warm_start_pieces_agree_from_data_and_from_moments():
     """The start's lagged latent covariances and least-squares placements are the same
     whether read from the data or from the masked moments (held-out pairs excluded)."""
-    from poplds.stitched.models import _place_new_neurons, _start_lagged
+    from poplds.stitched._warm import _place_new_neurons, _start_lagged
 
     rng = np.random.default_rng(6)
     recs, n_total = small_dataset(rng)

@@ -9,9 +9,11 @@ from test_stitched_loss import small_dataset
 
 from poplds import simulate, stitched
 from poplds.stitched._data import RecordingInput, prepare_data
-from poplds.stitched._loss import DataTerm, loss_and_grad, loss_tensors
-from poplds.stitched._sgd import epoch_order, minibatch_loss_and_grad, sgd
+from poplds.stitched._loss import DataTerm, LossTensors, loss_and_grad
+from poplds.stitched._sgd import epoch_order, minibatch_loss_and_grad
+from poplds.stitched._stage import StageProblem, registry, run_stage
 from poplds.stitched.evaluate import covariance_scores
+from poplds.stitched.settings import StitchedSettings
 
 CPU = torch.device("cpu")
 
@@ -32,7 +34,7 @@ def test_minibatch_gradients_average_to_the_full_gradient(route):
     A and L of the linked stage) over the windows of an epoch equals the full pass, with one
     recording on the moments route or none."""
     data, term, rng = _term(route)
-    tens = loss_tensors(data, CPU)
+    tens = LossTensors.of(data, CPU)
     C = torch.as_tensor(rng.standard_normal((data.n_neurons, 2)))
     A = torch.tensor([[0.8, -0.3], [0.3, 0.7]], dtype=torch.float64, requires_grad=True)
     L = torch.tensor([[1.0, 0.0], [0.4, 0.7]], dtype=torch.float64, requires_grad=True)
@@ -60,7 +62,7 @@ def test_every_window_is_visited_once_per_epoch(monkeypatch):
     """The dynamax#414 class of bug: an epoch must step on every minibatch, each once, and
     the order changes between epochs but not between runs."""
     data, term, rng = _term("data")
-    tens = loss_tensors(data, CPU)
+    tens = LossTensors.of(data, CPU)
     seen: list = []
     original = term.window
 
@@ -73,20 +75,11 @@ def test_every_window_is_visited_once_per_epoch(monkeypatch):
     Xt = torch.stack([torch.eye(2, dtype=torch.float64) * 0.8**s for s in range(4)])
     Xt.requires_grad_(True)
     wins = term.windows()
-    info = sgd(
-        [C, Xt],
-        lambda: Xt,
-        term,
-        tens,
-        seed=0,
-        stage="free",
-        learning_rate=0.01,
-        max_epochs=3,
-        tol=1e-12,
-        scale=data.noise_floor(),
-        trace=[],
-    )
-    assert info["epochs"] == 3 and info["steps"] == 3 * len(wins)
+    spec = registry()["sgd"]
+    options = spec.options(learning_rate=0.01, max_epochs=3, minibatch_rows=7)
+    problem = StageProblem("free", [C, Xt], lambda: Xt, term, tens, 1e-12, data.noise_floor())
+    record = run_stage(spec, options, problem, [], {})
+    assert record.epochs == 3 and record.steps == 3 * len(wins) and record.stop == "max_epochs"
     for e in range(3):
         epoch = seen[e * len(wins) : (e + 1) * len(wins)]
         assert sorted(epoch, key=lambda w: (w.rec, w.t0)) == wins
@@ -111,14 +104,14 @@ def test_sgd_and_subspace_reach_the_lbfgs_optimum():
     scores = {}
     losses = {}
     for opt in ("lbfgs", "sgd", "sgd", "subspace", "subspace"):
-        f = stitched.fit(recs, N, n, device="cpu", optimizer=opt, route="data")
-        assert f.info["optimizer"] == opt and f.info["stop"] == "converged"
+        f = stitched.fit(recs, N, n, StitchedSettings(device="cpu", optimizer=opt, route="data"))
+        assert f.info.optimizer == opt and f.info.stop == "converged"
         cov = covariance_scores(f.params, f.data, truth=truth)
         r = np.mean([row["corr"] for row in cov["never_vs_truth"][:5]])
         if opt in scores:
             assert r == scores[opt]  # deterministic for a seed
         scores[opt] = r
-        losses[opt] = (f.info["linked"]["loss"], f.info["noise_floor"])
+        losses[opt] = (f.info.linked.loss, f.info.noise_floor)
     assert scores["lbfgs"] > 0.95
     assert abs(scores["sgd"] - scores["lbfgs"]) < 0.002, scores
     assert abs(scores["subspace"] - scores["lbfgs"]) < 0.002, scores

@@ -8,10 +8,10 @@ import pytest
 import torch
 from test_stitched_loss import small_dataset
 
-from poplds.stitched import models
+from poplds.stitched._basis import MEMORY, Basis
 from poplds.stitched._data import prepare_data
-from poplds.stitched._loss import DataTerm, loss_and_grad, loss_tensors
-from poplds.stitched._subspace import MEMORY, Basis
+from poplds.stitched._loss import DataTerm, LossTensors, loss_and_grad
+from poplds.stitched._stage import choose_optimizer
 
 CPU = torch.device("cpu")
 
@@ -25,7 +25,7 @@ def _basis(route, n=2, directions=3, seed=5):
         recs, n_total, lags=4, device=CPU, heldout_fraction=0.3, seed=3, dtype=torch.float64
     )
     term = DataTerm(data, data.weights(CPU), n, route=route, window_rows=7)
-    tens = loss_tensors(data, CPU)
+    tens = LossTensors.of(data, CPU)
     basis = Basis(term, tens)
     C0 = torch.as_tensor(rng.standard_normal((data.n_neurons, n)))
     X = torch.as_tensor(rng.standard_normal((data.lags, n, n))) * 0.5
@@ -106,9 +106,9 @@ def test_optimizer_choice_names_subspace():
     from poplds._errors import InputError
 
     data, term, *_ = _basis("data", directions=0)
-    assert models.choose_optimizer(term, "subspace") == "subspace"
-    with pytest.raises(InputError, match="auto, lbfgs, sgd or subspace"):
-        models.choose_optimizer(term, "adam")
+    assert choose_optimizer(term, "subspace").name == "subspace"
+    with pytest.raises(InputError, match="auto or one of lbfgs, sgd, subspace, got 'adam'"):
+        choose_optimizer(term, "adam")
 
 
 def test_linear_diagonal_is_first_order_exact():

@@ -570,55 +570,73 @@ class _Injected(torch.autograd.Function):
         return grad * dX, None, None
 
 
-def model_terms(C: torch.Tensor, X: torch.Tensor, tensors: dict) -> torch.Tensor:
+def model_terms(C: torch.Tensor, X: torch.Tensor, tensors: LossTensors) -> torch.Tensor:
     """``model^2 - diag + hinge`` of the module docstring (no data beyond the variances),
     differentiable in ``C`` (N, n) and ``X`` (K, n, n)."""
-    return sorted_model_terms(C[tensors["by_group"]], X, tensors)
+    return sorted_model_terms(C[tensors.by_group], X, tensors)
 
 
-def sorted_model_terms(Cs: torch.Tensor, X: torch.Tensor, tensors: dict) -> torch.Tensor:
+def sorted_model_terms(Cs: torch.Tensor, X: torch.Tensor, tensors: LossTensors) -> torch.Tensor:
     """:func:`model_terms` from ``Cs`` (N_obs, n): the observed neurons' loadings sorted by
-    group (``tensors["by_group"]``), so ``G_g = C_g' C_g`` is one GEMM per group."""
-    parts = torch.split(Cs, [b - a for a, b in tensors["group_bounds"]])  # one cat backward
+    group (``tensors.by_group``), so ``G_g = C_g' C_g`` is one GEMM per group."""
+    parts = torch.split(Cs, [b - a for a, b in tensors.group_bounds])  # one cat backward
     G = torch.stack([c.T @ c for c in parts])
     return model_square(G, X, tensors) + diagonal_terms(Cs, X[0], tensors)
 
 
-def model_square(G: torch.Tensor, X: torch.Tensor, tensors: dict) -> torch.Tensor:
+def model_square(G: torch.Tensor, X: torch.Tensor, tensors: LossTensors) -> torch.Tensor:
     """``sum_s sum_(g~h) tr(X_s' G_g X_s G_h)`` from the groups' Gram matrices ``G``
     (G, n, n)."""
     XtGX = torch.einsum("sab,gac,scd->sgbd", X, G, X)
-    return torch.einsum("sgbd,hdb,sgh->", XtGX, G, tensors["coobserved"])
+    return torch.einsum("sgbd,hdb,sgh->", XtGX, G, tensors.coobserved)
 
 
-def diagonal_terms(Cs: torch.Tensor, X0: torch.Tensor, tensors: dict) -> torch.Tensor:
+def diagonal_terms(Cs: torch.Tensor, X0: torch.Tensor, tensors: LossTensors) -> torch.Tensor:
     """The lag-0 diagonal's ``- sum_i (m_i^2 - 2 m_i d_i) + sum_i max(0, m_i - v_i)^2``,
     ``m_i = C_i X_0 C_i'``, from the sorted loadings ``Cs`` (N_obs, n)."""
     m = torch.sum((Cs @ X0) * Cs, dim=1)
-    d, v = tensors["diag0"], tensors["variance"]
+    d, v = tensors.diag0, tensors.variance
     return -torch.sum(m * m - 2 * m * d) + torch.sum(torch.clamp(m - v, min=0) ** 2)
 
 
-def loss_tensors(data: StitchedData, device: torch.device) -> dict[str, torch.Tensor]:
-    """Device copies of the data's small bookkeeping arrays used by :func:`model_terms`
-    (``diag0`` and ``variance`` in the ``by_group`` order of the observed neurons)."""
-    obs = data.group_of >= 0
-    by_group = np.flatnonzero(obs)[np.argsort(data.group_of[obs], kind="stable")]
-    bounds = np.concatenate([[0], np.cumsum(data.group_size)]).astype(int)
-    return {
-        "by_group": torch.as_tensor(by_group, device=device),
-        "group_bounds": list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)),
-        "coobserved": torch.as_tensor((data.pair_count > 0).astype("float64"), device=device),
-        "diag0": torch.as_tensor(data.diag0[by_group], device=device),
-        "variance": torch.as_tensor(data.variance[by_group], device=device),
-        "n_pairs": torch.tensor(max(1.0, data.n_pairs()), dtype=torch.float64, device=device),
-    }
+@dataclass(frozen=True)
+class LossTensors:
+    """The data's small bookkeeping arrays the model terms need, on the fit's device.
+
+    by_group: (N_obs,) the observed neurons' positions, sorted by group (stable);
+    group_bounds: (G,) ``(first, stop)`` of each group's rows in that order;
+    coobserved: (K, G, G) float64, 1 where groups g and h are observed together at lag s;
+    diag0, variance: (N_obs,) the lag-0 diagonal of the data and the empirical variances, in
+    ``by_group`` order; n_pairs: () P, the pairs the loss sums over (at least 1).
+    """
+
+    by_group: torch.Tensor
+    group_bounds: list[tuple[int, int]]
+    coobserved: torch.Tensor
+    diag0: torch.Tensor
+    variance: torch.Tensor
+    n_pairs: torch.Tensor
+
+    @classmethod
+    def of(cls, data: StitchedData, device: torch.device) -> LossTensors:
+        """From prepared data."""
+        obs = data.group_of >= 0
+        by_group = np.flatnonzero(obs)[np.argsort(data.group_of[obs], kind="stable")]
+        bounds = np.concatenate([[0], np.cumsum(data.group_size)]).astype(int)
+        return cls(
+            by_group=torch.as_tensor(by_group, device=device),
+            group_bounds=list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)),
+            coobserved=torch.as_tensor((data.pair_count > 0).astype("float64"), device=device),
+            diag0=torch.as_tensor(data.diag0[by_group], device=device),
+            variance=torch.as_tensor(data.variance[by_group], device=device),
+            n_pairs=torch.tensor(max(1.0, data.n_pairs()), dtype=torch.float64, device=device),
+        )
 
 
 def assemble(
     C: torch.Tensor,
     X: torch.Tensor,
-    tensors: dict,
+    tensors: LossTensors,
     D: torch.Tensor,
     gC_data: torch.Tensor,
     dX_data: torch.Tensor,
@@ -627,14 +645,14 @@ def assemble(
     and its gradients (full or estimated); ``X``'s gradient (through its graph) is
     accumulated by ``backward``."""
     Cl = C.detach().requires_grad_(True)
-    P = tensors["n_pairs"]
+    P = tensors.n_pairs
     loss = (model_terms(Cl, X, tensors) - 2 * _Injected.apply(X, D, dX_data)) / P
     loss.backward()
     return loss.detach(), Cl.grad - (2 / P) * gC_data
 
 
 def loss_and_grad(
-    term: DataTerm, C: torch.Tensor, X: torch.Tensor, tensors: dict
+    term: DataTerm, C: torch.Tensor, X: torch.Tensor, tensors: LossTensors
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One full pass: ``L~`` and its gradient with respect to ``C`` (N_total, n), float64.
 

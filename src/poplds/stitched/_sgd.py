@@ -25,21 +25,22 @@ The exact full-batch loss is evaluated at the start and at the end (one pass eac
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from .._distributed import all_sum, broadcast, rank_and_size
-from .._logging import get_logger
-from ._loss import DataTerm, assemble, loss_and_grad
-
-log = get_logger()
+from ._loss import DataTerm, LossTensors, assemble
+from ._stage import Monitor, OptimizerSpec, StageProblem, register
 
 #: Epochs over which the best epoch-mean loss must fall by more than ``tol x noise``.
 WINDOW = 3
+
+#: ``optimizer: auto`` considers SGD when an epoch has at least this many minibatch windows
+#: (with fewer, its reads were not fewer than L-BFGS's).
+SGD_MIN_WINDOWS = 128
 
 
 def epoch_order(n_windows: int, seed: int, stage: str, epoch: int) -> np.ndarray:
@@ -49,7 +50,7 @@ def epoch_order(n_windows: int, seed: int, stage: str, epoch: int) -> np.ndarray
 
 
 def minibatch_loss_and_grad(
-    term: DataTerm, win, y, C: torch.Tensor, X: torch.Tensor, tensors: dict, n_windows: int
+    term: DataTerm, win, y, C: torch.Tensor, X: torch.Tensor, tensors: LossTensors, n_windows: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``L_c`` (module docstring) and its gradient in ``C``; ``X``'s through its graph.
 
@@ -70,128 +71,135 @@ def minibatch_loss_and_grad(
     return assemble(C, X, tensors, D, gC, dX)
 
 
-def sgd(
-    params: list[torch.Tensor],
-    make_X: Callable[[], torch.Tensor],
-    term: DataTerm,
-    tensors: dict,
-    *,
-    seed: int,
-    stage: str,
-    learning_rate: float,
-    max_epochs: int,
-    tol: float,
-    scale: float,
-    trace: list[tuple[str, int, float]],
-    log_every: int = 5,
-    progress=None,
-) -> dict[str, Any]:
-    """Run the stage's SGD on ``params`` (``params[0]`` is ``C``; ``make_X()`` builds ``X``
-    from the others) and leave them at the last step. Returns the record :func:`_lbfgs` gives
-    (``passes`` counts the full passes over the data: epochs plus the two exact
-    evaluations), plus ``epochs`` and ``steps``. With ``progress`` (a checkpointed fit,
-    ``models._Progress``) the state is saved between epochs when due, and a stage started
-    again continues from the last saved epoch on the same path."""
-    C = params[0]
-    t = time.perf_counter()
-    wins = term.windows()
-    M = len(wins)
-    dev = C.device
+@dataclass(frozen=True)
+class SGDOptions:
+    """learning_rate: Adam's step relative to each parameter's root mean square;
+    max_epochs: the stage's cap; minibatch_rows: time steps per window (the data term's
+    windows, :class:`._loss.DataTerm`; here it keys checkpoints)."""
 
-    def exact() -> float:
-        with torch.no_grad():
-            X = make_X()
-        loss, _ = loss_and_grad(term, C.detach(), X.detach(), tensors)
-        return float(loss)
+    learning_rate: float
+    max_epochs: int
+    minibatch_rows: int
 
-    groups = []
-    for p in params:
-        size = float(torch.sqrt(torch.mean(p.detach() ** 2)))
-        groups.append({"params": [p], "lr": learning_rate * (size if size > 0 else 1.0)})
-    opt = torch.optim.Adam(groups)
-    lr0 = groups[0]["lr"]
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, mode="min", factor=0.5, patience=0, threshold=tol, threshold_mode="abs"
-    )
-    best: list[float] = []
-    stop, steps, first = "max_epochs", 0, 1
-    resumed = progress.resume(stage) if progress is not None else None
-    if resumed is not None:
-        with torch.no_grad():
-            for p, v in zip(params, resumed["params"], strict=True):
-                p.copy_(v)
-        opt.load_state_dict(resumed["opt"])
-        plateau.load_state_dict(resumed["plateau"])
-        best[:], trace[:] = resumed["best"], resumed["trace"]
-        steps, first, loss_start = resumed["steps"], resumed["epoch"] + 1, resumed["loss_start"]
-    else:
-        loss_start = exact()
-    rank, world = rank_and_size()
-    for epoch in range(first, max_epochs + 1):
-        order = [wins[k] for k in epoch_order(M, seed, stage, epoch)] if M else [None]
+
+class SGD:
+    """The stage's minibatch Adam (module docstring; :class:`._stage.StageOptimizer`): a
+    step is one epoch, recorded by its mean minibatch loss. ``passes`` counts the full
+    passes over the data: epochs plus the two exact evaluations."""
+
+    def __init__(self, problem: StageProblem, options: SGDOptions, carry: dict) -> None:
+        self.problem = problem
+        self.wins = problem.term.windows()
+        groups = []
+        for p in problem.params:
+            size = float(torch.sqrt(torch.mean(p.detach() ** 2)))
+            groups.append(
+                {"params": [p], "lr": options.learning_rate * (size if size > 0 else 1.0)}
+            )
+        self.opt = torch.optim.Adam(groups)
+        self.lr0 = groups[0]["lr"]
+        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.opt,
+            mode="min",
+            factor=0.5,
+            patience=0,
+            threshold=problem.tol,
+            threshold_mode="abs",
+        )
+        self.epoch = 0
+        self.steps = 0
+        self.loss_start = float("nan")
+
+    def begin(self) -> None:
+        """The exact loss at the start (one pass)."""
+        self.loss_start = self.problem.exact_loss()
+
+    def step(self, monitor: Monitor) -> str | None:
+        """One epoch: every window once, in the epoch's order, each rank taking its share."""
+        problem, M = self.problem, len(self.wins)
+        term, C, scale = problem.term, problem.C, problem.scale
+        self.epoch += 1
+        wins = self.wins
+        order = [wins[k] for k in epoch_order(M, problem.seed, problem.stage, self.epoch)]
+        order = order or [None]
+        rank, world = rank_and_size()
         n_steps = -(-len(order) // world)  # each step takes one window per rank
         mine = [
             order[j * world + rank] if j * world + rank < len(order) else None
             for j in range(n_steps)
         ]
-        rows = term.read_ahead(mine, dev)
         total = 0.0
-        for win, y in zip(mine, rows, strict=True):
-            for p in params:
+        for win, y in zip(mine, term.read_ahead(mine, C.device), strict=True):
+            for p in problem.params:
                 p.grad = None
-            loss, gC = minibatch_loss_and_grad(term, win, y, C, make_X(), tensors, M)
+            loss, gC = minibatch_loss_and_grad(
+                term, win, y, C, problem.make_X(), problem.tensors, M
+            )
             C.grad = gC
-            for p in params:  # in units of the loss's noise, as L-BFGS sees it
+            for p in problem.params:  # in units of the loss's noise, as L-BFGS sees it
                 p.grad = p.grad / scale
-            opt.step()
-            steps += 1
+            self.opt.step()
+            self.steps += 1
             total += float(loss)
         mean = total / n_steps
-        trace.append((stage, epoch, mean))
-        plateau.step(mean / scale)
-        best.append(min(mean, best[-1]) if best else mean)
-        if epoch % log_every == 0:
-            log.info(
-                "%s: epoch %d / at most %d, mean loss %.6g, step x %.3g, %.1f s",
-                stage,
-                epoch,
-                max_epochs,
-                mean,
-                opt.param_groups[0]["lr"] / lr0,
-                time.perf_counter() - t,
-            )
-        if epoch > WINDOW and best[-1 - WINDOW] - best[-1] <= tol * scale:
-            stop = "converged"
-            break
-        if progress is not None and progress.saver.due():
-            progress.save_stage(
-                stage,
-                {
-                    "params": [p.detach().cpu().clone() for p in params],
-                    "opt": opt.state_dict(),
-                    "plateau": plateau.state_dict(),
-                    "best": list(best),
-                    "trace": list(trace),
-                    "steps": steps,
-                    "epoch": epoch,
-                    "loss_start": loss_start,
-                },
-            )
-    with torch.no_grad():
-        broadcast(*params)  # every rank has the same values; this makes it exact
-    for p in params:
-        p.grad = None
-    loss_end = exact()
-    epochs = len(best)
-    return {
-        "optimizer": "sgd",
-        "passes": epochs + 2,
-        "epochs": epochs,
-        "steps": steps,
-        "windows": M,
-        "stop": stop,
-        "converged": stop != "max_epochs",
-        "loss_start": loss_start,
-        "loss": loss_end,
-        "seconds": time.perf_counter() - t,
-    }
+        self.plateau.step(mean / scale)
+        monitor(mean, self.epoch)
+        return None
+
+    def note(self) -> str:
+        return f", step x {self.opt.param_groups[0]['lr'] / self.lr0:.3g}"
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "params": self.problem.snapshot(),
+            "opt": self.opt.state_dict(),
+            "plateau": self.plateau.state_dict(),
+            "steps": self.steps,
+            "epoch": self.epoch,
+            "loss_start": self.loss_start,
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.problem.restore(state["params"])
+        self.opt.load_state_dict(state["opt"])
+        self.plateau.load_state_dict(state["plateau"])
+        self.steps, self.epoch, self.loss_start = (
+            state["steps"],
+            state["epoch"],
+            state["loss_start"],
+        )
+
+    def finish(self) -> dict[str, Any]:
+        """The parameters stay at the last step (made the same on every rank); the exact loss
+        there (one pass)."""
+        with torch.no_grad():
+            broadcast(*self.problem.params)  # every rank has the same values; this makes it exact
+        for p in self.problem.params:
+            p.grad = None
+        return {
+            "passes": self.epoch + 2,
+            "epochs": self.epoch,
+            "steps": self.steps,
+            "windows": len(self.wins),
+            "loss_start": self.loss_start,
+            "loss": self.problem.exact_loss(),
+        }
+
+    def handoff(self) -> None:
+        return None
+
+
+register(
+    OptimizerSpec(
+        name="sgd",
+        summary="minibatch Adam over time windows, one read of the data per epoch",
+        options=SGDOptions,
+        make=SGD,
+        window=WINDOW,
+        cap="max_epochs",
+        unit="epoch",
+        log_every=5,
+        expected_reads=100,  # measured: 73 (55 windows per epoch) to 100 (390 windows)
+        eligible=lambda term: len(term.windows()) >= SGD_MIN_WINDOWS,
+    )
+)

@@ -186,19 +186,7 @@ def fit_store(
             recs,
             len(neuron_ids),
             latent_dim,
-            lags=s.lags,
-            device=s.device,
-            heldout_fraction=s.heldout_fraction,
-            seed=s.seed,
-            restarts=s.restarts,
-            max_passes=s.max_passes,
-            tol=s.tol,
-            max_device_bytes=s.max_device_bytes,
-            route=s.route,
-            optimizer=s.optimizer,
-            minibatch_rows=s.minibatch_rows,
-            max_epochs=s.max_epochs,
-            learning_rate=s.learning_rate,
+            s,
             checkpoint=ckpt_dir / "fit.ckpt",
             checkpoint_every_s=CHECKPOINT_EVERY_S,
         )
@@ -211,32 +199,16 @@ def fit_store(
     recorded = {
         "latent_dim": latent_dim,
         **config_settings(s, StitchedSettings.PYTHON_ONLY),
-        "device": fit.info["device"],
+        "device": fit.info.device,
     }
     metrics.update(
         {
             "dataset": store.attrs.get("dataset"),
             "settings": recorded,
-            "fit": {
-                k: fit.info[k]
-                for k in (
-                    "optimizer",
-                    "start",
-                    "stop",
-                    "free",
-                    "linked",
-                    "noise_floor",
-                    "moved_noise_units",
-                    "seconds",
-                    "n_groups",
-                    "n_pairs",
-                    "routes",
-                    "guards",
-                )
-            },
+            "fit": {k: v for k, v in fit.info.as_dict().items() if k not in ("device", "warnings")},
             "n_neurons": int(len(neuron_ids)),
             "recordings": store.recording_names,
-            "warnings": fit.info["warnings"],
+            "warnings": fit.info.warnings,
             "left_out": {
                 rec: {why: neuron_ids[pos].tolist() for why, pos in left.items()}
                 for rec, left in fit.data.left_out.items()
@@ -298,8 +270,8 @@ def _write_model(path: Path, fit: StitchedFit, store: DatasetStore, settings: di
         {
             "model": "stitched_lds",
             "settings": settings,
-            "free": json_clean(fit.info["free"]),
-            "linked": json_clean(fit.info["linked"]),
+            "free": json_clean(fit.info.free.as_dict()),
+            "linked": json_clean(fit.info.linked.as_dict()),
             "loss_trace_columns": ["stage (0 free, 1 linked)", "pass", "reduced loss per pair"],
             "dataset_store": str(store.path),
             "poplds_version": __version__,

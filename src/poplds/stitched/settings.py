@@ -19,10 +19,11 @@ class StitchedSettings:
     co-observed pairs kept out of the fit to score it; seed: of the warm start, the held-out
     split and the restarts; device: ``auto``, ``cpu``, ``cuda`` or ``cuda:<k>``; restarts:
     extra random starts (the lowest loss wins); max_passes: most loss-and-gradient passes
-    per stage; tol: a stage has converged when its loss falls by less than tol times the
-    loss's sampling noise per pair over 10 passes (the free stage uses 10 tol); optimizer:
-    ``lbfgs``, ``sgd``, ``subspace`` or ``auto`` (the one of least modelled cost,
-    ``models.choose_optimizer``);
+    per stage; tol: a stage has converged when its best loss falls by less than tol times
+    the loss's sampling noise per pair over the optimiser's window (L-BFGS 10 passes, SGD 3
+    epochs, subspace 3 passes; the free stage uses 10 tol); optimizer: a registered
+    optimiser (``lbfgs``, ``sgd``, ``subspace``, see ``_stage.registry``) or ``auto`` (the
+    one of least modelled cost, ``_stage.choose_optimizer``);
     minibatch_rows: time steps per SGD minibatch; max_epochs: SGD's cap per stage;
     learning_rate: Adam's step relative to each parameter's size; processes: data-parallel
     processes on this machine (torch.distributed; one per GPU);
