@@ -53,7 +53,7 @@ def machine() -> str:
 
 
 def _fit_line(fit) -> str:
-    i = fit.info
+    i = fit.info.as_dict()
     return (
         f"{i['free']['passes']}+{i['linked']['passes']} passes, {i['seconds']:.1f} s, "
         f"{i['free']['stop']}/{i['linked']['stop']}"

@@ -265,7 +265,7 @@ def test_streamed_windows_equal_the_data_prepared_in_memory(tmp_path, heldout):
 def test_blocked_products_equal_plain_products():
     """The CPU products split into column blocks (long contraction, many columns) give the
     plain products, remainders included."""
-    from poplds.stitched._loss import WideSum, _blocks, mm_long
+    from poplds.stitched._products import WideSum, _blocks, mm_long
 
     W = 8192 * 2 * torch.get_num_threads() + 13
     assert _blocks(W) > 1

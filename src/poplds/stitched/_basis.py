@@ -57,7 +57,7 @@ class Basis:
     Rows of the loadings are the observed neurons in ``by_group`` order (``tensors`` from
     :class:`._loss.LossTensors`); ``gid`` is the group of each row. For each data-route
     recording k, ``P[k]`` (m+1, rows, G_r, n) holds the projections of this rank's
-    :meth:`._loss.DataTerm.projection_rows` and ``M[k]`` their lagged moments
+    :meth:`._access.DataAccess.projection_rows` and ``M[k]`` their lagged moments
     ``M_s = sum_u p[u] p[u-s]'`` (K, d, d), ``d = (m+1) G_r n``, over the pairs this rank
     counts, summed over ranks, stored as (G_r, K d, (m+1) n) with the columns of each slot
     together: the data term at any coefficients is a function of ``M`` alone.
@@ -130,7 +130,7 @@ class Basis:
         counts in recording k (rows before its span's halo start no pair); ``right`` None:
         ``left``."""
         right = left if right is None else right
-        K, R, h = self.term.data.lags, left.shape[0], self.term.span_halo(k)
+        K, R, h = self.term.data.lags, left.shape[0], self.term.access.span_halo(k)
         M = left.new_zeros((K, left.shape[1], right.shape[1]))
         for s in range(K):
             lo = max(h, s)
@@ -239,7 +239,7 @@ class Basis:
             Dm = X.new_zeros(())
             with torch.no_grad():
                 for k in self.moment_recs:
-                    d, x = self.term._moments_term(k, Cf, X.detach(), gC)
+                    d, x = self.term.moments_term(k, Cf, X.detach(), gC)
                     Dm, dX = Dm + d, dX + x
             D = D + Dm + torch.sum(gC[self.order] * (Cs - Cs.detach()))
             D = D + torch.sum(dX * (X - X.detach()))
@@ -289,7 +289,7 @@ class Basis:
         """``dD/dz`` (rows, G_r, n) at the point, for each data-route recording."""
         out = {}
         for k in self.data_recs:
-            _, dZ, _ = window_cross(self.P[k][0], self.term.span_halo(k), X, self.term.w[k])
+            _, dZ, _ = window_cross(self.P[k][0], self.term.access.span_halo(k), X, self.term.w[k])
             out[k] = dZ
         return out
 
@@ -398,14 +398,19 @@ class Basis:
         self._slot_layout()
 
     def state(self) -> dict[str, Any]:
-        """What a checkpoint keeps (host copies). The projections are this rank's; with
-        several ranks they are left out and formed again by one pass on resume."""
+        """What a checkpoint keeps (host copies): the basis, its projections and their
+        moments as kept up to date, so a resumed fit goes on exactly as the uninterrupted one
+        would. The projections are this rank's; with several ranks they are left out and
+        formed again by one pass on resume (and the moments formed afresh from them)."""
         _, world = rank_and_size()
+        alone = world == 1
         return {
             "D": [d.cpu() for d in self.D],
             "kinds": list(self.kinds),
-            "P": {k: v.cpu() for k, v in self.P.items()} if world == 1 else None,
+            "P": {k: v.cpu() for k, v in self.P.items()} if alone else None,
+            "M": {k: v.cpu() for k, v in self.Mflat.items()} if alone else None,
             "queued": None if self.queued is None else self.queued.cpu(),
+            "linear_diagonal_ok": self.linear_diagonal_ok,
         }
 
     def load(self, state: dict[str, Any]) -> int:
@@ -415,16 +420,18 @@ class Basis:
         self.D = [d.to(dev) for d in state["D"]]
         self.kinds = list(state["kinds"])
         self.queued = None if state["queued"] is None else state["queued"].to(dev)
-        passes = 0
+        self.linear_diagonal_ok = state["linear_diagonal_ok"]
         if state["P"] is not None:
             self.P = {k: v.to(dev) for k, v in state["P"].items()}
-        else:
-            Q = torch.stack([self.full_loadings(d) for d in self.D])
-            zero = {k: self.term.projection_buffer(k, 1)[0] for k in self.data_recs}
-            P, _ = self.term.sweep(Q, zero)
-            self.P, passes = P, 1
+            self.Mflat = {k: v.to(dev) for k, v in state["M"].items()}
+            self._layout()
+            self._slot_layout()
+            return 0
+        Q = torch.stack([self.full_loadings(d) for d in self.D])
+        zero = {k: self.term.projection_buffer(k, 1)[0] for k in self.data_recs}
+        self.P, _ = self.term.sweep(Q, zero)
         self.refresh()
-        return passes
+        return 1
 
     def queue(self, direction: torch.Tensor) -> None:
         """Queue a direction (N_obs, n) for the next pass, orthogonal to the basis."""

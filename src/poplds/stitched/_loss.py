@@ -49,114 +49,28 @@ float64.
 
 from __future__ import annotations
 
-import concurrent.futures
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .._distributed import all_sum, rank_and_size
+from .._distributed import all_sum
 from .._logging import get_logger
-from ._data import RecordingBlock, StitchedData, _aligned
+from ._access import DataAccess, Window
+from ._data import RecordingBlock, StitchedData
+from ._products import WideSum, mm_long
 
 log = get_logger()
 
 #: Passes a fit is expected to take, for the choice of routes (two L-BFGS stages, measured).
 EXPECTED_PASSES = 300
 
-#: Bytes of streamed minibatch halos kept between epochs (:meth:`DataTerm._read_window`).
-HALO_CACHE_BYTES = 1.5e9
-
 #: Weight of one flop of eq. (2)'s small, memory-bound products against one of a large matrix
 #: product: an estimate. On the cases measured (``benchmarks/bench_stitched.py sessions`` and
 #: ``paper``) the routes it picks were the faster ones (e.g. ten recordings of 170 neurons:
 #: 0.60 s per pass on the data, 0.01 s on moments).
 CROSS_FLOP_COST = 8.0
-
-
-def _blocks(width: int) -> int:
-    """Column blocks a CPU product over ``width`` columns is split into (1: not split).
-
-    One matrix product of these shapes (10-30 rows against 1e5-1e6 columns) runs on one
-    core; split into blocks it runs on all, about twice as fast on two cores."""
-    nb = 2 * torch.get_num_threads()
-    return nb if nb >= 2 and width >= 8192 * nb else 1
-
-
-def mm_long(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``A @ B`` (m, p) for ``A`` (m, K), ``B`` (K, p) with a long contraction ``K``: on the
-    CPU the contraction is split into blocks whose products run in parallel and are summed."""
-    K = A.shape[1]
-    nb = _blocks(K) if A.device.type == "cpu" else 1
-    if nb == 1:
-        return A @ B
-    b = K // nb
-    m = nb * b
-    out = torch.bmm(A[:, :m].unflatten(1, (nb, b)).transpose(0, 1), B[:m].unflatten(0, (nb, b)))
-    out = out.sum(0)
-    if m < K:
-        out += A[:, m:] @ B[m:]
-    return out
-
-
-class WideSum:
-    """``acc[:, sl_g] += A @ B`` over the windows of a pass, for each group ``g`` of a
-    recording (``A`` (n, rows), ``B`` (rows, W_g) its columns of a window): the products are
-    added in place in the data's type, split into column blocks on the CPU (so they run on
-    every core, see :func:`_blocks`), and folded into the float64 total every
-    ``flush_every`` windows (no temporaries of the products' size at any window).
-
-    ``n``: rows of ``A``; ``slices``: (G,) the groups' columns of the (n, N_r) total."""
-
-    def __init__(
-        self,
-        n: int,
-        slices: Sequence[slice],
-        width: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        flush_every: int = 8,
-    ) -> None:
-        self.total = torch.zeros((n, width), dtype=torch.float64, device=device)
-        self.slices = list(slices)
-        self.flush_every = flush_every
-        self._windows = 0
-        self._parts = []
-        for sl in self.slices:
-            W = sl.stop - sl.start
-            nb = _blocks(W) if device.type == "cpu" else 1
-            b = W // nb
-            main = torch.zeros((nb, n, b), dtype=dtype, device=device)
-            rest = torch.zeros((n, W - nb * b), dtype=dtype, device=device)
-            self._parts.append((nb, b, main, rest))
-
-    def add(self, g: int, A: torch.Tensor, B: torch.Tensor) -> None:
-        """Add ``A @ B`` into group ``g``'s columns."""
-        nb, b, main, rest = self._parts[g]
-        m = nb * b
-        main.baddbmm_(A.expand(nb, *A.shape), B[:, :m].unflatten(1, (nb, b)).transpose(0, 1))
-        if rest.shape[1]:
-            rest.addmm_(A, B[:, m:])
-
-    def step(self) -> None:
-        """One window done: the partial sums are folded in every ``flush_every`` windows."""
-        self._windows += 1
-        if self._windows % self.flush_every == 0:
-            self._flush()
-
-    def _flush(self) -> None:
-        for sl, (nb, b, main, rest) in zip(self.slices, self._parts, strict=True):
-            cols = self.total[:, sl]
-            cols[:, : nb * b].unflatten(1, (nb, b)).add_(main.transpose(0, 1).to(torch.float64))
-            cols[:, nb * b :] += rest.to(torch.float64)
-            main.zero_()
-            rest.zero_()
-
-    def result(self) -> torch.Tensor:
-        """The float64 total (n, N_r)."""
-        self._flush()
-        return self.total
 
 
 def window_cross(
@@ -193,14 +107,21 @@ def window_cross(
 
 
 def lagged_moments(
-    rec: RecordingBlock, lags: int, device: torch.device, weights: torch.Tensor | None = None
+    rec: RecordingBlock,
+    lags: int,
+    device: torch.device,
+    weights: torch.Tensor | None = None,
+    windows: Iterable[tuple[int, torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """``S_r(s) = sum_(u >= s) y[u] y[u-s]'`` (K, N_r, N_r) float64 in one pass over the
-    recording (its prepared, group-sorted columns); multiplied entry by entry by the group
-    weights ``w_gh(s)`` when ``weights`` (K, G_r, G_r) is given (``S~_r`` of eq. (3))."""
+    """``S_r(s) = sum_(u >= s) y[u] y[u-s]'`` (K, N_r, N_r) float64 over ``windows``
+    (``(t0, halo, rows)`` covering the recording once, each with its ``K-1`` halo rows;
+    default: every window of ``rec``), in its prepared, group-sorted columns; multiplied
+    entry by entry by the group weights ``w_gh(s)`` when ``weights`` (K, G_r, G_r) is given
+    (``S~_r`` of eq. (3))."""
     n_r = len(rec.neurons)
     S = torch.zeros((lags, n_r, n_r), dtype=torch.float64, device=device)
-    for _, halo, window in rec.windows(device, halo=lags - 1):
+    blocks = rec.windows(device, halo=lags - 1) if windows is None else windows
+    for _, halo, window in blocks:
         h = halo.shape[0]
         y = torch.cat([halo, window]) if h else window
         L = y.shape[0]
@@ -259,18 +180,55 @@ def choose_routes(
     return out
 
 
-@dataclass(frozen=True)
-class Window:
-    """Minibatch ``index`` of the data route: rows ``[t0, t1)`` of recording ``rec``."""
+def moments_term(
+    S: torch.Tensor, Cr: torch.Tensor, X: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. (3) for one recording from its weighted lagged moments ``S`` (K, N_r, N_r) and
+    loadings ``Cr`` (N_r, n): ``(D_r, dD_r/dX (K, n, n), dD_r/dC_r (N_r, n))``."""
+    SC = S @ Cr  # (K, N_r, n)
+    StC = S.transpose(1, 2) @ Cr
+    D = torch.einsum("ia,sab,sib->", Cr, X, SC)
+    dX = torch.einsum("ia,sib->sab", Cr, SC)
+    return D, dX, torch.einsum("sib,sab->ia", SC, X) + (StC @ X).sum(0)
 
-    rec: int
-    t0: int
-    t1: int
+
+def window_term(
+    halo: torch.Tensor,
+    y: torch.Tensor,
+    CT: torch.Tensor,
+    X: torch.Tensor,
+    w: torch.Tensor,
+    slices: Sequence[slice],
+    acc: WideSum,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. (2) on one window ``y`` (L, N_r) of a recording with its ``halo`` rows (h, N_r)
+    before it; ``CT``: the recording's ``C'`` (n, N_r) in the data's type; ``w``: its group
+    weights (K, G_r, G_r); ``slices``: its groups' columns. ``(dD/dZ)' Y`` is added into
+    ``acc`` (n, N_r). Returns (D, dD/dX, the projections (G_r, n, h + L) float64). The
+    products are written ``C_g' Y_g'`` and ``dZ_g' Y_g``, which BLAS runs about twice as
+    fast as ``Y_g C_g`` on these shapes."""
+    h = halo.shape[0]
+
+    def project(rows: torch.Tensor) -> torch.Tensor:  # (G, n, rows)
+        return torch.stack([mm_long(CT[:, sl], rows[:, sl].T) for sl in slices])
+
+    Zt = project(y).to(torch.float64)
+    if h:  # only the projections are joined, never the data
+        Zt = torch.cat([project(halo).to(torch.float64), Zt], dim=2)
+    D, dZ, dX = window_cross(Zt.permute(2, 0, 1), h, X, w)
+    dZt = dZ.permute(1, 2, 0).to(y.dtype).contiguous()  # (G, n, h + L)
+    for g, sl in enumerate(slices):
+        acc.add(g, dZt[g, :, h:], y[:, sl])
+        if h:
+            acc.add(g, dZt[g, :, :h], halo[:, sl])
+    acc.step()
+    return D, dX, Zt
 
 
 class DataTerm:
     """The model x data term ``sum_r D_r`` of every recording by its route, and its
-    gradients (module docstring).
+    gradients (module docstring): the loss algebra over rows that :class:`._access.DataAccess`
+    reads (``access``; this rank's share of them), summed over ranks.
 
     ``weights``: (K, G, G) from :meth:`StitchedData.weights`; ``route``: ``auto``, ``data``
     or ``moments`` for every recording; ``window_rows``: rows per minibatch window of the
@@ -290,24 +248,17 @@ class DataTerm:
         self.n_latent = n_latent
         dev = data.device
         self.routes = choose_routes(data, n_latent, route)
+        self.access = DataAccess(data, self.routes, window_rows)
         groups = [torch.as_tensor(r.groups, device=dev) for r in data.recordings]
         self.w = [weights[:, g][:, :, g] for g in groups]
-        # minibatch windows in whole store chunks (a chunk decoded once per epoch), and at
-        # least the halo long (a window's halo comes from the window before it)
-        self.rows = [
-            max(data.lags, _aligned(window_rows or rec.chunk_rows, rec.source))
-            for rec in data.recordings
-        ]
-        self._halos: dict[tuple[int, int], torch.Tensor] = {}
-        self._halo_budget = HALO_CACHE_BYTES
         self.index = [torch.as_tensor(r.neurons, device=dev) for r in data.recordings]
-        self.rank, self.world = rank_and_size()
         self.moments: list[torch.Tensor | None] = [None] * len(data.recordings)
         # every rank forms every moment (they are small by choice): the warm start, which
         # reads them, is then the same on any number of ranks; each evaluates its own
         for k, (rec, how) in enumerate(zip(data.recordings, self.routes, strict=True)):
             if how == "moments":
-                self.moments[k] = lagged_moments(rec, data.lags, dev, self.w[k])
+                blocks = self.access.all_windows(k, dev)
+                self.moments[k] = lagged_moments(rec, data.lags, dev, self.w[k], blocks)
         counts = {how: self.routes.count(how) for how in ("data", "moments")}
         log.info(
             "data term: %d recordings from their lagged moments, %d from the data",
@@ -325,72 +276,21 @@ class DataTerm:
         counts = torch.as_tensor(self.data.pair_count, device=self.data.device)[:, g][:, :, g]
         return self.moments[k] * expand_groups(rec, counts)
 
-    def _owns(self, k: int) -> bool:
-        """Whether this rank evaluates recording k's moments (one rank per recording)."""
-        return k % self.world == self.rank
-
-    def _full_rows(self, k: int) -> int:
-        """Rows per window of a full pass over recording k."""
-        return max(self.data.lags, self.data.recordings[k].chunk_rows)
-
-    def _span(self, k: int) -> tuple[int, int]:
-        """This rank's contiguous share of recording k's rows on the data route, on window
-        boundaries (every rank reads its own time chunks)."""
-        rec = self.data.recordings[k]
-        rows = self._full_rows(k)
-        n_win = -(-rec.n_time // rows)
-        lo, hi = (n_win * self.rank) // self.world, (n_win * (self.rank + 1)) // self.world
-        return min(rec.n_time, lo * rows), min(rec.n_time, hi * rows)
-
     def windows(self) -> list[Window]:
-        """Every window of the data route's recordings, in order (the minibatches)."""
-        out = []
-        for k, rec in enumerate(self.data.recordings):
-            if self.routes[k] == "data":
-                out += [
-                    Window(k, t0, min(rec.n_time, t0 + self.rows[k]))
-                    for t0 in range(0, rec.n_time, self.rows[k])
-                ]
-        return out
+        """Every minibatch window of the data route (:meth:`._access.DataAccess.windows`)."""
+        return self.access.windows()
 
     def _wide_sum(self, k: int) -> WideSum:
         """The accumulator of recording k's data-route gradient ``(dD/dZ)' Y`` (n, N_r)."""
         rec = self.data.recordings[k]
         return WideSum(self.n_latent, rec.slices, len(rec.neurons), rec.dtype, self.data.device)
 
-    def _moments_term(self, k: int, C: torch.Tensor, X: torch.Tensor, gC: torch.Tensor):
-        """Eq. (3) for recording k, its gradient added into ``gC``; returns (D, dD/dX)."""
-        S, Cr = self.moments[k], C[self.index[k]]
-        SC = S @ Cr  # (K, N_r, n)
-        StC = S.transpose(1, 2) @ Cr
-        D = torch.einsum("ia,sab,sib->", Cr, X, SC)
-        dX = torch.einsum("ia,sib->sab", Cr, SC)
-        gC.index_add_(0, self.index[k], torch.einsum("sib,sab->ia", SC, X) + (StC @ X).sum(0))
+    def moments_term(self, k: int, C: torch.Tensor, X: torch.Tensor, gC: torch.Tensor):
+        """Eq. (3) for recording k (:func:`moments_term`), its gradient added into ``gC``
+        (N, n); returns (D, dD/dX)."""
+        D, dX, gCr = moments_term(self.moments[k], C[self.index[k]], X)
+        gC.index_add_(0, self.index[k], gCr)
         return D, dX
-
-    def _window_term(self, k, halo, y, CT, X, acc: WideSum):
-        """Eq. (2) on one window ``y`` (L, N_r) with its ``halo`` rows (h, N_r) before it;
-        ``CT``: the recording's ``C'`` (n, N_r) in the data's type. ``(dD/dZ)' Y`` is added
-        into ``acc`` (n, N_r). Returns (D, dD/dX, the projections). The products are written
-        ``C_g' Y_g'`` and ``dZ_g' Y_g``, which BLAS runs about twice as fast as ``Y_g C_g``
-        on these shapes."""
-        rec = self.data.recordings[k]
-        h = halo.shape[0]
-
-        def project(rows: torch.Tensor) -> torch.Tensor:  # (G, n, rows)
-            return torch.stack([mm_long(CT[:, sl], rows[:, sl].T) for sl in rec.slices])
-
-        Zt = project(y).to(torch.float64)
-        if h:  # only the projections are joined, never the data
-            Zt = torch.cat([project(halo).to(torch.float64), Zt], dim=2)
-        D, dZ, dX = window_cross(Zt.permute(2, 0, 1), h, X, self.w[k])
-        dZt = dZ.permute(1, 2, 0).to(rec.dtype).contiguous()  # (G, n, h + L)
-        for g, sl in enumerate(rec.slices):
-            acc.add(g, dZt[g, :, h:], y[:, sl])
-            if h:
-                acc.add(g, dZt[g, :, :h], halo[:, sl])
-        acc.step()
-        return D, dX, Zt
 
     def full(
         self,
@@ -403,53 +303,41 @@ class DataTerm:
         one pass, each row of the data route read once; with several ranks, each computes
         its share (its rows, its recordings' moments) and the shares are summed. With
         ``keep`` (a dict), the projections ``z_g[t] = C_g' y_g[t]`` of this rank's rows of
-        each data-route recording k (:meth:`projection_rows`) are put in ``keep[k]``
-        (rows, G_r, n) float64."""
+        each data-route recording k (:meth:`._access.DataAccess.projection_rows`) are put in
+        ``keep[k]`` (rows, G_r, n) float64."""
         gC = torch.zeros_like(C)
         D = C.new_zeros(())
         dX = torch.zeros_like(X)
         todo = range(len(self.data.recordings)) if recordings is None else recordings
+        access = self.access
         for k in todo:
             rec = self.data.recordings[k]
             if self.routes[k] == "moments":
-                if self._owns(k):
-                    d, x = self._moments_term(k, C, X, gC)
+                if access.owns(k):
+                    d, x = self.moments_term(k, C, X, gC)
                     D, dX = D + d, dX + x
                 continue
             CT = C[self.index[k]].to(rec.dtype).T.contiguous()
             acc = self._wide_sum(k)
-            rows = self._full_rows(k)
-            span = self._span(k)
+            span = access.span(k)
             if keep is not None:
                 keep[k] = self.projection_buffer(k, 1)[0]
-            for t0, halo, y in rec.windows(C.device, self.data.lags - 1, rows, span):
-                d, x, Zt = self._window_term(k, halo, y, CT, X, acc)
+            for t0, halo, y in access.pass_windows(k, self.data.lags - 1, C.device):
+                d, x, Zt = window_term(halo, y, CT, X, self.w[k], rec.slices, acc)
                 D, dX = D + d, dX + x
                 if keep is not None:  # rows [t0 - h, t1) at offset t0 - h - (span start - h0)
                     first = t0 == span[0]
                     part = Zt if first else Zt[:, :, halo.shape[0] :]
-                    at = 0 if first else t0 - span[0] + self.span_halo(k)
+                    at = 0 if first else t0 - span[0] + access.span_halo(k)
                     keep[k][at : at + part.shape[2]] = part.permute(2, 0, 1)
             gC.index_add_(0, self.index[k], acc.result().T)
         all_sum(D, gC, dX)
         return D, gC, dX
 
-    def span_halo(self, k: int) -> int:
-        """Rows before this rank's span of recording k that its pairs reach back to (none
-        when the span is empty)."""
-        lo, hi = self._span(k)
-        return min(self.data.lags - 1, lo) if hi > lo else 0
-
-    def projection_rows(self, k: int) -> tuple[int, int]:
-        """The rows ``[t0, t1)`` whose projections this rank keeps for recording k: its span
-        and the halo before it (:meth:`span_halo`)."""
-        lo, hi = self._span(k)
-        return lo - self.span_halo(k), hi
-
     def projection_buffer(self, k: int, count: int) -> torch.Tensor:
         """Zeros (count, rows, G_r, n) for ``count`` directions' projections of recording k's
-        :meth:`projection_rows`."""
-        t0, t1 = self.projection_rows(k)
+        :meth:`._access.DataAccess.projection_rows`."""
+        t0, t1 = self.access.projection_rows(k)
         G = len(self.data.recordings[k].slices)
         return torch.zeros(
             (count, t1 - t0, G, self.n_latent), dtype=torch.float64, device=self.data.device
@@ -458,19 +346,19 @@ class DataTerm:
     def sweep(
         self, Q: torch.Tensor | None, dZ: dict[int, torch.Tensor]
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """One pass over this rank's :meth:`projection_rows` of every data-route recording,
-        two products per row: the projections ``p_jg[t] = Q_jg' y_g[t]`` of the directions
-        ``Q`` (q, N_total, n) (None: none), and ``sum_t y[t] dZ[t]'``, the data route's
-        gradient in C for ``dZ[k]`` (rows, G_r, n), the gradient of the data term with
-        respect to recording k's projections. Returns ``({k: (q, rows, G_r, n)}, (N, n))``,
-        the gradient summed over ranks; no halo is needed, as no lagged product is formed."""
+        """One pass over this rank's projection rows of every data-route recording, two
+        products per row: the projections ``p_jg[t] = Q_jg' y_g[t]`` of the directions ``Q``
+        (q, N_total, n) (None: none), and ``sum_t y[t] dZ[t]'``, the data route's gradient in
+        C for ``dZ[k]`` (rows, G_r, n), the gradient of the data term with respect to
+        recording k's projections. Returns ``({k: (q, rows, G_r, n)}, (N, n))``, the
+        gradient summed over ranks; no halo is needed, as no lagged product is formed."""
         n = self.n_latent
         dev = self.data.device
         gC = torch.zeros((self.data.n_neurons, n), dtype=torch.float64, device=dev)
         out: dict[int, torch.Tensor] = {}
-        for k, rec in enumerate(self.data.recordings):
-            if self.routes[k] != "data":
-                continue
+        access = self.access
+        for k in access.data_recordings():
+            rec = self.data.recordings[k]
             q = 0 if Q is None else Q.shape[0]
             P = self.projection_buffer(k, q)
             QT = None
@@ -478,8 +366,8 @@ class DataTerm:
                 QT = Q[:, self.index[k]].to(rec.dtype).permute(0, 2, 1).reshape(q * n, -1)
             dZt = dZ[k].to(rec.dtype).permute(1, 2, 0).contiguous()  # (G, n, rows)
             acc = self._wide_sum(k)
-            span, h0 = self._span(k), self.span_halo(k)
-            for t0, halo, y in rec.windows(dev, h0, self._full_rows(k), span):
+            span, h0 = access.span(k), access.span_halo(k)
+            for t0, halo, y in access.pass_windows(k, h0, dev):
                 parts = [(t0 - span[0] + h0, y)]
                 if t0 == span[0] and halo.shape[0]:
                     parts.insert(0, (0, halo))
@@ -507,53 +395,18 @@ class DataTerm:
         not given)."""
         rec = self.data.recordings[win.rec]
         if rows is None:
-            rows = self._read_window(win, C.device)
+            rows = self.access.read_window(win, C.device)
         halo, y = rows
         gC = torch.zeros_like(C)
         acc = self._wide_sum(win.rec)
         CT = C[self.index[win.rec]].to(rec.dtype).T.contiguous()
-        D, dX, _ = self._window_term(win.rec, halo, y, CT, X, acc)
+        D, dX, _ = window_term(halo, y, CT, X, self.w[win.rec], rec.slices, acc)
         gC.index_add_(0, self.index[win.rec], acc.result().T)
         return D, gC, dX
-
-    def _read_window(self, win: Window, device: torch.device):
-        """``(halo, rows)`` of a window. A streamed window's halo rows are kept after its first
-        read (up to ``HALO_CACHE_BYTES`` in all), so later epochs decode each chunk once."""
-        h = min(self.data.lags - 1, win.t0)
-        rec = self.data.recordings[win.rec]
-        if rec.data is not None or h == 0:
-            y = rec.read(win.t0 - h, win.t1, device)
-            return y[:h], y[h:]
-        halo = self._halos.get((win.rec, win.t0))
-        if halo is not None:  # the chunk before need not be decoded again
-            return halo, rec.read(win.t0, win.t1, device)
-        y = rec.read(win.t0 - h, win.t1, device)
-        size = y[:h].numel() * y.element_size()
-        if size <= self._halo_budget:
-            self._halos[(win.rec, win.t0)] = y[:h].clone()
-            self._halo_budget -= size
-        return y[:h], y[h:]
 
     def moments_part(self, C: torch.Tensor, X: torch.Tensor):
         """The moments route's recordings only: ``(D, d/dC, d/dX)`` (no data read)."""
         return self.full(C, X, [k for k, how in enumerate(self.routes) if how == "moments"])
-
-    def read_ahead(
-        self, wins: Sequence[Window | None], device: torch.device
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
-        """The ``(halo, rows)`` of each window in turn (None for None), read one ahead in a
-        thread (:meth:`_read_window`)."""
-
-        def read(win: Window | None):
-            return None if win is None else self._read_window(win, device)
-
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(read, wins[0]) if wins else None
-            for k in range(len(wins)):
-                y = future.result()
-                if k + 1 < len(wins):
-                    future = pool.submit(read, wins[k + 1])
-                yield y
 
 
 class _Injected(torch.autograd.Function):

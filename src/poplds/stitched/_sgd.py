@@ -129,7 +129,7 @@ class SGD:
             for j in range(n_steps)
         ]
         total = 0.0
-        for win, y in zip(mine, term.read_ahead(mine, C.device), strict=True):
+        for win, y in zip(mine, term.access.read_ahead(mine, C.device), strict=True):
             for p in problem.params:
                 p.grad = None
             loss, gC = minibatch_loss_and_grad(

@@ -49,7 +49,8 @@ from .._logging import get_logger
 from ..store import coverage
 from ._data import RecordingInput, StitchedData, prepare_data
 from ._loss import DataTerm, LossTensors
-from ._stage import OptimizerSpec, Progress, StageProblem, StageRecord, choose_optimizer, run_stage
+from ._optimizers import choose_optimizer
+from ._stage import OptimizerSpec, Progress, StageProblem, StageRecord, run_stage
 from ._warm import warm_start
 from .settings import StitchedSettings
 
