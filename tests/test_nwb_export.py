@@ -14,6 +14,7 @@ import zarr
 from conftest import SHARED_DATA, write_ophys_nwb
 
 from poplds import DatasetStore, InputError, ingest_dataset
+from poplds._outputs import read_latents
 from poplds.nwb import NO_START_TIME, read_latents_nwb, write_latents_nwb
 
 
@@ -78,16 +79,25 @@ def stitched_fit(tmp_path_factory):
     return tmp, store, fit.outputs
 
 
+def _described(model_dir, name: str) -> None:
+    """The model.zarr holds every array its description (poplds._outputs.MODELS) names."""
+    from poplds._outputs import MODELS
+
+    desc = MODELS[name]
+    keys = set(zarr.open_group(str(model_dir), mode="r").array_keys())
+    wanted = {"C", *desc.dynamics, *(c.array for c in desc.per_neuron + desc.per_trial)}
+    assert wanted <= keys, (name, wanted - keys)
+
+
 def test_stitched_latents_round_trip_with_pynwb(stitched_fit):
     tmp, store_path, outputs = stitched_fit
+    _described(outputs.model, "stitched_lds")
     store = DatasetStore(store_path)
     model = zarr.open_group(str(outputs.model), mode="r")
     latents = zarr.open_group(str(outputs.latents), mode="r")
     for name, src, t0 in (("a", tmp / "a.nwb", 0.0), ("b", tmp / "b.nwb", 12.5)):
         out = tmp / "nwb" / f"{name}.nwb"
-        write_latents_nwb(
-            store_path, name, "stitched_lds", outputs.model, out, latents=outputs.latents
-        )
+        write_latents_nwb(store_path, name, "stitched_lds", outputs.model, outputs.latents, out)
         got = _read(out, "stitched_lds")
         np.testing.assert_array_equal(
             got["mean"], np.asarray(latents[f"recordings/{name}/mean"][:], np.float32)
@@ -119,7 +129,7 @@ def test_stitched_latents_round_trip_with_pynwb(stitched_fit):
     # the same fit gives the same file identity; no temporary file is left
     first = _read(tmp / "nwb" / "a.nwb", "stitched_lds")["identifier"]
     write_latents_nwb(
-        store_path, "a", "stitched_lds", outputs.model, tmp / "again.nwb", latents=outputs.latents
+        store_path, "a", "stitched_lds", outputs.model, outputs.latents, tmp / "again.nwb"
     )
     assert _read(tmp / "again.nwb", "stitched_lds")["identifier"] == first
     assert not list(tmp.rglob("*partial*"))
@@ -129,7 +139,7 @@ def test_stitched_latents_load_in_pynapple(stitched_fit):
     nap = pytest.importorskip("pynapple")
     tmp, store_path, outputs = stitched_fit
     out = tmp / "nap" / "b.nwb"
-    write_latents_nwb(store_path, "b", "stitched_lds", outputs.model, out, latents=outputs.latents)
+    write_latents_nwb(store_path, "b", "stitched_lds", outputs.model, outputs.latents, out)
     data = nap.load_file(str(out))
     mean = data["latent_mean"]
     assert isinstance(mean, nap.TsdFrame)
@@ -142,9 +152,11 @@ def test_stitched_latents_load_in_pynapple(stitched_fit):
 def test_bad_requests_name_the_file(stitched_fit):
     tmp, store_path, outputs = stitched_fit
     with pytest.raises(InputError, match=r"data\.zarr.*no recording 'c'"):
-        write_latents_nwb(store_path, "c", "stitched_lds", outputs.model, tmp / "c.nwb")
-    with pytest.raises(InputError, match=r"model\.zarr.*latents\.zarr is needed"):
-        write_latents_nwb(store_path, "a", "stitched_lds", outputs.model, tmp / "d.nwb")
+        write_latents_nwb(
+            store_path, "c", "stitched_lds", outputs.model, outputs.latents, tmp / "c.nwb"
+        )
+    with pytest.raises(InputError, match=r"model\.zarr.*unknown model 'gpfa'"):
+        write_latents_nwb(store_path, "a", "gpfa", outputs.model, outputs.latents, tmp / "d.nwb")
     assert not (tmp / "c.nwb").exists() and not (tmp / "d.nwb").exists()
 
 
@@ -170,10 +182,14 @@ def test_nplds_latents_on_the_real_gpe_trials(tmp_path):
         start_time = io.read().session_start_time
     for name in ("nplds", "plds"):
         out = tmp_path / name / "gpe.nwb"
-        write_latents_nwb(store_path, "gpe", name, fit.outputs.models[name], out)
+        write_latents_nwb(
+            store_path, "gpe", name, fit.outputs.models[name], fit.outputs.latents[name], out
+        )
         got = _read(out, name)
+        _described(fit.outputs.models[name], name)
         model = zarr.open_group(str(fit.outputs.models[name]), mode="r")
-        x_mean, heldout = np.asarray(model["x_mean"][:]), np.asarray(model["heldout"][:])
+        x_mean, _ = read_latents(fit.outputs.latents[name], "gpe")
+        heldout = np.asarray(model["heldout"][:])
         assert got["session_start_time"] == start_time != NO_START_TIME
         assert got["source"]["identifier"] == identifier
         trials = got["trials"]
@@ -215,7 +231,9 @@ def test_nplds_trials_load_in_pynapple(tmp_path):
     )
     fit = fit_store(store_path, 1, NPLDSSettings(max_iter=5, device="cpu"))
     out = tmp_path / "gpe.nwb"
-    write_latents_nwb(store_path, "gpe", "nplds", fit.outputs.models["nplds"], out)
+    write_latents_nwb(
+        store_path, "gpe", "nplds", fit.outputs.models["nplds"], fit.outputs.latents["nplds"], out
+    )
     data = nap.load_file(str(out))
     trials = data["trials"]
     assert isinstance(trials, nap.IntervalSet) and len(trials) == 50

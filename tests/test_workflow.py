@@ -16,6 +16,7 @@ import zarr
 from conftest import REPO, assert_same_store
 
 from poplds import DatasetStore, ingest_dataset
+from poplds._outputs import MODELS
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
@@ -237,7 +238,17 @@ def test_nplds_workflow_contract_and_reproducibility(tmp_path):
         np.testing.assert_array_equal(model["trial_ids"][:], np.arange(30))
         assert int(np.sum(model["heldout"][:])) == 6
         assert model["sigma2"].shape == (2,) and model["tau"].shape == (2,)
-        assert model["x_mean"].shape == (30, 40, 2)
+        latents = zarr.open_group(str(res / name / "k2" / "latents.zarr"), mode="r")
+        assert latents.attrs["model"] == name and latents.attrs["latent_dim"] == 2
+        (rec,) = latents["recordings"].group_keys()  # the one recording of trials
+        mean, var = latents[f"recordings/{rec}/mean"], latents[f"recordings/{rec}/var"]
+        assert mean.shape == var.shape == (30, 40, 2)
+        no_latents = ~np.isfinite(mean[:][:, 0, 0])  # the held-out trials have none
+        np.testing.assert_array_equal(no_latents, model["heldout"][:])
+        assert "x_mean" not in model  # one layout: latents live in latents.zarr
+        desc = MODELS[name]  # what the NWB export reads: all written
+        wanted = {*desc.dynamics, *(c.array for c in desc.per_neuron + desc.per_trial)}
+        assert wanted <= set(model.array_keys()), wanted - set(model.array_keys())
     plds = zarr.open_group(str(res / "plds" / "k2" / "model.zarr"), mode="r")
     assert not np.any(plds["sigma2"][:]) and not np.any(plds["h_mean"][:])
     dyn = zarr.open_group(str(res / "nplds_dynamics" / "k1" / "model.zarr"), mode="r")

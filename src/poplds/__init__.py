@@ -10,11 +10,32 @@ Public surface:
   :class:`NoSpaceError` — the disk filled up; both are :class:`PopldsError`.
 """
 
-from ._errors import InputError, NoSpaceError, PopldsError
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_getattr
 from ._version import __version__
-from .ingest import assemble_dataset, ingest_dataset, ingest_recording
-from .sources import RecordingSpec, open_recording
-from .store import DatasetStore
+
+if TYPE_CHECKING:
+    from ._errors import InputError, NoSpaceError, PopldsError
+    from .ingest import assemble_dataset, ingest_dataset, ingest_recording
+    from .sources import RecordingSpec, open_recording
+    from .store import DatasetStore
+
+#: Where each public name lives, imported on first use: ``import poplds`` stays light (the
+#: workflow's Snakefile reads ``poplds._outputs`` without loading zarr, dask or pynwb).
+_WHERE = {
+    "InputError": "._errors",
+    "NoSpaceError": "._errors",
+    "PopldsError": "._errors",
+    "assemble_dataset": ".ingest",
+    "ingest_dataset": ".ingest",
+    "ingest_recording": ".ingest",
+    "RecordingSpec": ".sources",
+    "open_recording": ".sources",
+    "DatasetStore": ".store",
+}
+
+__getattr__ = lazy_getattr(__name__, _WHERE)
 
 __all__ = [
     "DatasetStore",

@@ -41,6 +41,7 @@ import zarr
 
 from ._errors import InputError
 from ._logging import get_logger
+from ._outputs import MODELS, read_latents
 from ._version import __version__
 from .store import DatasetStore
 
@@ -78,84 +79,54 @@ def _model_arrays(model_dir: Path, recording: str, store: DatasetStore) -> dict[
     return {"attrs": dict(root.attrs), "neurons": neurons, **arrays}
 
 
-def write_latents_nwb(
-    store: str | Path,
-    recording: str,
-    model: str,
-    model_dir: str | Path,
-    out: str | Path,
-    *,
-    latents: str | Path | None = None,
-) -> Path:
-    """Write one recording's latents and the model's parameters as an NWB file.
+def _on_the_clock(ds: DatasetStore, recording: str, mean: np.ndarray, var: np.ndarray):
+    """The latents ``(mean, var)`` as ``(time, n)`` samples on the recording's own clock:
+    ``(mean, var, timing, trials)`` with ``timing`` the TimeSeries' rate and starting time
+    (continuous data) or timestamps (trial data), and for trial data ``trials`` (trials, 2)
+    each trial's start and the end of its last bin with data (else None).
 
-    Parameters
-    ----------
-    store: the dataset store the model was fitted on (``data.zarr``).
-    recording: the recording's name in the store.
-    model: ``stitched_lds``, ``nplds``, ``plds`` or ``nplds_dynamics``.
-    model_dir: the fit's ``model.zarr``.
-    out: the ``.nwb`` file to write.
-    latents: stitched LDS only: the fit's ``latents.zarr`` (means and variances, (T_r, n)).
-
-    Latent means ``m[t]`` and marginal variances ``diag S[t]`` are ``(time, n)``; for trial data
-    the bins of every training trial that lie inside the trial (where the store has data) are
-    concatenated in trial order, each bin at ``start[r] + b / rate`` on the source's clock.
-
-    Raises
-    ------
-    InputError: the recording is not in the store, or the model's results are missing.
-    """
-    from hdmf.common import DynamicTable, VectorData
-    from pynwb import NWBHDF5IO, NWBFile, TimeSeries
-
-    out = Path(out)
-    ds = DatasetStore(store)
-    if recording not in ds.recording_names:
-        raise InputError(ds.path, f"no recording {recording!r} (has {ds.recording_names})")
+    Trial latents keep the bins of every modelled trial that lie inside the trial (where the
+    store has data; the smoother's values elsewhere are extrapolations), in trial order, each
+    bin at ``start[r] + b / rate``; trials without latents (held out) are left out."""
     rattrs = ds.recording_attrs(recording)
-    source = Path(rattrs["source"])
-    meta = _source_metadata(source)
-    p = _model_arrays(Path(model_dir), recording, ds)
-    settings = p["attrs"].get("settings", {})
     rate = float(rattrs["rate_hz"])
-    ids = ds.neuron_ids[p["neurons"]]
+    if mean.ndim == 2:
+        return mean, var, {"rate": rate, "starting_time": float(rattrs.get("t_start_s", 0))}, None
+    R, T = mean.shape[:2]
+    starts = np.asarray(rattrs.get("trial_window_start_s", np.arange(R) * T / rate))
+    inside = np.asarray(da.isfinite(ds.activity(recording)).any(axis=2).compute())
+    bins = np.isfinite(mean[..., 0]) & inside
+    t = starts[:, None] + np.arange(T)[None, :] / rate
+    # each trial from its start to the end of its last bin with data (whole trials: the
+    # source's stop time, to within one bin; a window: the window or the trial's end)
+    last = np.where(inside.any(axis=1), T - np.argmax(inside[:, ::-1], 1), 0)
+    trials = np.stack([starts, starts + last / rate], axis=1)
+    return mean[bins], var[bins], {"timestamps": t[bins]}, trials
 
-    if model == "stitched_lds":
-        if latents is None:
-            raise InputError(Path(model_dir), "the stitched LDS's latents.zarr is needed")
-        lat = zarr.open_group(str(latents), mode="r")[f"recordings/{recording}"]
-        mean, var = np.asarray(lat["mean"][...]), np.asarray(lat["var"][...])
-        timing: dict[str, Any] = {"rate": rate, "starting_time": float(rattrs.get("t_start_s", 0))}
-        trial_rows = None
-    else:
-        x_mean, x_var = p["x_mean"], p["x_var"]  # (trials, T, k), NaN on held-out trials
-        starts = np.asarray(
-            rattrs.get("trial_window_start_s", np.arange(x_mean.shape[0]) * x_mean.shape[1] / rate)
-        )
-        # the bins of each training trial that lie inside the trial (the store's activity is
-        # missing outside it, where the smoother's latents are extrapolations)
-        inside = np.asarray(da.isfinite(ds.activity(recording)).any(axis=2).compute())
-        modelled = ~p["heldout"]
-        bins = np.isfinite(x_mean[..., 0]) & inside & modelled[:, None]
-        t = starts[:, None] + np.arange(x_mean.shape[1])[None, :] / rate
-        mean, var = x_mean[bins], x_var[bins]
-        timing = {"timestamps": t[bins]}
-        # each trial from its start to the end of its last bin with data (whole trials: the
-        # source's stop time, to within one bin; a window: the window or the trial's end)
-        last = np.where(inside.any(axis=1), x_mean.shape[1] - np.argmax(inside[:, ::-1], 1), 0)
-        trial_rows = np.stack([starts, starts + last / rate], axis=1)
-    n = mean.shape[1]
 
-    start_time = meta.get("session_start_time", NO_START_TIME)
-    # relative as the user laid the folders out (symlinks kept: a data/ link stays data/)
-    rel = os.path.relpath(os.path.abspath(source), os.path.abspath(out.parent))
+def _table(name: str, description: str, columns: dict[str, tuple[str, Any]]):
+    """A DynamicTable from ``{column: (description, data)}``."""
+    from hdmf.common import DynamicTable, VectorData
+
+    return DynamicTable(
+        name=name,
+        description=description,
+        columns=[VectorData(name=k, description=d, data=v) for k, (d, v) in columns.items()],
+    )
+
+
+def _nwb_file(model: str, recording: str, n: int, rel: str, meta: dict, rattrs: dict, settings):
+    """The NWBFile: its identifier derived from the source's sha256, the model, the recording
+    and the settings (the same fit gives the same file), the source's start time and
+    subject."""
+    from pynwb import NWBFile
+
     key = json.dumps([rattrs["sha256"], model, recording, settings], sort_keys=True, default=str)
     nwb = NWBFile(
         session_description=f"poplds {model} latents (n = {n}) of recording {recording}"
         + (f"; source: {meta['session_description']}" if meta.get("session_description") else ""),
         identifier=str(uuid.uuid5(uuid.NAMESPACE_URL, "poplds:" + key)),
-        session_start_time=start_time,
+        session_start_time=meta.get("session_start_time", NO_START_TIME),
         source_script=f"poplds {__version__}",
         source_script_file_name="poplds",
         was_generated_by=[["poplds", __version__]],
@@ -171,6 +142,56 @@ def write_latents_nwb(
         from pynwb.file import Subject
 
         nwb.subject = Subject(subject_id=meta.get("subject_id"), species=meta.get("species"))
+    return nwb
+
+
+def write_latents_nwb(
+    store: str | Path,
+    recording: str,
+    model: str,
+    model_dir: str | Path,
+    latents: str | Path,
+    out: str | Path,
+) -> Path:
+    """Write one recording's latents and the model's parameters as an NWB file.
+
+    Parameters
+    ----------
+    store: the dataset store the model was fitted on (``data.zarr``).
+    recording: the recording's name in the store.
+    model: a name of :data:`poplds._outputs.MODELS` (``stitched_lds``, ``nplds``, ``plds``,
+        ``nplds_dynamics``); its description says which parameters go where.
+    model_dir: the fit's ``model.zarr``.
+    latents: the fit's ``latents.zarr`` (:mod:`poplds._outputs`).
+    out: the ``.nwb`` file to write.
+
+    Latent means ``m[t]`` and marginal variances ``diag S[t]`` are ``(time, n)`` on the
+    recording's clock (:func:`_on_the_clock`).
+
+    Raises
+    ------
+    InputError: the recording is not in the store, or the model is unknown.
+    """
+    from pynwb import TimeSeries
+
+    out = Path(out)
+    if model not in MODELS:
+        raise InputError(Path(model_dir), f"unknown model {model!r} (known: {list(MODELS)})")
+    desc = MODELS[model]
+    ds = DatasetStore(store)
+    if recording not in ds.recording_names:
+        raise InputError(ds.path, f"no recording {recording!r} (has {ds.recording_names})")
+    rattrs = ds.recording_attrs(recording)
+    source = Path(rattrs["source"])
+    meta = _source_metadata(source)
+    p = _model_arrays(Path(model_dir), recording, ds)
+    lat_mean, lat_var = read_latents(latents, recording)
+    mean, var, timing, trials = _on_the_clock(ds, recording, lat_mean, lat_var)
+    n = mean.shape[1]
+    # relative as the user laid the folders out (symlinks kept: a data/ link stays data/)
+    rel = os.path.relpath(os.path.abspath(source), os.path.abspath(out.parent))
+    settings = p["attrs"].get("settings", {})
+    nwb = _nwb_file(model, recording, n, rel, meta, rattrs, settings)
     module = nwb.create_processing_module(
         name=f"poplds_{model}",
         description=json.dumps(
@@ -178,99 +199,80 @@ def write_latents_nwb(
             default=str,
         ),
     )
-    module.add(
-        TimeSeries(
-            name="latent_mean",
-            data=mean.astype(np.float32),
-            unit="a.u.",
-            description=f"posterior means of the {n} latents, (time, n)",
-            **timing,
-        )
-    )
-    module.add(
-        TimeSeries(
-            name="latent_variance",
-            data=var.astype(np.float32),
-            unit="a.u.^2",
-            description="marginal posterior variances of the latents, (time, n)",
-            **timing,
-        )
-    )
-    C = p["C"][p["neurons"]]
-    columns = [
-        VectorData(name="neuron_id", description="the neuron's id in the source", data=ids),
-        VectorData(name="loading", description="row of C: the neuron's loading (n,)", data=C),
-    ]
-    if model == "stitched_lds":
-        columns += [
-            VectorData(
-                name="noise_variance",
-                description="R: private noise variance, in the squared units of the activity",
-                data=p["R"][p["neurons"]],
-            ),
-        ]
-        names = ("A", "Q", "Pi")
-    else:
-        columns.append(
-            VectorData(
-                name="log_rate_offset",
-                description="d: log firing rate offset, rate = exp(C x + d + modulator) / bin",
-                data=p["d"][p["neurons"]],
+    for name, data, unit, what in (
+        ("latent_mean", mean, "a.u.", f"posterior means of the {n} latents, (time, n)"),
+        (
+            "latent_variance",
+            var,
+            "a.u.^2",
+            "marginal posterior variances of the latents, (time, n)",
+        ),
+    ):
+        module.add(
+            TimeSeries(
+                name=name, data=data.astype(np.float32), unit=unit, description=what, **timing
             )
         )
-        names = ("A", "Q", "x0", "V0", "sigma2", "tau") + (("A1", "tau_g") if "A1" in p else ())
-    module.add(
-        DynamicTable(
-            name="loadings",
-            description="per-neuron parameters of the model, for this recording's neurons",
-            columns=columns,
+    rows = p["neurons"]
+    neuron_columns = {
+        "neuron_id": ("the neuron's id in the source", ds.neuron_ids[rows]),
+        "loading": ("row of C: the neuron's loading (n,)", p["C"][rows]),
+        **{c.name: (c.description, p[c.array][rows]) for c in desc.per_neuron},
+    }
+    dynamics = {k: (f"{k} of the fitted model", p[k][None]) for k in desc.dynamics if k in p}
+    source_row = {
+        "path": rel,
+        "identifier": meta.get("identifier") or "",
+        "sha256": rattrs["sha256"],
+        "series": str(rattrs.get("series", "")),
+        "recording": recording,
+        "poplds_version": __version__,
+    }
+    for table in (
+        _table(
+            "loadings",
+            "per-neuron parameters of the model, for this recording's neurons",
+            neuron_columns,
+        ),
+        _table("dynamics", "latent parameters of the model (one row)", dynamics),
+        _table(
+            "source",
+            "the recording these latents were fitted on",
+            {k: (k, [v]) for k, v in source_row.items()},
+        ),
+    ):
+        module.add(table)
+    if trials is not None:
+        _add_trials(nwb, trials, ds.trial_ids(recording), lat_mean, desc, p)
+    _write_nwb(nwb, out)
+    log.info("wrote %s: %s latents (%d x %d) of %s", out, model, *mean.shape, recording)
+    return out
+
+
+def _add_trials(nwb, trials: np.ndarray, trial_ids, lat_mean: np.ndarray, desc, p) -> None:
+    """The file's trials table: each trial's start and end (:func:`_on_the_clock`), its id in
+    the source, whether it was held out (no latents), and the model's per-trial columns."""
+    if trial_ids is None:
+        trial_ids = np.arange(len(trials))
+    heldout = ~np.isfinite(lat_mean[..., 0]).any(axis=1)
+    nwb.add_trial_column("source_trial_id", "the trial's id in the source's trials table")
+    nwb.add_trial_column("heldout", "left out of the fit (scored, no latents here)")
+    for c in desc.per_trial:
+        nwb.add_trial_column(c.name, c.description)
+    for r, (t0, t1) in enumerate(trials):
+        nwb.add_trial(
+            start_time=float(t0),
+            stop_time=float(t1),
+            source_trial_id=int(trial_ids[r]),
+            heldout=bool(heldout[r]),
+            **{c.name: p[c.array][r] for c in desc.per_trial},
         )
-    )
-    module.add(
-        DynamicTable(
-            name="dynamics",
-            description="latent parameters of the model (one row)",
-            columns=[
-                VectorData(name=k, description=f"{k} of the fitted model", data=p[k][None])
-                for k in names
-                if k in p
-            ],
-        )
-    )
-    module.add(
-        DynamicTable(
-            name="source",
-            description="the recording these latents were fitted on",
-            columns=[
-                VectorData(name=k, description=k, data=[v])
-                for k, v in {
-                    "path": rel,
-                    "identifier": meta.get("identifier") or "",
-                    "sha256": rattrs["sha256"],
-                    "series": str(rattrs.get("series", "")),
-                    "recording": recording,
-                    "poplds_version": __version__,
-                }.items()
-            ],
-        )
-    )
-    if trial_rows is not None:
-        nwb.add_trial_column("source_trial_id", "the trial's id in the source's trials table")
-        nwb.add_trial_column("heldout", "left out of the fit (scored, no latents here)")
-        extra = {}
-        if model != "plds":
-            nwb.add_trial_column("modulator_mean", "posterior mean of the slow modulator h (k,)")
-            nwb.add_trial_column("modulator_var", "posterior variance of h (k,)")
-        for r, (t0, t1) in enumerate(trial_rows):
-            if model != "plds":
-                extra = {"modulator_mean": p["h_mean"][r], "modulator_var": p["h_var"][r]}
-            nwb.add_trial(
-                start_time=float(t0),
-                stop_time=float(t1),
-                source_trial_id=int(p["trial_ids"][r]),
-                heldout=bool(p["heldout"][r]),
-                **extra,
-            )
+
+
+def _write_nwb(nwb, out: Path) -> None:
+    """Write ``nwb`` to ``out`` under a temporary name, then rename."""
+    from pynwb import NWBHDF5IO
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".partial.nwb")
     try:
@@ -280,8 +282,6 @@ def write_latents_nwb(
         tmp.unlink(missing_ok=True)
         raise
     tmp.replace(out)
-    log.info("wrote %s: %s latents (%d x %d) of %s", out, model, *mean.shape, recording)
-    return out
 
 
 def read_latents_nwb(path: str | Path, model: str) -> Mapping[str, np.ndarray]:

@@ -25,6 +25,7 @@ import numpy as np
 import yaml
 
 from ._logging import get_logger
+from ._outputs import FAMILIES
 from ._results import json_clean, write_json
 from .store import DatasetStore
 
@@ -388,7 +389,7 @@ def write_provenance(
         label = f"{Path(path).parent.parent.name} {Path(path).parent.name}"
         fits.append({"fit": label, **{k: v for k, v in prov.items() if k != "host"}})
     # the settings blocks of model families this dataset does not fit are left out
-    families = ("stitched_lds", "nplds")
+    families = FAMILIES
     shown = {
         k: v
         for k, v in dataset_config.items()

@@ -1,6 +1,7 @@
 # Helpers, wildcard constraints and config validation shared by all rules.
 import os
 import re
+import sys
 from pathlib import Path
 
 from snakemake.utils import validate
@@ -8,11 +9,13 @@ from snakemake.utils import validate
 validate(config, workflow.source_path("../schemas/config.schema.yaml"), set_default=True)
 
 # Scripts import poplds from this checkout's src/ (also under --sdm conda, where the
-# environment holds the dependencies only).
+# environment holds the dependencies only); so does this file, for the model list.
 _SRC = str(Path(workflow.basedir) / "src")
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [_SRC] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 )
+sys.path.insert(0, _SRC)
+from poplds._outputs import poisson_models  # noqa: E402 - after the path is set
 
 
 # declared so that Snakemake passes it on to cluster jobs
@@ -267,7 +270,16 @@ def nwb_recordings(dataset):
 
 def nplds_models(dataset):
     """The Poisson models one nplds job fits (each gets its own results folder)."""
-    return ["nplds", "plds"] + (["nplds_dynamics"] if dataset in NPLDS_DYNAMICS else [])
+    return list(poisson_models(dataset in NPLDS_DYNAMICS))
+
+
+def nplds_fit_outputs(dynamics_drift):
+    """A fit_nplds job's model.zarr and latents.zarr of every Poisson model it fits."""
+    out = {}
+    for m in poisson_models(dynamics_drift):
+        out[m] = directory(f"results/{{dataset}}/{m}/k{{k}}/model.zarr")
+        out[f"{m}_latents"] = directory(f"results/{{dataset}}/{m}/k{{k}}/latents.zarr")
+    return out
 
 
 def nwb_outputs(dataset):
@@ -291,8 +303,7 @@ def nwb_outputs(dataset):
 
 
 def nwb_mem_mb(wildcards, input):
-    paths = [input.model] + ([input.latents] if "latents" in input.keys() else [])
-    return int(2000 + 3 * _size_mb(paths))
+    return int(2000 + 3 * _size_mb([input.model, input.latents]))
 
 
 def all_outputs():

@@ -7,8 +7,7 @@ rule fit_nplds:
         store="results/{dataset}/data.zarr",
         truth=truth_input,
     output:
-        nplds=directory("results/{dataset}/nplds/k{k}/model.zarr"),
-        plds=directory("results/{dataset}/plds/k{k}/model.zarr"),
+        **nplds_fit_outputs(dynamics_drift=False),
         metrics="results/{dataset}/nplds/k{k}/metrics.json",
         predictions="results/{dataset}/nplds/k{k}/predictions.npz",
     params:
@@ -33,9 +32,7 @@ rule fit_nplds:
 # the same job for datasets with nplds.dynamics_drift: true, which also writes the variant
 use rule fit_nplds as fit_nplds_dynamics with:
     output:
-        nplds=directory("results/{dataset}/nplds/k{k}/model.zarr"),
-        plds=directory("results/{dataset}/plds/k{k}/model.zarr"),
-        nplds_dynamics=directory("results/{dataset}/nplds_dynamics/k{k}/model.zarr"),
+        **nplds_fit_outputs(dynamics_drift=True),
         metrics="results/{dataset}/nplds/k{k}/metrics.json",
         predictions="results/{dataset}/nplds/k{k}/predictions.npz",
     wildcard_constraints:

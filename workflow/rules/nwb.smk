@@ -26,13 +26,14 @@ rule nplds_nwb:
     input:
         store="results/{dataset}/data.zarr",
         model="results/{dataset}/{model}/k{k}/model.zarr",
+        latents="results/{dataset}/{model}/k{k}/latents.zarr",
         source=recording_inputs,
     output:
         "results/{dataset}/{model}/k{k}/nwb/{recording}.nwb",
     params:
         model=lambda wc: wc.model,
     wildcard_constraints:
-        model="nplds|plds|nplds_dynamics",
+        model="|".join(poisson_models(True)),
     log:
         "logs/{dataset}/{model}_nwb_k{k}_{recording}.log",
     resources:

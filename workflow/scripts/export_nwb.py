@@ -9,6 +9,6 @@ write_latents_nwb(
     snakemake.wildcards.recording,  # noqa: F821
     snakemake.params.model,  # noqa: F821
     snakemake.input.model,  # noqa: F821
+    snakemake.input.latents,  # noqa: F821
     snakemake.output[0],  # noqa: F821
-    latents=snakemake.input.get("latents"),  # noqa: F821
 )

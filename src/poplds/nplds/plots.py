@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .._outputs import MODELS, poisson_models
 from ..plots import plt, save_figure, warning_footer
 from ..report import choose_nplds
 
-#: Model names as drawn, and their colours.
-LABELS = {"plds": "PLDS", "nplds": "N-PLDS", "nplds_dynamics": "N-PLDS, drifting A"}
+#: Model names as drawn (:data:`poplds._outputs.MODELS`), and their colours.
+LABELS = {name: MODELS[name].label for name in poisson_models(True)}
 COLOURS = {"plds": "tab:blue", "nplds": "tab:red", "nplds_dynamics": "tab:purple"}
 
 
@@ -23,7 +24,7 @@ def _load(metrics_path: str | Path, predictions_path: str | Path) -> tuple[dict,
 
 
 def _models(metrics: dict) -> list[str]:
-    return [m for m in ("plds", "nplds", "nplds_dynamics") if m in metrics["models"]]
+    return [m for m in poisson_models(True) if m in metrics["models"]]
 
 
 def _mark_heldout(ax, trial_ids: np.ndarray, heldout: np.ndarray) -> None:
@@ -185,7 +186,7 @@ def plot_dimension(metrics_paths: list[str | Path], out: str | Path) -> Path:
     keys = ("heldout_trial_bits_per_spike", "cosmoothing_bits_per_spike")
     titles = ("held-out trials (predicted before seeing them)", "co-smoothing (held-out neurons)")
     for ax, key, title in zip(axes, keys, titles, strict=True):
-        for name in ("plds", "nplds", "nplds_dynamics"):
+        for name in poisson_models(True):
             vals = [m["models"].get(name, {}).get(key) for m in rows]
             if all(v is None for v in vals):
                 continue

@@ -8,11 +8,12 @@ neurons, and writes under ``results/<dataset>/``::
     <model>/k<k>/model.zarr   C (N_total, k) in the store's neuron order (NaN rows: neurons the
                               recording lacks), d (N_total,), A, Q, V0 (k, k), x0 (k,),
                               h_mean, h_var (trials, k), trial_ids, heldout (trials,) bool,
-                              sigma2, tau (k,) (plds: sigma2 = 0, tau = NaN), bound_trace,
-                              x_mean, x_var (trials, T, k) float32: posterior means and
-                              marginal variances of the latents (NaN on held-out trials);
+                              sigma2, tau (k,) (plds: sigma2 = 0, tau = NaN), bound_trace;
                               nplds_dynamics also A1 (k, k), g_mean, g_var (trials,), tau_g,
                               A_trials (trials, k, k) = A + g_mean A1
+    <model>/k<k>/latents.zarr recordings/<name>/mean, var (trials, T, k) float32: posterior
+                              means and marginal variances of the latents, NaN on held-out
+                              trials (the layout of every model, :mod:`poplds._outputs`)
     nplds/k<k>/metrics.json   every model's scores (poplds.nplds.evaluate), bound trace,
                               iterations, time; recovery against the truth when simulated
     nplds/k<k>/predictions.npz  per-trial arrays for the figures
@@ -37,6 +38,7 @@ from .._checkpoint import remove_checkpoints
 from .._device import choose_device
 from .._errors import InputError
 from .._logging import get_logger
+from .._outputs import MODELS, write_latents
 from .._provenance import provenance
 from .._results import StoreFit, atomic_group, finish_group, unexpected_nonfinite, write_json
 from .._settings import config_settings
@@ -53,39 +55,39 @@ log = get_logger()
 class NPLDSOutputs:
     """The files one job of Poisson LDS fits writes (module docstring): ``metrics`` (JSON),
     ``predictions`` (the figures' per-trial arrays, npz) and, per model name, its
-    ``model.zarr``."""
+    ``model.zarr`` (``models``) and ``latents.zarr`` (``latents``)."""
 
     metrics: Path
     predictions: Path
     models: Mapping[str, Path]
+    latents: Mapping[str, Path]
 
     @classmethod
     def under(cls, results_dir: str | Path, latent_dim: int, models: Sequence[str]) -> NPLDSOutputs:
         """The README layout: ``<results_dir>/nplds/k<k>/{metrics.json,predictions.npz}`` and
-        ``<results_dir>/<model>/k<k>/model.zarr``."""
+        ``<results_dir>/<model>/k<k>/{model,latents}.zarr``."""
         d, k = Path(results_dir), f"k{int(latent_dim)}"
         return cls(
             d / "nplds" / k / "metrics.json",
             d / "nplds" / k / "predictions.npz",
             {m: d / m / k / "model.zarr" for m in models},
+            {m: d / m / k / "latents.zarr" for m in models},
         )
 
     @classmethod
     def from_mapping(cls, paths: Mapping[str, Any], models: Sequence[str]) -> NPLDSOutputs:
-        """From a mapping with ``metrics``, ``predictions`` and one path per model name (e.g.
-        a rule's ``snakemake.output``)."""
+        """From a mapping with ``metrics``, ``predictions`` and, per model name, ``<model>``
+        (its model.zarr) and ``<model>_latents`` (e.g. a rule's ``snakemake.output``)."""
         return cls(
             Path(paths["metrics"]),
             Path(paths["predictions"]),
             {m: Path(paths[m]) for m in models},
+            {m: Path(paths[f"{m}_latents"]) for m in models},
         )
 
 
 #: Seconds between two checkpoints of a fit in progress.
 CHECKPOINT_EVERY_S = 60.0
-
-#: Models fitted by :func:`fit_store`: name -> (drift, dynamics_drift).
-MODELS = {"nplds": (True, False), "plds": (False, False), "nplds_dynamics": (True, True)}
 
 
 def counts_from_store(store: DatasetStore) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
@@ -177,9 +179,9 @@ def fit_store(
     s = settings or NPLDSSettings()
     out = outputs or NPLDSOutputs.under(Path(store_path).parent, latent_dim, s.models)
     ckpt_dir = Path(checkpoints) if checkpoints else out.metrics.parent / "checkpoint"
-    missing = [m for m in s.models if m not in out.models]
+    missing = [m for m in s.models if m not in out.models or m not in out.latents]
     if missing:
-        raise InputError("outputs", f"no model.zarr path for {missing}")
+        raise InputError("outputs", f"no model.zarr or latents.zarr path for {missing}")
     store = DatasetStore(store_path)
     with damage_named(store):
         y, trial_ids, neurons, bin_s = counts_from_store(store)
@@ -259,7 +261,7 @@ def fit_store(
     fits: dict[str, vi.FitResult] = {}
     stationary: vi.FitResult | None = None  # the PLDS fit, made first
     for name in names:
-        drift, dyn = MODELS[name]
+        drift, dyn = MODELS[name].drift, MODELS[name].dynamics_drift
         log.info("fitting %s, k = %d, %d training trials on %s", name, k, len(train), dev)
         t0 = time.perf_counter()
         opts = {"drift": drift, "dynamics_drift": dyn, "max_iter": s.max_iter, "tol": s.tol}
@@ -370,6 +372,9 @@ def fit_store(
         x_mean[train] = fit.state.m.cpu().numpy()
         x_var = np.full((R, T, k), np.nan, dtype=np.float32)
         x_var[train] = torch.diagonal(fit.state.S, dim1=-2, dim2=-1).cpu().numpy()
+        write_latents(
+            out.latents[name], name, {store.recording_names[0]: (x_mean, x_var)}, __version__
+        )
         fits[name] = fit
         entry["nonfinite_written"] = unexpected_nonfinite(
             {"A": p.A, "Q": p.Q, "x0": p.x0, "V0": p.V0, "C": C, "h_mean": h_mean, "h_var": h_var}
@@ -387,8 +392,6 @@ def fit_store(
             heldout=out_mask,
             h_mean=h_mean,
             h_var=h_var,
-            x_mean=x_mean,
-            x_var=x_var,
             arrays=arrays,
             inverse=inverse,
             A_trials=A_trials,
@@ -435,8 +438,6 @@ def _write_model(
     heldout: np.ndarray,
     h_mean: np.ndarray,
     h_var: np.ndarray,
-    x_mean: np.ndarray,
-    x_var: np.ndarray,
     arrays: dict[str, torch.Tensor],
     inverse: np.ndarray,
     A_trials: np.ndarray | None,
@@ -467,8 +468,6 @@ def _write_model(
         write_array(root, "sigma2", np.zeros(k))
         write_array(root, "tau", np.full(k, np.nan))
     write_array(root, "bound_trace", np.asarray(fit.bound))
-    write_array(root, "x_mean", x_mean)
-    write_array(root, "x_var", x_var)
     if A_trials is not None:
         write_array(root, "A1", p["A1"])
         write_array(root, "g_mean", arrays["g_mean"].cpu().numpy()[inverse])

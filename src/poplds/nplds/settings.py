@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .._outputs import poisson_models
 from .._settings import settings_from
 
 
@@ -43,4 +44,4 @@ class NPLDSSettings:
     def models(self) -> tuple[str, ...]:
         """The models fitted, in order: PLDS first (a drift fit that ends below its bound is
         fitted again from it), then N-PLDS and, with ``dynamics_drift``, the variant."""
-        return ("plds", "nplds") + (("nplds_dynamics",) if self.dynamics_drift else ())
+        return poisson_models(self.dynamics_drift)

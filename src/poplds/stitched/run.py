@@ -35,6 +35,7 @@ from .._checkpoint import remove_checkpoints
 from .._distributed import init_from_environment, launch, rank_and_size
 from .._errors import InputError
 from .._logging import get_logger
+from .._outputs import write_latents
 from .._provenance import provenance
 from .._results import (
     StoreFit,
@@ -281,11 +282,12 @@ def _write_model(path: Path, fit: StitchedFit, store: DatasetStore, settings: di
 
 
 def _write_latents(path: Path, fit: StitchedFit, posts) -> None:
-    root, tmp = atomic_group(path)
-    recs = root.create_group("recordings")
-    for rec, post in zip(fit.data.recordings, posts, strict=True):
-        g = recs.create_group(rec.name)
-        write_array(g, "mean", post.mean.cpu().numpy().astype(np.float32))
-        write_array(g, "var", post.var.cpu().numpy().astype(np.float32))
-    root.attrs.update({"latent_dim": int(fit.params.A.shape[0]), "poplds_version": __version__})
-    finish_group(tmp, path)
+    write_latents(
+        path,
+        "stitched_lds",
+        {
+            rec.name: (post.mean.cpu().numpy(), post.var.cpu().numpy())
+            for rec, post in zip(fit.data.recordings, posts, strict=True)
+        },
+        __version__,
+    )
