@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
@@ -9,6 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+
+# OpenMP threads that sleep while they wait: two test processes share the 2 cores (pytest-xdist),
+# and spinning threads of one slow the other several-fold (results are the same)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -45,6 +50,9 @@ def assert_same_store(a: Path, b: Path, ignore_attrs: tuple[str, ...] = ()) -> N
 
 
 def pytest_collection_modifyitems(config, items):
+    # the slow end-to-end runs first: with pytest-xdist (make test: -n 2) the others fill the
+    # second core while they run
+    items.sort(key=lambda item: "slow" not in item.keywords)
     skip_shared = pytest.mark.skip(reason=f"real data not found at {SHARED_DATA}")
     skip_cuda = pytest.mark.skip(reason="no CUDA device")
     try:
