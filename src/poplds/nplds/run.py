@@ -157,6 +157,244 @@ def _spectral_radius(A: np.ndarray) -> np.ndarray:
     return np.abs(np.linalg.eigvals(A)).max(-1)
 
 
+@dataclass
+class _Trials:
+    """One fit_store run's data after its checks: counts ``y`` (trials, T, N) of the neurons
+    with spikes in the training trials, their ``neurons`` (positions in the store's table),
+    ``trial_ids`` (trials,) and ``n`` (trials,) float trial numbers (the GP's inputs), the
+    bin width ``bin_s``, the ``train`` and ``test`` trials and ``heldout`` (trials,) bool,
+    ``held`` (N,) bool the co-smoothing neurons, ``inverse`` (rows in [train, test] order to
+    the store's), ``tt`` (to a float64 tensor on the device), and ``warnings``."""
+
+    y: np.ndarray
+    neurons: np.ndarray
+    trial_ids: np.ndarray
+    n: np.ndarray
+    bin_s: float
+    train: np.ndarray
+    test: np.ndarray
+    heldout: np.ndarray
+    held: np.ndarray
+    inverse: np.ndarray
+    tt: Any
+    warnings: list[str]
+
+
+def _trials(store: DatasetStore, k: int, s: NPLDSSettings, dev) -> _Trials:
+    """Read and check the store's counts, split the trials and neurons (seeded), and leave
+    out neurons without a spike in the training trials (they have no finite rate)."""
+    with damage_named(store):
+        y, trial_ids, neurons, bin_s = counts_from_store(store)
+    R = y.shape[0]
+    if k < 1:
+        raise InputError("nplds.latent_dims", f"latent dimension {k} must be at least 1")
+    out_mask = split_trials(R, s.heldout_trials, s.seed)
+    train, test = np.where(~out_mask)[0], np.where(out_mask)[0]
+    active = np.nansum(y[train], (0, 1)) > 0
+    warnings = []
+    if not active.all():
+        silent = store.neuron_ids[neurons[~active]].tolist()
+        warnings.append(
+            f"{len(silent)} neurons without spikes in the training trials left out: {silent[:20]}"
+        )
+        log.warning(warnings[-1])
+    if active.sum() < k:
+        raise InputError(
+            "nplds.latent_dims",
+            f"k = {k} exceeds the {int(active.sum())} neurons with spikes in the training "
+            f"trials of {store.path}; choose latent_dims of at most {int(active.sum())}",
+        )
+    y, neurons = y[..., active], neurons[active]
+    held = split_neurons(y.shape[-1], s.heldout_neurons, s.seed)
+    order = np.concatenate([train, test])
+    return _Trials(
+        y=y,
+        neurons=neurons,
+        trial_ids=trial_ids,
+        n=trial_ids.astype(np.float64),
+        bin_s=bin_s,
+        train=train,
+        test=test,
+        heldout=out_mask,
+        held=held,
+        inverse=np.argsort(order),
+        tt=lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64, device=dev),
+        warnings=warnings,
+    )
+
+
+def _run_metrics(store: DatasetStore, d: _Trials, settings: dict, dev) -> dict[str, Any]:
+    """metrics.json's description of the run (its ``models`` filled in later)."""
+    R, T, N = d.y.shape
+    return {
+        "dataset": store.attrs.get("dataset"),
+        "settings": settings,
+        "n_trials": R,
+        "n_bins": T,
+        "n_neurons": N,
+        "bin_size_s": d.bin_s,
+        "n_heldout_trials": int(len(d.test)),
+        "heldout_trial_ids": d.trial_ids[d.test].tolist(),
+        "n_heldout_neurons": int(d.held.sum()),
+        "warnings": d.warnings,
+        "spikes": int(np.nansum(d.y)),
+        "missing_bins": int(np.isnan(d.y).sum()),
+        "missing_fraction": float(np.isnan(d.y).mean()),
+        "trials_as_ingested": {
+            key: store.recording_attrs(store.recording_names[0]).get(key)
+            for key in (
+                "trial_crop",
+                "trial_duration_s",
+                "trial_time_kept_fraction",
+                "trial_spikes_kept_fraction",
+            )
+        },
+        "models": {},
+        "poplds_version": __version__,
+        "provenance": provenance(dev),
+    }
+
+
+def _fit_model(name: str, d: _Trials, k: int, s: NPLDSSettings, dev, ckpt_dir: Path, stationary):
+    """Fit one model on the training trials: ``(fit, start, iterations over all starts)``.
+    A drift model that ends below the stationary fit's bound (a worse local optimum) is
+    fitted again from the stationary fit, and the better of the two is kept."""
+    drift, dyn = MODELS[name].drift, MODELS[name].dynamics_drift
+    y, n, train = d.y, d.n, d.train
+    log.info("fitting %s, k = %d, %d training trials on %s", name, k, len(train), dev)
+    opts = {"drift": drift, "dynamics_drift": dyn, "max_iter": s.max_iter, "tol": s.tol}
+    opts["checkpoint_every_s"] = CHECKPOINT_EVERY_S
+    fit = vi.fit(y[train], n[train], k, device=dev, checkpoint=ckpt_dir / f"{name}.ckpt", **opts)
+    start, iterations_all = "moments", fit.iterations
+    if drift and stationary is not None and fit.bound[-1] < stationary.bound[-1]:
+        log.warning(
+            "%s k=%d ended below the stationary fit's bound (%.6g < %.6g): a worse local "
+            "optimum; fitting it again from the stationary fit",
+            name,
+            k,
+            fit.bound[-1],
+            stationary.bound[-1],
+        )
+        again = vi.fit(
+            y[train],
+            n[train],
+            k,
+            device=dev,
+            init=from_stationary(stationary.params, fit.params),
+            checkpoint=ckpt_dir / f"{name}-from-plds.ckpt",
+            **opts,
+        )
+        iterations_all += again.iterations
+        if again.bound[-1] > fit.bound[-1]:
+            fit, start = again, "plds"
+    return fit, start, iterations_all
+
+
+def _score_model(name, fit, start, iterations_all, d: _Trials, truth_d, figure, seconds_from):
+    """Score one fitted model on the held-out trials and neurons: its metrics entry, and its
+    arrays for the figures (into ``figure``) and the model.zarr (``h_mean``, ``h_var``,
+    ``A_trials``, the scorer's ``arrays``)."""
+    tt, y, n, train, test = d.tt, d.y, d.n, d.train, d.test
+    scores, arrays = evaluate(
+        fit, tt(y[train]), tt(n[train]), tt(y[test]), tt(n[test]), d.held, d.bin_s
+    )
+    seconds = time.perf_counter() - seconds_from
+    p = fit.params
+    C = p.C.cpu().numpy()
+    h_mean = arrays["h_mean"].cpu().numpy()[d.inverse]
+    h_var = arrays["h_var"].cpu().numpy()[d.inverse]
+    shift = h_mean @ C.T
+    shift_sd = np.sqrt(h_var @ (C**2).T)
+    entry: dict[str, Any] = {
+        **scores,
+        "bound": fit.bound[-1],
+        "bound_per_spike": fit.bound[-1] / max(float(np.nansum(y[train])), 1.0),
+        "iterations": fit.iterations,
+        "converged": fit.converged,
+        "stop": "converged" if fit.converged else "max_iter",
+        "bound_start": fit.bound[0],
+        "bound_rise": fit.bound[-1] - fit.bound[0],
+        "extrapolations_kept": fit.extrapolations,
+        "skipped_steps": fit.skipped_steps,
+        "guards": fit.guards,
+        "start": start,
+        "iterations_all_starts": iterations_all,
+        "fit_seconds": fit.seconds,
+        "seconds": seconds,
+        "drift_sd": float(np.sqrt((shift - shift.mean(0)).var(0).mean())),
+        "bound_trace": fit.bound,
+    }
+    if p.drift:
+        entry["sigma2"] = np.exp(p.log_sigma2.cpu().numpy()).tolist()
+        entry["tau"] = np.exp(p.log_tau.cpu().numpy()).tolist()
+    A_trials = None
+    if MODELS[name].dynamics_drift:
+        g = arrays["g_mean"].cpu().numpy()[d.inverse]
+        A_trials = p.A.cpu().numpy() + g[:, None, None] * p.A1.cpu().numpy()
+        entry["tau_g"] = float(np.exp(p.log_tau_g.cpu().numpy()))
+        radius = _spectral_radius(A_trials)
+        entry["radius_range"] = [float(radius.min()), float(radius.max())]
+        figure[f"{name}_eigenvalues"] = np.linalg.eigvals(A_trials)
+    if truth_d is not None:
+        entry["drift_corr_vs_truth"] = centred_correlation(shift, truth_d["log_rate_shift"])
+        if p.drift:  # share of (trial, neuron) whose true shift lies in the 2-sd band
+            true_c = truth_d["log_rate_shift"] - truth_d["log_rate_shift"].mean(0)
+            inside = np.abs(true_c - (shift - shift.mean(0))) <= 2 * shift_sd
+            entry["drift_band_coverage"] = float(inside.mean())
+        if A_trials is not None and "A_trials" in truth_d:
+            entry["radius_corr_vs_truth"] = float(
+                np.corrcoef(_spectral_radius(A_trials), figure["true_radius"])[0, 1]
+            )
+    figure[f"{name}_rate"] = arrays["rate"].cpu().numpy()[d.inverse]
+    figure[f"{name}_shift"] = shift
+    figure[f"{name}_shift_sd"] = shift_sd
+    figure[f"{name}_bound"] = np.asarray(fit.bound)
+    entry["nonfinite_written"] = unexpected_nonfinite(
+        {"A": p.A, "Q": p.Q, "x0": p.x0, "V0": p.V0, "C": C, "h_mean": h_mean, "h_var": h_var}
+    )
+    return entry, {"h_mean": h_mean, "h_var": h_var, "A_trials": A_trials, "arrays": arrays}
+
+
+def _model_warnings(name: str, k: int, fit, start: str, entry: dict, s: NPLDSSettings):
+    """Warnings (also logged) for a fit that barely moved, steps skipped after a numerical
+    failure, a fit stopped at its cap and non-finite results."""
+    out = []
+    moved = fit.bound[-1] - fit.bound[0]
+    if start == "moments" and fit.converged and moved <= 10 * s.tol * abs(fit.bound[-1]):
+        out.append(
+            f"{name} k={k} barely moved from its start (the bound rose {moved:.3g}): the "
+            "result is essentially the start"
+        )
+    if fit.skipped_steps:
+        out.append(
+            f"{name} k={k}: steps kept their current value after a numerical failure "
+            f"{sum(fit.skipped_steps.values())} times ({fit.skipped_steps})"
+        )
+    if not fit.converged:
+        out.append(
+            f"{name} k={k} stopped at nplds.max_iter ({s.max_iter}) before its convergence "
+            f"test held (bound rose {vi.recent_gain(fit.bound):.3g} over the last "
+            f"{vi.WINDOW} iterations); raise max_iter"
+        )
+    if any(entry["nonfinite_written"].values()):
+        bad = {key: v for key, v in entry["nonfinite_written"].items() if v}
+        out.append(f"{name} k={k}: non-finite values in the results: {bad}")
+    for w in out:
+        log.warning(w)
+    return out
+
+
+def _latents(fit, d: _Trials, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The latents' means and marginal variances (trials, T, k) float32, NaN on held-out
+    trials."""
+    R, T = d.y.shape[:2]
+    x_mean = np.full((R, T, k), np.nan, dtype=np.float32)
+    x_mean[d.train] = fit.state.m.cpu().numpy()
+    x_var = np.full((R, T, k), np.nan, dtype=np.float32)
+    x_var[d.train] = torch.diagonal(fit.state.S, dim1=-2, dim2=-1).cpu().numpy()
+    return x_mean, x_var
+
+
 def fit_store(
     store_path: str | Path,
     latent_dim: int,
@@ -183,76 +421,18 @@ def fit_store(
     if missing:
         raise InputError("outputs", f"no model.zarr or latents.zarr path for {missing}")
     store = DatasetStore(store_path)
-    with damage_named(store):
-        y, trial_ids, neurons, bin_s = counts_from_store(store)
-    R, T, N = y.shape
     k = int(latent_dim)
-    if k < 1:
-        raise InputError("nplds.latent_dims", f"latent dimension {k} must be at least 1")
     dev = choose_device(s.device, "nplds.device")
-    n = trial_ids.astype(np.float64)
-    out_mask = split_trials(R, s.heldout_trials, s.seed)
-    train, test = np.where(~out_mask)[0], np.where(out_mask)[0]
-    # neurons without a spike in the training trials have no finite rate: left out (NaN rows)
-    active = np.nansum(y[train], (0, 1)) > 0
-    warnings = []
-    if not active.all():
-        silent = store.neuron_ids[neurons[~active]].tolist()
-        warnings.append(
-            f"{len(silent)} neurons without spikes in the training trials left out: {silent[:20]}"
-        )
-        log.warning(warnings[-1])
-    if active.sum() < k:
-        raise InputError(
-            "nplds.latent_dims",
-            f"k = {k} exceeds the {int(active.sum())} neurons with spikes in the training "
-            f"trials of {store.path}; choose latent_dims of at most {int(active.sum())}",
-        )
-    y, neurons = y[..., active], neurons[active]
-    N = y.shape[-1]
-    held = split_neurons(N, s.heldout_neurons, s.seed)
-    order = np.concatenate([train, test])
-    inverse = np.argsort(order)  # rows in [train, test] order -> store order
-    tt = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64, device=dev)  # noqa: E731
-    truth_d = load_truth(truth, store.neuron_ids[neurons], trial_ids) if truth else None
-    settings = {
-        "latent_dim": k,
-        **config_settings(s, NPLDSSettings.PYTHON_ONLY),
-        "device": str(dev),
-    }
-    names = list(s.models)
-    metrics: dict[str, Any] = {
-        "dataset": store.attrs.get("dataset"),
-        "settings": settings,
-        "n_trials": R,
-        "n_bins": T,
-        "n_neurons": N,
-        "bin_size_s": bin_s,
-        "n_heldout_trials": int(len(test)),
-        "heldout_trial_ids": trial_ids[test].tolist(),
-        "n_heldout_neurons": int(held.sum()),
-        "warnings": warnings,
-        "spikes": int(np.nansum(y)),
-        "missing_bins": int(np.isnan(y).sum()),
-        "missing_fraction": float(np.isnan(y).mean()),
-        "trials_as_ingested": {
-            key: store.recording_attrs(store.recording_names[0]).get(key)
-            for key in (
-                "trial_crop",
-                "trial_duration_s",
-                "trial_time_kept_fraction",
-                "trial_spikes_kept_fraction",
-            )
-        },
-        "models": {},
-        "poplds_version": __version__,
-        "provenance": provenance(dev),
-    }
+    d = _trials(store, k, s, dev)
+    truth_d = load_truth(truth, store.neuron_ids[d.neurons], d.trial_ids) if truth else None
+    settings_run = {"latent_dim": k, **config_settings(s, NPLDSSettings.PYTHON_ONLY)}
+    settings_run["device"] = str(dev)
+    metrics = _run_metrics(store, d, settings_run, dev)
     figure: dict[str, np.ndarray] = {
-        "trial_ids": trial_ids,
-        "heldout": out_mask,
-        "observed_rate": trial_mean(tt(y), tt(y)).cpu().numpy() / bin_s,
-        "bin_size_s": np.array(bin_s),
+        "trial_ids": d.trial_ids,
+        "heldout": d.heldout,
+        "observed_rate": trial_mean(d.tt(d.y), d.tt(d.y)).cpu().numpy() / d.bin_s,
+        "bin_size_s": np.array(d.bin_s),
     }
     if truth_d is not None:
         figure["true_shift"] = truth_d["log_rate_shift"]
@@ -260,150 +440,40 @@ def fit_store(
             figure["true_radius"] = _spectral_radius(truth_d["A_trials"])
     fits: dict[str, vi.FitResult] = {}
     stationary: vi.FitResult | None = None  # the PLDS fit, made first
-    for name in names:
-        drift, dyn = MODELS[name].drift, MODELS[name].dynamics_drift
-        log.info("fitting %s, k = %d, %d training trials on %s", name, k, len(train), dev)
+    for name in s.models:
         t0 = time.perf_counter()
-        opts = {"drift": drift, "dynamics_drift": dyn, "max_iter": s.max_iter, "tol": s.tol}
-        opts["checkpoint_every_s"] = CHECKPOINT_EVERY_S
-        fit = vi.fit(
-            y[train], n[train], k, device=dev, checkpoint=ckpt_dir / f"{name}.ckpt", **opts
-        )
-        start, iterations_all = "moments", fit.iterations
-        if drift and stationary is not None and fit.bound[-1] < stationary.bound[-1]:
-            log.warning(
-                "%s k=%d ended below the stationary fit's bound (%.6g < %.6g): a worse local "
-                "optimum; fitting it again from the stationary fit",
-                name,
-                k,
-                fit.bound[-1],
-                stationary.bound[-1],
-            )
-            again = vi.fit(
-                y[train],
-                n[train],
-                k,
-                device=dev,
-                init=from_stationary(stationary.params, fit.params),
-                checkpoint=ckpt_dir / f"{name}-from-plds.ckpt",
-                **opts,
-            )
-            iterations_all += again.iterations
-            if again.bound[-1] > fit.bound[-1]:
-                fit, start = again, "plds"
-        if not drift:
+        fit, start, iterations_all = _fit_model(name, d, k, s, dev, ckpt_dir, stationary)
+        if not MODELS[name].drift:
             stationary = fit
-        scores, arrays = evaluate(
-            fit, tt(y[train]), tt(n[train]), tt(y[test]), tt(n[test]), held, bin_s
-        )
-        seconds = time.perf_counter() - t0
-        p = fit.params
-        C = p.C.cpu().numpy()
-        h_mean = arrays["h_mean"].cpu().numpy()[inverse]
-        h_var = arrays["h_var"].cpu().numpy()[inverse]
-        shift = h_mean @ C.T
-        shift_sd = np.sqrt(h_var @ (C**2).T)
-        entry: dict[str, Any] = {
-            **scores,
-            "bound": fit.bound[-1],
-            "bound_per_spike": fit.bound[-1] / max(float(np.nansum(y[train])), 1.0),
-            "iterations": fit.iterations,
-            "converged": fit.converged,
-            "stop": "converged" if fit.converged else "max_iter",
-            "bound_start": fit.bound[0],
-            "bound_rise": fit.bound[-1] - fit.bound[0],
-            "extrapolations_kept": fit.extrapolations,
-            "skipped_steps": fit.skipped_steps,
-            "guards": fit.guards,
-            "start": start,
-            "iterations_all_starts": iterations_all,
-            "fit_seconds": fit.seconds,
-            "seconds": seconds,
-            "drift_sd": float(np.sqrt((shift - shift.mean(0)).var(0).mean())),
-            "bound_trace": fit.bound,
-        }
-        if p.drift:
-            entry["sigma2"] = np.exp(p.log_sigma2.cpu().numpy()).tolist()
-            entry["tau"] = np.exp(p.log_tau.cpu().numpy()).tolist()
-        A_trials = None
-        if dyn:
-            g = arrays["g_mean"].cpu().numpy()[inverse]
-            A_trials = p.A.cpu().numpy() + g[:, None, None] * p.A1.cpu().numpy()
-            entry["tau_g"] = float(np.exp(p.log_tau_g.cpu().numpy()))
-            radius = _spectral_radius(A_trials)
-            entry["radius_range"] = [float(radius.min()), float(radius.max())]
-            figure[f"{name}_eigenvalues"] = np.linalg.eigvals(A_trials)
-        if truth_d is not None:
-            entry["drift_corr_vs_truth"] = centred_correlation(shift, truth_d["log_rate_shift"])
-            if p.drift:  # share of (trial, neuron) whose true shift lies in the 2-sd band
-                true_c = truth_d["log_rate_shift"] - truth_d["log_rate_shift"].mean(0)
-                inside = np.abs(true_c - (shift - shift.mean(0))) <= 2 * shift_sd
-                entry["drift_band_coverage"] = float(inside.mean())
-            if A_trials is not None and "A_trials" in truth_d:
-                entry["radius_corr_vs_truth"] = float(
-                    np.corrcoef(_spectral_radius(A_trials), figure["true_radius"])[0, 1]
-                )
-        moved = fit.bound[-1] - fit.bound[0]
-        if start == "moments" and fit.converged and moved <= 10 * s.tol * abs(fit.bound[-1]):
-            warnings.append(
-                f"{name} k={k} barely moved from its start (the bound rose {moved:.3g}): the "
-                "result is essentially the start"
-            )
-            log.warning(warnings[-1])
-        if fit.skipped_steps:
-            warnings.append(
-                f"{name} k={k}: steps kept their current value after a numerical failure "
-                f"{sum(fit.skipped_steps.values())} times ({fit.skipped_steps})"
-            )
-            log.warning(warnings[-1])
-        if not fit.converged:
-            warnings.append(
-                f"{name} k={k} stopped at nplds.max_iter ({s.max_iter}) before its convergence "
-                f"test held (bound rose {vi.recent_gain(fit.bound):.3g} over the last "
-                f"{vi.WINDOW} iterations); raise max_iter"
-            )
-            log.warning(warnings[-1])
+        entry, kept = _score_model(name, fit, start, iterations_all, d, truth_d, figure, t0)
+        d.warnings.extend(_model_warnings(name, k, fit, start, entry, s))
         metrics["models"][name] = entry
-        figure[f"{name}_rate"] = arrays["rate"].cpu().numpy()[inverse]
-        figure[f"{name}_shift"] = shift
-        figure[f"{name}_shift_sd"] = shift_sd
-        figure[f"{name}_bound"] = np.asarray(fit.bound)
-        x_mean = np.full((R, T, k), np.nan, dtype=np.float32)
-        x_mean[train] = fit.state.m.cpu().numpy()
-        x_var = np.full((R, T, k), np.nan, dtype=np.float32)
-        x_var[train] = torch.diagonal(fit.state.S, dim1=-2, dim2=-1).cpu().numpy()
+        fits[name] = fit
+        x_mean, x_var = _latents(fit, d, k)
         write_latents(
             out.latents[name], name, {store.recording_names[0]: (x_mean, x_var)}, __version__
         )
-        fits[name] = fit
-        entry["nonfinite_written"] = unexpected_nonfinite(
-            {"A": p.A, "Q": p.Q, "x0": p.x0, "V0": p.V0, "C": C, "h_mean": h_mean, "h_var": h_var}
-        )
-        if any(entry["nonfinite_written"].values()):
-            bad = {key: v for key, v in entry["nonfinite_written"].items() if v}
-            warnings.append(f"{name} k={k}: non-finite values in the results: {bad}")
-            log.warning(warnings[-1])
         _write_model(
             out.models[name],
             fit,
             store=store,
-            neurons=neurons,
-            trial_ids=trial_ids,
-            heldout=out_mask,
-            h_mean=h_mean,
-            h_var=h_var,
-            arrays=arrays,
-            inverse=inverse,
-            A_trials=A_trials,
-            settings={**settings, "model": name},
+            neurons=d.neurons,
+            trial_ids=d.trial_ids,
+            heldout=d.heldout,
+            h_mean=kept["h_mean"],
+            h_var=kept["h_var"],
+            arrays=kept["arrays"],
+            inverse=d.inverse,
+            A_trials=kept["A_trials"],
+            settings={**settings_run, "model": name},
         )
         log.info(
             "%s k=%d: held-out trials %.4f bits/spike, co-smoothing %.4f, rate RMSE %.3f Hz",
             name,
             k,
-            scores["heldout_trial_bits_per_spike"],
-            scores["cosmoothing_bits_per_spike"],
-            scores["rate_rmse_hz"],
+            entry["heldout_trial_bits_per_spike"],
+            entry["cosmoothing_bits_per_spike"],
+            entry["rate_rmse_hz"],
         )
     mm = metrics["models"]
     metrics["comparison"] = {
