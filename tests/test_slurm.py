@@ -2,9 +2,10 @@
 runs through ``snakemake --profile`` with the executor plugin, edited only where a user edits
 it (the GPU partition's name), and gives the outputs of a local run.
 
-Part of ``make test`` (about 4.5 minutes on 2 cores beside the other tests). Skipped, with the reason in pytest's
-summary, where SLURM cannot be installed or started (not root, no apt-get, a machine that
-already runs SLURM), where the executor plugin is missing, or with ``POPLDS_SLURM_TEST=0``.
+Part of ``make test`` (about 4.5 minutes on 2 cores, beside the other tests). Skipped, with the
+reason in pytest's summary, where SLURM cannot be installed or started (not root, no apt-get, a
+machine that already runs SLURM), where the executor plugin is missing, or with
+``POPLDS_SLURM_TEST=0``.
 """
 
 from __future__ import annotations

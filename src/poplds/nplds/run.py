@@ -43,9 +43,10 @@ from .._provenance import provenance
 from .._results import StoreFit, atomic_group, finish_group, unexpected_nonfinite, write_json
 from .._settings import config_settings
 from .._version import __version__
-from ..store import DatasetStore, damage_named, write_array, write_strings
+from ..store import DatasetStore, write_array, write_strings
 from . import model, vi
-from .evaluate import centred_correlation, evaluate, split_neurons, split_trials, trial_mean
+from ._trials import Trials, load_truth, read_trials
+from .evaluate import centred_correlation, evaluate, trial_mean
 from .settings import NPLDSSettings
 
 log = get_logger()
@@ -90,57 +91,6 @@ class NPLDSOutputs:
 CHECKPOINT_EVERY_S = 60.0
 
 
-def counts_from_store(store: DatasetStore) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Spike counts (trials, time, neurons) float64, trial numbers, the neurons' positions in
-    the store's neuron table, and the bin width in seconds, of the store's one recording."""
-    names = store.recording_names
-    if len(names) != 1:
-        raise InputError(
-            store.path,
-            f"nplds fits one recording of trials; this dataset has {len(names)} ({names})",
-        )
-    name = names[0]
-    arr = store.root[f"recordings/{name}/activity"]
-    if arr.ndim != 3:
-        raise InputError(
-            store.path,
-            f"recording {name} is {tuple(arr.shape)}, not (trials, time, neurons); "
-            "set trials: true for this dataset",
-        )
-    attrs = store.recording_attrs(name)
-    if attrs.get("kind") != "counts":
-        raise InputError(store.path, f"recording {name} holds {attrs.get('kind')}, not counts")
-    y = np.asarray(arr[...], dtype=np.float64)  # NaN: missing bins (skipped by the fit)
-    seen = y[~np.isnan(y)]
-    if np.any(np.isinf(seen)) or np.any(seen < 0) or np.any(seen != np.round(seen)):
-        raise InputError(store.path, f"recording {name}: counts must be non-negative integers")
-    if seen.size == 0:
-        raise InputError(store.path, f"recording {name}: every bin is missing")
-    if y.shape[0] < 3 or y.shape[1] < 2:
-        raise InputError(store.path, f"recording {name}: need >= 3 trials of >= 2 bins")
-    trial_ids = store.trial_ids(name)
-    if trial_ids is None:
-        trial_ids = np.arange(y.shape[0])
-    return y, np.asarray(trial_ids), store.neurons(name), 1.0 / float(attrs["rate_hz"])
-
-
-def load_truth(path: str | Path, neuron_ids: np.ndarray, trial_ids: np.ndarray) -> dict:
-    """A simulation's ``truth.npz`` in the store's neuron and trial order: log-rate shift
-    ``h C'`` (trials, N) and, when simulated, the per-trial dynamics ``A_trials``."""
-    z = np.load(path)
-    pos = {nid: k for k, nid in enumerate(z["neuron_ids"].tolist())}
-    tpos = {int(t): k for k, t in enumerate(z["trial_ids"].tolist())}
-    try:
-        order = np.array([pos[n] for n in neuron_ids.tolist()])
-        torder = np.array([tpos[int(t)] for t in trial_ids.tolist()])
-    except KeyError as exc:
-        raise InputError(path, f"{exc} of the store is not in the truth") from exc
-    out = {"log_rate_shift": z["log_rate_shift"][np.ix_(torder, order)]}
-    if "A_trials" in z.files:
-        out["A_trials"] = z["A_trials"][torder]
-    return out
-
-
 def from_stationary(plds: model.PLDSParams, drifting: model.PLDSParams) -> model.PLDSParams:
     """A start for a drift model from a fitted PLDS: its C, d, A, Q, x0, V0 with the drift
     model's own start for the GP (and dynamics-drift) hyperparameters."""
@@ -157,73 +107,7 @@ def _spectral_radius(A: np.ndarray) -> np.ndarray:
     return np.abs(np.linalg.eigvals(A)).max(-1)
 
 
-@dataclass
-class _Trials:
-    """One fit_store run's data after its checks: counts ``y`` (trials, T, N) of the neurons
-    with spikes in the training trials, their ``neurons`` (positions in the store's table),
-    ``trial_ids`` (trials,) and ``n`` (trials,) float trial numbers (the GP's inputs), the
-    bin width ``bin_s``, the ``train`` and ``test`` trials and ``heldout`` (trials,) bool,
-    ``held`` (N,) bool the co-smoothing neurons, ``inverse`` (rows in [train, test] order to
-    the store's), ``tt`` (to a float64 tensor on the device), and ``warnings``."""
-
-    y: np.ndarray
-    neurons: np.ndarray
-    trial_ids: np.ndarray
-    n: np.ndarray
-    bin_s: float
-    train: np.ndarray
-    test: np.ndarray
-    heldout: np.ndarray
-    held: np.ndarray
-    inverse: np.ndarray
-    tt: Any
-    warnings: list[str]
-
-
-def _trials(store: DatasetStore, k: int, s: NPLDSSettings, dev) -> _Trials:
-    """Read and check the store's counts, split the trials and neurons (seeded), and leave
-    out neurons without a spike in the training trials (they have no finite rate)."""
-    with damage_named(store):
-        y, trial_ids, neurons, bin_s = counts_from_store(store)
-    R = y.shape[0]
-    if k < 1:
-        raise InputError("nplds.latent_dims", f"latent dimension {k} must be at least 1")
-    out_mask = split_trials(R, s.heldout_trials, s.seed)
-    train, test = np.where(~out_mask)[0], np.where(out_mask)[0]
-    active = np.nansum(y[train], (0, 1)) > 0
-    warnings = []
-    if not active.all():
-        silent = store.neuron_ids[neurons[~active]].tolist()
-        warnings.append(
-            f"{len(silent)} neurons without spikes in the training trials left out: {silent[:20]}"
-        )
-        log.warning(warnings[-1])
-    if active.sum() < k:
-        raise InputError(
-            "nplds.latent_dims",
-            f"k = {k} exceeds the {int(active.sum())} neurons with spikes in the training "
-            f"trials of {store.path}; choose latent_dims of at most {int(active.sum())}",
-        )
-    y, neurons = y[..., active], neurons[active]
-    held = split_neurons(y.shape[-1], s.heldout_neurons, s.seed)
-    order = np.concatenate([train, test])
-    return _Trials(
-        y=y,
-        neurons=neurons,
-        trial_ids=trial_ids,
-        n=trial_ids.astype(np.float64),
-        bin_s=bin_s,
-        train=train,
-        test=test,
-        heldout=out_mask,
-        held=held,
-        inverse=np.argsort(order),
-        tt=lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64, device=dev),
-        warnings=warnings,
-    )
-
-
-def _run_metrics(store: DatasetStore, d: _Trials, settings: dict, dev) -> dict[str, Any]:
+def _run_metrics(store: DatasetStore, d: Trials, settings: dict, dev) -> dict[str, Any]:
     """metrics.json's description of the run (its ``models`` filled in later)."""
     R, T, N = d.y.shape
     return {
@@ -255,7 +139,7 @@ def _run_metrics(store: DatasetStore, d: _Trials, settings: dict, dev) -> dict[s
     }
 
 
-def _fit_model(name: str, d: _Trials, k: int, s: NPLDSSettings, dev, ckpt_dir: Path, stationary):
+def _fit_model(name: str, d: Trials, k: int, s: NPLDSSettings, dev, ckpt_dir: Path, stationary):
     """Fit one model on the training trials: ``(fit, start, iterations over all starts)``.
     A drift model that ends below the stationary fit's bound (a worse local optimum) is
     fitted again from the stationary fit, and the better of the two is kept."""
@@ -290,7 +174,7 @@ def _fit_model(name: str, d: _Trials, k: int, s: NPLDSSettings, dev, ckpt_dir: P
     return fit, start, iterations_all
 
 
-def _score_model(name, fit, start, iterations_all, d: _Trials, truth_d, figure, seconds_from):
+def _score_model(name, fit, start, iterations_all, d: Trials, truth_d, figure, seconds_from):
     """Score one fitted model on the held-out trials and neurons: its metrics entry, and its
     arrays for the figures (into ``figure``) and the model.zarr (``h_mean``, ``h_var``,
     ``A_trials``, the scorer's ``arrays``)."""
@@ -384,7 +268,7 @@ def _model_warnings(name: str, k: int, fit, start: str, entry: dict, s: NPLDSSet
     return out
 
 
-def _latents(fit, d: _Trials, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _latents(fit, d: Trials, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The latents' means and marginal variances (trials, T, k) float32, NaN on held-out
     trials."""
     R, T = d.y.shape[:2]
@@ -423,7 +307,7 @@ def fit_store(
     store = DatasetStore(store_path)
     k = int(latent_dim)
     dev = choose_device(s.device, "nplds.device")
-    d = _trials(store, k, s, dev)
+    d = read_trials(store, k, s, dev)
     truth_d = load_truth(truth, store.neuron_ids[d.neurons], d.trial_ids) if truth else None
     settings_run = {"latent_dim": k, **config_settings(s, NPLDSSettings.PYTHON_ONLY)}
     settings_run["device"] = str(dev)

@@ -426,6 +426,104 @@ def _row_chunks(n: int, rows: int) -> Iterator[tuple[int, int]]:
         yield t0, min(n, t0 + rows)
 
 
+def _column_stats(rec: RecordingInput, rows: int) -> tuple[tuple, np.ndarray, np.ndarray]:
+    """One pass over a recording: every column's observed count, sum, mean and sum of squares
+    about the mean ``(total, n_obs, mean, ss)`` (columns of the source), and the columns never
+    observed and those in which the neuron is constant (they carry no covariance)."""
+    n_src = int(rec.activity.shape[1])
+    total, n_obs, shifted_sq = np.zeros(n_src), np.zeros(n_src), np.zeros(n_src)
+    lo, hi = np.full(n_src, np.inf), np.full(n_src, -np.inf)
+    shift = None  # sums of squares about each column's first value: one pass suffices
+    for t0, t1 in _row_chunks(int(rec.activity.shape[0]), rows):
+        y = np.asarray(rec.activity[t0:t1], dtype=np.float64)
+        ok = ~np.isnan(y)
+        if shift is None:
+            shift = np.nan_to_num(y[0])
+        total += np.where(ok, y, 0.0).sum(0)
+        n_obs += ok.sum(0)
+        shifted_sq += np.where(ok, (y - shift) ** 2, 0.0).sum(0)
+        lo = np.minimum(lo, np.where(ok, y, np.inf).min(0))
+        hi = np.maximum(hi, np.where(ok, y, -np.inf).max(0))
+    never, constant = n_obs == 0, (n_obs > 0) & (lo == hi)
+    if never.all() or (never | constant).all():
+        raise InputError(
+            rec.name,
+            f"every one of its {n_src} neurons is constant or never observed; a recording "
+            "needs neurons whose activity varies",
+        )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_src = np.where(never, np.nan, total / n_obs)
+        # sum of squares about the mean: sum (y-c)^2 - (sum (y-c))^2 / n
+        centred = total - n_obs * shift
+        ss_src = np.maximum(shifted_sq - centred**2 / np.maximum(n_obs, 1), 0.0)
+    return (total, n_obs, mean_src, ss_src), never, constant
+
+
+def _pair_counts(
+    recordings: Sequence[RecordingInput],
+    membership: np.ndarray,
+    group_of: np.ndarray,
+    label: np.ndarray,
+    held_labels: np.ndarray,
+    lags: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(pair_count (K, G, G), heldout (G, G))``: time steps at which groups g and h are
+    observed together at each lag, 0 for the held-out group pairs, which are marked."""
+    n_groups = membership.shape[0]
+    group_label = np.zeros(n_groups, dtype=np.int64)
+    group_label[group_of[group_of >= 0]] = label[group_of >= 0]
+    lengths = np.array([int(r.activity.shape[0]) for r in recordings], dtype=np.float64)
+    s = np.arange(lags, dtype=np.float64)
+    per_rec = np.clip(lengths[None, :] - s[:, None], 0, None)  # (K, R)
+    mem = membership.astype(np.float64)
+    pair_count = np.einsum("gr,sr,hr->sgh", mem, per_rec, mem)
+    heldout = held_labels[group_label[:, None], group_label[None, :]] & (pair_count[0] > 0)
+    pair_count[:, heldout] = 0.0
+    return pair_count, heldout
+
+
+def _block(
+    rec: RecordingInput,
+    keep: np.ndarray,
+    stats: tuple,
+    group_of: np.ndarray,
+    lags: int,
+    chunk_rows: int | None,
+    dtype: torch.dtype,
+    staging: Staging,
+) -> RecordingBlock:
+    """A recording's :class:`RecordingBlock`: its kept columns sorted by group, their means
+    and scales (1 / observed fraction), read in chunks of about 32 MB."""
+    total_src, n_obs_src, mean_src, _ = stats
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    neurons_all = np.asarray(rec.neurons, dtype=np.int64)
+    order = keep[np.argsort(group_of[neurons_all[keep]], kind="stable")]
+    neurons_sorted = neurons_all[order]
+    groups, starts = np.unique(group_of[neurons_sorted], return_index=True)
+    bounds = list(starts) + [len(neurons_sorted)]
+    t_r, n_r = int(rec.activity.shape[0]), len(neurons_sorted)
+    rows = chunk_rows or _aligned(
+        max(4 * lags, min(8192, int(32e6 // max(1, itemsize * n_r)))), rec.activity
+    )
+    total, n_obs = total_src[order], n_obs_src[order]
+    return RecordingBlock(
+        name=rec.name,
+        neurons=neurons_sorted,
+        groups=groups,
+        slices=[slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
+        mean=total / n_obs,
+        scale=1.0 / (n_obs / t_r),
+        n_time=t_r,
+        source=rec.activity,
+        column_order=order,
+        source_mean=mean_src,
+        has_missing=bool(np.any(n_obs < t_r)),
+        dtype=dtype,
+        chunk_rows=rows,
+        staging=staging,
+    )
+
+
 def prepare_data(
     recordings: Sequence[RecordingInput],
     n_neurons: int,
@@ -463,44 +561,18 @@ def prepare_data(
                 rec.name, f"recording has {t} time steps; lags: {lags} needs more than {lags}"
             )
     itemsize = torch.empty((), dtype=dtype).element_size()
-    # first pass: every column's observed count, sum and range; a column the recording never
-    # observes, or in which the neuron is constant, carries no covariance: left out of it
+    # first pass: a column never observed, or in which the neuron is constant, is left out
     stats, kept, left_out = [], [], {}
     for rec in recordings:
-        n_src = int(rec.activity.shape[1])
-        rows = chunk_rows or _stat_rows(n_src, rec.activity)
-        total, n_obs, shifted_sq = np.zeros(n_src), np.zeros(n_src), np.zeros(n_src)
-        lo, hi = np.full(n_src, np.inf), np.full(n_src, -np.inf)
-        shift = None  # sums of squares about each column's first value: one pass suffices
-        for t0, t1 in _row_chunks(int(rec.activity.shape[0]), rows):
-            y = np.asarray(rec.activity[t0:t1], dtype=np.float64)
-            ok = ~np.isnan(y)
-            if shift is None:
-                shift = np.nan_to_num(y[0])
-            total += np.where(ok, y, 0.0).sum(0)
-            n_obs += ok.sum(0)
-            shifted_sq += np.where(ok, (y - shift) ** 2, 0.0).sum(0)
-            lo = np.minimum(lo, np.where(ok, y, np.inf).min(0))
-            hi = np.maximum(hi, np.where(ok, y, -np.inf).max(0))
-        never, constant = n_obs == 0, (n_obs > 0) & (lo == hi)
+        rows = chunk_rows or _stat_rows(int(rec.activity.shape[1]), rec.activity)
+        st, never, constant = _column_stats(rec, rows)
         neurons = np.asarray(rec.neurons, dtype=np.int64)
-        if never.all() or (never | constant).all():
-            raise InputError(
-                rec.name,
-                f"every one of its {n_src} neurons is constant or never observed; a recording "
-                "needs neurons whose activity varies",
-            )
         if never.any() or constant.any():
             left_out[rec.name] = {
                 "never_observed": neurons[never].tolist(),
                 "constant": neurons[constant].tolist(),
             }
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean_src = np.where(never, np.nan, total / n_obs)
-            # sum of squares about the mean: sum (y-c)^2 - (sum (y-c))^2 / n
-            centred = total - n_obs * shift
-            ss_src = np.maximum(shifted_sq - centred**2 / np.maximum(n_obs, 1), 0.0)
-            stats.append((total, n_obs, mean_src, ss_src))
+        stats.append(st)
         kept.append(np.flatnonzero(~(never | constant)))
     rng = np.random.default_rng([seed, 7])
     label, held_labels = heldout_labels(n_neurons, heldout_fraction, rng)
@@ -511,15 +583,7 @@ def prepare_data(
     )
     n_groups = membership.shape[0]
     group_size = np.bincount(group_of[group_of >= 0], minlength=n_groups)
-    group_label = np.zeros(n_groups, dtype=np.int64)
-    group_label[group_of[group_of >= 0]] = label[group_of >= 0]
-    lengths = np.array([int(r.activity.shape[0]) for r in recordings], dtype=np.float64)
-    s = np.arange(lags, dtype=np.float64)
-    per_rec = np.clip(lengths[None, :] - s[:, None], 0, None)  # (K, R)
-    mem = membership.astype(np.float64)
-    pair_count = np.einsum("gr,sr,hr->sgh", mem, per_rec, mem)
-    heldout = held_labels[group_label[:, None], group_label[None, :]] & (pair_count[0] > 0)
-    pair_count[:, heldout] = 0.0
+    pair_count, heldout = _pair_counts(recordings, membership, group_of, label, held_labels, lags)
 
     if max_device_bytes is None:
         if device.type == "cuda":
@@ -537,50 +601,19 @@ def prepare_data(
     sum_sq_scaled = np.zeros(n_neurons)
     blocks = []
     staging = Staging()
-    for rec, keep, (total_src, n_obs_src, mean_src, ss_src) in zip(
-        recordings, kept, stats, strict=True
-    ):
-        neurons_all = np.asarray(rec.neurons, dtype=np.int64)
-        order = keep[np.argsort(group_of[neurons_all[keep]], kind="stable")]
-        neurons_sorted = neurons_all[order]
-        g_sorted = group_of[neurons_sorted]
-        groups, starts = np.unique(g_sorted, return_index=True)
-        bounds = list(starts) + [len(neurons_sorted)]
-        slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        t_r, n_r = int(rec.activity.shape[0]), len(neurons_sorted)
-        rows = chunk_rows or _aligned(
-            max(4 * lags, min(8192, int(32e6 // max(1, itemsize * n_r)))), rec.activity
-        )
-        total, n_obs = total_src[order], n_obs_src[order]
-        mean = total / n_obs
-        frac = n_obs / t_r
-        scale = 1.0 / frac
-        block = RecordingBlock(
-            name=rec.name,
-            neurons=neurons_sorted,
-            groups=groups,
-            slices=slices,
-            mean=mean,
-            scale=scale,
-            n_time=t_r,
-            source=rec.activity,
-            column_order=order,
-            source_mean=mean_src,
-            has_missing=bool(np.any(n_obs < t_r)),
-            dtype=dtype,
-            chunk_rows=rows,
-            staging=staging,
-        )
-        ss = ss_src[order]
+    for rec, keep, st in zip(recordings, kept, stats, strict=True):
+        block = _block(rec, keep, st, group_of, lags, chunk_rows, dtype, staging)
+        t_r, n_r = block.n_time, len(block.neurons)
         if in_memory:  # a second pass places the prepared data on the device
             data = torch.empty((t_r, n_r), dtype=dtype, device=device)
             for t0, t1 in _row_chunks(t_r, chunk_rows or _stat_rows(n_r, rec.activity)):
                 data[t0:t1] = block.read(t0, t1, device)  # streamed until data is set
             block.data = data
         blocks.append(block)
-        sum_sq[neurons_sorted] += ss
-        count[neurons_sorted] += n_obs
-        sum_sq_scaled[neurons_sorted] += ss * scale**2
+        ss, n_obs = st[3][block.column_order], st[1][block.column_order]
+        sum_sq[block.neurons] += ss
+        count[block.neurons] += n_obs
+        sum_sq_scaled[block.neurons] += ss * block.scale**2
     with np.errstate(invalid="ignore", divide="ignore"):
         variance = np.where(count > 0, sum_sq / count, np.nan)
         diag_count = np.zeros(n_neurons)
