@@ -508,8 +508,8 @@ def dense_fit(recs, n_total: int, n: int, seed: int = 0):
     """The reference: every pooled lagged covariance (K, N, N) formed once, the loss over the
     co-observed, not held-out pairs by autograd on dense matrices; poplds' warm start, L-BFGS
     and stopping rule, free then linked stage. Returns (seconds, passes, params C, X)."""
-    from poplds.stitched._data import prepare_data
     from poplds.stitched._optimizers import registry
+    from poplds.stitched._prepare import prepare_data
     from poplds.stitched._stage import StageProblem, run_stage
     from poplds.stitched._warm import warm_start
     from poplds.stitched.models import FREE_STAGE_TOL, dynamics_from_lagged, linked_lagged

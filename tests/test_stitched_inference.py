@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from poplds import simulate
-from poplds.stitched._data import RecordingInput, prepare_data
+from poplds.stitched._prepare import RecordingInput, prepare_data
 from poplds.stitched.inference import scan_linear, smooth_recordings
 
 CPU = torch.device("cpu")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from poplds.stitched._data import RecordingInput, prepare_data
 from poplds.stitched._loss import DataTerm, LossTensors, loss_and_grad, window_cross
+from poplds.stitched._prepare import RecordingInput, prepare_data
 from poplds.stitched.models import linked_lagged
 
 torch.set_default_dtype(torch.float64)

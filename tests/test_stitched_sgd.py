@@ -8,9 +8,9 @@ import torch
 from test_stitched_loss import small_dataset
 
 from poplds import simulate, stitched
-from poplds.stitched._data import RecordingInput, prepare_data
 from poplds.stitched._loss import DataTerm, LossTensors, loss_and_grad
 from poplds.stitched._optimizers import registry
+from poplds.stitched._prepare import RecordingInput, prepare_data
 from poplds.stitched._sgd import epoch_order, minibatch_loss_and_grad
 from poplds.stitched._stage import StageProblem, run_stage
 from poplds.stitched.evaluate import covariance_scores

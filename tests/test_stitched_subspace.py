@@ -9,9 +9,9 @@ import torch
 from test_stitched_loss import small_dataset
 
 from poplds.stitched._basis import MEMORY, Basis
-from poplds.stitched._data import prepare_data
 from poplds.stitched._loss import DataTerm, LossTensors, loss_and_grad
 from poplds.stitched._optimizers import choose_optimizer
+from poplds.stitched._prepare import prepare_data
 
 CPU = torch.device("cpu")
 

@@ -130,6 +130,55 @@ def em_iteration(
     return p, st, gp, float(elbo(data, p, st, gp))
 
 
+def _checked(y: np.ndarray, n: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The counts (R, T, N) and trial numbers (R,) float64 (default 0..R-1), checked:
+    non-negative, finite where not missing, every neuron with a spike, distinct trial
+    numbers."""
+    y = np.asarray(y)
+    if y.ndim != 3:
+        raise InputError("counts", f"must be (trials, time, neurons), got shape {y.shape}")
+    if np.any(np.isinf(y)) or np.any(y < 0):
+        raise InputError("counts", "must be finite and non-negative (NaN marks a missing bin)")
+    silent = np.flatnonzero(np.nansum(y, (0, 1)) == 0)
+    if len(silent):
+        raise InputError(
+            "counts",
+            f"neurons {silent.tolist()[:10]} have no spikes: their rate's maximum-likelihood "
+            "log is -inf; leave them out",
+        )
+    R = y.shape[0]
+    n = np.arange(R, dtype=np.float64) if n is None else np.asarray(n, dtype=np.float64)
+    if n.shape != (R,):
+        raise InputError("trial numbers", f"{R} trials but {n.shape} trial numbers")
+    if len(np.unique(n)) != R:
+        raise InputError("trial numbers", "must be distinct")
+    return y, n
+
+
+def _cycle(data, p, st, gp, accelerate: bool, rebuild):
+    """One EM cycle from ``(p, st, gp)``: one EM iteration, or with ``accelerate`` two and a
+    SQUAREM extrapolation from them, kept when one EM iteration from it reaches at least the
+    second iteration's bound. Returns the new ``(p, st, gp)``, the bound after each EM
+    iteration of the cycle, and 1 when the extrapolation was kept (else 0)."""
+    p0, st0 = p, st  # the iterate an extrapolation starts from
+    p1, st1, gp1, b1 = em_iteration(data, p, st, gp)
+    steps = [b1]
+    p, st, gp = p1, st1, gp1
+    if not accelerate:
+        return p, st, gp, steps, 0
+    p2, st2, gp2, b2 = em_iteration(data, p1, st1, gp1)
+    steps.append(b2)
+    p, st, gp = p2, st2, gp2
+    pe, se, a = extrapolate(p0, st0, p1, st1, p2, st2, rebuild)
+    if pe is not None and a < -1:
+        p3, st3, gp3, b3 = em_iteration(data, pe, se, gp_priors(pe, data.n))
+        if math.isfinite(b3) and b3 >= b2:
+            steps.append(b3)
+            return p3, st3, gp3, steps, 1
+        steps.append(b2)  # rejected: the EM step t2 stands
+    return p, st, gp, steps, 0
+
+
 def fit(
     y: np.ndarray,
     n: np.ndarray | None = None,
@@ -166,24 +215,8 @@ def fit(
     reaches the same fit as one never interrupted.
     Deterministic: the same data give the same fit.
     """
-    y = np.asarray(y)
-    if y.ndim != 3:
-        raise InputError("counts", f"must be (trials, time, neurons), got shape {y.shape}")
-    if np.any(np.isinf(y)) or np.any(y < 0):
-        raise InputError("counts", "must be finite and non-negative (NaN marks a missing bin)")
-    silent = np.flatnonzero(np.nansum(y, (0, 1)) == 0)
-    if len(silent):
-        raise InputError(
-            "counts",
-            f"neurons {silent.tolist()[:10]} have no spikes: their rate's maximum-likelihood "
-            "log is -inf; leave them out",
-        )
+    y, n = _checked(y, n)
     R, T, N = y.shape
-    n = np.arange(R, dtype=np.float64) if n is None else np.asarray(n, dtype=np.float64)
-    if n.shape != (R,):
-        raise InputError("trial numbers", f"{R} trials but {n.shape} trial numbers")
-    if len(np.unique(n)) != R:
-        raise InputError("trial numbers", "must be distinct")
     t0 = time.perf_counter()
     tt = lambda a: torch.as_tensor(a, dtype=torch.float64, device=device)  # noqa: E731
     data = TrialData(tt(y), tt(n), None if inputs is None else tt(inputs))
@@ -262,22 +295,10 @@ def fit(
         with threadpoolctl.threadpool_limits(1, user_api="blas"):
             while it < max_iter and not (saved and saved["done"]):
                 t_it = time.perf_counter()
-                p0, st0 = p, st  # the iterate an extrapolation starts from
-                p1, st1, gp1, b1 = em_iteration(data, p, st, gp)
-                steps = [b1]
-                p, st, gp = p1, st1, gp1
-                if accelerate and it + 3 <= max_iter:
-                    p2, st2, gp2, b2 = em_iteration(data, p1, st1, gp1)
-                    steps.append(b2)
-                    p, st, gp = p2, st2, gp2
-                    pe, se, a = extrapolate(p0, st0, p1, st1, p2, st2, rebuild)
-                    if pe is not None and a < -1:
-                        p3, st3, gp3, b3 = em_iteration(data, pe, se, gp_priors(pe, data.n))
-                        if math.isfinite(b3) and b3 >= b2:
-                            p, st, gp, accepted = p3, st3, gp3, accepted + 1
-                            steps.append(b3)
-                        else:
-                            steps.append(b2)  # rejected: the EM step t2 stands
+                p, st, gp, steps, kept = _cycle(
+                    data, p, st, gp, accelerate and it + 3 <= max_iter, rebuild
+                )
+                accepted += kept
                 bound += steps
                 it += len(steps)
                 per_iteration += [(time.perf_counter() - t_it) / len(steps)] * len(steps)

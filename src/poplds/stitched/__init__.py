@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from .._lazy import lazy_getattr
 
 if TYPE_CHECKING:
-    from ._data import RecordingInput, prepare_data
+    from ._prepare import RecordingInput, prepare_data
     from .inference import Posterior, smooth_recordings
     from .models import StitchedFit, StitchedLDSParams, fit
     from .run import StitchedOutputs, fit_store
@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 #: Where each public name lives. Imported on first use, so that ``poplds.stitched.plots`` (the
 #: figure jobs) starts without torch.
 _WHERE = {
-    "RecordingInput": "._data",
-    "prepare_data": "._data",
+    "RecordingInput": "._prepare",
+    "prepare_data": "._prepare",
     "Posterior": ".inference",
     "smooth_recordings": ".inference",
     "StitchedFit": ".models",

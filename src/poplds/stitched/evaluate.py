@@ -4,7 +4,7 @@ Pairs of neurons (i, j) at lag s fall into three classes:
 
 - ``observed``: recorded together and used in the fit;
 - ``heldout``: recorded together but kept out of the fit (random label pairs, see
-  ``_data.heldout_labels``): the real-data measure of stitching quality;
+  ``_prepare.heldout_labels``): the real-data measure of stitching quality;
 - ``never``: never recorded together: predictions only, scored against the true covariances
   when the data are simulated.
 

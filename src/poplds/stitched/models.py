@@ -47,9 +47,10 @@ from .._errors import InputError
 from .._linalg import psd_project, stabilise, sym
 from .._logging import get_logger
 from ..store import coverage
-from ._data import RecordingInput, StitchedData, prepare_data
+from ._data import StitchedData
 from ._loss import DataTerm, LossTensors
 from ._optimizers import choose_optimizer
+from ._prepare import RecordingInput, prepare_data
 from ._stage import OptimizerSpec, Progress, StageProblem, StageRecord, run_stage
 from ._warm import warm_start
 from .settings import StitchedSettings

@@ -49,7 +49,7 @@ from .._settings import config_settings
 from .._version import __version__
 from ..store import DatasetStore, damage_named, write_array, write_strings
 from . import models
-from ._data import RecordingInput
+from ._prepare import RecordingInput
 from .evaluate import covariance_scores, identifiability, matched_eigenvalues, principal_angles_deg
 from .inference import smooth_recordings
 from .models import StitchedFit, StitchedLDSParams
