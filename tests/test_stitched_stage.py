@@ -7,14 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import REPO
+from test_stitched_fit import simulated
 
-from poplds import simulate, stitched
-from poplds.stitched import RecordingInput, StitchedSettings
+from poplds import stitched
+from poplds.stitched import StitchedSettings
 from poplds.stitched._optimizers import BUILTIN, register, registry
 from poplds.stitched._stage import REGISTRY, Monitor, OptimizerSpec, StageProblem
 
@@ -67,17 +67,6 @@ class FullBatchAdam:
         return None
 
 
-def _two_recordings(N=40, n=2, T=2000, seed=3):
-    p = simulate.random_stitched_lds(N, n, seed=seed)
-    layout = [simulate.SimRecording("a", (0, 26), T), simulate.SimRecording("b", (14, N), T)]
-    ys, _ = simulate.simulate_stitched(p, layout, seed=seed)
-    recs = [
-        RecordingInput(r.name, y.astype(np.float32), np.arange(*r.neurons))
-        for r, y in zip(layout, ys, strict=True)
-    ]
-    return p, recs
-
-
 def test_a_toy_optimizer_added_through_the_registry_alone_fits(monkeypatch, tmp_path):
     """Registering one OptimizerSpec is all a new optimiser needs: the settings accept its
     name, the stage loop runs it (trace, convergence test or cap, checkpoint), the fit's
@@ -93,7 +82,7 @@ def test_a_toy_optimizer_added_through_the_registry_alone_fits(monkeypatch, tmp_
         )
     )
     assert list(registry())[-1] == "adam_full"
-    p, recs = _two_recordings()
+    p, recs = simulated(N=40, n=2, overlap=12, T=2000, seed=3)
     settings = StitchedSettings(
         lags=4, device="cpu", optimizer="adam_full", max_passes=150, learning_rate=0.02
     )

@@ -174,6 +174,18 @@ def _fit_model(name: str, d: Trials, k: int, s: NPLDSSettings, dev, ckpt_dir: Pa
     return fit, start, iterations_all
 
 
+def _status(fit: vi.FitResult) -> dict[str, Any]:
+    """How a fit ended, as metrics.json and model.zarr record it."""
+    return {
+        "iterations": fit.iterations,
+        "converged": fit.converged,
+        "stop": "converged" if fit.converged else "max_iter",
+        "bound_start": fit.bound[0],
+        "bound_rise": fit.bound[-1] - fit.bound[0],
+        "extrapolations_kept": fit.extrapolations,
+    }
+
+
 def _score_model(name, fit, start, iterations_all, d: Trials, truth_d, figure, seconds_from):
     """Score one fitted model on the held-out trials and neurons: its metrics entry, and its
     arrays for the figures (into ``figure``) and the model.zarr (``h_mean``, ``h_var``,
@@ -193,12 +205,7 @@ def _score_model(name, fit, start, iterations_all, d: Trials, truth_d, figure, s
         **scores,
         "bound": fit.bound[-1],
         "bound_per_spike": fit.bound[-1] / max(float(np.nansum(y[train])), 1.0),
-        "iterations": fit.iterations,
-        "converged": fit.converged,
-        "stop": "converged" if fit.converged else "max_iter",
-        "bound_start": fit.bound[0],
-        "bound_rise": fit.bound[-1] - fit.bound[0],
-        "extrapolations_kept": fit.extrapolations,
+        **_status(fit),
         "skipped_steps": fit.skipped_steps,
         "guards": fit.guards,
         "start": start,
@@ -433,12 +440,7 @@ def _write_model(
         {
             "model": settings["model"],
             "settings": settings,
-            "iterations": fit.iterations,
-            "converged": fit.converged,
-            "stop": "converged" if fit.converged else "max_iter",
-            "bound_start": fit.bound[0],
-            "bound_rise": fit.bound[-1] - fit.bound[0],
-            "extrapolations_kept": fit.extrapolations,
+            **_status(fit),
             "seconds": fit.seconds,
             "dataset_store": str(store.path),
             "poplds_version": __version__,
