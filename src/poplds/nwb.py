@@ -171,6 +171,9 @@ def write_latents_nwb(
     Raises
     ------
     InputError: the recording is not in the store, or the model is unknown.
+
+    Long by choice: it lays out one NWB file top to bottom (file, module, series, tables,
+    trials) from :data:`poplds._outputs.MODELS`; each part is built by a helper.
     """
     from pynwb import TimeSeries
 

@@ -304,6 +304,9 @@ def fit_store(
     when run again; removed once every output is written. Returns a
     :class:`~poplds._results.StoreFit`: the metrics written to ``metrics.json``, the outputs,
     and each model's :class:`~poplds.nplds.FitResult` by name.
+
+    Long by choice: it orders the job (read, fit, score, write) for every model; each step
+    is a function of its own.
     """
     s = settings or NPLDSSettings()
     out = outputs or NPLDSOutputs.under(Path(store_path).parent, latent_dim, s.models)

@@ -214,6 +214,9 @@ def fit(
     settings and file continues from it (or returns its result when it had ended) and
     reaches the same fit as one never interrupted.
     Deterministic: the same data give the same fit.
+
+    Long by choice: the EM loop, the state it checkpoints and restores, and its stopping
+    rule stay in one place, so that what is saved is visibly what the loop carries.
     """
     y, n = _checked(y, n)
     R, T, N = y.shape

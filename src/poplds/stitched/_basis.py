@@ -52,7 +52,9 @@ LINEAR_DIAGONAL_SHARE = 1e-4
 
 class Basis:
     """The current point ``D_0``, the directions ``D_1 .. D_m``, their projections and the
-    lagged moments of the projections (module docstring).
+    lagged moments of the projections (module docstring). One object by choice: the
+    directions, their projections and the moments change together in :meth:`move`,
+    :meth:`add_queued` and :meth:`load`, and each of those leaves all three consistent.
 
     Rows of the loadings are the observed neurons in ``by_group`` order (``tensors`` from
     :class:`._loss.LossTensors`); ``gid`` is the group of each row. For each data-route

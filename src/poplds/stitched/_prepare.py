@@ -200,6 +200,10 @@ def prepare_data(
     seed: seed of the labels and the held-out choice.
     dtype: floating type of the data on the device and of its products (float32 halves
         memory and traffic; accumulation over time chunks is float64 either way).
+
+    Long by choice: it orders the two passes and assembles :class:`StitchedData`; each
+    step is a function of its own (:func:`_column_stats`, :func:`_pair_counts`,
+    :func:`_block`).
     """
     if lags < 1:
         raise InputError("stitched_lds.lags", f"must be at least 1, got {lags}")

@@ -170,6 +170,9 @@ def fit_store(
     them (:func:`poplds._distributed.launch`); rank 0 writes the outputs, and the returned
     ``StoreFit`` holds the metrics and outputs only. Inside a process group that is already
     running (launched by ``torchrun`` itself), every rank takes part in the one fit.
+
+    Long by choice: it orders the job (fit, latents, scores, metrics, files); each step is
+    a function of its own.
     """
     s = settings or StitchedSettings()
     out = outputs or StitchedOutputs.under(Path(store_path).parent, latent_dim)
