@@ -127,7 +127,12 @@ class Monitor:
     None until the convergence test holds (``converged``) or ``index`` reaches the cap."""
 
     def __init__(
-        self, problem: StageProblem, spec: OptimizerSpec, cap: int, trace: list, note=None
+        self,
+        problem: StageProblem,
+        spec: OptimizerSpec,
+        cap: int,
+        trace: list[tuple[str, int, float]],
+        note: Callable[[], str] | None = None,
     ) -> None:
         self.problem, self.spec, self.cap, self.trace = problem, spec, cap, trace
         self.note: Callable[[], str] = note or (lambda: "")
