@@ -69,3 +69,17 @@ def test_no_reach_into_a_siblings_private_module():
             owner = d.rsplit(".", 1)[0]  # the package the private module belongs to
             top_level = owner == "poplds"  # poplds._errors etc. are shared by everyone
             assert top_level or mod.startswith(owner + ".") or mod == owner, f"{mod} imports {d}"
+
+
+def test_what_the_snakefile_imports_is_light():
+    """The Snakefile imports ``poplds._outputs`` (the model list) at parse time, on every run
+    and in every cluster job: it loads none of the heavy dependencies."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, poplds._outputs; "
+        "print(sorted(m for m in ('numpy', 'zarr', 'dask', 'torch', 'pynwb') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -1,6 +1,6 @@
 """What every fitted model writes, described once: the latents layout both families share, and
 per model the parameters that the NWB export and the report read (no reader branches on a
-model's name). Light: no torch, no zarr at import, so the Snakefile reads the model list too.
+model's name). Only the standard library at import: the Snakefile reads the model list too.
 
 Latents (``latents.zarr`` beside each fit's ``model.zarr``), one layout for every model::
 
@@ -21,8 +21,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy and zarr are imported where used: the Snakefile imports this module
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,8 @@ def write_latents(
 ) -> None:
     """Write ``latents.zarr`` (module docstring) at ``path``: per recording name, its
     ``(mean, var)``; under a temporary name, then renamed."""
+    import numpy as np
+
     from ._results import atomic_group, finish_group
     from .store import write_array
 
@@ -140,6 +144,7 @@ def write_latents(
 
 def read_latents(path: str | Path, recording: str) -> tuple[np.ndarray, np.ndarray]:
     """One recording's ``(mean, var)`` from a ``latents.zarr`` (module docstring)."""
+    import numpy as np
     import zarr
 
     group = zarr.open_group(str(path), mode="r")[f"recordings/{recording}"]
