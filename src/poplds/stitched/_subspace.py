@@ -266,8 +266,8 @@ register(
     OptimizerSpec(
         name="subspace",
         summary=(
-            "each read of the data adds the last gradient to a small basis of loadings, and "
-            "the loss is minimised exactly over that basis without reading the data"
+            "each read adds the gradient to a small basis of loadings and the loss is "
+            "minimised exactly over it without the data"
         ),
         options=SubspaceOptions,
         make=Subspace,
