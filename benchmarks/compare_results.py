@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 import zarr
+
+from poplds._results import json_leaves
 
 #: Keys whose values measure the run or the machine, not the result.
 RUN_KEYS = (
@@ -33,17 +34,6 @@ RUN_KEYS = (
     "started",
     "finished",
 )
-
-
-def _leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _leaves(v, f"{prefix}/{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _leaves(v, f"{prefix}[{i}]")
-    else:
-        yield prefix, obj
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -63,8 +53,8 @@ def compare_json(old: Path, new: Path) -> tuple[int, list[str]]:
         if not other.exists():
             diffs.append(f"{rel}: missing")
             continue
-        a = dict(_leaves(json.loads(path.read_text())))
-        b = dict(_leaves(json.loads(other.read_text())))
+        a = dict(json_leaves(json.loads(path.read_text())))
+        b = dict(json_leaves(json.loads(other.read_text())))
         for key in sorted(set(a) | set(b)):
             if any(k in key for k in RUN_KEYS):
                 continue

@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 from conftest import REPO, assert_same_store
 
+from poplds._results import json_leaves
+
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
@@ -76,19 +78,11 @@ def _slurm_job(jobid: str) -> dict[str, str]:
     return record
 
 
-def _leaves(obj, prefix=""):
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _leaves(v, f"{prefix}/{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _leaves(v, f"{prefix}[{i}]")
-    else:
-        yield prefix, obj
-
-
 def _same_json(a: Path, b: Path) -> None:
-    la, lb = dict(_leaves(json.loads(a.read_text()))), dict(_leaves(json.loads(b.read_text())))
+    la, lb = (
+        dict(json_leaves(json.loads(a.read_text()))),
+        dict(json_leaves(json.loads(b.read_text()))),
+    )
     assert la.keys() == lb.keys(), a
     for key, va in la.items():
         if any(t in key.lower() for t in TIMINGS) or "path" in key or "store" in key:

@@ -16,7 +16,13 @@ from test_stitched_fit import simulated
 from poplds import stitched
 from poplds.stitched import StitchedSettings
 from poplds.stitched._optimizers import BUILTIN, register, registry
-from poplds.stitched._stage import REGISTRY, Monitor, OptimizerSpec, StageProblem
+from poplds.stitched._stage import (
+    REGISTRY,
+    Monitor,
+    OptimizerBase,
+    OptimizerSpec,
+    StageProblem,
+)
 
 
 @dataclass(frozen=True)
@@ -27,7 +33,7 @@ class AdamOptions:
     learning_rate: float
 
 
-class FullBatchAdam:
+class FullBatchAdam(OptimizerBase):
     """A toy optimiser: full-batch Adam, one pass per step, steps relative to each
     parameter's size."""
 
@@ -40,9 +46,6 @@ class FullBatchAdam:
             ]
         )
 
-    def begin(self) -> None:
-        pass
-
     def step(self, monitor: Monitor) -> str | None:
         self.opt.zero_grad()
         loss = self.problem.evaluate()
@@ -50,21 +53,12 @@ class FullBatchAdam:
             self.opt.step()
         return None
 
-    def note(self) -> str:
-        return ""
-
     def state(self) -> dict[str, Any]:
         return {"params": self.problem.snapshot(), "opt": self.opt.state_dict()}
 
     def load(self, state: dict[str, Any]) -> None:
         self.problem.restore(state["params"])
         self.opt.load_state_dict(state["opt"])
-
-    def finish(self) -> dict[str, Any]:
-        return {}
-
-    def handoff(self) -> None:
-        return None
 
 
 def test_a_toy_optimizer_added_through_the_registry_alone_fits(monkeypatch, tmp_path):

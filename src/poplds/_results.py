@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,19 @@ def json_clean(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+def json_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(path, value)`` of every leaf of a JSON tree, paths like ``/fit/free/passes`` and
+    ``/covariance/heldout[3]/corr`` (to compare two metrics files value by value)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from json_leaves(v, f"{prefix}/{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from json_leaves(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, obj
 
 
 def write_json(path: Path, obj: Any) -> None:

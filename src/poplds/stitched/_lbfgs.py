@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ._stage import Monitor, OptimizerSpec, StageProblem, register
+from ._stage import Monitor, OptimizerBase, OptimizerSpec, StageProblem, register
 
 #: L-BFGS iterations between two chances to save a checkpointed stage.
 CHECKPOINT_BLOCK = 20
@@ -37,7 +37,7 @@ class _Stop(Exception):
     """Raised from the closure to end torch's L-BFGS run (the monitor said stop)."""
 
 
-class LBFGS:
+class LBFGS(OptimizerBase):
     """The stage's L-BFGS run (:class:`._stage.StageOptimizer`)."""
 
     def __init__(self, problem: StageProblem, options: LBFGSOptions, carry: dict) -> None:
@@ -58,9 +58,6 @@ class LBFGS:
         self.repeat = False  # the next evaluation repeats the point the last block ended on
         self.stopped = False
         self.monitor: Monitor | None = None
-
-    def begin(self) -> None:
-        """Nothing to do before the first evaluation."""
 
     def _closure(self) -> torch.Tensor:
         if self.stopped:
@@ -95,9 +92,6 @@ class LBFGS:
         self.repeat = True
         return None
 
-    def note(self) -> str:
-        return ""
-
     def state(self) -> dict[str, Any]:
         return {
             "params": self.problem.snapshot(),
@@ -120,9 +114,6 @@ class LBFGS:
                 for p, b in zip(self.problem.params, self.best_params, strict=True):
                     p.copy_(b)
         return {}
-
-    def handoff(self) -> None:
-        return None
 
 
 register(

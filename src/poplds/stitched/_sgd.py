@@ -33,7 +33,7 @@ import torch
 
 from .._distributed import all_sum, broadcast, rank_and_size
 from ._loss import DataTerm, LossTensors, assemble
-from ._stage import Monitor, OptimizerSpec, StageProblem, register
+from ._stage import Monitor, OptimizerBase, OptimizerSpec, StageProblem, register
 
 #: Epochs over which the best epoch-mean loss must fall by more than ``tol x noise``.
 WINDOW = 3
@@ -82,7 +82,7 @@ class SGDOptions:
     minibatch_rows: int
 
 
-class SGD:
+class SGD(OptimizerBase):
     """The stage's minibatch Adam (module docstring; :class:`._stage.StageOptimizer`): a
     step is one epoch, recorded by its mean minibatch loss. ``passes`` counts the full
     passes over the data: epochs plus the two exact evaluations."""
@@ -184,9 +184,6 @@ class SGD:
             "loss_start": self.loss_start,
             "loss": self.problem.exact_loss(),
         }
-
-    def handoff(self) -> None:
-        return None
 
 
 register(

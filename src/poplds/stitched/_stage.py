@@ -183,7 +183,8 @@ class StageOptimizer(Protocol):
     leaves the parameters at the stage's result and returns the :class:`StageRecord` fields
     it sets (by default ``passes`` is the number of records and ``loss_start``, ``loss`` the
     first and best recorded); :meth:`handoff` is what the next stage of the same start may
-    reuse (checkpointable), taken back by :meth:`OptimizerSpec.restore`."""
+    reuse (checkpointable), taken back by :meth:`OptimizerSpec.restore`.
+    :class:`OptimizerBase` gives the defaults of begin, note, finish and handoff."""
 
     def begin(self) -> None: ...
 
@@ -198,6 +199,24 @@ class StageOptimizer(Protocol):
     def finish(self) -> dict[str, Any]: ...
 
     def handoff(self) -> Any: ...
+
+
+class OptimizerBase:
+    """The defaults of :class:`StageOptimizer` for an optimiser to inherit: nothing to do
+    before the first step, no note in the progress line, no figures of its own for the
+    stage's record, nothing handed to the next stage."""
+
+    def begin(self) -> None:
+        return None
+
+    def note(self) -> str:
+        return ""
+
+    def finish(self) -> dict[str, Any]:
+        return {}
+
+    def handoff(self) -> Any:
+        return None
 
 
 def no_handoff(problem: StageProblem, handoff: Any) -> dict:

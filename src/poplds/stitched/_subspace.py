@@ -46,7 +46,7 @@ import torch
 from .._logging import get_logger
 from ._basis import MEMORY, Basis
 from ._loss import DataTerm, LossTensors, assemble
-from ._stage import Monitor, OptimizerSpec, StageProblem, register
+from ._stage import Monitor, OptimizerBase, OptimizerSpec, StageProblem, register
 
 log = get_logger()
 
@@ -149,7 +149,7 @@ class SubspaceOptions:
     max_passes: int
 
 
-class Subspace:
+class Subspace(OptimizerBase):
     """The stage's subspace moment matching (module docstring; :class:`._stage.StageOptimizer`).
 
     A step is an inner solve over the basis, recorded at the pass count, and then, unless the
@@ -210,9 +210,6 @@ class Subspace:
         self.passes += 1
         basis.queue(precondition(grad, X, basis, tensors))
         return None
-
-    def note(self) -> str:
-        return ""
 
     def state(self) -> dict[str, Any]:
         return {
