@@ -137,29 +137,95 @@ def choose_dimension(dims: Sequence[int], heldout_error: Sequence[float], slack:
     return min(ok)
 
 
-def choose_stitched(metrics: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The stitched choice of n: the smallest n whose held-out relative error (mean over lags)
-    is within 2% of the lowest; warnings at the grid's edge and when no n predicts the
-    held-out pairs better than zero (error >= 1)."""
-    dims = [int(m["settings"]["latent_dim"]) for m in metrics]
-    err = np.array(
-        [
-            np.nan
-            if m["summary"].get("heldout_rel_error") is None
-            else m["summary"]["heldout_rel_error"]
-            for m in metrics
-        ],
-        dtype=float,
+def one_se_choice(
+    dims: Sequence[int], error: Sequence[float], se: Sequence[float | None]
+) -> tuple[int | None, float | None]:
+    """The one-standard-error rule: the smallest n whose error is at most the lowest error
+    plus that n's bootstrap standard error; ``(chosen, threshold)``, ``(None, None)`` when
+    no error is known. Without a standard error at the lowest one, the threshold is the
+    lowest error times ``1 + STITCHED_SLACK``."""
+    err = np.asarray(error, dtype=float)
+    if not np.isfinite(err).any():
+        return None, None
+    best = int(np.nanargmin(err))
+    sd = se[best]
+    threshold = (
+        err[best] + sd if sd is not None and np.isfinite(sd) else err[best] * (1 + STITCHED_SLACK)
     )
-    chosen = choose_dimension(dims, err, STITCHED_SLACK)
+    ok = [d for d, e in zip(dims, err, strict=True) if np.isfinite(e) and e <= threshold]
+    return min(ok), float(threshold)
+
+
+def _summary_values(metrics: Sequence[dict[str, Any]], key: str) -> list[float | None]:
+    return [m["summary"].get(key) for m in metrics]
+
+
+def choose_stitched(metrics: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The stitched choice of n (one-standard-error rule, :func:`one_se_choice`) on the
+    stitch-validation relative error (mean over lags) where every n has it, else on the
+    held-out relative error; both criteria with their bootstrap standard errors, the reason
+    in words, warnings at the grid's edge and when no n predicts better than zero."""
+    dims = [int(m["settings"]["latent_dim"]) for m in metrics]
+    crit = {}
+    for name, key in (("stitch validation", "stitch_rel_error"), ("held-out", "heldout_rel_error")):
+        err = np.array([np.nan if v is None else v for v in _summary_values(metrics, key)])
+        se = _summary_values(metrics, f"{key}_se")
+        crit[name] = {"key": key, "error": err.tolist(), "se": se}
+    use = (
+        "stitch validation" if np.isfinite(crit["stitch validation"]["error"]).all() else "held-out"
+    )
+    c = crit[use]
+    chosen, threshold = one_se_choice(dims, c["error"], c["se"])
+    err = np.asarray(c["error"], dtype=float)
     warnings = edge_warnings(dims, chosen, "n", "stitched_lds.latent_dims")
+    if use == "held-out":
+        reason = (
+            "no stitch validation at every n (no recording shares enough neurons with the "
+            "others, see metrics.json), so the co-observed held-out pairs choose n: they test "
+            "the fit, not the predictions of pairs never recorded together"
+        )
+    else:
+        reason = "the stitch-validation pairs (never co-observed in their fit) choose n"
+    if chosen is not None:
+        best = dims[int(np.nanargmin(err))]
+        within = (
+            "one bootstrap standard error"
+            if c["se"][dims.index(best)] is not None
+            else f"{STITCHED_SLACK:.0%}"
+        )
+        reason += (
+            f"; lowest {use} relative error {np.nanmin(err):.3g} at n = {best}; chosen the "
+            f"smallest n within {within} of it (at most {threshold:.3g}): n = {chosen}"
+        )
     if np.isfinite(err).any() and np.nanmin(err) >= 1:
         warnings.append(
-            f"the held-out relative error is at least 1 at every n (lowest {np.nanmin(err):.3g}): "
-            "no fit predicts the held-out pairs' covariances better than zero; these data carry "
+            f"the {use} relative error is at least 1 at every n (lowest {np.nanmin(err):.3g}): "
+            f"no fit predicts the {use} pairs' covariances better than zero; these data carry "
             "little reproducible low-rank covariance"
         )
-    return {"dims": dims, "heldout_rel_error": err.tolist(), "chosen": chosen, "warnings": warnings}
+    return {
+        "dims": dims,
+        "criterion": use,
+        "threshold": threshold,
+        "heldout_rel_error": crit["held-out"]["error"],
+        "heldout_rel_error_se": crit["held-out"]["se"],
+        "stitch_rel_error": crit["stitch validation"]["error"],
+        "stitch_rel_error_se": crit["stitch validation"]["se"],
+        "chosen": chosen,
+        "reason": reason,
+        "warnings": warnings,
+    }
+
+
+#: The stitched summary scores in the table: (column, metrics.json summary key).
+STITCHED_SUMMARY = (
+    ("stitch-validation rel. error", "stitch_rel_error"),
+    ("stitch-validation r", "stitch_corr"),
+    ("held-out rel. error", "heldout_rel_error"),
+    ("held-out r", "heldout_corr"),
+    ("fitted r", "observed_corr"),
+    ("never co-observed r vs truth", "never_corr_vs_truth"),
+)
 
 
 def stitched_rows(metrics: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -167,14 +233,22 @@ def stitched_rows(metrics: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for m in metrics:
         s, f, cov = m["summary"], m["fit"], m["covariance"]
-        row: dict[str, Any] = {
-            "n": m["settings"]["latent_dim"],
-            "held-out rel. error": s.get("heldout_rel_error"),
-            "held-out r": s.get("heldout_corr"),
-            "fitted r": s.get("observed_corr"),
-        }
-        if s.get("never_corr_vs_truth") is not None:
-            row["never co-observed r vs truth"] = s["never_corr_vs_truth"]
+        row: dict[str, Any] = {"n": m["settings"]["latent_dim"]}
+        for label, key in STITCHED_SUMMARY:
+            if s.get(key) is None:
+                continue
+            row[label] = s[key]
+            ci = s.get(f"{key}_interval")
+            if ci is not None:
+                row[f"{label} {m['bootstrap']['level']:.0%} interval"] = (
+                    f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
+                )
+        for label, key in (
+            ("stitch-validation coverage", "stitch_coverage"),
+            ("never co-observed coverage vs truth", "never_coverage_vs_truth"),
+        ):
+            if s.get(key) is not None:
+                row[label] = s[key]
         for lag, h in zip(cov["lags"], cov["heldout"], strict=True):
             row[f"held-out error lag {lag}"] = h.get("rel_error")
         row.update(
@@ -215,14 +289,16 @@ def _write_scores(
     sections = [
         (
             f"Choice of {letter}",
-            f"<p>chosen {letter} = {choice['chosen']} ({rule})</p>"
-            + _warnings_html(choice["warnings"]),
+            f"<p>chosen {letter} = {choice['chosen']}: "
+            f"{html.escape(choice.get('reason', rule))}</p>" + _warnings_html(choice["warnings"]),
         ),
         *extra,
         ("Scores", html_table(rows)),
         ("Warnings of the fits", _warnings_html(fit_warnings)),
     ]
-    log.info("%s: chosen %s = %s", dataset, letter, choice["chosen"])
+    log.info(
+        "%s: chosen %s = %s (%s)", dataset, letter, choice["chosen"], choice.get("reason", rule)
+    )
     for w in choice["warnings"]:
         log.warning(w)
     _write_text(html_out, _page(f"{dataset}: {title}", sections))
@@ -244,7 +320,7 @@ def write_stitched_scores(
         stitched_rows(metrics),
         choose_stitched(metrics),
         letter="n",
-        rule=f"the smallest within {STITCHED_SLACK:.0%} of the lowest held-out error",
+        rule="",
         title="stitched LDS scores",
         extra=(),
         outputs=(html_out, csv_out, choice_out),

@@ -209,7 +209,10 @@ def stitched_dims(dataset):
 def stitched_params(wildcards):
     """Fit settings (everything but the latent dimensions, which are the wildcard n)."""
     cfg = stitched_config(wildcards.dataset)
-    return {k: v for k, v in cfg.items() if k != "latent_dims"}
+    out = {k: v for k, v in cfg.items() if k != "latent_dims"}
+    if out.get("validation_keep") is None:  # the same validation pairs for every n
+        out["validation_keep"] = max(cfg["latent_dims"]) + 2
+    return out
 
 
 STITCHED_FIGURES = ("loss", "covariance", "eigenvalues", "latents")

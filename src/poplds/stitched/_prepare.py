@@ -109,7 +109,7 @@ def _column_stats(rec: RecordingInput, rows: int) -> tuple[tuple, np.ndarray, np
 
 
 def _pair_counts(
-    recordings: Sequence[RecordingInput],
+    lengths: np.ndarray,
     membership: np.ndarray,
     group_of: np.ndarray,
     label: np.ndarray,
@@ -117,11 +117,12 @@ def _pair_counts(
     lags: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(pair_count (K, G, G), heldout (G, G))``: time steps at which groups g and h are
-    observed together at each lag, 0 for the held-out group pairs, which are marked."""
+    observed together at each lag, 0 for the held-out group pairs, which are marked;
+    ``lengths``: (R,) each recording's time steps."""
     n_groups = membership.shape[0]
     group_label = np.zeros(n_groups, dtype=np.int64)
     group_label[group_of[group_of >= 0]] = label[group_of >= 0]
-    lengths = np.array([int(r.activity.shape[0]) for r in recordings], dtype=np.float64)
+    lengths = np.asarray(lengths, dtype=np.float64)
     s = np.arange(lags, dtype=np.float64)
     per_rec = np.clip(lengths[None, :] - s[:, None], 0, None)  # (K, R)
     mem = membership.astype(np.float64)
@@ -236,7 +237,8 @@ def prepare_data(
     )
     n_groups = membership.shape[0]
     group_size = np.bincount(group_of[group_of >= 0], minlength=n_groups)
-    pair_count, heldout = _pair_counts(recordings, membership, group_of, label, held_labels, lags)
+    lengths = np.array([int(r.activity.shape[0]) for r in recordings], dtype=np.float64)
+    pair_count, heldout = _pair_counts(lengths, membership, group_of, label, held_labels, lags)
 
     if max_device_bytes is None:
         if device.type == "cuda":

@@ -91,6 +91,36 @@ def pair_classes(data: StitchedData, sample: np.ndarray, counts: np.ndarray) -> 
     return cls
 
 
+def class_scores(
+    pred: np.ndarray, emp: np.ndarray, cls: np.ndarray, true: np.ndarray | None = None
+) -> dict[str, list[dict[str, float | int]]]:
+    """Per lag, ``{"n_pairs", "corr", "rel_error"}`` of the predicted (K, m, m) against the
+    empirical covariances for the ``observed`` and ``heldout`` classes of ``cls`` (see
+    :func:`pair_classes`), and with ``true``, every class (``never`` too) against the truth
+    (``<class>_vs_truth``)."""
+    out: dict[str, list] = {}
+    K = pred.shape[0]
+    for k, name in enumerate(("observed", "heldout", "never")):
+        rows, rows_true = [], []
+        for s in range(K):
+            sel = cls[s] == k
+            if k < 2:
+                rows.append(_stats(pred[s][sel], emp[s][sel]))
+            if true is not None:
+                rows_true.append(_stats(pred[s][sel], true[s][sel]))
+        if k < 2:
+            out[name] = rows
+        if true is not None:
+            out[f"{name}_vs_truth"] = rows_true
+    return out
+
+
+def lagged_prediction(params: StitchedLDSParams, sample: np.ndarray) -> np.ndarray:
+    """``C_i X_s C_j'`` of the sampled neurons: (K, m, m)."""
+    Cs = params.C[sample]
+    return np.einsum("ia,sab,jb->sij", Cs, params.X, Cs)
+
+
 def covariance_scores(
     params: StitchedLDSParams,
     data: StitchedData,
@@ -109,23 +139,12 @@ def covariance_scores(
     emp, counts = empirical_sample(data, sample)
     cls = pair_classes(data, sample, counts)
     K = data.lags
-    pred = np.stack([params.C[sample] @ params.X[s] @ params.C[sample].T for s in range(K)])
+    pred = lagged_prediction(params, sample)
     out: dict[str, Any] = {"lags": list(range(K)), "n_sampled_neurons": int(len(sample))}
     true = None
     if truth is not None:
         true = np.stack([truth.C[sample] @ truth.X[s] @ truth.C[sample].T for s in range(K)])
-    for k, name in enumerate(("observed", "heldout", "never")):
-        rows, rows_true = [], []
-        for s in range(K):
-            sel = cls[s] == k
-            if k < 2:
-                rows.append(_stats(pred[s][sel], emp[s][sel]))
-            if true is not None:
-                rows_true.append(_stats(pred[s][sel], true[s][sel]))
-        if k < 2:
-            out[name] = rows
-        if true is not None:
-            out[f"{name}_vs_truth"] = rows_true
+    out.update(class_scores(pred, emp, cls, true))
     out["_figure"] = {"sample": sample, "pred": pred, "emp": emp, "true": true, "cls": cls}
     return out
 

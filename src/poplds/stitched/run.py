@@ -50,6 +50,7 @@ from .._version import __version__
 from ..store import DatasetStore, damage_named, write_array, write_strings
 from . import models
 from ._prepare import RecordingInput
+from .checks import check_fit
 from .evaluate import covariance_scores, identifiability, matched_eigenvalues, principal_angles_deg
 from .inference import smooth_recordings
 from .models import StitchedFit, StitchedLDSParams
@@ -200,6 +201,20 @@ def fit_store(
         posts = smooth_recordings(p.A, p.Q, p.Pi, p.C, p.R, fit.data.recordings, fit.data.device)
         truth_params = load_truth(truth, neuron_ids, s.lags) if truth else None
         metrics = evaluate_fit(fit, truth_params, s.seed)
+        figure = metrics["covariance"]["_figure"]
+        checks, intervals = check_fit(
+            fit,
+            s,
+            latent_dim,
+            sample=figure["sample"],
+            cls=figure["cls"],
+            truth=truth_params,
+            rate_hz=float(store.attrs["rate_hz"]),
+            keep=s.validation_keep,
+        )
+        metrics.update(checks)
+        _summarise_checks(metrics)
+        figure.update(intervals)
     recorded = {
         "latent_dim": latent_dim,
         **config_settings(s, StitchedSettings.PYTHON_ONLY),
@@ -246,6 +261,25 @@ def fit_store(
     write_json(out.metrics, metrics)
     remove_checkpoints(ckpt_dir)
     return StoreFit(metrics, out, {"stitched_lds": fit}, posts)
+
+
+def _summarise_checks(metrics: dict[str, Any]) -> None:
+    """The stitch-validation scores and the bootstrap's intervals and standard errors of the
+    summary scores, in ``metrics["summary"]`` (``<score>_interval``, ``<score>_se``)."""
+    summary = metrics["summary"]
+    val = metrics.get("stitch_validation", {})
+    if "skipped" not in val:
+        summary["stitch_corr"] = val["corr"]
+        summary["stitch_rel_error"] = val["rel_error"]
+        if "coverage" in val:
+            summary["stitch_coverage"] = val["coverage"]
+    boot = metrics.get("bootstrap", {})
+    for key, entry in boot.get("summary", {}).items():
+        summary[f"{key}_interval"] = entry["interval"]
+        summary[f"{key}_se"] = entry["se"]
+    cover = boot.get("coverage_vs_truth", {})
+    if "never" in cover:
+        summary["never_coverage_vs_truth"] = cover["never"]
 
 
 def _rank_main(store_path, latent_dim, settings, outputs, truth, checkpoints) -> None:

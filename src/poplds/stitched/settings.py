@@ -30,7 +30,13 @@ class StitchedSettings:
     max_device_bytes: Python only, the most bytes of data held on the device (more is
     streamed from the store each pass; None: as much as fits); route: Python only, how each
     recording's data term is computed (``auto``, ``data`` or ``moments``, see
-    ``poplds.stitched._loss``; the same loss either way).
+    ``poplds.stitched._loss``; the same loss either way); validation_fraction: at most this
+    fraction of each recording's shared neurons is hidden in it for the stitch validation
+    (0: none; ``poplds.stitched.validation``); validation_keep: neurons every overlap of two
+    recordings keeps in the validation (None: n + 2; the workflow sets the largest latent
+    dimension tried + 2, so that every n is validated on the same pairs); bootstrap:
+    moving-block bootstrap replicates (0: no intervals; ``poplds.stitched.bootstrap``);
+    interval_level: the intervals' nominal coverage.
     """
 
     lags: int = 10
@@ -47,6 +53,10 @@ class StitchedSettings:
     processes: int = 1
     max_device_bytes: float | None = None
     route: str = "auto"
+    validation_fraction: float = 0.3
+    validation_keep: int | None = None
+    bootstrap: int = 20
+    interval_level: float = 0.9
 
     #: Fields that are not in the configuration file.
     PYTHON_ONLY = ("max_device_bytes", "route")

@@ -1,0 +1,416 @@
+"""What a user can check of a stitched fit on their own data: stitch validation and
+bootstrap intervals (:func:`check_fit`).
+
+1. Per-atom lagged sums of every recording (:mod:`.bootstrap`; two passes over the data at
+   most, none again after).
+2. Stitch validation (:mod:`.validation`): a second fit, started from the point estimate and
+   run on sub-matrices of the same sums, with a seeded part of the shared neurons hidden in
+   each recording; its predictions of the pairs it never saw together are scored per lag.
+3. ``B`` moving-block bootstrap replicates: each replicate's sums are formed from the atoms,
+   and the point fit and the validation fit are refitted on them from their estimates
+   (never re-read data). Every replicate is scored as the point estimate is, against its
+   own resampled empirical covariances.
+4. Percentile intervals (level ``interval_level``) of the sampled neurons' predicted lagged
+   covariances and correlations, of A's eigenvalue moduli and time constants, and of every
+   score; the scores' bootstrap standard errors (for the choice of n); coverage of the
+   intervals (against the truth of a simulation; on real data, of the stitch-validation
+   pairs, whose empirical values carry sampling noise of their own: there the interval is
+   that of the difference ``empirical - predicted`` over the replicates, which holds both
+   noises, and it covers when it contains 0).
+
+The lagged sums need ``A K N_r^2`` floats per recording (``A`` atoms); where they exceed the
+fit's moment budget even with the longest blocks allowed, the checks are skipped and
+``metrics.json`` says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._distributed import rank_and_size
+from .._logging import get_logger
+from . import models
+from ._data import StitchedData
+from .bootstrap import (
+    ATOMS_PER_BLOCK,
+    MIN_BLOCKS,
+    AtomMoments,
+    atom_moments,
+    block_rows,
+    centred_interval,
+    percentile_interval,
+    resample_counts,
+)
+from .evaluate import _stats, class_scores, lagged_prediction
+from .models import StitchedFit, StitchedLDSParams
+from .settings import StitchedSettings
+from .validation import (
+    choose_hidden,
+    pooled_variance,
+    reduced_data,
+    validation_covariances,
+    validation_pairs,
+    validation_predictions,
+)
+
+log = get_logger()
+
+#: A refit's tolerance in multiples of ``tol`` (as the free stage's): it starts at the
+#: estimate, and its spread over replicates is of the order of the sampling noise itself.
+REFIT_TOL = 10.0
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The fits of the checks log errors only (their progress and whether they converged
+    are logged and recorded here)."""
+    old = log.level
+    log.setLevel(max(old, logging.ERROR))
+    try:
+        yield
+    finally:
+        log.setLevel(old)
+
+
+def refit(
+    data: StitchedData,
+    moments: Sequence[torch.Tensor],
+    latent_dim: int,
+    settings: StitchedSettings,
+    init: StitchedLDSParams,
+) -> StitchedFit:
+    """The linked stage (C, A, Pi) on already formed lagged sums (no data read), started from
+    ``init``, at ``REFIT_TOL`` times the tolerance; variances from the sums
+    (:func:`.validation.pooled_variance`)."""
+    v = pooled_variance(data, moments)
+    d = dataclasses.replace(data, variance=v, diag0=v)
+    s = dataclasses.replace(
+        settings, restarts=0, route="moments", optimizer="lbfgs", tol=REFIT_TOL * settings.tol
+    )
+    return models.fit(
+        [], data.n_neurons, latent_dim, s, data=d, moments=moments, init=init, linked_only=True
+    )
+
+
+def sample_covariances(
+    data: StitchedData, moments: Sequence[torch.Tensor], sample: np.ndarray
+) -> np.ndarray:
+    """Pooled empirical lagged covariances (K, m, m) of the sampled neurons from every
+    recording's lagged sums (as :func:`.evaluate.empirical_sample` computes from the data)."""
+    K, m = data.lags, len(sample)
+    pos = np.full(data.n_neurons, -1)
+    pos[sample] = np.arange(m)
+    S = np.zeros((K, m, m))
+    N = np.zeros((K, m, m))
+    for rec, M in zip(data.recordings, moments, strict=True):
+        cols = np.flatnonzero(pos[rec.neurons] >= 0)
+        if len(cols) == 0:
+            continue
+        idx = pos[rec.neurons[cols]]
+        c = torch.as_tensor(cols, device=M.device)
+        sub = M[:, c][:, :, c].cpu().numpy()
+        for s in range(K):
+            S[s][np.ix_(idx, idx)] += sub[s]
+            N[s][np.ix_(idx, idx)] += rec.n_time - s
+    return np.divide(S, N, out=np.zeros_like(S), where=N > 0)
+
+
+def _plan_atoms(
+    fit: StitchedFit, level_rows: list[int], budget: float
+) -> tuple[list[int], int] | str:
+    """Rows per atom of each recording and atoms per block, within ``budget`` bytes; or the
+    reason none fits."""
+    data = fit.data
+    K = data.lags
+    per_atom = [8.0 * K * len(r.neurons) ** 2 for r in data.recordings]
+    for m in (ATOMS_PER_BLOCK, 2, 1):
+        rows = [max(K, math.ceil(b / m)) for b in level_rows]
+        need = sum(
+            math.ceil(r.n_time / a) * p
+            for r, a, p in zip(data.recordings, rows, per_atom, strict=True)
+        )
+        if need <= budget:
+            return rows, m
+    # longer blocks: as many as fit, at least MIN_BLOCKS per recording
+    scale = sum(
+        math.ceil(r.n_time / b) * p
+        for r, b, p in zip(data.recordings, level_rows, per_atom, strict=True)
+    ) / max(budget, 1.0)
+    rows = [max(K, math.ceil(b * scale)) for b in level_rows]
+    if all(r.n_time / a >= MIN_BLOCKS for r, a in zip(data.recordings, rows, strict=True)):
+        return rows, 1
+    need = sum(MIN_BLOCKS * p for p in per_atom)
+    return (
+        f"the recordings' lagged sums for {MIN_BLOCKS} blocks each need {need / 1e9:.3g} GB, "
+        f"more than the fit's moment budget of {budget / 1e9:.3g} GB"
+    )
+
+
+def _summary(rows: Sequence[dict[str, float]], key: str) -> float:
+    vals = [r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key])]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def _interval_rows(
+    point: Sequence[dict], per_rep: list[list[dict]], level: float
+) -> list[dict[str, Any]]:
+    """Per lag, the interval of corr and rel_error (:func:`.bootstrap.centred_interval`)."""
+    out = []
+    for p0, lag_rows in zip(point, zip(*per_rep, strict=True), strict=True):
+        out.append(
+            {
+                key: centred_interval(
+                    p0[key], np.array([r[key] for r in lag_rows], dtype=float), level
+                )
+                for key in ("corr", "rel_error")
+            }
+        )
+    return out
+
+
+def _eigen(A: np.ndarray, rate_hz: float) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalue moduli of A, largest first, and their time constants ``-1 / (rate ln|l|)``
+    in seconds."""
+    mod = np.sort(np.abs(np.linalg.eigvals(A)))[::-1]
+    with np.errstate(divide="ignore"):
+        tau = -1.0 / (rate_hz * np.log(np.clip(mod, 1e-12, 1 - 1e-12)))
+    return mod, tau
+
+
+def check_fit(
+    fit: StitchedFit,
+    settings: StitchedSettings,
+    latent_dim: int,
+    *,
+    sample: np.ndarray,
+    cls: np.ndarray,
+    truth: StitchedLDSParams | None,
+    rate_hz: float,
+    keep: int | None = None,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Stitch validation and bootstrap of ``fit`` (module docstring). ``sample``, ``cls``:
+    the scored neurons and their pair classes (:func:`.evaluate.covariance_scores`);
+    ``keep``: overlap every pair of recordings keeps in the validation (default n + 2).
+
+    Returns ``(metrics, arrays)``: ``metrics`` has ``stitch_validation`` and ``bootstrap``
+    (each with ``skipped`` and the reason where it did not run); ``arrays`` are the
+    intervals for ``covariance_sample.npz``.
+    """
+    t0 = time.perf_counter()
+    data, p, s = fit.data, fit.params, settings
+    dev, K = data.device, data.lags
+    level = s.interval_level
+    keep = latent_dim + 2 if keep is None else keep
+    metrics: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
+    if rank_and_size()[1] > 1:
+        why = "not run under several processes (run the fit on one to get them)"
+        log.warning("stitch validation and bootstrap skipped: %s", why)
+        return {"stitch_validation": {"skipped": why}, "bootstrap": {"skipped": why}}, arrays
+    if s.bootstrap == 0 and s.validation_fraction == 0:
+        return {
+            "stitch_validation": {"skipped": "validation_fraction is 0"},
+            "bootstrap": {"skipped": "bootstrap is 0"},
+        }, arrays
+    lengths = [
+        block_rows(rec, p.C[rec.neurons], K, dev) for rec in data.recordings
+    ]  # pass 1: the fitted projections
+    plan = _plan_atoms(fit, lengths, data.moment_budget)
+    if isinstance(plan, str):
+        log.warning("stitch validation and bootstrap skipped: %s", plan)
+        return {"stitch_validation": {"skipped": plan}, "bootstrap": {"skipped": plan}}, arrays
+    rows, per_block = plan
+    atoms: list[AtomMoments] = [
+        atom_moments(rec, K, a, per_block, dev)
+        for rec, a in zip(data.recordings, rows, strict=True)
+    ]  # pass 2
+    full = [a.total() for a in atoms]
+    n_time = [rec.n_time for rec in data.recordings]
+
+    # stitch validation
+    hidden = choose_hidden(data, s.validation_fraction, keep, s.seed)
+    val = None
+    if hidden:
+        reduced = reduced_data(data, hidden, s.heldout_fraction)
+        pairs = validation_pairs(data, reduced)
+        if pairs:
+            with _quiet():
+                vfit = refit(reduced.data, reduced.moments(full), latent_dim, s, p)
+            emp_v = validation_covariances(pairs, full, n_time)
+            pred_v = validation_predictions(pairs, data, vfit.params.C, vfit.params.X)
+            rows_v = [_stats(pred_v[lag], emp_v[lag]) for lag in range(K)]
+            val = (reduced, pairs, vfit, emp_v, pred_v)
+            metrics["stitch_validation"] = {
+                "hidden": {data.recordings[k].name: v.tolist() for k, v in hidden.items()},
+                "keep": keep,
+                "fraction": s.validation_fraction,
+                "n_pairs": int(emp_v.shape[1]),
+                "lags": rows_v,
+                "corr": _summary(rows_v, "corr"),
+                "rel_error": _summary(rows_v, "rel_error"),
+                "passes": vfit.info.free.passes + vfit.info.linked.passes,
+                "stop": vfit.info.stop,
+            }
+            log.info(
+                "stitch validation: %d neurons hidden in %d recordings, %d pairs; r %.3f, "
+                "relative error %.3f",
+                sum(len(v) for v in hidden.values()),
+                len(hidden),
+                emp_v.shape[1],
+                metrics["stitch_validation"]["corr"],
+                metrics["stitch_validation"]["rel_error"],
+            )
+    if val is None:
+        why = (
+            f"no recording shares more than {keep} neurons with another beyond those it must "
+            f"keep (at least {keep} per overlap, at most {s.validation_fraction:.0%} hidden)"
+        )
+        metrics["stitch_validation"] = {"skipped": why}
+        log.warning("stitch validation skipped: %s", why)
+
+    if s.bootstrap == 0:
+        metrics["bootstrap"] = {"skipped": "bootstrap is 0"}
+        return metrics, arrays
+    true = None
+    if truth is not None:
+        true = lagged_prediction(truth, sample)
+    rng = np.random.default_rng([s.seed, 29])
+    reps: list[StitchedLDSParams] = []
+    rep_scores: list[dict] = []
+    rep_val: list[tuple[np.ndarray, np.ndarray]] = []
+    passes = []
+    for b in range(s.bootstrap):
+        tb = time.perf_counter()
+        counts = [resample_counts(a.n_atoms, a.per_block, rng) for a in atoms]
+        S_b = [a.replicate(c) for a, c in zip(atoms, counts, strict=True)]
+        with _quiet():
+            fb = refit(data, S_b, latent_dim, s, p)
+        reps.append(fb.params)
+        passes.append(fb.info.free.passes + fb.info.linked.passes)
+        emp_b = sample_covariances(data, S_b, sample)
+        rep_scores.append(class_scores(lagged_prediction(fb.params, sample), emp_b, cls, true))
+        if val is not None:
+            reduced, pairs, vfit, _, _ = val
+            with _quiet():
+                vb = refit(reduced.data, reduced.moments(S_b), latent_dim, s, vfit.params)
+            passes[-1] += vb.info.free.passes + vb.info.linked.passes
+            rep_val.append(
+                (
+                    validation_covariances(pairs, S_b, n_time),
+                    validation_predictions(pairs, data, vb.params.C, vb.params.X),
+                )
+            )
+        log.info(
+            "bootstrap replicate %d/%d: %d passes, %.1f s",
+            b + 1,
+            s.bootstrap,
+            passes[-1],
+            time.perf_counter() - tb,
+        )
+    boot: dict[str, Any] = {
+        "replicates": s.bootstrap,
+        "level": level,
+        "block_rows": [a.rows * a.per_block for a in atoms],
+        "atom_rows": [a.rows for a in atoms],
+        "atoms_per_block": per_block,
+        "block_length_rule": "Politis-White on the leading fitted latent projections",
+        "passes_per_replicate": float(np.mean(passes)),
+    }
+    # covariances and correlations of the sample
+    pred_lo = np.empty((K, len(sample), len(sample)))
+    pred_hi = np.empty_like(pred_lo)
+    var_b = np.stack(
+        [np.einsum("ia,ab,ib->i", r.C[sample], r.X[0], r.C[sample]) + r.R[sample] for r in reps]
+    )
+    corr_lo, corr_hi = np.empty_like(pred_lo), np.empty_like(pred_lo)
+    for lag in range(K):
+        pb = np.stack([r.C[sample] @ r.X[lag] @ r.C[sample].T for r in reps])
+        pred_lo[lag], pred_hi[lag] = percentile_interval(pb, level)
+        cb = pb / np.sqrt(var_b[:, :, None] * var_b[:, None, :])
+        corr_lo[lag], corr_hi[lag] = percentile_interval(cb, level)
+    arrays.update({"pred_lo": pred_lo, "pred_hi": pred_hi, "corr_lo": corr_lo, "corr_hi": corr_hi})
+    # eigenvalues and time constants
+    eig = [_eigen(r.A, rate_hz) for r in reps]
+    mod0, tau0 = _eigen(p.A, rate_hz)
+    mlo, mhi = percentile_interval(np.stack([e[0] for e in eig]), level)
+    tlo, thi = percentile_interval(np.stack([e[1] for e in eig]), level)
+    boot["eigenvalue_modulus"] = {"value": mod0.tolist(), "lo": mlo.tolist(), "hi": mhi.tolist()}
+    boot["time_constant_s"] = {"value": tau0.tolist(), "lo": tlo.tolist(), "hi": thi.tolist()}
+    # scores: each replicate's against its own resampled covariances
+    point = class_scores(
+        lagged_prediction(p, sample), sample_covariances(data, full, sample), cls, true
+    )
+    intervals: dict[str, Any] = {}
+    for name in rep_scores[0]:
+        intervals[name] = _interval_rows(point[name], [r[name] for r in rep_scores], level)
+    summaries = {
+        "observed_corr": ("observed", "corr"),
+        "heldout_corr": ("heldout", "corr"),
+        "heldout_rel_error": ("heldout", "rel_error"),
+        "never_corr_vs_truth": ("never_vs_truth", "corr"),
+    }
+    summary_pairs = {
+        key: (_summary(point[cl], stat), [_summary(r[cl], stat) for r in rep_scores])
+        for key, (cl, stat) in summaries.items()
+        if cl in point
+    }
+    if rep_val:
+        _, _, _, emp_v, pred_v = val
+        v0 = [_stats(pred_v[lag], emp_v[lag]) for lag in range(K)]
+        v_rows = [[_stats(pv[lag], ev[lag]) for lag in range(K)] for ev, pv in rep_val]
+        intervals["stitch_validation"] = _interval_rows(v0, v_rows, level)
+        for stat in ("corr", "rel_error"):
+            summary_pairs[f"stitch_{stat}"] = (
+                _summary(v0, stat),
+                [_summary(r, stat) for r in v_rows],
+            )
+        # coverage of the validation pairs: the interval of (empirical - predicted) holds 0
+        d0 = emp_v - pred_v
+        db = np.stack([ev - pv for ev, pv in rep_val]) - d0[None]
+        lo, hi = percentile_interval(db, level)
+        inside = (lo <= d0) & (d0 <= hi)
+        metrics["stitch_validation"]["coverage"] = float(inside.mean())
+        metrics["stitch_validation"]["coverage_by_lag"] = inside.mean(axis=1).tolist()
+        vp_lo, vp_hi = percentile_interval(np.stack([pv for _, pv in rep_val]), level)
+        arrays.update(
+            {"val_emp": emp_v, "val_pred": pred_v, "val_pred_lo": vp_lo, "val_pred_hi": vp_hi}
+        )
+    boot["scores"] = intervals
+    boot["summary"] = {}
+    for key, (p0, reps_k) in summary_pairs.items():
+        r = np.array(reps_k, dtype=float)
+        ok = np.isfinite(r).sum() >= 2
+        boot["summary"][key] = {
+            "interval": centred_interval(p0, r, level),
+            "se": float(np.nanstd(r, ddof=1)) if ok else None,
+        }
+    if true is not None:  # coverage of the truth, per class
+        cover = {}
+        for k, name in enumerate(("observed", "heldout", "never")):
+            sel = cls == k
+            if sel.any():
+                inside = (pred_lo <= true) & (true <= pred_hi)
+                cover[name] = float(inside[sel].mean())
+                cover[f"{name}_by_lag"] = [
+                    float(inside[lag][sel[lag]].mean()) if sel[lag].any() else None
+                    for lag in range(K)
+                ]
+        boot["coverage_vs_truth"] = cover
+    boot["seconds"] = time.perf_counter() - t0
+    metrics["bootstrap"] = boot
+    log.info(
+        "bootstrap: %d replicates (blocks of %s rows) in %.1f s",
+        s.bootstrap,
+        boot["block_rows"],
+        boot["seconds"],
+    )
+    return metrics, arrays
