@@ -209,7 +209,7 @@ def _check_not_twice(parts: Sequence[_Part]) -> None:
     seen: dict[tuple, _Part] = {}
     for part in parts:
         r = part.reading
-        key = (part.sha, r["series"], r["kind"], r["neuropil_coefficient"], r["neuron_ids"])
+        key = (part.sha, *(str(r.get(k)) for k in sorted(r)))
         if key in seen:
             first = seen[key]
             raise InputError(
@@ -365,6 +365,8 @@ def _reading(spec: RecordingSpec) -> dict[str, Any]:
         "kind": spec.kind,
         "neuropil_coefficient": spec.neuropil_coefficient,
         "neuron_ids": None if spec.neuron_ids is None else str(spec.neuron_ids),
+        "frames": None if spec.frames is None else list(spec.frames),
+        "neurons": None if spec.neurons is None else list(spec.neurons),
     }
 
 

@@ -82,11 +82,48 @@ def open_recording(
                 )
             check_unique_ids(spec.neuron_ids, ids)
             rec.neuron_ids = ids
+        select(rec, spec)
         rec.validate()
     except BaseException:
         rec.close()
         raise
     return rec
+
+
+def _range(spec: RecordingSpec, key: str, size: int, what: str) -> slice:
+    """``spec.<key>`` as a slice of ``size`` items, or InputError naming the file and key."""
+    first, stop = (int(v) for v in getattr(spec, key))
+    if not 0 <= first < stop <= size:
+        raise InputError(
+            spec.path,
+            f"{key}: [{first}, {stop}] is not a range of its {size} {what} "
+            f"(0 <= first < stop <= {size})",
+        )
+    return slice(first, stop)
+
+
+def select(rec: Recording, spec: RecordingSpec) -> None:
+    """Keep the ``frames`` and ``neurons`` ranges of ``spec`` (in place; lazy), and record
+    them in ``rec.attrs["selection"]``."""
+    if spec.frames is None and spec.neurons is None:
+        return
+    selection = {}
+    if spec.frames is not None:
+        if rec.activity.ndim != 2:
+            raise InputError(
+                spec.path,
+                "frames: selects time steps of a continuous recording; with trials: true, "
+                "choose trials with trial_window instead",
+            )
+        sl = _range(spec, "frames", int(rec.activity.shape[0]), "time steps")
+        rec.activity = rec.activity[sl]
+        selection["frames"] = [sl.start, sl.stop]
+    if spec.neurons is not None:
+        sl = _range(spec, "neurons", int(rec.activity.shape[-1]), "neurons")
+        rec.activity = rec.activity[..., sl]
+        rec.neuron_ids = rec.neuron_ids[sl]
+        selection["neurons"] = [sl.start, sl.stop]
+    rec.attrs["selection"] = selection
 
 
 def source_sha256(path: Path) -> str:

@@ -40,6 +40,11 @@ class RecordingSpec:
         source's own ids (e.g. cross-session ROI matches for suite2p).
     kind: ``"traces"`` or ``"counts"``, to override what the source implies (npz only).
     neuropil_coefficient: suite2p only: ``F - coefficient * Fneu``; default ``ops['neucoeff']``.
+    frames: ``(start, stop)``: keep time steps (samples, or bins of spike times) ``[start,
+        stop)`` of a continuous recording; with ``neurons``, one file gives several partial
+        recordings (e.g. to validate stitching on a single session).
+    neurons: ``(first, stop)``: keep the neurons (columns, in the source's order)
+        ``[first, stop)``.
     """
 
     path: Path
@@ -48,6 +53,8 @@ class RecordingSpec:
     neuron_ids: Path | None = None
     kind: Kind | None = None
     neuropil_coefficient: float | None = None
+    frames: tuple[int, int] | None = None
+    neurons: tuple[int, int] | None = None
 
     @property
     def display_name(self) -> str:
@@ -78,6 +85,8 @@ class RecordingSpec:
             neuron_ids=resolve(entry.get("neuron_ids")),
             kind=entry.get("kind"),
             neuropil_coefficient=entry.get("neuropil_coefficient"),
+            frames=tuple(entry["frames"]) if entry.get("frames") is not None else None,
+            neurons=tuple(entry["neurons"]) if entry.get("neurons") is not None else None,
         )
 
 

@@ -344,6 +344,7 @@ def check_fit(
     mlo, mhi = percentile_interval(np.stack([e[0] for e in eig]), level)
     tlo, thi = percentile_interval(np.stack([e[1] for e in eig]), level)
     boot["eigenvalue_modulus"] = {"value": mod0.tolist(), "lo": mlo.tolist(), "hi": mhi.tolist()}
+    arrays.update({"eig_modulus_lo": mlo, "eig_modulus_hi": mhi, "tau_lo": tlo, "tau_hi": thi})
     boot["time_constant_s"] = {"value": tau0.tolist(), "lo": tlo.tolist(), "hi": thi.tolist()}
     # scores: each replicate's against its own resampled covariances
     point = class_scores(

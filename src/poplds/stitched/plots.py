@@ -20,6 +20,7 @@ from ..report import choose_dimension, choose_stitched  # noqa: E402, F401
 CLASS_STYLE = {
     "observed": ("0.55", "recorded together (fitted)"),
     "heldout": ("tab:blue", "recorded together, held out"),
+    "validation": ("tab:green", "stitch validation (never together in its fit)"),
     "never": ("tab:red", "never recorded together (vs truth)"),
 }
 
@@ -44,41 +45,64 @@ def plot_loss(model_path: str | Path, out: str | Path) -> Path:
     return save_figure(fig, out)
 
 
-def plot_covariance_scatter(figdata: dict[str, Any], out: str | Path, lags: Sequence[int]) -> Path:
-    """Predicted against empirical lagged covariances per pair class, one panel per lag; the
-    never co-observed pairs against the true covariances (simulations only)."""
+def plot_covariance_scatter(
+    figdata: dict[str, Any], out: str | Path, lags: Sequence[int], bars: int = 150
+) -> Path:
+    """Predicted against empirical lagged covariances per pair class, one panel per lag: the
+    fitted and held-out pairs, the stitch-validation pairs (never seen together by their
+    fit) against the recording's data, and the never co-observed pairs against the true
+    covariances (simulations only). Where the bootstrap ran, ``bars`` pairs of each class
+    carry their interval as a vertical bar."""
     pred, emp, true, cls = figdata["pred"], figdata["emp"], figdata["true"], figdata["cls"]
+    lo, hi = figdata.get("pred_lo"), figdata.get("pred_hi")
     lags = [s for s in lags if s < pred.shape[0]]
-    fig, axes = plt.subplots(1, len(lags), figsize=(3.4 * len(lags), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(lags), figsize=(3.4 * len(lags), 3.8), squeeze=False)
     rng = np.random.default_rng(0)
     for ax, s in zip(axes[0], lags, strict=True):
         lim = 0.0
+        panels = []
         for k, name in enumerate(("observed", "heldout", "never")):
             sel = cls[s] == k
             ref = emp[s] if k < 2 else true[s] if true is not None else None
             if ref is None or not sel.any():
                 continue
-            x, y = ref[sel], pred[s][sel]
+            band = None if lo is None else (lo[s][sel], hi[s][sel])
+            panels.append((name, ref[sel], pred[s][sel], band))
+        if "val_emp" in figdata and figdata["val_emp"].size:
+            band = None
+            if "val_pred_lo" in figdata:
+                band = (figdata["val_pred_lo"][s], figdata["val_pred_hi"][s])
+            panels.append(("validation", figdata["val_emp"][s], figdata["val_pred"][s], band))
+        for name, x, y, band in panels:
+            colour, label = CLASS_STYLE[name]
+            pick = np.arange(len(x))
             if len(x) > 4000:
                 pick = rng.choice(len(x), 4000, replace=False)
-                x, y = x[pick], y[pick]
-            colour, label = CLASS_STYLE[name]
-            ax.scatter(x, y, s=3, alpha=0.5, color=colour, label=label, rasterized=True)
+            ax.scatter(x[pick], y[pick], s=3, alpha=0.5, color=colour, label=label, rasterized=True)
+            if band is not None:
+                few = rng.choice(len(x), min(bars, len(x)), replace=False)
+                ax.vlines(x[few], band[0][few], band[1][few], color=colour, lw=0.6, alpha=0.6)
             lim = max(lim, np.abs(x).max(), np.abs(y).max())
         ax.plot([-lim, lim], [-lim, lim], "k-", lw=0.6)
         ax.set_title(f"lag {s}")
         ax.set_xlabel("empirical (true for never)")
-    axes[0][0].set_ylabel("predicted")
+    axes[0][0].set_ylabel("predicted" + (" (bars: bootstrap interval)" if lo is not None else ""))
     axes[0][0].legend(fontsize=7, markerscale=3, loc="upper left")
     fig.tight_layout()
     return save_figure(fig, out)
 
 
 def plot_eigenvalues(
-    A: np.ndarray, rate_hz: float, out: str | Path, A_true: np.ndarray | None = None
+    A: np.ndarray,
+    rate_hz: float,
+    out: str | Path,
+    A_true: np.ndarray | None = None,
+    intervals: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Eigenvalues of A in the complex plane with the unit circle, and a table of their time
-    constants ``tau = -1 / (rate ln|lambda|)`` (s) and frequencies ``|arg lambda| rate / 2 pi``."""
+    constants ``tau = -1 / (rate ln|lambda|)`` (s) and frequencies ``|arg lambda| rate / 2 pi``;
+    with ``intervals`` (``eig_modulus_lo/hi``, ``tau_lo/hi``, largest modulus first), the
+    bootstrap intervals of the moduli and time constants."""
     lam = np.linalg.eigvals(A)
     fig, (ax, tab) = plt.subplots(1, 2, figsize=(9, 4), gridspec_kw={"width_ratios": [1, 1.1]})
     t = np.linspace(0, 2 * np.pi, 400)
@@ -102,13 +126,22 @@ def plot_eigenvalues(
     ax.set_title("eigenvalues of A")
     order = np.argsort(-np.abs(lam))
     rows = []
-    for z in lam[order]:
+    for k, z in enumerate(lam[order]):
         mod = abs(z)
         tau = -1.0 / (rate_hz * np.log(mod)) if 0 < mod < 1 else np.inf
         freq = abs(np.angle(z)) * rate_hz / (2 * np.pi)
-        rows.append([f"{mod:.3f}", f"{tau:.3g}", f"{freq:.3g}"])
+        row = [f"{mod:.3f}", f"{tau:.3g}", f"{freq:.3g}"]
+        if intervals is not None:
+            row[0] += (
+                f" [{intervals['eig_modulus_lo'][k]:.3f}, {intervals['eig_modulus_hi'][k]:.3f}]"
+            )
+            row[1] += f" [{intervals['tau_lo'][k]:.3g}, {intervals['tau_hi'][k]:.3g}]"
+        rows.append(row)
     tab.axis("off")
-    table = tab.table(cellText=rows, colLabels=["|λ|", "τ (s)", "f (Hz)"], loc="center")
+    labels = ["|λ|", "τ (s)", "f (Hz)"]
+    if intervals is not None:
+        labels = ["|λ| [interval]", "τ (s) [interval]", "f (Hz)"]
+    table = tab.table(cellText=rows, colLabels=labels, loc="center")
     table.scale(1, 1.2)
     fig.tight_layout()
     return save_figure(fig, out)
@@ -147,46 +180,75 @@ def plot_latents(
 
 
 def plot_dimension_choice(metrics_files: Sequence[str | Path], out: str | Path) -> Path:
-    """Held-out covariance error and correlation against latent dimension (the basis for
-    choosing n), with the never co-observed correlation against the truth when simulated."""
-    rows = []
-    for path in metrics_files:
-        m = json.loads(Path(path).read_text())
-        rows.append((m["settings"]["latent_dim"], m["summary"]))
-    rows.sort()
-    dims = [d for d, _ in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
-    heldout_err = [s.get("heldout_rel_error") for _, s in rows]
-    err = np.array([np.nan if v is None else v for v in heldout_err], dtype=float)
-    a.plot(dims, err, "o-", color="tab:blue")
-    choice = choose_stitched([json.loads(Path(p).read_text()) for p in metrics_files])
-    chosen = choice["chosen"]
-    if chosen is not None:
-        a.axvline(chosen, color="k", ls="--", lw=0.8)
+    """The choice of n: the stitch-validation and held-out relative errors against the
+    latent dimension with their bootstrap standard errors (bars) and the one-standard-error
+    threshold of the criterion that chose; and the correlations of every pair class (the
+    never co-observed against the truth when simulated), with their intervals."""
+    metrics = sorted(
+        (json.loads(Path(p).read_text()) for p in metrics_files),
+        key=lambda m: m["settings"]["latent_dim"],
+    )
+    choice = choose_stitched(metrics)
+    dims = choice["dims"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    for name, key, colour in (
+        ("stitch validation", "stitch_rel_error", "tab:green"),
+        ("held-out", "heldout_rel_error", "tab:blue"),
+    ):
+        err = np.array(choice[key], dtype=float)
+        if not np.isfinite(err).any():
+            continue
+        se = np.array([np.nan if v is None else v for v in choice[f"{key}_se"]], dtype=float)
+        used = choice["criterion"] == name
+        a.errorbar(
+            dims,
+            err,
+            yerr=np.nan_to_num(se),
+            fmt="o-",
+            color=colour,
+            capsize=3,
+            lw=2 if used else 1,
+            label=f"{name} pairs" + (" (chooses n)" if used else ""),
+        )
+    if choice["threshold"] is not None:
+        a.axhline(choice["threshold"], color="0.4", ls=":", lw=0.8, label="lowest + 1 SE")
+    if choice["chosen"] is not None:
+        a.axvline(choice["chosen"], color="k", ls="--", lw=0.8)
         a.annotate(
-            f"chosen n = {chosen}",
-            (chosen, np.nanmax(err)),
+            f"chosen n = {choice['chosen']}",
+            (choice["chosen"], a.get_ylim()[1]),
             xytext=(4, -4),
             textcoords="offset points",
             va="top",
             fontsize=8,
         )
     a.set_xlabel("latent dimension n")
-    a.set_ylabel("held-out relative error")
-    a.set_title("held-out co-observed pairs")
+    a.set_ylabel("relative error (mean over lags)")
+    a.legend(fontsize=7)
     for key, colour, label in (
         ("observed_corr", "0.4", "fitted pairs"),
         ("heldout_corr", "tab:blue", "held-out pairs"),
+        ("stitch_corr", "tab:green", "stitch-validation pairs"),
         ("never_corr_vs_truth", "tab:red", "never co-observed vs truth"),
     ):
-        vals = [s.get(key) for _, s in rows]
-        if any(v is not None for v in vals):
-            b.plot(
-                dims, [np.nan if v is None else v for v in vals], "o-", color=colour, label=label
-            )
+        vals = np.array(
+            [np.nan if m["summary"].get(key) is None else m["summary"][key] for m in metrics]
+        )
+        if not np.isfinite(vals).any():
+            continue
+        ci = [m["summary"].get(f"{key}_interval") for m in metrics]
+        yerr = np.array(
+            [
+                [0.0, 0.0] if c is None else [v - c[0], c[1] - v]
+                for v, c in zip(vals, ci, strict=True)
+            ]
+        ).T
+        b.errorbar(
+            dims, vals, yerr=np.clip(yerr, 0, None), fmt="o-", color=colour, capsize=3, label=label
+        )
     b.set_xlabel("latent dimension n")
     b.set_ylabel("correlation (mean over lags)")
-    b.legend(fontsize=8)
+    b.legend(fontsize=7)
     for ax in (a, b):
         ax.set_xticks(dims)
     warning_footer(fig, choice["warnings"])
@@ -212,5 +274,8 @@ def make_figures(
     A_true = np.load(truth)["A"] if truth else None
     plot_loss(model, figures["loss"])
     plot_covariance_scatter(arrays, figures["covariance"], scatter_lags)
-    plot_eigenvalues(A, rate, figures["eigenvalues"], A_true)
+    ints = None
+    if "tau_lo" in arrays:
+        ints = {k: arrays[k] for k in ("eig_modulus_lo", "eig_modulus_hi", "tau_lo", "tau_hi")}
+    plot_eigenvalues(A, rate, figures["eigenvalues"], A_true, ints)
     plot_latents(latents, rate, figures["latents"])

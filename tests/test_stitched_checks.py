@@ -1,0 +1,219 @@
+"""Stitch validation and the moving-block bootstrap: replicate moments against the resampled
+data, validation pairs kept out of the loss, coverage of the intervals on a simulation, the
+block length, and the one-standard-error choice of n."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from poplds import simulate, stitched
+from poplds.report import choose_stitched, one_se_choice
+from poplds.stitched import RecordingInput, StitchedSettings, prepare_data
+from poplds.stitched._loss import DataTerm, lagged_moments
+from poplds.stitched.bootstrap import (
+    atom_moments,
+    percentile_interval,
+    politis_white,
+    resample_counts,
+)
+from poplds.stitched.checks import check_fit
+from poplds.stitched.evaluate import covariance_scores
+from poplds.stitched.models import StitchedLDSParams
+from poplds.stitched.validation import choose_hidden, reduced_data, validation_pairs
+
+CPU = torch.device("cpu")
+
+
+def _recordings(N=90, n=4, T=3000, seed=3, overlap=12, n_rec=3, noise=1.0):
+    p = simulate.random_stitched_lds(
+        N, n, eig_moduli=(0.85, 0.97), noise_to_signal=noise, seed=seed
+    )
+    layout = simulate.overlapping_layout(N, n_rec, overlap, T)
+    ys, _ = simulate.simulate_stitched(p, layout, seed=seed)
+    recs = [
+        RecordingInput(r.name, y.astype(np.float32), np.arange(*r.neurons))
+        for r, y in zip(layout, ys, strict=True)
+    ]
+    return p, recs
+
+
+def test_replicate_moments_equal_those_of_the_resampled_data():
+    """A replicate's lagged sums, formed from the atoms, equal the lagged sums computed
+    directly on the resampled series: its moving blocks laid end to end, each with the K-1
+    rows before it, every pair whose later row lies in a block counted once."""
+    rng = np.random.default_rng(0)
+    T, N, K, a, m = 523, 7, 4, 17, 3
+    y = rng.standard_normal((T, N)).cumsum(0).astype(np.float64) * 0.1 + rng.standard_normal((T, N))
+    data = prepare_data(
+        [RecordingInput("r", y, np.arange(N))], N, lags=K, device=CPU, dtype=torch.float64
+    )
+    rec = data.recordings[0]
+    atoms = atom_moments(rec, K, a, m, CPU)
+    # the atoms add up to the fit's own lagged sums
+    torch.testing.assert_close(atoms.total(), lagged_moments(rec, K, CPU), rtol=1e-12, atol=1e-9)
+    # a replicate: the same draws, then the resampled data built row by row
+    draw = np.random.default_rng(5)
+    c = resample_counts(atoms.n_atoms, m, draw)
+    starts = np.random.default_rng(5).integers(
+        0, atoms.n_atoms - m + 1, size=int(np.ceil(atoms.n_atoms / m))
+    )
+    Y = rec.data.cpu().numpy()  # prepared rows (centred), group order
+    S = np.zeros((K, N, N))
+    pairs = np.zeros(K)
+    for b in starts:
+        lo, hi = b * a, min((b + m) * a, T)  # the block's own rows
+        for u in range(lo, hi):
+            for s in range(K):
+                if u - s >= 0:
+                    S[s] += np.outer(Y[u], Y[u - s])
+                    pairs[s] += 1
+    S *= ((T - np.arange(K)) / pairs)[:, None, None]
+    np.testing.assert_allclose(atoms.replicate(c).numpy(), S, rtol=1e-10, atol=1e-9)
+
+
+def test_validation_pairs_are_never_in_the_loss():
+    """Hidden neurons stay observed elsewhere, every overlap keeps ``keep`` neurons, and the
+    validation pairs' entries of the lagged sums change neither the loss nor its gradient."""
+    p, recs = _recordings()
+    data = prepare_data(recs, 90, lags=5, device=CPU, heldout_fraction=0.1, seed=0)
+    keep = 8
+    hidden = choose_hidden(data, 0.3, keep, seed=1)
+    assert hidden, "the layout shares 12 neurons per overlap: some must be hidden"
+    red = reduced_data(data, hidden, 0.1)
+    # each hidden neuron is still observed; every recording pair keeps its overlap
+    for pos in np.concatenate(list(hidden.values())):
+        assert red.data.group_of[pos] >= 0
+    sets = [set(r.neurons.tolist()) for r in red.data.recordings]
+    for i in range(len(sets)):
+        for j in range(i + 1, len(sets)):
+            full = len(set(data.recordings[i].neurons) & set(data.recordings[j].neurons))
+            if full:
+                assert len(sets[i] & sets[j]) >= min(keep, full)
+    pairs = validation_pairs(data, red)
+    assert pairs and sum(len(q.hidden) * len(q.other) for q in pairs) > 50
+    # the loss of the validation fit, with the validation pairs' sums perturbed
+    full = [lagged_moments(r, 5, CPU).to(torch.float64) for r in data.recordings]
+    bumped = [S.clone() for S in full]
+    for q in pairs:
+        h, o = torch.as_tensor(q.hidden), torch.as_tensor(q.other)
+        bumped[q.rec][:, h[:, None], o[None, :]] += 1e3
+        bumped[q.rec][:, o[:, None], h[None, :]] -= 1e3
+    g = np.random.default_rng(2)
+    C = torch.as_tensor(g.standard_normal((90, 4)))
+    X = torch.as_tensor(g.standard_normal((5, 4, 4)))
+    out = []
+    for moments in (full, bumped):
+        term = DataTerm(red.data, red.data.weights(CPU), 4, moments=red.moments(moments))
+        out.append(term.full(C, X))
+    for a, b in zip(out[0], out[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-9)
+    # and the same perturbation on the full data (where those pairs are co-observed) does
+    term = DataTerm(data, data.weights(CPU), 4, moments=bumped)
+    assert not torch.allclose(term.full(C, X)[0], out[0][0])
+
+
+@pytest.fixture(scope="module")
+def checked():
+    p, recs = _recordings()
+    s = StitchedSettings(lags=6, device="cpu", seed=0, bootstrap=20)
+    fit = stitched.fit(recs, 90, 4, s)
+    truth = StitchedLDSParams.from_dynamics(p.A, p.C, p.Q, p.R, p.Pi, 6)
+    scores = covariance_scores(fit.params, fit.data, truth=truth, seed=0)
+    fig = scores["_figure"]
+    metrics, arrays = check_fit(
+        fit, s, 4, sample=fig["sample"], cls=fig["cls"], truth=truth, rate_hz=10.0
+    )
+    return fit, truth, fig, metrics, arrays
+
+
+def test_intervals_cover_the_truth_of_a_simulation(checked):
+    """The nominal 90 % intervals of the never co-observed covariances cover their truth at
+    a rate between 75 % and 99 % (one simulation, 20 replicates: the calibration benchmark
+    measures it over many), and they are narrow: their median width is below a third of
+    the spread of the true covariances."""
+    fit, truth, fig, metrics, arrays = checked
+    boot = metrics["bootstrap"]
+    cover = boot["coverage_vs_truth"]["never"]
+    assert 0.75 <= cover <= 0.99, cover
+    never = fig["cls"] == 2
+    width = (arrays["pred_hi"] - arrays["pred_lo"])[never]
+    assert np.median(width) < 0.35 * np.std(fig["true"][never])
+    # the point prediction lies inside its own interval for nearly every pair
+    inside = (arrays["pred_lo"] <= fig["pred"]) & (fig["pred"] <= arrays["pred_hi"])
+    assert inside[fig["cls"] >= 0].mean() > 0.9
+    # time constants: the interval holds the estimate
+    tc = boot["time_constant_s"]
+    assert all(lo <= v <= hi for v, lo, hi in zip(tc["value"], tc["lo"], tc["hi"], strict=True))
+
+
+def test_stitch_validation_scores_the_stitch(checked):
+    fit, truth, fig, metrics, arrays = checked
+    val = metrics["stitch_validation"]
+    assert "skipped" not in val
+    assert val["n_pairs"] > 50 and val["corr"] > 0.9 and val["rel_error"] < 0.5
+    assert 0.6 <= val["coverage"] <= 1.0
+    # a validation pair's empirical covariance is what the recording's data say
+    assert arrays["val_emp"].shape == arrays["val_pred"].shape
+
+
+def test_checks_are_skipped_with_a_reason_without_overlaps():
+    """One recording: no pair is ever hidden, and metrics.json says why."""
+    p, recs = _recordings(n_rec=1, T=1500)
+    s = StitchedSettings(lags=4, device="cpu", bootstrap=3)
+    fit = stitched.fit(recs, 90, 4, s)
+    scores = covariance_scores(fit.params, fit.data, seed=0)
+    fig = scores["_figure"]
+    metrics, _ = check_fit(fit, s, 4, sample=fig["sample"], cls=fig["cls"], truth=None, rate_hz=1)
+    assert "no recording shares" in metrics["stitch_validation"]["skipped"]
+    assert metrics["bootstrap"]["replicates"] == 3
+
+
+def test_block_length_follows_the_autocorrelation():
+    """Politis-White: longer blocks for slower series, about T^(1/3) scaling, and short ones
+    for white noise."""
+    g = np.random.default_rng(0)
+    T = 20000
+    white = g.standard_normal(T)
+    lengths = []
+    for rho in (0.5, 0.9, 0.98):
+        x = np.zeros(T)
+        for t in range(1, T):
+            x[t] = rho * x[t - 1] + white[t]
+        lengths.append(politis_white(x))
+    assert politis_white(white) < 5
+    assert lengths[0] < lengths[1] < lengths[2]
+    # AR(1): b = (2 G^2 / D)^(1/3) T^(1/3) with G = 2 rho/(1-rho)^2 g0 / (1 - rho^2) ...
+    # checked loosely: within a factor of 2 of the closed form
+    for rho, b in zip((0.5, 0.9, 0.98), lengths, strict=True):
+        G = 2 * rho / ((1 - rho) ** 2 * (1 - rho**2))
+        g = (1 + rho) / ((1 - rho) * (1 - rho**2))
+        exact = (2 * G**2 / (4 / 3 * g**2)) ** (1 / 3) * T ** (1 / 3)
+        assert exact / 2 < b < exact * 2, (rho, b, exact)
+
+
+def test_percentile_interval_positions():
+    """Weibull positions: a fresh draw falls inside the interval of B = 19 replicates with
+    probability 90 % (measured over many trials)."""
+    g = np.random.default_rng(1)
+    x = g.standard_normal((20000, 20))
+    lo, hi = percentile_interval(x[:, :19], 0.9, axis=1)
+    inside = (lo <= x[:, 19]) & (x[:, 19] <= hi)
+    assert abs(inside.mean() - 0.9) < 0.01
+
+
+def test_one_standard_error_choice():
+    assert one_se_choice([2, 4, 6], [0.7, 0.12, 0.11], [0.06, 0.03, 0.04]) == (4, 0.15)
+    assert one_se_choice([2, 4, 6], [0.7, 0.2, 0.11], [0.06, 0.03, 0.04])[0] == 6
+    assert one_se_choice([2, 4], [float("nan")] * 2, [None, None]) == (None, None)
+    metrics = [
+        {
+            "settings": {"latent_dim": d},
+            "summary": {"heldout_rel_error": h, "heldout_rel_error_se": 0.01},
+        }
+        for d, h in ((2, 0.3), (4, 0.105), (8, 0.1))
+    ]
+    choice = choose_stitched(metrics)
+    assert choice["criterion"] == "held-out" and choice["chosen"] == 4
+    assert "no stitch validation" in choice["reason"]
