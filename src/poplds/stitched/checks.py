@@ -40,6 +40,7 @@ from .._distributed import rank_and_size
 from .._logging import get_logger
 from . import models
 from ._data import StitchedData
+from ._refit import batched_refit, replicate_groups
 from .bootstrap import (
     ATOMS_PER_BLOCK,
     MIN_BLOCKS,
@@ -64,9 +65,10 @@ from .validation import (
 
 log = get_logger()
 
-#: A refit's tolerance in multiples of ``tol`` (as the free stage's): it starts at the
-#: estimate, and its spread over replicates is of the order of the sampling noise itself.
-REFIT_TOL = 10.0
+#: A refit's tolerance in multiples of ``tol`` (as the free stage's) and its convergence
+#: window (passes): it starts at the estimate with its curvature, and its spread over
+#: replicates is of the order of the sampling noise itself.
+REFIT_TOL, REFIT_WINDOW = 10.0, 3
 
 
 @contextlib.contextmanager
@@ -86,18 +88,38 @@ def refit(
     moments: Sequence[torch.Tensor],
     latent_dim: int,
     settings: StitchedSettings,
-    init: StitchedLDSParams,
+    start: StitchedFit,
 ) -> StitchedFit:
-    """The linked stage (C, A, Pi) on already formed lagged sums (no data read), started from
-    ``init``, at ``REFIT_TOL`` times the tolerance; variances from the sums
-    (:func:`.validation.pooled_variance`)."""
+    """The linked stage (C, A, Pi) on already formed lagged sums (no data read), started
+    from the fit ``start`` with its L-BFGS curvature pairs (:class:`.models.Restart`);
+    variances from the sums (:func:`.validation.pooled_variance`)."""
     v = pooled_variance(data, moments)
     d = dataclasses.replace(data, variance=v, diag0=v)
     s = dataclasses.replace(
         settings, restarts=0, route="moments", optimizer="lbfgs", tol=REFIT_TOL * settings.tol
     )
-    return models.fit(
-        [], data.n_neurons, latent_dim, s, data=d, moments=moments, init=init, linked_only=True
+    restart = models.Restart(start.params, start.memory, REFIT_WINDOW)
+    return models.fit([], data.n_neurons, latent_dim, s, data=d, moments=moments, restart=restart)
+
+
+def refit_replicates(
+    data: StitchedData,
+    moments: Sequence[Sequence[torch.Tensor]],
+    start: StitchedFit,
+    settings: StitchedSettings,
+) -> tuple[list[StitchedLDSParams], int]:
+    """Every replicate's linked stage from ``start``, all at once (``_refit``)."""
+    variances = [pooled_variance(data, S) for S in moments]
+    return batched_refit(
+        data,
+        moments,
+        variances,
+        start.params,
+        start.memory,
+        tol=REFIT_TOL * settings.tol,
+        window=REFIT_WINDOW,
+        max_passes=settings.max_passes,
+        seed=settings.seed,
     )
 
 
@@ -244,7 +266,7 @@ def check_fit(
         pairs = validation_pairs(data, reduced)
         if pairs:
             with _quiet():
-                vfit = refit(reduced.data, reduced.moments(full), latent_dim, s, p)
+                vfit = refit(reduced.data, reduced.moments(full), latent_dim, s, fit)
             emp_v = validation_covariances(pairs, full, n_time)
             pred_v = validation_predictions(pairs, data, vfit.params.C, vfit.params.X)
             rows_v = [_stats(pred_v[lag], emp_v[lag]) for lag in range(K)]
@@ -284,36 +306,42 @@ def check_fit(
     if truth is not None:
         true = lagged_prediction(truth, sample)
     rng = np.random.default_rng([s.seed, 29])
+    B = s.bootstrap
     reps: list[StitchedLDSParams] = []
     rep_scores: list[dict] = []
     rep_val: list[tuple[np.ndarray, np.ndarray]] = []
-    passes = []
-    for b in range(s.bootstrap):
+    per_rep = sum(8.0 * K * len(r.neurons) ** 2 for r in data.recordings)
+    counts = [[resample_counts(a.n_atoms, a.per_block, rng) for a in atoms] for _ in range(B)]
+    evaluations = 0
+    for group in replicate_groups(B, 2 * per_rep, data.moment_budget):
         tb = time.perf_counter()
-        counts = [resample_counts(a.n_atoms, a.per_block, rng) for a in atoms]
-        S_b = [a.replicate(c) for a, c in zip(atoms, counts, strict=True)]
+        S_g = [[a.replicate(c) for a, c in zip(atoms, counts[b], strict=True)] for b in group]
         with _quiet():
-            fb = refit(data, S_b, latent_dim, s, p)
-        reps.append(fb.params)
-        passes.append(fb.info.free.passes + fb.info.linked.passes)
-        emp_b = sample_covariances(data, S_b, sample)
-        rep_scores.append(class_scores(lagged_prediction(fb.params, sample), emp_b, cls, true))
+            fits, passes = refit_replicates(data, S_g, fit, s)
+        evaluations += passes
+        reps.extend(fits)
+        for S_b, fb in zip(S_g, fits, strict=True):
+            emp_b = sample_covariances(data, S_b, sample)
+            rep_scores.append(class_scores(lagged_prediction(fb, sample), emp_b, cls, true))
         if val is not None:
             reduced, pairs, vfit, _, _ = val
+            S_v = [reduced.moments(S_b) for S_b in S_g]
             with _quiet():
-                vb = refit(reduced.data, reduced.moments(S_b), latent_dim, s, vfit.params)
-            passes[-1] += vb.info.free.passes + vb.info.linked.passes
-            rep_val.append(
-                (
-                    validation_covariances(pairs, S_b, n_time),
-                    validation_predictions(pairs, data, vb.params.C, vb.params.X),
+                vfits, passes = refit_replicates(reduced.data, S_v, vfit, s)
+            evaluations += passes
+            for S_b, vb in zip(S_g, vfits, strict=True):
+                rep_val.append(
+                    (
+                        validation_covariances(pairs, S_b, n_time),
+                        validation_predictions(pairs, data, vb.C, vb.X),
+                    )
                 )
-            )
         log.info(
-            "bootstrap replicate %d/%d: %d passes, %.1f s",
-            b + 1,
-            s.bootstrap,
-            passes[-1],
+            "bootstrap replicates %d-%d of %d refitted together: %d evaluations, %.1f s",
+            group.start + 1,
+            group.stop,
+            B,
+            evaluations,
             time.perf_counter() - tb,
         )
     boot: dict[str, Any] = {
@@ -323,7 +351,7 @@ def check_fit(
         "atom_rows": [a.rows for a in atoms],
         "atoms_per_block": per_block,
         "block_length_rule": "Politis-White on the leading fitted latent projections",
-        "passes_per_replicate": float(np.mean(passes)),
+        "refit_evaluations": evaluations,
     }
     # covariances and correlations of the sample
     pred_lo = np.empty((K, len(sample), len(sample)))

@@ -48,6 +48,7 @@ from .._linalg import psd_project, stabilise, sym
 from .._logging import get_logger
 from ..store import coverage
 from ._data import StitchedData
+from ._lbfgs import MEMORY_IN, MEMORY_OUT
 from ._loss import DataTerm, LossTensors
 from ._optimizers import choose_optimizer
 from ._prepare import RecordingInput, prepare_data
@@ -144,7 +145,8 @@ class StitchedFit:
 
     params: the fitted parameters; means: per recording (N_r,) means in the recording's own
     neuron order; trace: list of ``(stage, pass, loss)`` (reduced loss per pair, see
-    ``_loss``); info: :class:`FitInfo`.
+    ``_loss``); info: :class:`FitInfo`; memory: the last L-BFGS stage's curvature pairs
+    (a :class:`Restart` starts from them; None for the other optimisers).
     """
 
     params: StitchedLDSParams
@@ -152,6 +154,19 @@ class StitchedFit:
     trace: list[tuple[str, int, float]]
     info: FitInfo
     data: StitchedData = field(repr=False)
+    memory: dict[str, Any] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Restart:
+    """A refit of nearly the same data (a bootstrap replicate, a validation fit): the linked
+    stage alone, from ``params`` (C, A, Pi), with the L-BFGS curvature pairs of the fit it
+    comes from (``memory``, :attr:`StitchedFit.memory`) and a convergence window of
+    ``window`` passes."""
+
+    params: StitchedLDSParams
+    memory: dict[str, Any] | None = None
+    window: int = 3
 
 
 def dynamics_from_lagged(X: np.ndarray, stable: bool = True, max_radius: float = 0.995):
@@ -249,13 +264,15 @@ class _Fitting:
         C0: torch.Tensor,
         X0: torch.Tensor,
         dynamics: tuple[np.ndarray, np.ndarray] | None = None,
+        carry: dict | None = None,
     ):
         """Both stages from one start (module docstring, steps 2-4), resumed where a
         checkpoint says: ``(C, A, Pi, trace, free record, linked record)``; with
         ``dynamics`` = (A, Pi), the linked stage alone, from C0, A and Pi (the free record
-        then has no passes)."""
+        then has no passes); ``carry``: what the stages hand each other (the subspace
+        basis, L-BFGS curvature pairs), given and read by the caller."""
         trace: list[tuple[str, int, float]] = []
-        carry: dict = {}  # what the free stage hands the linked one (the subspace basis)
+        carry = {} if carry is None else carry
         if self.progress is not None:
             self.progress.start = name
         if dynamics is not None:
@@ -289,15 +306,15 @@ def _starts(
     s: StitchedSettings,
     term: DataTerm,
     unit: float,
-    init: StitchedLDSParams | None = None,
+    restart: Restart | None = None,
 ):
     """``(name, C (N, n), X (K, n, n))`` of the warm start and of ``s.restarts`` random ones
     (loadings of unit scale, latents of the data's mean variance), and the warm start's
-    warnings; with ``init``, its C and X alone (named ``given``)."""
-    if init is not None:
+    warnings; with ``restart``, its C and X alone (named ``given``)."""
+    if restart is not None:
         C0, X0 = (
             torch.as_tensor(np.nan_to_num(a), dtype=torch.float64, device=data.device)
-            for a in (init.C, init.X)
+            for a in (restart.params.C, restart.params.X)
         )
         return [("given", C0, X0)], []
     C0, X0, warnings = warm_start(data, n, s.seed, term=term)
@@ -344,8 +361,7 @@ def fit(
     checkpoint: str | Path | None = None,
     checkpoint_every_s: float = 60.0,
     moments: Sequence[torch.Tensor] | None = None,
-    init: StitchedLDSParams | None = None,
-    linked_only: bool = False,
+    restart: Restart | None = None,
 ) -> StitchedFit:
     """Fit one stitched LDS to partial recordings (module docstring).
 
@@ -363,9 +379,8 @@ def fit(
         interrupted.
     moments: every recording's lagged sums, already formed (``_loss.DataTerm``); with
         ``data``, the fit then reads no data (a bootstrap replicate, a validation fit).
-    init: parameters to start from instead of the warm start and restarts (e.g. a fit of
-        nearly the same data); with ``linked_only``, only the linked stage runs, from its C,
-        A and Pi.
+    restart: a :class:`Restart`: the linked stage alone from its parameters, instead of
+        the warm start and the random restarts.
     """
     t_start = time.perf_counter()
     s = settings or StitchedSettings()
@@ -391,12 +406,14 @@ def fit(
         moments=moments,
     )
     spec = choose_optimizer(term, s.optimizer)
+    if restart is not None:
+        spec = dataclasses.replace(spec, window=restart.window)
     options = spec.options_from(s)
     unit = float(np.mean(data.variance[data.group_of >= 0]))
     warnings = connectivity_warnings(data, latent_dim) + left_out_warnings(data)
     for w in warnings:
         log.warning(w)
-    starts, w0 = _starts(data, latent_dim, s, term, unit, init)
+    starts, w0 = _starts(data, latent_dim, s, term, unit, restart)
     for w in w0:
         log.warning(w)
     warnings += w0
@@ -405,12 +422,13 @@ def fit(
         s, data, term, LossTensors.of(data, dev), spec, options, unit, data.noise_floor(), progress
     )
     best = None
-    dynamics = (init.A, init.Pi) if init is not None and linked_only else None
+    dynamics = (restart.params.A, restart.params.Pi) if restart is not None else None
     for name, Cs, Xs in starts:
-        C, A, Pi, trace, r1, r2 = fitting.from_start(name, Cs, Xs, dynamics)
+        carry = {MEMORY_IN: restart.memory} if restart is not None else {}
+        C, A, Pi, trace, r1, r2 = fitting.from_start(name, Cs, Xs, dynamics, carry)
         if best is None or r2.loss < best[0]:
-            best = (r2.loss, name, C, A, Pi, trace, r1, r2)
-    _, name, C, A, Pi, trace, r1, r2 = best
+            best = (r2.loss, name, C, A, Pi, trace, r1, r2, carry.get(MEMORY_OUT))
+    _, name, C, A, Pi, trace, r1, r2, memory = best
     params, guards = _noise_and_guards(data, C, A, Pi, s.lags)
     info = FitInfo(
         device=str(dev),
@@ -429,7 +447,7 @@ def fit(
         guards=guards,
     )
     means = {rec.name: rec.mean_in_source_order() for rec in data.recordings}
-    return StitchedFit(params=params, means=means, trace=trace, info=info, data=data)
+    return StitchedFit(params=params, means=means, trace=trace, info=info, data=data, memory=memory)
 
 
 def _fit_warnings(r1: StageRecord, r2: StageRecord, fitting: _Fitting) -> list[str]:

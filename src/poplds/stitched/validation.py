@@ -233,7 +233,7 @@ def validation_predictions(
     for p in pairs:
         rec = data.recordings[p.rec]
         Ch, Co = C[rec.neurons[p.hidden]], C[rec.neurons[p.other]]
-        a = np.einsum("ia,sab,jb->sij", Ch, X, Co).reshape(X.shape[0], -1)
-        b = np.einsum("ia,sab,jb->sij", Co, X, Ch).reshape(X.shape[0], -1)
+        a = ((Ch @ X) @ Co.T).reshape(X.shape[0], -1)
+        b = ((Co @ X) @ Ch.T).reshape(X.shape[0], -1)
         parts.append(np.concatenate([a, b], axis=1))
     return np.concatenate(parts, axis=1) if parts else np.zeros((0, 0))
