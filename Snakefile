@@ -25,6 +25,7 @@ include: "workflow/rules/ingest.smk"
 include: "workflow/rules/stitched.smk"
 include: "workflow/rules/nplds.smk"
 include: "workflow/rules/nwb.smk"
+include: "workflow/rules/summary.smk"
 
 
 # Light jobs (figures, tables, the report's pages, NWB export: seconds each) run where snakemake
@@ -32,6 +33,7 @@ include: "workflow/rules/nwb.smk"
 localrules:
     coverage_figure,
     provenance,
+    summary,
     stitched_lds_figures,
     stitched_lds_dimension,
     stitched_lds_scores,

@@ -115,6 +115,58 @@ def _table(name: str, description: str, columns: dict[str, tuple[str, Any]]):
     )
 
 
+def _check_tables(model_dir: Path) -> list:
+    """The stitched fit's checks (``model.zarr/checks``) as tables: ``scores`` (each summary
+    score with its bootstrap interval and standard error) and ``time_constants`` (A's
+    eigenvalue moduli and time constants with their intervals); none without checks."""
+    root = zarr.open_group(str(model_dir), mode="r")
+    if "checks" not in root:
+        return []
+    g = root["checks"]
+    summary = dict(g.attrs).get("summary", {})
+    names = [k for k, v in summary.items() if isinstance(v, int | float) and not k.endswith("_se")]
+    nan = float("nan")
+
+    def bound(k: str, i: int) -> float:
+        ci = summary.get(f"{k}_interval")
+        return float(ci[i]) if ci else nan
+
+    tables = [
+        _table(
+            "scores",
+            "the fit's summary scores (metrics.json) with their bootstrap intervals",
+            {
+                "score": ("name of the score in metrics.json", names),
+                "value": ("estimate", [float(summary[k]) for k in names]),
+                "lo": ("lower end of the interval (NaN: none)", [bound(k, 0) for k in names]),
+                "hi": ("upper end of the interval (NaN: none)", [bound(k, 1) for k in names]),
+                "se": (
+                    "bootstrap standard error (NaN: none)",
+                    [float(summary.get(f"{k}_se") or nan) for k in names],
+                ),
+            },
+        )
+    ]
+    if "time_constant_s" in g:
+        tau, mod = np.asarray(g["time_constant_s"][:]), np.asarray(g["eigenvalue_modulus"][:])
+        tables.append(
+            _table(
+                "time_constants",
+                "eigenvalues of A by modulus: moduli and time constants -1/(rate ln|l|) in "
+                "seconds, with their bootstrap intervals",
+                {
+                    "modulus": ("|eigenvalue|", mod[0]),
+                    "modulus_lo": ("interval, lower end", mod[1]),
+                    "modulus_hi": ("interval, upper end", mod[2]),
+                    "time_constant_s": ("time constant (s)", tau[0]),
+                    "time_constant_lo_s": ("interval, lower end (s)", tau[1]),
+                    "time_constant_hi_s": ("interval, upper end (s)", tau[2]),
+                },
+            )
+        )
+    return tables
+
+
 def _nwb_file(model: str, recording: str, n: int, rel: str, meta: dict, rattrs: dict, settings):
     """The NWBFile: its identifier derived from the source's sha256, the model, the recording
     and the settings (the same fit gives the same file), the source's start time and
@@ -244,6 +296,8 @@ def write_latents_nwb(
             {k: (k, [v]) for k, v in source_row.items()},
         ),
     ):
+        module.add(table)
+    for table in _check_tables(Path(model_dir)):
         module.add(table)
     if trials is not None:
         _add_trials(nwb, trials, ds.trial_ids(recording), lat_mean, desc, p)

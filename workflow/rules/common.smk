@@ -309,6 +309,22 @@ def nwb_mem_mb(wildcards, input):
     return int(2000 + 3 * _size_mb([input.model, input.latents]))
 
 
+def summary_inputs(dataset):
+    """Each fitted family's dimension.json and metrics.json files."""
+    out = {}
+    if "stitched_lds" in dataset_config(dataset)["models"]:
+        out["stitched_choice"] = f"results/{dataset}/stitched_lds/dimension.json"
+        out["stitched_metrics"] = [
+            f"results/{dataset}/stitched_lds/n{n}/metrics.json" for n in stitched_dims(dataset)
+        ]
+    if "nplds" in dataset_config(dataset)["models"]:
+        out["nplds_choice"] = f"results/{dataset}/nplds/dimension.json"
+        out["nplds_metrics"] = [
+            f"results/{dataset}/nplds/k{k}/metrics.json" for k in nplds_dims(dataset)
+        ]
+    return out
+
+
 def all_outputs():
     """Every result the workflow makes by default."""
     out = []
@@ -317,6 +333,7 @@ def all_outputs():
             f"results/{ds}/data.zarr",
             f"results/{ds}/figures/coverage.png",
             f"results/{ds}/provenance.html",
+            f"results/{ds}/summary.html",
         ]
         if "stitched_lds" in dataset_config(ds)["models"]:
             for n in stitched_dims(ds):

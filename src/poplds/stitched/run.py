@@ -251,7 +251,7 @@ def fit_store(
         log.warning(metrics["warnings"][-1])
     for path in (out.model, out.latents, out.metrics, out.sample):
         path.parent.mkdir(parents=True, exist_ok=True)
-    _write_model(out.model, fit, store, recorded)
+    _write_model(out.model, fit, store, recorded, metrics)
     _write_latents(out.latents, fit, posts)
     fig = metrics["covariance"].pop("_figure")  # arrays for the figures, not metrics
     arrays = {k: v for k, v in fig.items() if v is not None}
@@ -290,8 +290,11 @@ def _rank_main(store_path, latent_dim, settings, outputs, truth, checkpoints) ->
     )
 
 
-def _write_model(path: Path, fit: StitchedFit, store: DatasetStore, settings: dict) -> None:
+def _write_model(
+    path: Path, fit: StitchedFit, store: DatasetStore, settings: dict, metrics: dict
+) -> None:
     root, tmp = atomic_group(path)
+    _write_checks(root, metrics)
     p = fit.params
     for name in ("A", "C", "Pi", "Q", "R", "X"):
         write_array(root, name, getattr(p, name))
@@ -316,6 +319,28 @@ def _write_model(path: Path, fit: StitchedFit, store: DatasetStore, settings: di
         }
     )
     finish_group(tmp, path)
+
+
+def _write_checks(root, metrics: dict[str, Any]) -> None:
+    """``checks/``: A's eigenvalue moduli and time constants (s) with their intervals, rows
+    (estimate, lo, hi) by modulus, and in its attributes every summary score with its
+    interval and standard error, the stitch validation's and the bootstrap's settings."""
+    boot, val = metrics.get("bootstrap", {}), metrics.get("stitch_validation", {})
+    g = root.create_group("checks")
+    for name in ("eigenvalue_modulus", "time_constant_s"):
+        if name in boot:
+            e = boot[name]
+            write_array(g, name, np.array([e["value"], e["lo"], e["hi"]], dtype=np.float64))
+    g.attrs.update(
+        json_clean(
+            {
+                "rows": ["estimate", "lo", "hi"],
+                "summary": metrics["summary"],
+                "stitch_validation": {k: v for k, v in val.items() if k != "lags"},
+                "bootstrap": {k: v for k, v in boot.items() if k not in ("scores", "summary")},
+            }
+        )
+    )
 
 
 def _write_latents(path: Path, fit: StitchedFit, posts) -> None:
