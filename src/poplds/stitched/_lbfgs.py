@@ -33,10 +33,6 @@ class LBFGSOptions:
     max_passes: int
 
 
-#: Carry keys of the curvature pairs: given to a stage (a refit's) and left by a stage.
-MEMORY_IN, MEMORY_OUT = "lbfgs_memory", "lbfgs_memory_out"
-
-
 class _Stop(Exception):
     """Raised from the closure to end torch's L-BFGS run (the monitor said stop)."""
 
@@ -46,9 +42,7 @@ class LBFGS(OptimizerBase):
 
     def __init__(self, problem: StageProblem, options: LBFGSOptions, carry: dict) -> None:
         self.problem = problem
-        # in blocks of iterations whether checkpointed or not: torch keeps its curvature pairs
-        # only at the end of a step() call, and a refit starts from them (finish)
-        self.block = CHECKPOINT_BLOCK
+        self.block = CHECKPOINT_BLOCK if problem.checkpointed else options.max_passes
         self.opt = torch.optim.LBFGS(
             problem.params,
             lr=1.0,
@@ -64,36 +58,6 @@ class LBFGS(OptimizerBase):
         self.repeat = False  # the next evaluation repeats the point the last block ended on
         self.stopped = False
         self.monitor: Monitor | None = None
-        self.carry = carry
-        self._seed(carry.get(MEMORY_IN))
-
-    def _seed(self, memory: dict[str, Any] | None) -> None:
-        """Start from another run's curvature pairs (a refit of nearly the same problem:
-        its first step is then quasi-Newton, not steepest descent). Torch's L-BFGS forms a
-        new pair from ``s = d t`` and the gradient change at each iteration but the first;
-        with ``d = 0`` the first pair is empty and skipped, and the direction comes from the
-        given memory."""
-        if not memory:
-            return
-        n = sum(p.numel() for p in self.problem.params)
-        if not memory["old_dirs"] or memory["old_dirs"][0].numel() != n:
-            return
-        dev = self.problem.params[0].device
-        state = self.opt.state[self.problem.params[0]]
-        state.update(
-            {
-                "n_iter": 1,
-                "func_evals": 0,
-                "d": torch.zeros(n, dtype=torch.float64, device=dev),
-                "t": 0.0,
-                "old_dirs": [v.to(dev).clone() for v in memory["old_dirs"]],
-                "old_stps": [v.to(dev).clone() for v in memory["old_stps"]],
-                "ro": [v.to(dev).clone() for v in memory["ro"]],
-                "H_diag": memory["H_diag"],
-                "prev_flat_grad": torch.zeros(n, dtype=torch.float64, device=dev),
-                "prev_loss": None,
-            }
-        )
 
     def _closure(self) -> torch.Tensor:
         if self.stopped:
@@ -144,15 +108,11 @@ class LBFGS(OptimizerBase):
         self.repeat = state["repeat"]
 
     def finish(self) -> dict[str, Any]:
-        """Leave the parameters at the best evaluated point; its curvature pairs go to the
-        carry (``MEMORY_OUT``) for a refit to start from."""
+        """Leave the parameters at the best evaluated point."""
         if self.best_params is not None:
             with torch.no_grad():
                 for p, b in zip(self.problem.params, self.best_params, strict=True):
                     p.copy_(b)
-        state = self.opt.state[self.problem.params[0]]
-        if state.get("old_dirs"):
-            self.carry[MEMORY_OUT] = {k: state[k] for k in ("old_dirs", "old_stps", "ro", "H_diag")}
         return {}
 
 

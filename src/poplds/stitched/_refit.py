@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from ._data import StitchedData
-from ._lbfgs import MEMORY_IN
 from ._loss import LossTensors, expand_groups
 from ._optimizers import registry
 from ._stage import StageProblem, run_stage
@@ -71,7 +70,6 @@ def batched_refit(
     moments: Sequence[Sequence[torch.Tensor]],
     variances: Sequence[np.ndarray],
     start: StitchedLDSParams,
-    memory: dict | None,
     *,
     tol: float,
     window: int,
@@ -79,11 +77,9 @@ def batched_refit(
     seed: int = 0,
 ) -> tuple[list[StitchedLDSParams], int]:
     """Refit every replicate b (``moments[b]``: each recording's unweighted lagged sums,
-    ``variances[b]``: (N_total,)) from ``start`` (with ``memory``, the fit's L-BFGS
-    curvature pairs, repeated for every replicate). Returns their parameters and the passes."""
+    ``variances[b]``: (N_total,)) from ``start``. Returns their parameters and the passes."""
     dev = data.device
     B, K = len(moments), data.lags
-    n = start.C.shape[1]
     tensors = LossTensors.of(data, dev)
     w = data.weights(dev)
     index, S = [], []
@@ -136,8 +132,7 @@ def batched_refit(
     )
     spec = dataclasses.replace(registry()["lbfgs"], window=window)
     options = spec.options(max_passes=max_passes)
-    carry = {MEMORY_IN: _repeated(memory, B, data.n_neurons, n) if memory else None}
-    record = run_stage(spec, options, problem, [], carry, None)
+    record = run_stage(spec, options, problem, [], {}, None)
     out = []
     with torch.no_grad():
         X = make_X()
@@ -149,28 +144,6 @@ def batched_refit(
         out.append(params)
     del X
     return out, record.passes
-
-
-def _repeated(memory: dict, B: int, N: int, n: int) -> dict | None:
-    """One fit's curvature pairs (over ``[C, A, L]`` flattened) as pairs over B stacked
-    copies: each step ``s`` repeated in every replicate's block, each gradient change ``y``
-    too but divided by B (the batched gradient is divided by B times the noise scale), so
-    ``y's`` and ``ro`` are unchanged and ``H_diag = y's / y'y`` grows B-fold."""
-    sizes = [N * n, n * n, n * n]
-    total = sum(sizes)
-    if not memory["old_dirs"] or memory["old_dirs"][0].numel() != total:
-        return None
-
-    def tile(v: torch.Tensor) -> torch.Tensor:
-        parts = torch.split(v, sizes)
-        return torch.cat([p.repeat(B) for p in parts])
-
-    return {
-        "old_dirs": [tile(v) / B for v in memory["old_dirs"]],
-        "old_stps": [tile(v) for v in memory["old_stps"]],
-        "ro": list(memory["ro"]),
-        "H_diag": memory["H_diag"] * B,
-    }
 
 
 def replicate_groups(B: int, per_replicate_bytes: float, budget: float) -> list[range]:

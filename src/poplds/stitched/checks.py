@@ -66,9 +66,9 @@ from .validation import (
 log = get_logger()
 
 #: A refit's tolerance in multiples of ``tol`` (as the free stage's) and its convergence
-#: window (passes): it starts at the estimate with its curvature, and its spread over
-#: replicates is of the order of the sampling noise itself.
-REFIT_TOL, REFIT_WINDOW = 10.0, 3
+#: window (passes): it starts at the estimate, and its spread over replicates is of the
+#: order of the sampling noise itself.
+REFIT_TOL, REFIT_WINDOW = 10.0, 5
 
 
 @contextlib.contextmanager
@@ -91,14 +91,14 @@ def refit(
     start: StitchedFit,
 ) -> StitchedFit:
     """The linked stage (C, A, Pi) on already formed lagged sums (no data read), started
-    from the fit ``start`` with its L-BFGS curvature pairs (:class:`.models.Restart`);
-    variances from the sums (:func:`.validation.pooled_variance`)."""
+    from the fit ``start`` (:class:`.models.Restart`); variances from the sums
+    (:func:`.validation.pooled_variance`)."""
     v = pooled_variance(data, moments)
     d = dataclasses.replace(data, variance=v, diag0=v)
     s = dataclasses.replace(
         settings, restarts=0, route="moments", optimizer="lbfgs", tol=REFIT_TOL * settings.tol
     )
-    restart = models.Restart(start.params, start.memory, REFIT_WINDOW)
+    restart = models.Restart(start.params, REFIT_WINDOW)
     return models.fit([], data.n_neurons, latent_dim, s, data=d, moments=moments, restart=restart)
 
 
@@ -115,7 +115,6 @@ def refit_replicates(
         moments,
         variances,
         start.params,
-        start.memory,
         tol=REFIT_TOL * settings.tol,
         window=REFIT_WINDOW,
         max_passes=settings.max_passes,

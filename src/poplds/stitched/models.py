@@ -48,7 +48,6 @@ from .._linalg import psd_project, stabilise, sym
 from .._logging import get_logger
 from ..store import coverage
 from ._data import StitchedData
-from ._lbfgs import MEMORY_IN, MEMORY_OUT
 from ._loss import DataTerm, LossTensors
 from ._optimizers import choose_optimizer
 from ._prepare import RecordingInput, prepare_data
@@ -145,8 +144,7 @@ class StitchedFit:
 
     params: the fitted parameters; means: per recording (N_r,) means in the recording's own
     neuron order; trace: list of ``(stage, pass, loss)`` (reduced loss per pair, see
-    ``_loss``); info: :class:`FitInfo`; memory: the last L-BFGS stage's curvature pairs
-    (a :class:`Restart` starts from them; None for the other optimisers).
+    ``_loss``); info: :class:`FitInfo`.
     """
 
     params: StitchedLDSParams
@@ -154,19 +152,15 @@ class StitchedFit:
     trace: list[tuple[str, int, float]]
     info: FitInfo
     data: StitchedData = field(repr=False)
-    memory: dict[str, Any] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
 class Restart:
-    """A refit of nearly the same data (a bootstrap replicate, a validation fit): the linked
-    stage alone, from ``params`` (C, A, Pi), with the L-BFGS curvature pairs of the fit it
-    comes from (``memory``, :attr:`StitchedFit.memory`) and a convergence window of
-    ``window`` passes."""
+    """A refit of nearly the same data (a validation fit): the linked stage alone, from
+    ``params`` (C, A, Pi), with a convergence window of ``window`` passes."""
 
     params: StitchedLDSParams
-    memory: dict[str, Any] | None = None
-    window: int = 3
+    window: int = 5
 
 
 def dynamics_from_lagged(X: np.ndarray, stable: bool = True, max_radius: float = 0.995):
@@ -264,15 +258,13 @@ class _Fitting:
         C0: torch.Tensor,
         X0: torch.Tensor,
         dynamics: tuple[np.ndarray, np.ndarray] | None = None,
-        carry: dict | None = None,
     ):
         """Both stages from one start (module docstring, steps 2-4), resumed where a
         checkpoint says: ``(C, A, Pi, trace, free record, linked record)``; with
         ``dynamics`` = (A, Pi), the linked stage alone, from C0, A and Pi (the free record
-        then has no passes); ``carry``: what the stages hand each other (the subspace
-        basis, L-BFGS curvature pairs), given and read by the caller."""
+        then has no passes)."""
         trace: list[tuple[str, int, float]] = []
-        carry = {} if carry is None else carry
+        carry: dict = {}  # what the free stage hands the linked one (the subspace basis)
         if self.progress is not None:
             self.progress.start = name
         if dynamics is not None:
@@ -424,11 +416,10 @@ def fit(
     best = None
     dynamics = (restart.params.A, restart.params.Pi) if restart is not None else None
     for name, Cs, Xs in starts:
-        carry = {MEMORY_IN: restart.memory} if restart is not None else {}
-        C, A, Pi, trace, r1, r2 = fitting.from_start(name, Cs, Xs, dynamics, carry)
+        C, A, Pi, trace, r1, r2 = fitting.from_start(name, Cs, Xs, dynamics)
         if best is None or r2.loss < best[0]:
-            best = (r2.loss, name, C, A, Pi, trace, r1, r2, carry.get(MEMORY_OUT))
-    _, name, C, A, Pi, trace, r1, r2, memory = best
+            best = (r2.loss, name, C, A, Pi, trace, r1, r2)
+    _, name, C, A, Pi, trace, r1, r2 = best
     params, guards = _noise_and_guards(data, C, A, Pi, s.lags)
     info = FitInfo(
         device=str(dev),
@@ -447,7 +438,7 @@ def fit(
         guards=guards,
     )
     means = {rec.name: rec.mean_in_source_order() for rec in data.recordings}
-    return StitchedFit(params=params, means=means, trace=trace, info=info, data=data, memory=memory)
+    return StitchedFit(params=params, means=means, trace=trace, info=info, data=data)
 
 
 def _fit_warnings(r1: StageRecord, r2: StageRecord, fitting: _Fitting) -> list[str]:
