@@ -197,12 +197,21 @@ def choose_stitched(metrics: Sequence[dict[str, Any]]) -> dict[str, Any]:
             f"; lowest {use} relative error {np.nanmin(err):.3g} at n = {best}; chosen the "
             f"smallest n within {within} of it (at most {threshold:.3g}): n = {chosen}"
         )
-    if np.isfinite(err).any() and np.nanmin(err) >= 1:
-        warnings.append(
-            f"the {use} relative error is at least 1 at every n (lowest {np.nanmin(err):.3g}): "
-            f"no fit predicts the {use} pairs' covariances better than zero; these data carry "
-            "little reproducible low-rank covariance"
-        )
+    if np.isfinite(err).any():
+        best = int(np.nanargmin(err))
+        sd = c["se"][best] if c["se"][best] is not None else 0.0
+        if err[best] >= 1:
+            warnings.append(
+                f"the {use} relative error is at least 1 at every n (lowest "
+                f"{err[best]:.3f}): no fit predicts the {use} pairs' covariances better than "
+                "zero; these data carry little reproducible low-rank covariance"
+            )
+        elif err[best] + sd >= 1:
+            warnings.append(
+                f"the lowest {use} relative error, {err[best]:.3f} at n = {dims[best]}, is "
+                f"within one standard error ({sd:.3f}) of 1: its predictions cannot be told "
+                "from predicting zero covariance on these data"
+            )
     return {
         "dims": dims,
         "criterion": use,

@@ -52,7 +52,7 @@ def _stitched_section(choice: dict[str, Any], metrics: Sequence[dict[str, Any]])
             f"{_ci(s, 'stitch_rel_error')}, r {_fmt(s.get('stitch_corr'))}"
             f"{_ci(s, 'stitch_corr')}, on {val['n_pairs']} ordered pairs (each at every lag) "
             f"of {hidden} hidden "
-            f"neurons in {len(val['hidden'])} recordings"
+            f"neurons in {len(val['hidden'])} recording(s)"
             + (
                 f"; the intervals of these pairs hold their empirical values "
                 f"{_fmt(val['coverage'])} of the time (nominal {level:.0%})"
