@@ -83,9 +83,7 @@ def cost(args) -> list[dict]:
     stitched.fit(warm[1], 90, 4, s)  # the one-time imports, outside the timings
     for name in args.settings:
         N, n, blocks, moduli = cases[name]
-        layout = [
-            simulate.SimRecording(f"r{k}", (a, b), T) for k, (a, b, T) in enumerate(blocks)
-        ]
+        layout = [simulate.SimRecording(f"r{k}", (a, b), T) for k, (a, b, T) in enumerate(blocks)]
         p, recs = simulation(N, n, layout, 1.0, 0, moduli)
         fit, m, t_fit, t_checks = fit_and_check(p, recs, N, n, s)
         boot, val = m["bootstrap"], m["stitch_validation"]
@@ -120,9 +118,7 @@ def calibration(args) -> list[dict]:
         for seed in range(args.seeds):
             layout = simulate.overlapping_layout(N, 2, overlap, T // 2)
             p, recs = simulation(N, n, layout, noise, 100 + seed)
-            s = StitchedSettings(
-                lags=10, device=args.device, seed=seed, bootstrap=args.replicates
-            )
+            s = StitchedSettings(lags=10, device=args.device, seed=seed, bootstrap=args.replicates)
             t = time.perf_counter()
             _, m, _, _ = fit_and_check(p, recs, N, n, s)
             cover = m["bootstrap"]["coverage_vs_truth"]["never"]
