@@ -44,6 +44,14 @@ def _read(path: Path, model: str):
             "loadings": module["loadings"].to_dataframe(),
             "dynamics": module["dynamics"].to_dataframe(),
             "source": module["source"].to_dataframe().iloc[0].to_dict(),
+            "scores": module["scores"].to_dataframe()
+            if "scores" in module.data_interfaces
+            else None,
+            "time_constants": (
+                module["time_constants"].to_dataframe()
+                if "time_constants" in module.data_interfaces
+                else None
+            ),
             "trials": None if f.trials is None else f.trials.to_dataframe(),
         }
     return out
@@ -126,6 +134,17 @@ def test_stitched_latents_round_trip_with_pynwb(stitched_fit):
         assert got["module"]["latent_dim"] == 2 and got["module"]["settings"]["lags"] == 4
         assert got["was_generated_by"][0][0] == "poplds"
         assert got["trials"] is None
+        # the bootstrap's intervals travel with the latents: scores and time constants
+        checks = zarr.open_group(str(outputs.model / "checks"), mode="r")
+        scores = got["scores"].set_index("score")
+        summary = dict(checks.attrs)["summary"]
+        assert scores.loc["observed_corr", "value"] == pytest.approx(summary["observed_corr"])
+        lo, hi = summary["observed_corr_interval"]
+        assert scores.loc["observed_corr", ["lo", "hi"]].tolist() == pytest.approx([lo, hi])
+        assert -1 <= lo <= hi <= 1  # a correlation's interval stays within [-1, 1]
+        tau = got["time_constants"]
+        np.testing.assert_allclose(tau["time_constant_s"], np.asarray(checks["time_constant_s"][0]))
+        assert (tau["time_constant_lo_s"] <= tau["time_constant_s"]).all()
     # the same fit gives the same file identity; no temporary file is left
     first = _read(tmp / "nwb" / "a.nwb", "stitched_lds")["identifier"]
     write_latents_nwb(

@@ -189,15 +189,21 @@ def percentile_interval(samples: np.ndarray, level: float, axis: int = 0) -> np.
     return np.quantile(samples, q, axis=axis, method="weibull")
 
 
-def centred_interval(point: float, replicates: np.ndarray, level: float) -> list[float] | None:
+def centred_interval(
+    point: float,
+    replicates: np.ndarray,
+    level: float,
+    bounds: tuple[float, float] = (-math.inf, math.inf),
+) -> list[float] | None:
     """``point + [lo, hi]``, the percentile interval of the replicates' deviations from
     their mean: the spread the bootstrap measures, placed at the estimate. Used for scores:
     a replicate's score also carries the replicate's own resampling noise (an error score
     sits above the estimate's in every replicate), which is not the score's uncertainty.
-    None with fewer than two finite replicates or a non-finite point."""
+    Clipped to ``bounds`` (a correlation's [-1, 1], an error's [0, inf)). None with fewer
+    than two finite replicates or a non-finite point."""
     r = np.asarray(replicates, dtype=np.float64)
     r = r[np.isfinite(r)]
     if len(r) < 2 or point is None or not math.isfinite(point):
         return None
     lo, hi = percentile_interval(r - r.mean(), level)
-    return [float(point + lo), float(point + hi)]
+    return [float(np.clip(point + lo, *bounds)), float(np.clip(point + hi, *bounds))]

@@ -70,6 +70,9 @@ log = get_logger()
 #: order of the sampling noise itself.
 REFIT_TOL, REFIT_WINDOW = 10.0, 5
 
+#: The range of each kind of score (a centred interval is clipped to it).
+BOUNDS = {"corr": (-1.0, 1.0), "rel_error": (0.0, math.inf)}
+
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
@@ -190,7 +193,7 @@ def _interval_rows(
         out.append(
             {
                 key: centred_interval(
-                    p0[key], np.array([r[key] for r in lag_rows], dtype=float), level
+                    p0[key], np.array([r[key] for r in lag_rows], dtype=float), level, BOUNDS[key]
                 )
                 for key in ("corr", "rel_error")
             }
@@ -418,7 +421,9 @@ def check_fit(
         r = np.array(reps_k, dtype=float)
         ok = np.isfinite(r).sum() >= 2
         boot["summary"][key] = {
-            "interval": centred_interval(p0, r, level),
+            "interval": centred_interval(
+                p0, r, level, BOUNDS["corr" if "corr" in key else "rel_error"]
+            ),
             "se": float(np.nanstd(r, ddof=1)) if ok else None,
         }
     if true is not None:  # coverage of the truth, per class
