@@ -212,6 +212,7 @@ def plot_dimension_choice(metrics_files: Sequence[str | Path], out: str | Path) 
         )
     if choice["threshold"] is not None:
         a.axhline(choice["threshold"], color="0.4", ls=":", lw=0.8, label="lowest + 1 SE")
+    a.axhline(1.0, color="tab:red", ls="-", lw=0.6, alpha=0.6, label="predicting zero")
     if choice["chosen"] is not None:
         a.axvline(choice["chosen"], color="k", ls="--", lw=0.8)
         a.annotate(
