@@ -162,8 +162,12 @@ def ingest_runtime(wildcards, input):
 
 
 def stitched_mem_mb(wildcards, input):
-    # on the CPU, up to 4 GB of data are held in memory and the rest streamed from the store
-    return int(3000 + 1.5 * min(_activity_mb(input.store), 4000))
+    # on the CPU, up to 4 GB of data are held in memory and the rest streamed from the store;
+    # the checks (stitch validation, bootstrap) add the atoms' and the replicates' lagged
+    # sums, each held within the fit's moment budget (at most 1 GB each on the CPU)
+    checks = stitched_config(wildcards.dataset)
+    extra = 2000 if checks["bootstrap"] or checks["validation_fraction"] else 0
+    return int(3000 + extra + 1.5 * min(_activity_mb(input.store), 4000))
 
 
 def stitched_runtime(wildcards, input):
