@@ -239,6 +239,32 @@ def test_partial_recordings_share_a_neuron_table(tmp_path, rng):
     assert store.recording_names == ["a", "b"] and store.attrs["dataset"] == "x"
 
 
+def test_one_file_split_into_partial_recordings(tmp_path, rng):
+    """frames and neurons ranges of one file give partial recordings that share neurons;
+    a range outside the file is refused, naming the file, the key and the valid range."""
+    from poplds import InputError
+
+    y = rng.standard_normal((100, 6)).astype(np.float32)
+    np.savez(tmp_path / "a.npz", activity=y, neuron_ids=np.arange(6) * 10, rate_hz=10)
+    src = str(tmp_path / "a.npz")
+    out = ingest_dataset(
+        [
+            {"path": src, "name": "early", "frames": [0, 50], "neurons": [0, 4]},
+            {"path": src, "name": "late", "frames": [50, 100], "neurons": [2, 6]},
+        ],
+        tmp_path / "x" / "data.zarr",
+    )
+    store = DatasetStore(out)
+    assert store.neuron_ids.tolist() == ["0", "10", "20", "30", "40", "50"]
+    assert_same(store.activity("early").compute(), y[:50, :4])
+    assert_same(store.activity("late").compute(), y[50:, 2:])
+    np.testing.assert_array_equal(store.shared_neurons, [[4, 2], [2, 4]])
+    with pytest.raises(InputError, match=r"a\.npz.*frames: \[90, 120\].*100 time steps"):
+        ingest_dataset(
+            [{"path": src, "name": "bad", "frames": [90, 120]}], tmp_path / "y" / "data.zarr"
+        )
+
+
 def test_store_chunks_and_codec(tmp_path, rng):
     y = rng.standard_normal((20000, 50)).astype(np.float32)  # 4 MB
     np.savez(tmp_path / "a.npz", activity=y, neuron_ids=np.arange(50), rate_hz=10)
