@@ -28,6 +28,9 @@ from ._optimizers import registry
 from ._stage import StageProblem, run_stage
 from .models import StitchedLDSParams, _noise_and_guards
 
+#: The type of the replicates' weighted sums and of their products with C.
+PRODUCT_DTYPE = torch.float32
+
 
 def _batched_loss(
     C: torch.Tensor,
@@ -60,7 +63,7 @@ def _batched_loss(
     D = C.new_zeros(C.shape[0])
     for Sr, idx in zip(S, index, strict=True):
         Cr = C[:, idx]
-        SC = Sr @ Cr[:, None]  # (B, K, N_r, n): S_s C
+        SC = (Sr @ Cr[:, None].to(Sr.dtype)).to(C.dtype)  # (B, K, N_r, n): S_s C
         D = D + torch.sum((Cr[:, None] @ X) * SC, dim=(1, 2, 3))  # sum_s <C X_s, S_s C>
     return square + diag - 2 * D
 
@@ -86,7 +89,7 @@ def batched_refit(
     for k, rec in enumerate(data.recordings):
         g = torch.as_tensor(rec.groups, device=dev)
         E = expand_groups(rec, w[:, g][:, :, g])
-        S.append(torch.stack([m[k].to(dev) * E for m in moments]))
+        S.append(torch.stack([(m[k].to(dev) * E).to(PRODUCT_DTYPE) for m in moments]))
         index.append(torch.as_tensor(rec.neurons, device=dev))
     V = torch.as_tensor(np.stack(variances), device=dev)[:, tensors.by_group]
     V = torch.nan_to_num(V)
