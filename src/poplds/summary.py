@@ -17,10 +17,13 @@ from typing import Any
 
 from .report import _fmt, _page, _warnings_html, _write_text
 
-#: Where the calibration of the intervals is measured (README, Benchmarks).
+#: The calibration of the intervals as measured (README, Benchmarks; re-measure with the
+#: command it names after changing the bootstrap).
 CALIBRATION = (
-    "The calibration of these intervals is measured on simulations by "
-    "<code>benchmarks/bench_checks.py calibration</code> (README, Benchmarks)."
+    "Calibration, measured on 54 simulations (<code>benchmarks/bench_checks.py calibration "
+    "--seeds 3</code>: overlaps n to 10n, noise-to-signal 0.5-2, T 2e3-1e5): nominal 90 % "
+    "intervals held the true never co-observed covariances 0.917 of the time on average, "
+    "0.84-0.96 per setting (lowest for short, noisy recordings with small overlaps)."
 )
 
 
