@@ -59,11 +59,8 @@ def fit_and_check(p, recs, N, n, settings, lags=10):
     t_fit = time.perf_counter() - t
     truth = StitchedLDSParams.from_dynamics(p.A, p.C, p.Q, p.R, p.Pi, lags)
     scores = covariance_scores(fit.params, fit.data, truth=truth, seed=settings.seed)
-    fig = scores["_figure"]
     t = time.perf_counter()
-    metrics, _ = check_fit(
-        fit, settings, n, sample=fig["sample"], cls=fig["cls"], truth=truth, rate_hz=10.0
-    )
+    metrics, _ = check_fit(fit, settings, n, scores=scores, rate_hz=10.0)
     return fit, metrics, t_fit, time.perf_counter() - t
 
 

@@ -19,6 +19,22 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def simulated(N=60, n=3, overlap=10, T=4000, seed=0, n_rec=2, moduli=(0.85, 0.95), noise=1.0):
+    """A stitched LDS (``poplds.simulate``) and its partial recordings as fit inputs: n_rec
+    recordings of T steps, neighbours sharing ``overlap`` of the N neurons."""
+    from poplds import simulate
+    from poplds.stitched import RecordingInput
+
+    p = simulate.random_stitched_lds(N, n, eig_moduli=moduli, noise_to_signal=noise, seed=seed)
+    layout = simulate.overlapping_layout(N, n_rec, overlap, T)
+    ys, _ = simulate.simulate_stitched(p, layout, seed=seed)
+    recs = [
+        RecordingInput(r.name, y.astype(np.float32), np.arange(*r.neurons))
+        for r, y in zip(layout, ys, strict=True)
+    ]
+    return p, recs
+
+
 def write_npz(path: Path, activity, ids=None, rate: float = 10.0, **extra) -> Path:
     """An npz recording: ``activity`` (time, neurons) or (trials, time, neurons), its neuron
     ids (default 0..N-1) and ``rate_hz``, plus any ``extra`` arrays."""

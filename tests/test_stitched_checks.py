@@ -7,11 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import simulated
 
-from poplds import simulate, stitched
+from poplds import stitched
 from poplds.report import choose_stitched, one_se_choice
 from poplds.stitched import RecordingInput, StitchedSettings, prepare_data
-from poplds.stitched._loss import DataTerm, lagged_moments
+from poplds.stitched._loss import lagged_moments
+from poplds.stitched._refit import ReplicateLoss
 from poplds.stitched.bootstrap import (
     atom_moments,
     percentile_interval,
@@ -21,22 +23,18 @@ from poplds.stitched.bootstrap import (
 from poplds.stitched.checks import check_fit
 from poplds.stitched.evaluate import covariance_scores
 from poplds.stitched.models import StitchedLDSParams
-from poplds.stitched.validation import choose_hidden, reduced_data, validation_pairs
+from poplds.stitched.validation import (
+    choose_hidden,
+    pooled_variance,
+    reduced_data,
+    validation_pairs,
+)
 
 CPU = torch.device("cpu")
 
 
-def _recordings(N=90, n=4, T=3000, seed=3, overlap=12, n_rec=3, noise=1.0):
-    p = simulate.random_stitched_lds(
-        N, n, eig_moduli=(0.85, 0.97), noise_to_signal=noise, seed=seed
-    )
-    layout = simulate.overlapping_layout(N, n_rec, overlap, T)
-    ys, _ = simulate.simulate_stitched(p, layout, seed=seed)
-    recs = [
-        RecordingInput(r.name, y.astype(np.float32), np.arange(*r.neurons))
-        for r, y in zip(layout, ys, strict=True)
-    ]
-    return p, recs
+def _recordings(N=90, n=4, T=3000, seed=3, overlap=12, n_rec=3):
+    return simulated(N, n, overlap, T, seed, n_rec, moduli=(0.85, 0.97))
 
 
 def test_replicate_moments_equal_those_of_the_resampled_data():
@@ -101,17 +99,21 @@ def test_validation_pairs_are_never_in_the_loss():
         bumped[q.rec][:, h[:, None], o[None, :]] += 1e3
         bumped[q.rec][:, o[:, None], h[None, :]] -= 1e3
     g = np.random.default_rng(2)
-    C = torch.as_tensor(g.standard_normal((90, 4)))
-    X = torch.as_tensor(g.standard_normal((5, 4, 4)))
-    out = []
-    for moments in (full, bumped):
-        term = DataTerm(red.data, red.data.weights(CPU), 4, moments=red.moments(moments))
-        out.append(term.full(C, X))
+    C = torch.as_tensor(g.standard_normal((1, 90, 4)))
+    X = torch.as_tensor(g.standard_normal((1, 5, 4, 4)))
+
+    def loss_and_grads(d, moments):  # the refits' loss (one replicate) and its gradients
+        f = ReplicateLoss(d, [moments], [pooled_variance(d, moments)])
+        Cg, Xg = C.clone().requires_grad_(True), X.clone().requires_grad_(True)
+        loss = f(Cg, Xg).sum()
+        loss.backward()
+        return loss.detach(), Cg.grad, Xg.grad
+
+    out = [loss_and_grads(red.data, red.moments(m)) for m in (full, bumped)]
     for a, b in zip(out[0], out[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-9)
     # and the same perturbation on the full data (where those pairs are co-observed) does
-    term = DataTerm(data, data.weights(CPU), 4, moments=bumped)
-    assert not torch.allclose(term.full(C, X)[0], out[0][0])
+    assert not torch.allclose(loss_and_grads(data, bumped)[0], loss_and_grads(data, full)[0])
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +124,7 @@ def checked():
     truth = StitchedLDSParams.from_dynamics(p.A, p.C, p.Q, p.R, p.Pi, 6)
     scores = covariance_scores(fit.params, fit.data, truth=truth, seed=0)
     fig = scores["_figure"]
-    metrics, arrays = check_fit(
-        fit, s, 4, sample=fig["sample"], cls=fig["cls"], truth=truth, rate_hz=10.0
-    )
+    metrics, arrays = check_fit(fit, s, 4, scores=scores, rate_hz=10.0)
     return fit, truth, fig, metrics, arrays
 
 
@@ -164,8 +164,7 @@ def test_checks_are_skipped_with_a_reason_without_overlaps():
     s = StitchedSettings(lags=4, device="cpu", bootstrap=3)
     fit = stitched.fit(recs, 90, 4, s)
     scores = covariance_scores(fit.params, fit.data, seed=0)
-    fig = scores["_figure"]
-    metrics, _ = check_fit(fit, s, 4, sample=fig["sample"], cls=fig["cls"], truth=None, rate_hz=1)
+    metrics, _ = check_fit(fit, s, 4, scores=scores, rate_hz=1)
     assert "no recording shares" in metrics["stitch_validation"]["skipped"]
     assert metrics["bootstrap"]["replicates"] == 3
 

@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import simulated
 
 from poplds import DatasetStore, InputError, ingest_dataset, simulate, stitched
 from poplds.stitched import (
@@ -27,17 +28,6 @@ from poplds.stitched.evaluate import (
 from poplds.stitched.models import dynamics_from_lagged
 
 CPU = torch.device("cpu")
-
-
-def simulated(N=60, n=3, overlap=10, T=4000, seed=0, n_rec=2, moduli=(0.85, 0.95)):
-    p = simulate.random_stitched_lds(N, n, eig_moduli=moduli, noise_to_signal=1.0, seed=seed)
-    layout = simulate.overlapping_layout(N, n_rec, overlap, T)
-    ys, _ = simulate.simulate_stitched(p, layout, seed=seed)
-    recs = [
-        RecordingInput(r.name, y.astype(np.float32), np.arange(*r.neurons))
-        for r, y in zip(layout, ys, strict=True)
-    ]
-    return p, recs
 
 
 def truth_params(p, lags):

@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import REPO
-from test_stitched_fit import simulated
+from conftest import REPO, simulated
 
 from poplds import stitched
 from poplds.stitched import StitchedSettings

@@ -232,10 +232,7 @@ class DataTerm:
 
     ``weights``: (K, G, G) from :meth:`StitchedData.weights`; ``route``: ``auto``, ``data``
     or ``moments`` for every recording; ``window_rows``: rows per minibatch window of the
-    data route (default: the recording's read chunk, which full passes use); ``moments``:
-    every recording's unweighted lagged sums ``S_r(s)`` (K, N_r, N_r), group-sorted, already
-    formed (a bootstrap replicate's, a validation fit's): every recording is then on the
-    moments route and no data are read.
+    data route (default: the recording's read chunk, which full passes use).
     """
 
     def __init__(
@@ -246,14 +243,11 @@ class DataTerm:
         *,
         route: str | Sequence[str] = "auto",
         window_rows: int | None = None,
-        moments: Sequence[torch.Tensor] | None = None,
     ) -> None:
         self.data = data
         self.n_latent = n_latent
         dev = data.device
-        if moments is not None and len(moments) != len(data.recordings):
-            raise ValueError(f"{len(moments)} moments for {len(data.recordings)} recordings")
-        self.routes = choose_routes(data, n_latent, "moments" if moments is not None else route)
+        self.routes = choose_routes(data, n_latent, route)
         self.access = DataAccess(data, self.routes, window_rows)
         groups = [torch.as_tensor(r.groups, device=dev) for r in data.recordings]
         self.w = [weights[:, g][:, :, g] for g in groups]
@@ -262,9 +256,7 @@ class DataTerm:
         # every rank forms every moment (they are small by choice): the warm start, which
         # reads them, is then the same on any number of ranks; each evaluates its own
         for k, (rec, how) in enumerate(zip(data.recordings, self.routes, strict=True)):
-            if how == "moments" and moments is not None:
-                self.moments[k] = moments[k].to(dev) * expand_groups(rec, self.w[k])
-            elif how == "moments":
+            if how == "moments":
                 blocks = self.access.all_windows(k, dev)
                 self.moments[k] = lagged_moments(rec, data.lags, dev, self.w[k], blocks)
         counts = {how: self.routes.count(how) for how in ("data", "moments")}

@@ -25,47 +25,66 @@ import torch
 from ._data import StitchedData
 from ._loss import LossTensors, expand_groups
 from ._optimizers import registry
-from ._stage import StageProblem, run_stage
+from ._stage import StageProblem, StageRecord, run_stage
 from .models import StitchedLDSParams, _noise_and_guards
 
 #: The type of the replicates' weighted sums and of their products with C.
 PRODUCT_DTYPE = torch.float32
 
 
-def _batched_loss(
-    C: torch.Tensor,
-    X: torch.Tensor,
-    S: Sequence[torch.Tensor],
-    index: Sequence[torch.Tensor],
-    tensors: LossTensors,
-    diag0: torch.Tensor,
-    variance: torch.Tensor,
-    onehot: torch.Tensor,
-) -> torch.Tensor:
-    """(B,) the replicates' ``P L_b`` (module docstring): ``C`` (B, N, n), ``X`` (B, K, n, n),
-    ``S[r]`` (B, K, N_r, N_r) weighted sums, ``index[r]`` (N_r,) positions, ``diag0`` and
-    ``variance`` (B, N_obs) in ``tensors.by_group`` order, ``onehot`` (N_obs, G) the groups
-    of that order."""
-    Cs = C[:, tensors.by_group]
-    n = C.shape[2]
-    outer = (Cs[:, :, :, None] * Cs[:, :, None, :]).reshape(C.shape[0], -1, n * n)
-    G = (onehot.T @ outer).reshape(C.shape[0], -1, n, n)  # (B, G, n, n): C_bg' C_bg
-    B, K, n = X.shape[0], X.shape[1], X.shape[2]
-    ng = G.shape[1]
-    XtGX = X.transpose(2, 3)[:, :, None] @ G[:, None] @ X[:, :, None]  # (B, K, G, n, n)
-    # tr(X_s' G_g X_s G_h) = <X_s' G_g X_s, G_h'> for every (s, g, h): one batched product
-    T = XtGX.reshape(B, K * ng, n * n) @ G.transpose(2, 3).reshape(B, ng, n * n).transpose(1, 2)
-    square = torch.sum(T.reshape(B, K, ng, ng) * tensors.coobserved, dim=(1, 2, 3))
-    m = torch.sum((Cs @ X[:, 0]) * Cs, dim=2)
-    diag = -torch.sum(m * m - 2 * m * diag0, dim=1) + torch.sum(
-        torch.clamp(m - variance, min=0) ** 2, dim=1
-    )
-    D = C.new_zeros(C.shape[0])
-    for Sr, idx in zip(S, index, strict=True):
-        Cr = C[:, idx]
-        SC = (Sr @ Cr[:, None].to(Sr.dtype)).to(C.dtype)  # (B, K, N_r, n): S_s C
-        D = D + torch.sum((Cr[:, None] @ X) * SC, dim=(1, 2, 3))  # sum_s <C X_s, S_s C>
-    return square + diag - 2 * D
+class ReplicateLoss:
+    """The replicates' losses (module docstring) as a function of their parameters.
+
+    ``moments[b]``: replicate b's unweighted lagged sums of every recording (K, N_r, N_r),
+    group-sorted; ``variances[b]``: its variances (N_total,). Calling it with ``C``
+    (B, N, n) and ``X`` (B, K, n, n) returns the (B,) reduced losses ``L_b``
+    (``P L_b`` over the pairs ``P`` of the loss)."""
+
+    def __init__(
+        self,
+        data: StitchedData,
+        moments: Sequence[Sequence[torch.Tensor]],
+        variances: Sequence[np.ndarray],
+    ) -> None:
+        dev = data.device
+        self.tensors = LossTensors.of(data, dev)
+        w = data.weights(dev)
+        self.S, self.index = [], []
+        for k, rec in enumerate(data.recordings):
+            g = torch.as_tensor(rec.groups, device=dev)
+            E = expand_groups(rec, w[:, g][:, :, g])
+            self.S.append(torch.stack([(m[k].to(dev) * E).to(PRODUCT_DTYPE) for m in moments]))
+            self.index.append(torch.as_tensor(rec.neurons, device=dev))
+        V = torch.as_tensor(np.stack(variances), device=dev)[:, self.tensors.by_group]
+        self.V = torch.nan_to_num(V)
+        bounds = self.tensors.group_bounds
+        group = torch.repeat_interleave(
+            torch.arange(len(bounds), device=dev),
+            torch.as_tensor([b - a for a, b in bounds], device=dev),
+        )
+        self.onehot = torch.nn.functional.one_hot(group, len(bounds)).to(torch.float64)
+
+    def __call__(self, C: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        t = self.tensors
+        B, K, n = X.shape[0], X.shape[1], X.shape[2]
+        Cs = C[:, t.by_group]
+        outer = (Cs[:, :, :, None] * Cs[:, :, None, :]).reshape(B, -1, n * n)
+        G = (self.onehot.T @ outer).reshape(B, -1, n, n)  # (B, G, n, n): C_bg' C_bg
+        ng = G.shape[1]
+        XtGX = X.transpose(2, 3)[:, :, None] @ G[:, None] @ X[:, :, None]  # (B, K, G, n, n)
+        # tr(X_s' G_g X_s G_h) = <X_s' G_g X_s, G_h'> for every (s, g, h): one batched product
+        T = XtGX.reshape(B, K * ng, n * n) @ G.transpose(2, 3).reshape(B, ng, n * n).transpose(1, 2)
+        square = torch.sum(T.reshape(B, K, ng, ng) * t.coobserved, dim=(1, 2, 3))
+        m = torch.sum((Cs @ X[:, 0]) * Cs, dim=2)
+        diag = -torch.sum(m * m - 2 * m * self.V, dim=1) + torch.sum(
+            torch.clamp(m - self.V, min=0) ** 2, dim=1
+        )
+        D = C.new_zeros(B)
+        for Sr, idx in zip(self.S, self.index, strict=True):
+            Cr = C[:, idx]
+            SC = (Sr @ Cr[:, None].to(Sr.dtype)).to(C.dtype)  # (B, K, N_r, n): S_s C
+            D = D + torch.sum((Cr[:, None] @ X) * SC, dim=(1, 2, 3))  # sum_s <C X_s, S_s C>
+        return (square + diag - 2 * D) / t.n_pairs
 
 
 def batched_refit(
@@ -78,35 +97,20 @@ def batched_refit(
     window: int,
     max_passes: int,
     seed: int = 0,
-) -> tuple[list[StitchedLDSParams], int]:
+) -> tuple[list[StitchedLDSParams], StageRecord]:
     """Refit every replicate b (``moments[b]``: each recording's unweighted lagged sums,
-    ``variances[b]``: (N_total,)) from ``start``. Returns their parameters and the passes."""
+    ``variances[b]``: (N_total,)) from ``start``. Returns their parameters and the stage's
+    record (passes, stop)."""
     dev = data.device
     B, K = len(moments), data.lags
-    tensors = LossTensors.of(data, dev)
-    w = data.weights(dev)
-    index, S = [], []
-    for k, rec in enumerate(data.recordings):
-        g = torch.as_tensor(rec.groups, device=dev)
-        E = expand_groups(rec, w[:, g][:, :, g])
-        S.append(torch.stack([(m[k].to(dev) * E).to(PRODUCT_DTYPE) for m in moments]))
-        index.append(torch.as_tensor(rec.neurons, device=dev))
-    V = torch.as_tensor(np.stack(variances), device=dev)[:, tensors.by_group]
-    V = torch.nan_to_num(V)
+    loss_of = ReplicateLoss(data, moments, variances)
     unit = float(np.nanmean(np.stack(variances)[:, data.group_of >= 0]))
-    floor = data.noise_floor()
     C = torch.as_tensor(np.nan_to_num(start.C), device=dev).expand(B, -1, -1).clone()
     A = torch.as_tensor(start.A, device=dev).expand(B, -1, -1).clone()
     L0 = torch.linalg.cholesky(torch.as_tensor(start.Pi, device=dev) / unit)
     L = L0.expand(B, -1, -1).clone()
     for p in (C, A, L):
         p.requires_grad_(True)
-    P = tensors.n_pairs
-    group = torch.repeat_interleave(
-        torch.arange(len(tensors.group_bounds), device=dev),
-        torch.as_tensor([b - a for a, b in tensors.group_bounds], device=dev),
-    )
-    onehot = torch.nn.functional.one_hot(group, len(tensors.group_bounds)).to(torch.float64)
 
     def make_X() -> torch.Tensor:  # (B, K, n, n): X_bs = A_b^s Pi_b, batched over b
         Lt = torch.tril(L)
@@ -118,7 +122,7 @@ def batched_refit(
     def objective() -> torch.Tensor:
         for p in (C, A, L):
             p.grad = None
-        loss = torch.sum(_batched_loss(C, make_X(), S, index, tensors, V, V, onehot)) / P
+        loss = torch.sum(loss_of(C, make_X()))
         loss.backward()
         return loss.detach()
 
@@ -127,26 +131,23 @@ def batched_refit(
         params=[C, A, L],
         make_X=make_X,
         term=None,
-        tensors=tensors,
+        tensors=loss_of.tensors,
         tol=tol,
-        scale=B * floor,
+        scale=B * data.noise_floor(),
         seed=seed,
         objective=objective,
     )
     spec = dataclasses.replace(registry()["lbfgs"], window=window)
-    options = spec.options(max_passes=max_passes)
-    record = run_stage(spec, options, problem, [], {}, None)
-    out = []
+    record = run_stage(spec, spec.options(max_passes=max_passes), problem, [], {}, None)
     with torch.no_grad():
-        X = make_X()
         Lt = torch.tril(L)
         Pi = unit * Lt @ Lt.transpose(1, 2)
+    out = []
     for b in range(B):
         d = dataclasses.replace(data, variance=variances[b], diag0=variances[b])
         params, _ = _noise_and_guards(d, C[b].detach(), A[b].detach(), Pi[b], K)
         out.append(params)
-    del X
-    return out, record.passes
+    return out, record
 
 
 def replicate_groups(B: int, per_replicate_bytes: float, budget: float) -> list[range]:

@@ -26,7 +26,6 @@ fit's moment budget even with the longest blocks allowed, the checks are skipped
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import time
@@ -38,9 +37,9 @@ import torch
 
 from .._distributed import rank_and_size
 from .._logging import get_logger
-from . import models
 from ._data import StitchedData
 from ._refit import batched_refit, replicate_groups
+from ._stage import StageRecord
 from .bootstrap import (
     ATOMS_PER_BLOCK,
     MIN_BLOCKS,
@@ -51,7 +50,7 @@ from .bootstrap import (
     percentile_interval,
     resample_counts,
 )
-from .evaluate import _stats, class_scores, lagged_prediction
+from .evaluate import _stats, class_scores, lagged_prediction, mean_over_lags, pooled_sample
 from .models import StitchedFit, StitchedLDSParams
 from .settings import StitchedSettings
 from .validation import (
@@ -88,36 +87,19 @@ def _quiet() -> Iterator[None]:
 
 def refit(
     data: StitchedData,
-    moments: Sequence[torch.Tensor],
-    latent_dim: int,
-    settings: StitchedSettings,
-    start: StitchedFit,
-) -> StitchedFit:
-    """The linked stage (C, A, Pi) on already formed lagged sums (no data read), started
-    from the fit ``start`` (:class:`.models.Restart`); variances from the sums
-    (:func:`.validation.pooled_variance`)."""
-    v = pooled_variance(data, moments)
-    d = dataclasses.replace(data, variance=v, diag0=v)
-    s = dataclasses.replace(
-        settings, restarts=0, route="moments", optimizer="lbfgs", tol=REFIT_TOL * settings.tol
-    )
-    restart = models.Restart(start.params, REFIT_WINDOW)
-    return models.fit([], data.n_neurons, latent_dim, s, data=d, moments=moments, restart=restart)
-
-
-def refit_replicates(
-    data: StitchedData,
     moments: Sequence[Sequence[torch.Tensor]],
-    start: StitchedFit,
+    start: StitchedLDSParams,
     settings: StitchedSettings,
-) -> tuple[list[StitchedLDSParams], int]:
-    """Every replicate's linked stage from ``start``, all at once (``_refit``)."""
+) -> tuple[list[StitchedLDSParams], StageRecord]:
+    """The linked stage (C, A, Pi) of every set of lagged sums in ``moments`` (one per
+    replicate; one set for the validation fit), all at once from ``start`` (``_refit``),
+    reading no data; variances from the sums (:func:`.validation.pooled_variance`)."""
     variances = [pooled_variance(data, S) for S in moments]
     return batched_refit(
         data,
         moments,
         variances,
-        start.params,
+        start,
         tol=REFIT_TOL * settings.tol,
         window=REFIT_WINDOW,
         max_passes=settings.max_passes,
@@ -128,24 +110,14 @@ def refit_replicates(
 def sample_covariances(
     data: StitchedData, moments: Sequence[torch.Tensor], sample: np.ndarray
 ) -> np.ndarray:
-    """Pooled empirical lagged covariances (K, m, m) of the sampled neurons from every
-    recording's lagged sums (as :func:`.evaluate.empirical_sample` computes from the data)."""
-    K, m = data.lags, len(sample)
-    pos = np.full(data.n_neurons, -1)
-    pos[sample] = np.arange(m)
-    S = np.zeros((K, m, m))
-    N = np.zeros((K, m, m))
-    for rec, M in zip(data.recordings, moments, strict=True):
-        cols = np.flatnonzero(pos[rec.neurons] >= 0)
-        if len(cols) == 0:
-            continue
-        idx = pos[rec.neurons[cols]]
-        c = torch.as_tensor(cols, device=M.device)
-        sub = M[:, c][:, :, c].cpu().numpy()
-        for s in range(K):
-            S[s][np.ix_(idx, idx)] += sub[s]
-            N[s][np.ix_(idx, idx)] += rec.n_time - s
-    return np.divide(S, N, out=np.zeros_like(S), where=N > 0)
+    """Pooled lagged covariances (K, m, m) of the sampled neurons from every recording's
+    formed lagged sums (:func:`.evaluate.pooled_sample`)."""
+
+    def sums(k: int, cols: np.ndarray) -> np.ndarray:
+        c = torch.as_tensor(cols, device=moments[k].device)
+        return moments[k][:, c][:, :, c].cpu().numpy()
+
+    return pooled_sample(data, sample, sums)[0]
 
 
 def _plan_atoms(
@@ -179,11 +151,6 @@ def _plan_atoms(
     )
 
 
-def _summary(rows: Sequence[dict[str, float]], key: str) -> float:
-    vals = [r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key])]
-    return float(np.mean(vals)) if vals else float("nan")
-
-
 def _interval_rows(
     point: Sequence[dict], per_rep: list[list[dict]], level: float
 ) -> list[dict[str, Any]]:
@@ -215,15 +182,15 @@ def check_fit(
     settings: StitchedSettings,
     latent_dim: int,
     *,
-    sample: np.ndarray,
-    cls: np.ndarray,
-    truth: StitchedLDSParams | None,
+    scores: dict[str, Any],
     rate_hz: float,
     keep: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Stitch validation and bootstrap of ``fit`` (module docstring). ``sample``, ``cls``:
-    the scored neurons and their pair classes (:func:`.evaluate.covariance_scores`);
-    ``keep``: overlap every pair of recordings keeps in the validation (default n + 2).
+    """Stitch validation and bootstrap of ``fit`` (module docstring). ``scores``: the
+    estimate's :func:`.evaluate.covariance_scores` (its per-lag rows, and under ``_figure``
+    the scored neurons and their pair classes: the replicates are scored on the same ones,
+    and the score intervals are placed at these estimates); ``keep``: overlap every pair of
+    recordings keeps in the validation (default n + 2).
 
     Returns ``(metrics, arrays)``: ``metrics`` has ``stitch_validation`` and ``bootstrap``
     (each with ``skipped`` and the reason where it did not run); ``arrays`` are the
@@ -232,6 +199,7 @@ def check_fit(
     t0 = time.perf_counter()
     data, p, s = fit.data, fit.params, settings
     dev, K = data.device, data.lags
+    sample, cls = scores["_figure"]["sample"], scores["_figure"]["cls"]
     level = s.interval_level
     keep = latent_dim + 2 if keep is None else keep
     metrics: dict[str, Any] = {}
@@ -268,9 +236,9 @@ def check_fit(
         pairs = validation_pairs(data, reduced)
         if pairs:
             with _quiet():
-                vfit = refit(reduced.data, reduced.moments(full), latent_dim, s, fit)
+                (vfit,), record = refit(reduced.data, [reduced.moments(full)], p, s)
             emp_v = validation_covariances(pairs, full, n_time)
-            pred_v = validation_predictions(pairs, data, vfit.params.C, vfit.params.X)
+            pred_v = validation_predictions(pairs, data, vfit.C, vfit.X)
             rows_v = [_stats(pred_v[lag], emp_v[lag]) for lag in range(K)]
             val = (reduced, pairs, vfit, emp_v, pred_v)
             metrics["stitch_validation"] = {
@@ -279,10 +247,10 @@ def check_fit(
                 "fraction": s.validation_fraction,
                 "n_pairs": int(emp_v.shape[1]),
                 "lags": rows_v,
-                "corr": _summary(rows_v, "corr"),
-                "rel_error": _summary(rows_v, "rel_error"),
-                "passes": vfit.info.free.passes + vfit.info.linked.passes,
-                "stop": vfit.info.stop,
+                "corr": mean_over_lags(rows_v, "corr"),
+                "rel_error": mean_over_lags(rows_v, "rel_error"),
+                "passes": record.passes,
+                "stop": record.stop,
             }
             log.info(
                 "stitch validation: %d neurons hidden in %d recordings, %d pairs; r %.3f, "
@@ -290,8 +258,10 @@ def check_fit(
                 sum(len(v) for v in hidden.values()),
                 len(hidden),
                 emp_v.shape[1],
-                metrics["stitch_validation"]["corr"],
-                metrics["stitch_validation"]["rel_error"],
+                *(
+                    math.nan if v is None else v
+                    for v in (metrics["stitch_validation"][k] for k in ("corr", "rel_error"))
+                ),
             )
     if val is None:
         why = (
@@ -304,9 +274,7 @@ def check_fit(
     if s.bootstrap == 0:
         metrics["bootstrap"] = {"skipped": "bootstrap is 0"}
         return metrics, arrays
-    true = None
-    if truth is not None:
-        true = lagged_prediction(truth, sample)
+    true = scores["_figure"]["true"]  # the sampled pairs' true covariances (simulations)
     rng = np.random.default_rng([s.seed, 29])
     B = s.bootstrap
     reps: list[StitchedLDSParams] = []
@@ -319,8 +287,8 @@ def check_fit(
         tb = time.perf_counter()
         S_g = [[a.replicate(c) for a, c in zip(atoms, counts[b], strict=True)] for b in group]
         with _quiet():
-            fits, passes = refit_replicates(data, S_g, fit, s)
-        evaluations += passes
+            fits, record = refit(data, S_g, p, s)
+        evaluations += record.passes
         reps.extend(fits)
         for S_b, fb in zip(S_g, fits, strict=True):
             emp_b = sample_covariances(data, S_b, sample)
@@ -329,8 +297,8 @@ def check_fit(
             reduced, pairs, vfit, _, _ = val
             S_v = [reduced.moments(S_b) for S_b in S_g]
             with _quiet():
-                vfits, passes = refit_replicates(reduced.data, S_v, vfit, s)
-            evaluations += passes
+                vfits, record = refit(reduced.data, S_v, vfit, s)
+            evaluations += record.passes
             for S_b, vb in zip(S_g, vfits, strict=True):
                 rep_val.append(
                     (
@@ -377,9 +345,7 @@ def check_fit(
     arrays.update({"eig_modulus_lo": mlo, "eig_modulus_hi": mhi, "tau_lo": tlo, "tau_hi": thi})
     boot["time_constant_s"] = {"value": tau0.tolist(), "lo": tlo.tolist(), "hi": thi.tolist()}
     # scores: each replicate's against its own resampled covariances
-    point = class_scores(
-        lagged_prediction(p, sample), sample_covariances(data, full, sample), cls, true
-    )
+    point = scores  # the estimate's per-lag scores, as metrics.json reports them
     intervals: dict[str, Any] = {}
     for name in rep_scores[0]:
         intervals[name] = _interval_rows(point[name], [r[name] for r in rep_scores], level)
@@ -390,7 +356,7 @@ def check_fit(
         "never_corr_vs_truth": ("never_vs_truth", "corr"),
     }
     summary_pairs = {
-        key: (_summary(point[cl], stat), [_summary(r[cl], stat) for r in rep_scores])
+        key: (mean_over_lags(point[cl], stat), [mean_over_lags(r[cl], stat) for r in rep_scores])
         for key, (cl, stat) in summaries.items()
         if cl in point
     }
@@ -401,8 +367,8 @@ def check_fit(
         intervals["stitch_validation"] = _interval_rows(v0, v_rows, level)
         for stat in ("corr", "rel_error"):
             summary_pairs[f"stitch_{stat}"] = (
-                _summary(v0, stat),
-                [_summary(r, stat) for r in v_rows],
+                mean_over_lags(v0, stat),
+                [mean_over_lags(r, stat) for r in v_rows],
             )
         # coverage of the validation pairs: the interval of (empirical - predicted) holds 0
         d0 = emp_v - pred_v

@@ -17,6 +17,8 @@ diagonal (variances, fitted by R) is left out.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,30 +47,54 @@ def sample_neurons(data: StitchedData, max_neurons: int, seed: int) -> np.ndarra
     return pick
 
 
-def empirical_sample(data: StitchedData, sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled empirical lagged covariances of the sampled neurons: ``(cov (K, m, m), counts
-    (K, m, m))``, ``cov[s, a, b] = sum y_a[t+s] y_b[t] / count``; 0 where never co-observed."""
+def pooled_sample(
+    data: StitchedData,
+    sample: np.ndarray,
+    sums: Callable[[int, np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled lagged covariances of the sampled neurons, ``(cov (K, m, m), counts (K, m,
+    m))``: ``cov[s, a, b] = sum over recordings of S_r(s)[a, b] / sum of (T_r - s)``, 0 where
+    never co-observed; ``sums(k, cols)`` gives recording k's lagged sums (K, c, c) of its
+    columns ``cols`` (from the data or from formed sums)."""
     K, m = data.lags, len(sample)
     pos = np.full(data.n_neurons, -1)
     pos[sample] = np.arange(m)
     S = np.zeros((K, m, m))
     N = np.zeros((K, m, m))
-    for rec in data.recordings:
+    for k, rec in enumerate(data.recordings):
         cols = np.flatnonzero(pos[rec.neurons] >= 0)
         if len(cols) == 0:
             continue
-        idx = pos[rec.neurons[cols]]
-        dev = data.device
+        idx = np.ix_(pos[rec.neurons[cols]], pos[rec.neurons[cols]])
+        sub = sums(k, cols)
+        for s in range(K):
+            S[s][idx] += sub[s]
+            N[s][idx] += rec.n_time - s
+    return np.divide(S, N, out=np.zeros_like(S), where=N > 0), N
+
+
+def empirical_sample(data: StitchedData, sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled empirical lagged covariances of the sampled neurons read from the data:
+    ``(cov (K, m, m), counts (K, m, m))``, ``cov[s, a, b] = sum y_a[t+s] y_b[t] / count``;
+    0 where never co-observed (:func:`pooled_sample`)."""
+    dev = data.device
+
+    def sums(k: int, cols: np.ndarray) -> np.ndarray:
+        rec = data.recordings[k]
         y = torch.empty((rec.n_time, len(cols)), dtype=torch.float64, device=dev)
         c = torch.as_tensor(cols, device=dev)
         for t0, chunk in rec.chunks(dev):
             y[t0 : t0 + chunk.shape[0]] = chunk[:, c].to(torch.float64)
         T = rec.n_time
-        for s in range(K):
-            S[s][np.ix_(idx, idx)] += (y[s:].T @ y[: T - s]).cpu().numpy()
-            N[s][np.ix_(idx, idx)] += T - s
-    cov = np.divide(S, N, out=np.zeros_like(S), where=N > 0)
-    return cov, N
+        return np.stack([(y[s:].T @ y[: T - s]).cpu().numpy() for s in range(data.lags)])
+
+    return pooled_sample(data, sample, sums)
+
+
+def mean_over_lags(rows: Sequence[dict[str, Any]], key: str = "corr") -> float | None:
+    """The mean of ``key`` over the finite per-lag rows, or None when none is finite."""
+    vals = [r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key])]
+    return float(np.mean(vals)) if vals else None
 
 
 def _stats(pred: np.ndarray, ref: np.ndarray) -> dict[str, float | int]:
@@ -144,7 +170,7 @@ def covariance_scores(
     out: dict[str, Any] = {"lags": list(range(K)), "n_sampled_neurons": int(len(sample))}
     true = None
     if truth is not None:
-        true = np.stack([truth.C[sample] @ truth.X[s] @ truth.C[sample].T for s in range(K)])
+        true = lagged_prediction(truth, sample)
     out.update(class_scores(pred, emp, cls, true))
     out["_figure"] = {"sample": sample, "pred": pred, "emp": emp, "true": true, "cls": cls}
     return out

@@ -154,15 +154,6 @@ class StitchedFit:
     data: StitchedData = field(repr=False)
 
 
-@dataclass(frozen=True)
-class Restart:
-    """A refit of nearly the same data (a validation fit): the linked stage alone, from
-    ``params`` (C, A, Pi), with a convergence window of ``window`` passes."""
-
-    params: StitchedLDSParams
-    window: int = 5
-
-
 def dynamics_from_lagged(X: np.ndarray, stable: bool = True, max_radius: float = 0.995):
     """``A = [X_1 ... X_{K-1}] [X_0 ... X_{K-2}]^+`` (n, n): the least squares solution of
     ``X_s = A X_{s-1}``; with ``stable``, eigenvalues of modulus above ``max_radius`` are
@@ -252,32 +243,18 @@ class _Fitting:
         Lf = torch.tril(L.detach())
         return C.detach(), A.detach(), unit * (Lf @ Lf.T), record
 
-    def from_start(
-        self,
-        name: str,
-        C0: torch.Tensor,
-        X0: torch.Tensor,
-        dynamics: tuple[np.ndarray, np.ndarray] | None = None,
-    ):
+    def from_start(self, name: str, C0: torch.Tensor, X0: torch.Tensor):
         """Both stages from one start (module docstring, steps 2-4), resumed where a
-        checkpoint says: ``(C, A, Pi, trace, free record, linked record)``; with
-        ``dynamics`` = (A, Pi), the linked stage alone, from C0, A and Pi (the free record
-        then has no passes)."""
+        checkpoint says: ``(C, A, Pi, trace, free record, linked record)``."""
         trace: list[tuple[str, int, float]] = []
         carry: dict = {}  # what the free stage hands the linked one (the subspace basis)
         if self.progress is not None:
             self.progress.start = name
-        if dynamics is not None:
-            C1, (A1, Pi1) = C0, dynamics
-            r1 = StageRecord(self.spec.name, 0, "skipped", True, math.nan, math.nan, 0.0)
-        else:
-            C1, X1, r1 = self.free_stage(C0, X0, trace, carry)
-            A1 = dynamics_from_lagged(X1.cpu().numpy(), stable=True)
-            Pi1 = psd_project(X1[0].cpu().numpy(), floor=1e-6 * float(torch.trace(X1[0])) / len(A1))
+        C1, X1, r1 = self.free_stage(C0, X0, trace, carry)
+        A1 = dynamics_from_lagged(X1.cpu().numpy(), stable=True)
+        Pi1 = psd_project(X1[0].cpu().numpy(), floor=1e-6 * float(torch.trace(X1[0])) / len(A1))
         C2, A2, Pi2, r2 = self.linked_stage(C1, A1, Pi1, trace, carry)
         for stage, r in (("free", r1), ("linked", r2)):
-            if r.stop == "skipped":
-                continue
             log.info(
                 "%s: %s stage (%s) %s after %d passes, %.1f s: loss %.6g -> %.6g",
                 name,
@@ -292,23 +269,10 @@ class _Fitting:
         return C2, A2, Pi2, trace, r1, r2
 
 
-def _starts(
-    data: StitchedData,
-    n: int,
-    s: StitchedSettings,
-    term: DataTerm,
-    unit: float,
-    restart: Restart | None = None,
-):
+def _starts(data: StitchedData, n: int, s: StitchedSettings, term: DataTerm, unit: float):
     """``(name, C (N, n), X (K, n, n))`` of the warm start and of ``s.restarts`` random ones
     (loadings of unit scale, latents of the data's mean variance), and the warm start's
-    warnings; with ``restart``, its C and X alone (named ``given``)."""
-    if restart is not None:
-        C0, X0 = (
-            torch.as_tensor(np.nan_to_num(a), dtype=torch.float64, device=data.device)
-            for a in (restart.params.C, restart.params.X)
-        )
-        return [("given", C0, X0)], []
+    warnings."""
     C0, X0, warnings = warm_start(data, n, s.seed, term=term)
     broadcast(C0, X0)  # every rank computed the same start; this makes it exact
     starts = [("warm", C0, X0)]
@@ -352,8 +316,6 @@ def fit(
     data: StitchedData | None = None,
     checkpoint: str | Path | None = None,
     checkpoint_every_s: float = 60.0,
-    moments: Sequence[torch.Tensor] | None = None,
-    restart: Restart | None = None,
 ) -> StitchedFit:
     """Fit one stitched LDS to partial recordings (module docstring).
 
@@ -369,10 +331,6 @@ def fit(
         between the optimiser's steps, and after each stage); a fit started again with the
         same data, settings and file continues from it and reaches the same fit as one never
         interrupted.
-    moments: every recording's lagged sums, already formed (``_loss.DataTerm``); with
-        ``data``, the fit then reads no data (a bootstrap replicate, a validation fit).
-    restart: a :class:`Restart`: the linked stage alone from its parameters, instead of
-        the warm start and the random restarts.
     """
     t_start = time.perf_counter()
     s = settings or StitchedSettings()
@@ -390,22 +348,15 @@ def fit(
             max_device_bytes=s.max_device_bytes,
         )
     term = DataTerm(
-        data,
-        data.weights(dev),
-        latent_dim,
-        route=s.route,
-        window_rows=s.minibatch_rows,
-        moments=moments,
+        data, data.weights(dev), latent_dim, route=s.route, window_rows=s.minibatch_rows
     )
     spec = choose_optimizer(term, s.optimizer)
-    if restart is not None:
-        spec = dataclasses.replace(spec, window=restart.window)
     options = spec.options_from(s)
     unit = float(np.mean(data.variance[data.group_of >= 0]))
     warnings = connectivity_warnings(data, latent_dim) + left_out_warnings(data)
     for w in warnings:
         log.warning(w)
-    starts, w0 = _starts(data, latent_dim, s, term, unit, restart)
+    starts, w0 = _starts(data, latent_dim, s, term, unit)
     for w in w0:
         log.warning(w)
     warnings += w0
@@ -414,9 +365,8 @@ def fit(
         s, data, term, LossTensors.of(data, dev), spec, options, unit, data.noise_floor(), progress
     )
     best = None
-    dynamics = (restart.params.A, restart.params.Pi) if restart is not None else None
     for name, Cs, Xs in starts:
-        C, A, Pi, trace, r1, r2 = fitting.from_start(name, Cs, Xs, dynamics)
+        C, A, Pi, trace, r1, r2 = fitting.from_start(name, Cs, Xs)
         if best is None or r2.loss < best[0]:
             best = (r2.loss, name, C, A, Pi, trace, r1, r2)
     _, name, C, A, Pi, trace, r1, r2 = best
@@ -429,7 +379,7 @@ def fit(
         linked=r2,
         stop=next((r.stop for r in (r1, r2) if not r.converged), "converged"),
         noise_floor=fitting.scale,
-        moved_noise_units=((r2 if dynamics else r1).loss_start - r2.loss) / fitting.scale,
+        moved_noise_units=(r1.loss_start - r2.loss) / fitting.scale,
         seconds=time.perf_counter() - t_start,
         warnings=warnings + _fit_warnings(r1, r2, fitting),
         n_groups=data.n_groups,

@@ -51,7 +51,13 @@ from ..store import DatasetStore, damage_named, write_array, write_strings
 from . import models
 from ._prepare import RecordingInput
 from .checks import check_fit
-from .evaluate import covariance_scores, identifiability, matched_eigenvalues, principal_angles_deg
+from .evaluate import (
+    covariance_scores,
+    identifiability,
+    matched_eigenvalues,
+    mean_over_lags,
+    principal_angles_deg,
+)
 from .inference import smooth_recordings
 from .models import StitchedFit, StitchedLDSParams
 from .settings import StitchedSettings
@@ -114,11 +120,6 @@ def load_truth(path: str | Path, neuron_ids: np.ndarray, lags: int) -> StitchedL
     )
 
 
-def _mean_of(rows: list[dict], key: str = "corr") -> float | None:
-    vals = [r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key])]
-    return float(np.mean(vals)) if vals else None
-
-
 def evaluate_fit(
     fit: StitchedFit, truth: StitchedLDSParams | None, seed: int, max_neurons: int = 600
 ) -> dict[str, Any]:
@@ -127,13 +128,13 @@ def evaluate_fit(
         fit.params, fit.data, truth=truth, max_neurons=max_neurons, seed=seed
     )
     summary = {
-        "observed_corr": _mean_of(scores["observed"]),
-        "heldout_corr": _mean_of(scores["heldout"]),
-        "heldout_rel_error": _mean_of(scores["heldout"], "rel_error"),
+        "observed_corr": mean_over_lags(scores["observed"]),
+        "heldout_corr": mean_over_lags(scores["heldout"]),
+        "heldout_rel_error": mean_over_lags(scores["heldout"], "rel_error"),
     }
     metrics: dict[str, Any] = {"covariance": scores, "summary": summary}
     if truth is not None:
-        summary["never_corr_vs_truth"] = _mean_of(scores["never_vs_truth"])
+        summary["never_corr_vs_truth"] = mean_over_lags(scores["never_vs_truth"])
         summary["never_min_corr_vs_truth"] = min(
             (r["corr"] for r in scores["never_vs_truth"] if math.isfinite(r["corr"])),
             default=None,
@@ -201,20 +202,17 @@ def fit_store(
         posts = smooth_recordings(p.A, p.Q, p.Pi, p.C, p.R, fit.data.recordings, fit.data.device)
         truth_params = load_truth(truth, neuron_ids, s.lags) if truth else None
         metrics = evaluate_fit(fit, truth_params, s.seed)
-        figure = metrics["covariance"]["_figure"]
         checks, intervals = check_fit(
             fit,
             s,
             latent_dim,
-            sample=figure["sample"],
-            cls=figure["cls"],
-            truth=truth_params,
+            scores=metrics["covariance"],
             rate_hz=float(store.attrs["rate_hz"]),
             keep=s.validation_keep,
         )
         metrics.update(checks)
         _summarise_checks(metrics)
-        figure.update(intervals)
+        metrics["covariance"]["_figure"].update(intervals)
     recorded = {
         "latent_dim": latent_dim,
         **config_settings(s, StitchedSettings.PYTHON_ONLY),

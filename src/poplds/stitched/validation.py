@@ -39,45 +39,37 @@ def choose_hidden(
     data: StitchedData, fraction: float, keep: int, seed: int
 ) -> dict[int, np.ndarray]:
     """``{recording index: dataset positions hidden in it}`` (module docstring)."""
+    out: dict[int, np.ndarray] = {}
+    if fraction <= 0:
+        return out
     recs = data.recordings
-    sets = [set(r.neurons.tolist()) for r in recs]
     observed_in = np.zeros((data.n_neurons, len(recs)), dtype=bool)
     for k, r in enumerate(recs):
         observed_in[r.neurons, k] = True
     overlap = observed_in.T.astype(np.int64) @ observed_in.astype(np.int64)  # (R, R)
     hidden_anywhere: set[int] = set()
     rng = np.random.default_rng([seed, 23])
-    out: dict[int, np.ndarray] = {}
-    if fraction <= 0:
-        return out
-    for k in range(len(recs)):
-        shared = np.array(sorted(v for v in sets[k] if observed_in[v].sum() > 1), dtype=np.int64)
+    for k, rec in enumerate(recs):
+        shared = np.sort(rec.neurons[observed_in[rec.neurons].sum(axis=1) > 1])
         cap = int(np.floor(fraction * len(shared)))
+        seen, ov = observed_in.copy(), overlap.copy()  # tentative until enough are hidden
         picked: list[int] = []
         for v in rng.permutation(shared):
             if len(picked) >= cap:
                 break
-            v = int(v)
-            if v in hidden_anywhere:
+            if int(v) in hidden_anywhere:
                 continue
-            others = np.flatnonzero(observed_in[v])
+            others = np.flatnonzero(seen[v])
             others = others[others != k]
-            if np.all(overlap[k, others] - 1 >= keep):
-                picked.append(v)
-                hidden_anywhere.add(v)
-                overlap[k, others] -= 1
-                overlap[others, k] -= 1
-                observed_in[v, k] = False
-        if len(picked) >= MIN_HIDDEN:
+            if np.all(ov[k, others] - 1 >= keep):
+                picked.append(int(v))
+                ov[k, others] -= 1
+                ov[others, k] -= 1
+                seen[v, k] = False
+        if len(picked) >= MIN_HIDDEN:  # too few, and the recording takes no part
             out[k] = np.array(sorted(picked), dtype=np.int64)
-        else:  # too few: give them back
-            for v in picked:
-                observed_in[v, k] = True
-                others = np.flatnonzero(observed_in[v])
-                others = others[others != k]
-                overlap[k, others] += 1
-                overlap[others, k] += 1
-                hidden_anywhere.discard(v)
+            observed_in, overlap = seen, ov
+            hidden_anywhere.update(picked)
     return out
 
 
