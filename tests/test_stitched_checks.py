@@ -4,6 +4,8 @@ block length, and the one-standard-error choice of n."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -167,6 +169,11 @@ def test_checks_are_skipped_with_a_reason_without_overlaps():
     metrics, _ = check_fit(fit, s, 4, scores=scores, rate_hz=1)
     assert "no recording shares" in metrics["stitch_validation"]["skipped"]
     assert metrics["bootstrap"]["replicates"] == 3
+    assert set(metrics["bootstrap"]["refit_stops"]) == {"converged"}
+    # refits cut short by max_passes say so
+    short = replace(s, max_passes=2)
+    metrics, _ = check_fit(fit, short, 4, scores=scores, rate_hz=1)
+    assert "stopped before their convergence test" in metrics["bootstrap"]["warnings"][0]
 
 
 def test_block_length_follows_the_autocorrelation():

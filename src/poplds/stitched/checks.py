@@ -252,6 +252,12 @@ def check_fit(
                 "passes": record.passes,
                 "stop": record.stop,
             }
+            if record.stop != "converged":
+                metrics["stitch_validation"]["warnings"] = [
+                    f"the stitch-validation fit stopped at {record.stop} before its "
+                    "convergence test held"
+                ]
+                log.warning(metrics["stitch_validation"]["warnings"][0])
             log.info(
                 "stitch validation: %d neurons hidden in %d recordings, %d pairs; r %.3f, "
                 "relative error %.3f",
@@ -282,13 +288,14 @@ def check_fit(
     rep_val: list[tuple[np.ndarray, np.ndarray]] = []
     per_rep = sum(8.0 * K * len(r.neurons) ** 2 for r in data.recordings)
     counts = [[resample_counts(a.n_atoms, a.per_block, rng) for a in atoms] for _ in range(B)]
-    evaluations = 0
+    evaluations, stops = 0, []
     for group in replicate_groups(B, 2 * per_rep, data.moment_budget):
         tb = time.perf_counter()
         S_g = [[a.replicate(c) for a, c in zip(atoms, counts[b], strict=True)] for b in group]
         with _quiet():
             fits, record = refit(data, S_g, p, s)
         evaluations += record.passes
+        stops.append(record.stop)
         reps.extend(fits)
         for S_b, fb in zip(S_g, fits, strict=True):
             emp_b = sample_covariances(data, S_b, sample)
@@ -299,6 +306,7 @@ def check_fit(
             with _quiet():
                 vfits, record = refit(reduced.data, S_v, vfit, s)
             evaluations += record.passes
+            stops.append(record.stop)
             for S_b, vb in zip(S_g, vfits, strict=True):
                 rep_val.append(
                     (
@@ -322,6 +330,7 @@ def check_fit(
         "atoms_per_block": per_block,
         "block_length_rule": "Politis-White on the leading fitted latent projections",
         "refit_evaluations": evaluations,
+        "refit_stops": stops,
     }
     # covariances and correlations of the sample
     pred_lo = np.empty((K, len(sample), len(sample)))
@@ -404,6 +413,13 @@ def check_fit(
                     for lag in range(K)
                 ]
         boot["coverage_vs_truth"] = cover
+    unconverged = sum(stop != "converged" for stop in stops)
+    if unconverged:
+        boot["warnings"] = [
+            f"{unconverged} of the {len(stops)} batched bootstrap refits stopped before their "
+            "convergence test held (stitched_lds.max_passes): the intervals may be too narrow"
+        ]
+        log.warning(boot["warnings"][0])
     boot["seconds"] = time.perf_counter() - t0
     metrics["bootstrap"] = boot
     log.info(

@@ -225,7 +225,12 @@ def fit_store(
             "fit": {k: v for k, v in fit.info.as_dict().items() if k not in ("device", "warnings")},
             "n_neurons": int(len(neuron_ids)),
             "recordings": store.recording_names,
-            "warnings": fit.info.warnings,
+            "warnings": fit.info.warnings
+            + [
+                w
+                for part in ("stitch_validation", "bootstrap")
+                for w in metrics.get(part, {}).get("warnings", [])
+            ],
             "left_out": {
                 rec: {why: neuron_ids[pos].tolist() for why, pos in left.items()}
                 for rec, left in fit.data.left_out.items()
