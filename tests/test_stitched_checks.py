@@ -13,8 +13,8 @@ from conftest import simulated
 
 from poplds import stitched
 from poplds.report import choose_stitched, one_se_choice
-from poplds.stitched import RecordingInput, StitchedSettings, prepare_data
-from poplds.stitched._loss import lagged_moments
+from poplds.stitched import RecordingInput, StitchedSettings, _refit, prepare_data
+from poplds.stitched._loss import DataTerm, LossTensors, lagged_moments, loss_and_grad
 from poplds.stitched._refit import ReplicateLoss
 from poplds.stitched.bootstrap import (
     atom_moments,
@@ -71,6 +71,54 @@ def test_replicate_moments_equal_those_of_the_resampled_data():
                     pairs[s] += 1
     S *= ((T - np.arange(K)) / pairs)[:, None, None]
     np.testing.assert_allclose(atoms.replicate(c).numpy(), S, rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+@pytest.mark.parametrize("kron", [True, False])
+def test_replicate_loss_is_the_fit_loss(monkeypatch, stacked, kron):
+    """The refits' loss of every replicate equals the fit's own reduced loss (moments route,
+    itself tested against dense algebra) on the same sums, up to its constant: equal
+    differences between two points and equal gradients; and the gradients by hand equal
+    autograd's. Recordings padded into one block or one block each; the square term through
+    ``X (x) X`` or n-by-n products."""
+    monkeypatch.setattr(_refit, "PAD_SHARE", 10.0 if stacked else -1.0)
+    monkeypatch.setattr(_refit, "KRON_MAX_DIM", 10 if kron else 0)
+    _, recs = _recordings(T=400)
+    recs[1] = RecordingInput(recs[1].name, recs[1].activity[:, :25], recs[1].neurons[:25])
+    K, n = 4, 3
+    data = prepare_data(
+        recs, 90, lags=K, device=CPU, dtype=torch.float64, heldout_fraction=0.3, seed=2
+    )
+    moments = [lagged_moments(r, K, CPU).to(torch.float64) for r in data.recordings]
+    V = pooled_variance(data, moments)
+    d = replace(data, variance=V, diag0=V)
+    f = ReplicateLoss(d, [moments, moments], [V, V])
+    assert len(f.blocks) == (1 if stacked else 3)
+    g = np.random.default_rng(1)
+    C = torch.as_tensor(g.standard_normal((2, 90, n)) * 0.5)
+    X = torch.as_tensor(g.standard_normal((2, K, n, n)) * 0.3)
+    X[:, 0] = X[:, 0] @ X[:, 0].transpose(1, 2) + torch.eye(n)
+    # the fit's loss at both points
+    tens = LossTensors.of(d, CPU)
+    term = DataTerm(d, d.weights(CPU), n, route="moments")
+    ref = []
+    for b in range(2):
+        Xb = X[b].clone().requires_grad_(True)
+        loss, gC = loss_and_grad(term, C[b].clone(), Xb, tens)
+        ref.append((float(loss), gC, Xb.grad))
+    Cg, Xg = C.clone().requires_grad_(True), X.clone().requires_grad_(True)
+    f(Cg, Xg).sum().backward()
+    L = f(C, X)
+    # products in float32 (PRODUCT_DTYPE): agreement to float32's precision
+    scale = max(abs(r[0]) for r in ref)
+    np.testing.assert_allclose(float(L[0] - L[1]), ref[0][0] - ref[1][0], atol=1e-5 * scale)
+    for b in range(2):
+        torch.testing.assert_close(Cg.grad[b], ref[b][1], rtol=1e-4, atol=1e-5 * scale)
+        torch.testing.assert_close(Xg.grad[b], ref[b][2], rtol=1e-4, atol=1e-5 * scale)
+    L2, dC, dX = f.value_and_grad(C, X)
+    torch.testing.assert_close(L2, L, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dC, Cg.grad, rtol=1e-4, atol=1e-6 * scale)
+    torch.testing.assert_close(dX, Xg.grad, rtol=1e-9, atol=1e-12 * scale)
 
 
 def test_validation_pairs_are_never_in_the_loss():

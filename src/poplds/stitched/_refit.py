@@ -32,6 +32,37 @@ from .models import StitchedLDSParams, _noise_and_guards
 PRODUCT_DTYPE = torch.float32
 
 
+#: Recordings are padded to one size and stacked (fewer, larger products) while the padding
+#: adds at most this share to their sums' size.
+PAD_SHARE = 0.25
+
+
+def _blocks(
+    data: StitchedData, weighted: list[torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The recordings' weighted sums ``weighted[r]`` (B, K, N_r, N_r) as blocks ``(S (B, R,
+    K, N_b, N_b), index (R, N_b))`` of R recordings: all in one, zero-padded to the largest
+    (index ``N_total``, a zero row of C, in the padding), where that adds at most
+    :data:`PAD_SHARE`; else one block per recording."""
+    N = data.n_neurons
+    sizes = [len(r.neurons) for r in data.recordings]
+    dev = weighted[0].device if weighted else data.device
+    top = max(sizes, default=0)
+    if len(sizes) > 1 and len(sizes) * top**2 <= (1 + PAD_SHARE) * sum(n * n for n in sizes):
+        B, K = weighted[0].shape[:2]
+        S = weighted[0].new_zeros((B, len(sizes), K, top, top))
+        index = torch.full((len(sizes), top), N, dtype=torch.long, device=dev)
+        for r, (rec, W) in enumerate(zip(data.recordings, weighted, strict=True)):
+            n_r = len(rec.neurons)
+            S[:, r, :, :n_r, :n_r] = W
+            index[r, :n_r] = torch.as_tensor(rec.neurons, device=dev)
+        return [(S, index)]
+    return [
+        (W[:, None], torch.as_tensor(rec.neurons, device=dev)[None])
+        for rec, W in zip(data.recordings, weighted, strict=True)
+    ]
+
+
 class ReplicateLoss:
     """The replicates' losses (module docstring) as a function of their parameters.
 
@@ -49,12 +80,12 @@ class ReplicateLoss:
         dev = data.device
         self.tensors = LossTensors.of(data, dev)
         w = data.weights(dev)
-        self.S, self.index = [], []
+        weighted = []
         for k, rec in enumerate(data.recordings):
             g = torch.as_tensor(rec.groups, device=dev)
             E = expand_groups(rec, w[:, g][:, :, g])
-            self.S.append(torch.stack([(m[k].to(dev) * E).to(PRODUCT_DTYPE) for m in moments]))
-            self.index.append(torch.as_tensor(rec.neurons, device=dev))
+            weighted.append(torch.stack([(m[k].to(dev) * E).to(PRODUCT_DTYPE) for m in moments]))
+        self.blocks = _blocks(data, weighted)
         V = torch.as_tensor(np.stack(variances), device=dev)[:, self.tensors.by_group]
         self.V = torch.nan_to_num(V)
         bounds = self.tensors.group_bounds
@@ -62,6 +93,7 @@ class ReplicateLoss:
             torch.arange(len(bounds), device=dev),
             torch.as_tensor([b - a for a, b in bounds], device=dev),
         )
+        self.group = group  # (N_obs,): each row's group, in by_group order
         self.onehot = torch.nn.functional.one_hot(group, len(bounds)).to(torch.float64)
 
     def __call__(self, C: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
@@ -80,74 +112,205 @@ class ReplicateLoss:
             torch.clamp(m - self.V, min=0) ** 2, dim=1
         )
         D = C.new_zeros(B)
-        for Sr, idx in zip(self.S, self.index, strict=True):
-            Cr = C[:, idx]
-            SC = (Sr @ Cr[:, None].to(Sr.dtype)).to(C.dtype)  # (B, K, N_r, n): S_s C
-            D = D + torch.sum((Cr[:, None] @ X) * SC, dim=(1, 2, 3))  # sum_s <C X_s, S_s C>
+        C0 = torch.cat([C, C.new_zeros(B, 1, n)], dim=1)  # a zero row for the padding
+        for Sr, idx in self.blocks:
+            Cr = C0[:, idx]  # (B, R, N_b, n)
+            SC = (Sr @ Cr[:, :, None].to(Sr.dtype)).to(C.dtype)  # (B, R, K, N_b, n): S_s C
+            CX = Cr[:, :, None] @ X[:, None]
+            D = D + torch.sum(CX * SC, dim=(1, 2, 3, 4))  # sum_s <C X_s, S_s C>
         return (square + diag - 2 * D) / t.n_pairs
+
+    def value_and_grad(
+        self, C: torch.Tensor, X: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(L (B,), dL/dC (B, N, n), dL/dX (B, K, n, n))`` of the summed loss ``sum_b L_b``,
+        by hand (no graph; the same value as calling it). With ``H_sg = sum_h o_sgh G_h``,
+        ``H'_sg = sum_h o_shg G_h`` (``o`` the co-observed groups) and ``m_i = C_i X_0 C_i'``:
+
+            d square / dX_s = 2 sum_g G_g X_s H_sg
+            d square / dG_g = sum_s X_s H_sg X_s' + X_s' H'_sg X_s,  dC_i = 2 C_i dG_g(i)
+            d diag / dm_i  = 2 (v_i - m_i) + 2 max(0, m_i - v_i)
+            d D / dX_s     = sum_r C_r' S_rs C_r,  dD / dC_r = sum_s S_rs C_r X_s' + S_rs' C_r X_s
+
+        About half the work of autograd's backward on the batched shapes (and none of its
+        per-operation overhead, which dominates small problems)."""
+        t = self.tensors
+        B, K, n = X.shape[0], X.shape[1], X.shape[2]
+        co = t.coobserved
+        Cs = C[:, t.by_group]
+        outer = (Cs[:, :, :, None] * Cs[:, :, None, :]).reshape(B, -1, n * n)
+        G = (self.onehot.T @ outer).reshape(B, -1, n, n)  # (B, G, n, n)
+        square, dX, dG = _square_terms(G, X, co)
+        dCs = 2 * (Cs[:, :, None] @ dG[:, self.group]).squeeze(2)  # (B, N_obs, n)
+        CX0 = Cs @ X[:, 0]
+        m = torch.sum(CX0 * Cs, dim=2)
+        diag = -torch.sum(m * m - 2 * m * self.V, dim=1) + torch.sum(
+            torch.clamp(m - self.V, min=0) ** 2, dim=1
+        )
+        dm = 2 * (self.V - m) + 2 * torch.clamp(m - self.V, min=0)
+        dCs = dCs + dm[:, :, None] * (CX0 + Cs @ X[:, 0].transpose(1, 2))
+        dX[:, 0] += Cs.transpose(1, 2) @ (dm[:, :, None] * Cs)
+        N = C.shape[1]
+        dC = C.new_zeros(B, N + 1, n)  # and a row for the padding
+        dC.index_add_(1, t.by_group, dCs)
+        D = C.new_zeros(B)
+        C0 = torch.cat([C, C.new_zeros(B, 1, n)], dim=1)
+        W = torch.cat([X.transpose(2, 3), X], dim=1).reshape(B, 1, 2 * K * n, n)
+        for Sr, idx in self.blocks:
+            Cr = C0[:, idx]  # (B, R, N_b, n)
+            # (B, R, 2K, N_b, n): S_s C and S_s' C (a transposed product: no copy of S)
+            C32 = Cr[:, :, None].to(Sr.dtype)
+            SC = torch.cat([Sr @ C32, Sr.transpose(3, 4) @ C32], dim=2).to(C.dtype)
+            CSC = torch.sum(Cr[:, :, None].transpose(3, 4) @ SC[:, :, :K], dim=1)  # C' S_s C
+            D = D + torch.sum(X * CSC, dim=(1, 2, 3))  # sum_s <X_s, C' S_s C>
+            dX -= 2 * CSC
+            # sum_s S_s C X_s' + S_s' C X_s: one product over (s, S or S')
+            R, Nb = idx.shape
+            dCr = SC.permute(0, 1, 3, 2, 4).reshape(B, R, Nb, 2 * K * n) @ W
+            dC.index_add_(1, idx.reshape(-1), -2 * dCr.reshape(B, R * Nb, n))
+        dC = dC[:, :N]
+        P = t.n_pairs
+        return (square + diag - 2 * D) / P, dC / P, dX / P
+
+
+#: Up to this latent dimension the model's square term is formed through ``X_s (x) X_s``
+#: (n^2, n^2) per replicate and lag: a few larger products in place of many n-by-n ones.
+KRON_MAX_DIM = 10
+
+
+def _square_terms(
+    G: torch.Tensor, X: torch.Tensor, co: torch.Tensor, kron: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``square_b = sum_(s,g,h) o_sgh tr(X_bs' G_bg X_bs G_bh)`` (B,) with its gradients in
+    ``X`` (B, K, n, n) and in the (symmetric) ``G`` (B, G, n, n); ``co`` = o (K, G, G).
+
+    ``kron`` (default: n <= :data:`KRON_MAX_DIM`): with ``vec`` row-major, ``vec(X G X') =
+    (X (x) X) vec(G)``, so ``T_s = Gm (X_s (x) X_s)' Gm'`` (Gm: the rows ``vec(G_g)``),
+    ``dGm = sum_s o_s Y_s + o_s' Z_s`` (``Y_s``, ``Z_s``: rows ``vec(X_s G_h X_s')``,
+    ``vec(X_s' G_h X_s)``), ``d/d(X_s (x) X_s) = Gm' o_s Gm``. Else with ``H_sg = sum_h
+    o_sgh G_h``, ``H'_sg = sum_h o_shg G_h``: ``dX_s = 2 sum_g G_g X_s H_sg``, ``dG_g =
+    sum_s X_s H_sg X_s' + X_s' H'_sg X_s``."""
+    B, K, n = X.shape[0], X.shape[1], X.shape[2]
+    ng = G.shape[1]
+    if kron if kron is not None else n <= KRON_MAX_DIM:
+        Kx = (X[:, :, :, None, :, None] * X[:, :, None, :, None, :]).reshape(B, K, n * n, n * n)
+        Gm = G.reshape(B, 1, ng, n * n)
+        Y = Gm @ Kx.transpose(2, 3)  # (B, K, G, n^2): vec(X_s G_h X_s')
+        Z = Gm @ Kx  # vec(X_s' G_h X_s)
+        T = Gm @ Y.transpose(2, 3)  # (B, K, G, G): tr(X_s' G_g X_s G_h)
+        square = torch.sum(T * co, dim=(1, 2, 3))
+        dG = torch.sum(co @ Y + co.transpose(1, 2) @ Z, dim=1).reshape(B, ng, n, n)
+        dK = (Gm.transpose(2, 3) @ co @ Gm).reshape(B, K, n, n, n, n)  # [i, k, j, l]
+        dX = torch.einsum("zsikjl,zskl->zsij", dK, X) + torch.einsum("zsaicj,zsac->zsij", dK, X)
+        return square, dX, dG
+    Gf = G.reshape(B, 1, ng, n * n)
+    H1 = (co[None] @ Gf).reshape(B, K, ng, n, n)  # (B, K, G, n, n): sum_h o_sgh G_h
+    H2 = (co.transpose(1, 2)[None] @ Gf).reshape(B, K, ng, n, n)
+    Xg = X[:, :, None]  # (B, K, 1, n, n)
+    XtGX = Xg.transpose(3, 4) @ G[:, None] @ Xg  # (B, K, G, n, n): X_s' G_g X_s
+    square = torch.sum(XtGX * H1.transpose(3, 4), dim=(1, 2, 3, 4))
+    dX = 2 * torch.sum(G[:, None] @ Xg @ H1, dim=2)
+    dG = torch.sum(Xg @ H1 @ Xg.transpose(3, 4) + Xg.transpose(3, 4) @ H2 @ Xg, dim=1)
+    return square, dX, dG
+
+
+@dataclasses.dataclass(frozen=True)
+class RefitPart:
+    """Replicates of one problem: ``data`` (its neurons and pairs), ``moments[b]`` (each
+    recording's unweighted lagged sums of replicate b), ``variances[b]`` (N_total,), all
+    started from ``start``."""
+
+    data: StitchedData
+    moments: Sequence[Sequence[torch.Tensor]]
+    variances: Sequence[np.ndarray]
+    start: StitchedLDSParams
+
+
+class _PartParams:
+    """One part's batched parameters ``C`` (B, N, n), ``A`` (B, n, n), ``L`` (B, n, n)
+    (``Pi_b = unit L_b L_b'``, ``unit`` the part's mean variance) and its loss."""
+
+    def __init__(self, part: RefitPart) -> None:
+        data, start = part.data, part.start
+        dev, B = data.device, len(part.moments)
+        self.part, self.K = part, data.lags
+        self.loss_of = ReplicateLoss(data, part.moments, part.variances)
+        self.unit = float(np.nanmean(np.stack(part.variances)[:, data.group_of >= 0]))
+        self.C = torch.as_tensor(np.nan_to_num(start.C), device=dev).expand(B, -1, -1).clone()
+        self.A = torch.as_tensor(start.A, device=dev).expand(B, -1, -1).clone()
+        L0 = torch.linalg.cholesky(torch.as_tensor(start.Pi, device=dev) / self.unit)
+        self.L = L0.expand(B, -1, -1).clone()
+        for p in self.params:
+            p.requires_grad_(True)
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [self.C, self.A, self.L]
+
+    def X(self) -> torch.Tensor:
+        """(B, K, n, n): ``X_bs = A_b^s Pi_b``, batched over b."""
+        Lt = torch.tril(self.L)
+        out = [self.unit * Lt @ Lt.transpose(1, 2)]
+        for _ in range(1, self.K):
+            out.append(self.A @ out[-1])
+        return torch.stack(out, dim=1)
+
+    def evaluate(self) -> torch.Tensor:
+        """``sum_b L_b``, with the gradients of ``C``, ``A`` and ``L`` set (``C``'s and
+        ``X``'s by hand, ``A``'s and ``L``'s through ``X``'s small graph)."""
+        for p in self.params:
+            p.grad = None
+        X = self.X()
+        loss, dC, dX = self.loss_of.value_and_grad(self.C.detach(), X.detach())
+        self.C.grad = dC
+        X.backward(dX)
+        return torch.sum(loss)
+
+    def results(self) -> list[StitchedLDSParams]:
+        data, K = self.part.data, self.K
+        with torch.no_grad():
+            Lt = torch.tril(self.L)
+            Pi = self.unit * Lt @ Lt.transpose(1, 2)
+        out = []
+        for b, v in enumerate(self.part.variances):
+            d = dataclasses.replace(data, variance=v, diag0=v)
+            params, _ = _noise_and_guards(d, self.C[b].detach(), self.A[b].detach(), Pi[b], K)
+            out.append(params)
+        return out
 
 
 def batched_refit(
-    data: StitchedData,
-    moments: Sequence[Sequence[torch.Tensor]],
-    variances: Sequence[np.ndarray],
-    start: StitchedLDSParams,
+    parts: Sequence[RefitPart],
     *,
     tol: float,
     window: int,
     max_passes: int,
     seed: int = 0,
-) -> tuple[list[StitchedLDSParams], StageRecord]:
-    """Refit every replicate b (``moments[b]``: each recording's unweighted lagged sums,
-    ``variances[b]``: (N_total,)) from ``start``. Returns their parameters and the stage's
-    record (passes, stop)."""
-    dev = data.device
-    B, K = len(moments), data.lags
-    loss_of = ReplicateLoss(data, moments, variances)
-    unit = float(np.nanmean(np.stack(variances)[:, data.group_of >= 0]))
-    C = torch.as_tensor(np.nan_to_num(start.C), device=dev).expand(B, -1, -1).clone()
-    A = torch.as_tensor(start.A, device=dev).expand(B, -1, -1).clone()
-    L0 = torch.linalg.cholesky(torch.as_tensor(start.Pi, device=dev) / unit)
-    L = L0.expand(B, -1, -1).clone()
-    for p in (C, A, L):
-        p.requires_grad_(True)
-
-    def make_X() -> torch.Tensor:  # (B, K, n, n): X_bs = A_b^s Pi_b, batched over b
-        Lt = torch.tril(L)
-        out = [unit * Lt @ Lt.transpose(1, 2)]
-        for _ in range(1, K):
-            out.append(A @ out[-1])
-        return torch.stack(out, dim=1)
+) -> tuple[list[list[StitchedLDSParams]], StageRecord]:
+    """Refit every replicate of every part from its part's start, all in one L-BFGS run over
+    the sum of their losses (module docstring; parts may differ in their data, e.g. the
+    point fit's replicates and the stitch validation's). Returns each part's parameters
+    and the stage's record (passes, stop)."""
+    batches = [_PartParams(part) for part in parts]
+    params = [p for b in batches for p in b.params]
 
     def objective() -> torch.Tensor:
-        for p in (C, A, L):
-            p.grad = None
-        loss = torch.sum(loss_of(C, make_X()))
-        loss.backward()
-        return loss.detach()
+        return sum(b.evaluate() for b in batches)
 
     problem = StageProblem(
         stage="refit",
-        params=[C, A, L],
-        make_X=make_X,
+        params=params,
+        make_X=batches[0].X,
         term=None,
-        tensors=loss_of.tensors,
+        tensors=batches[0].loss_of.tensors,
         tol=tol,
-        scale=B * data.noise_floor(),
+        scale=sum(len(p.moments) * p.data.noise_floor() for p in parts),
         seed=seed,
         objective=objective,
     )
     spec = dataclasses.replace(registry()["lbfgs"], window=window)
     record = run_stage(spec, spec.options(max_passes=max_passes), problem, [], {}, None)
-    with torch.no_grad():
-        Lt = torch.tril(L)
-        Pi = unit * Lt @ Lt.transpose(1, 2)
-    out = []
-    for b in range(B):
-        d = dataclasses.replace(data, variance=variances[b], diag0=variances[b])
-        params, _ = _noise_and_guards(d, C[b].detach(), A[b].detach(), Pi[b], K)
-        out.append(params)
-    return out, record
+    return [b.results() for b in batches], record
 
 
 def replicate_groups(B: int, per_replicate_bytes: float, budget: float) -> list[range]:

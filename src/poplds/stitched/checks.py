@@ -38,7 +38,7 @@ import torch
 from .._distributed import rank_and_size
 from .._logging import get_logger
 from ._data import StitchedData
-from ._refit import batched_refit, replicate_groups
+from ._refit import RefitPart, batched_refit, replicate_groups
 from ._stage import StageRecord
 from .bootstrap import (
     ATOMS_PER_BLOCK,
@@ -50,7 +50,14 @@ from .bootstrap import (
     percentile_interval,
     resample_counts,
 )
-from .evaluate import _stats, class_scores, lagged_prediction, mean_over_lags, pooled_sample
+from .evaluate import (
+    class_index,
+    class_scores,
+    lag_stats,
+    lagged_prediction,
+    mean_over_lags,
+    pooled_sample,
+)
 from .models import StitchedFit, StitchedLDSParams
 from .settings import StitchedSettings
 from .validation import (
@@ -86,25 +93,24 @@ def _quiet() -> Iterator[None]:
 
 
 def refit(
-    data: StitchedData,
-    moments: Sequence[Sequence[torch.Tensor]],
-    start: StitchedLDSParams,
+    parts: Sequence[tuple[StitchedData, Sequence[Sequence[torch.Tensor]], StitchedLDSParams]],
     settings: StitchedSettings,
-) -> tuple[list[StitchedLDSParams], StageRecord]:
-    """The linked stage (C, A, Pi) of every set of lagged sums in ``moments`` (one per
-    replicate; one set for the validation fit), all at once from ``start`` (``_refit``),
-    reading no data; variances from the sums (:func:`.validation.pooled_variance`)."""
-    variances = [pooled_variance(data, S) for S in moments]
-    return batched_refit(
-        data,
-        moments,
-        variances,
-        start,
-        tol=REFIT_TOL * settings.tol,
-        window=REFIT_WINDOW,
-        max_passes=settings.max_passes,
-        seed=settings.seed,
-    )
+) -> tuple[list[list[StitchedLDSParams]], StageRecord]:
+    """The linked stage (C, A, Pi) of every set of lagged sums of every part ``(data,
+    moments, start)`` (``moments``: one set per replicate; one set for the validation
+    fit), all in one run (``_refit``), reading no data; variances from the sums
+    (:func:`.validation.pooled_variance`)."""
+    with _quiet():
+        return batched_refit(
+            [
+                RefitPart(data, moments, [pooled_variance(data, S) for S in moments], start)
+                for data, moments, start in parts
+            ],
+            tol=REFIT_TOL * settings.tol,
+            window=REFIT_WINDOW,
+            max_passes=settings.max_passes,
+            seed=settings.seed,
+        )
 
 
 def sample_covariances(
@@ -168,6 +174,11 @@ def _interval_rows(
     return out
 
 
+def _val_stats(pred: np.ndarray, emp: np.ndarray) -> list[dict]:
+    """Per lag, the scores of the validation pairs' predictions (K, pairs)."""
+    return lag_stats(pred.ravel(), emp.ravel(), np.full(pred.shape[0], pred.shape[1]))
+
+
 def _eigen(A: np.ndarray, rate_hz: float) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalue moduli of A, largest first, and their time constants ``-1 / (rate ln|l|)``
     in seconds."""
@@ -228,48 +239,100 @@ def check_fit(
     full = [a.total() for a in atoms]
     n_time = [rec.n_time for rec in data.recordings]
 
-    # stitch validation
+    # stitch validation: the split; its fit is refitted with the first replicates
     hidden = choose_hidden(data, s.validation_fraction, keep, s.seed)
-    val = None
-    if hidden:
-        reduced = reduced_data(data, hidden, s.heldout_fraction)
-        pairs = validation_pairs(data, reduced)
+    reduced = reduced_data(data, hidden, s.heldout_fraction) if hidden else None
+    pairs = validation_pairs(data, reduced) if reduced is not None else None
+    val_fit: StitchedLDSParams | None = None
+    B = s.bootstrap
+    rng = np.random.default_rng([s.seed, 29])
+    counts = [[resample_counts(a.n_atoms, a.per_block, rng) for a in atoms] for _ in range(B)]
+    per_rep = sum(8.0 * K * len(r.neurons) ** 2 for r in data.recordings)
+    groups = replicate_groups(B, 2 * per_rep, data.moment_budget) if B else [range(0)]
+    true = scores["_figure"]["true"]  # the sampled pairs' true covariances (simulations)
+    index = class_index(cls)  # every replicate is scored on the same pairs
+    reps: list[StitchedLDSParams] = []
+    rep_scores: list[dict] = []
+    rep_val: list[tuple[np.ndarray, np.ndarray]] = []
+    evaluations, stops = 0, []
+    for group in groups:
+        tb = time.perf_counter()
+        formed = [
+            a.replicates(np.array([counts[b][k] for b in group]).reshape(len(group), -1))
+            for k, a in enumerate(atoms)
+        ]
+        S_g = [[S[j] for S in formed] for j in range(len(group))]
+        parts = [(data, S_g, p)] if S_g else []
+        first = pairs and val_fit is None  # the validation fit itself, in the first run
         if pairs:
-            with _quiet():
-                (vfit,), record = refit(reduced.data, [reduced.moments(full)], p, s)
-            emp_v = validation_covariances(pairs, full, n_time)
-            pred_v = validation_predictions(pairs, data, vfit.C, vfit.X)
-            rows_v = [_stats(pred_v[lag], emp_v[lag]) for lag in range(K)]
-            val = (reduced, pairs, vfit, emp_v, pred_v)
-            metrics["stitch_validation"] = {
-                "hidden": {data.recordings[k].name: v.tolist() for k, v in hidden.items()},
-                "keep": keep,
-                "fraction": s.validation_fraction,
-                "n_pairs": int(emp_v.shape[1]),
-                "lags": rows_v,
-                "corr": mean_over_lags(rows_v, "corr"),
-                "rel_error": mean_over_lags(rows_v, "rel_error"),
-                "passes": record.passes,
-                "stop": record.stop,
-            }
-            if record.stop != "converged":
-                metrics["stitch_validation"]["warnings"] = [
-                    f"the stitch-validation fit stopped at {record.stop} before its "
-                    "convergence test held"
-                ]
-                log.warning(metrics["stitch_validation"]["warnings"][0])
+            S_v = [reduced.moments(S_b) for S_b in S_g]
+            parts.append((reduced.data, ([reduced.moments(full)] if first else []) + S_v, p))
+        if not parts:
+            continue
+        fits, record = refit(parts, s)
+        if first:
+            val_fit, val_record = fits[-1].pop(0), record
+        if S_g:
+            evaluations += record.passes
+            stops.append(record.stop)
+            reps.extend(fits[0])
+            for S_b, fb in zip(S_g, fits[0], strict=True):
+                emp_b = sample_covariances(data, S_b, sample)
+                rep_scores.append(
+                    class_scores(lagged_prediction(fb, sample), emp_b, cls, true, index)
+                )
+            if pairs:
+                for S_b, vb in zip(S_g, fits[-1], strict=True):
+                    rep_val.append(
+                        (
+                            validation_covariances(pairs, S_b, n_time),
+                            validation_predictions(pairs, data, vb.C, vb.X),
+                        )
+                    )
             log.info(
-                "stitch validation: %d neurons hidden in %d recordings, %d pairs; r %.3f, "
-                "relative error %.3f",
-                sum(len(v) for v in hidden.values()),
-                len(hidden),
-                emp_v.shape[1],
-                *(
-                    math.nan if v is None else v
-                    for v in (metrics["stitch_validation"][k] for k in ("corr", "rel_error"))
-                ),
+                "bootstrap replicates %d-%d of %d refitted together%s: %d evaluations, %.1f s",
+                group.start + 1,
+                group.stop,
+                B,
+                " (with the validation fit)" if group.start == 0 and pairs else "",
+                evaluations,
+                time.perf_counter() - tb,
             )
-    if val is None:
+    val = None
+    if val_fit is not None:
+        emp_v = validation_covariances(pairs, full, n_time)
+        pred_v = validation_predictions(pairs, data, val_fit.C, val_fit.X)
+        rows_v = _val_stats(pred_v, emp_v)
+        val = (emp_v, pred_v)
+        metrics["stitch_validation"] = {
+            "hidden": {data.recordings[k].name: v.tolist() for k, v in hidden.items()},
+            "keep": keep,
+            "fraction": s.validation_fraction,
+            "n_pairs": int(emp_v.shape[1]),
+            "lags": rows_v,
+            "corr": mean_over_lags(rows_v, "corr"),
+            "rel_error": mean_over_lags(rows_v, "rel_error"),
+            "passes": val_record.passes,
+            "stop": val_record.stop,
+        }
+        if val_record.stop != "converged":
+            metrics["stitch_validation"]["warnings"] = [
+                f"the stitch-validation fit stopped at {val_record.stop} before its "
+                "convergence test held"
+            ]
+            log.warning(metrics["stitch_validation"]["warnings"][0])
+        log.info(
+            "stitch validation: %d neurons hidden in %d recordings, %d pairs; r %.3f, "
+            "relative error %.3f",
+            sum(len(v) for v in hidden.values()),
+            len(hidden),
+            emp_v.shape[1],
+            *(
+                math.nan if v is None else v
+                for v in (metrics["stitch_validation"][k] for k in ("corr", "rel_error"))
+            ),
+        )
+    else:
         why = (
             f"no recording shares more than {keep} neurons with another beyond those it must "
             f"keep (at least {keep} per overlap, at most {s.validation_fraction:.0%} hidden)"
@@ -277,51 +340,9 @@ def check_fit(
         metrics["stitch_validation"] = {"skipped": why}
         log.warning("stitch validation skipped: %s", why)
 
-    if s.bootstrap == 0:
+    if B == 0:
         metrics["bootstrap"] = {"skipped": "bootstrap is 0"}
         return metrics, arrays
-    true = scores["_figure"]["true"]  # the sampled pairs' true covariances (simulations)
-    rng = np.random.default_rng([s.seed, 29])
-    B = s.bootstrap
-    reps: list[StitchedLDSParams] = []
-    rep_scores: list[dict] = []
-    rep_val: list[tuple[np.ndarray, np.ndarray]] = []
-    per_rep = sum(8.0 * K * len(r.neurons) ** 2 for r in data.recordings)
-    counts = [[resample_counts(a.n_atoms, a.per_block, rng) for a in atoms] for _ in range(B)]
-    evaluations, stops = 0, []
-    for group in replicate_groups(B, 2 * per_rep, data.moment_budget):
-        tb = time.perf_counter()
-        S_g = [[a.replicate(c) for a, c in zip(atoms, counts[b], strict=True)] for b in group]
-        with _quiet():
-            fits, record = refit(data, S_g, p, s)
-        evaluations += record.passes
-        stops.append(record.stop)
-        reps.extend(fits)
-        for S_b, fb in zip(S_g, fits, strict=True):
-            emp_b = sample_covariances(data, S_b, sample)
-            rep_scores.append(class_scores(lagged_prediction(fb, sample), emp_b, cls, true))
-        if val is not None:
-            reduced, pairs, vfit, _, _ = val
-            S_v = [reduced.moments(S_b) for S_b in S_g]
-            with _quiet():
-                vfits, record = refit(reduced.data, S_v, vfit, s)
-            evaluations += record.passes
-            stops.append(record.stop)
-            for S_b, vb in zip(S_g, vfits, strict=True):
-                rep_val.append(
-                    (
-                        validation_covariances(pairs, S_b, n_time),
-                        validation_predictions(pairs, data, vb.C, vb.X),
-                    )
-                )
-        log.info(
-            "bootstrap replicates %d-%d of %d refitted together: %d evaluations, %.1f s",
-            group.start + 1,
-            group.stop,
-            B,
-            evaluations,
-            time.perf_counter() - tb,
-        )
     boot: dict[str, Any] = {
         "replicates": s.bootstrap,
         "level": level,
@@ -333,17 +354,17 @@ def check_fit(
         "refit_stops": stops,
     }
     # covariances and correlations of the sample
+    # per lag: B x m x m values at a time (m up to 600)
     pred_lo = np.empty((K, len(sample), len(sample)))
-    pred_hi = np.empty_like(pred_lo)
+    pred_hi, corr_lo, corr_hi = (np.empty_like(pred_lo) for _ in range(3))
     var_b = np.stack(
         [np.einsum("ia,ab,ib->i", r.C[sample], r.X[0], r.C[sample]) + r.R[sample] for r in reps]
     )
-    corr_lo, corr_hi = np.empty_like(pred_lo), np.empty_like(pred_lo)
+    norm = np.sqrt(var_b[:, :, None] * var_b[:, None, :])
     for lag in range(K):
         pb = np.stack([r.C[sample] @ r.X[lag] @ r.C[sample].T for r in reps])
         pred_lo[lag], pred_hi[lag] = percentile_interval(pb, level)
-        cb = pb / np.sqrt(var_b[:, :, None] * var_b[:, None, :])
-        corr_lo[lag], corr_hi[lag] = percentile_interval(cb, level)
+        corr_lo[lag], corr_hi[lag] = percentile_interval(pb / norm, level)
     arrays.update({"pred_lo": pred_lo, "pred_hi": pred_hi, "corr_lo": corr_lo, "corr_hi": corr_hi})
     # eigenvalues and time constants
     eig = [_eigen(r.A, rate_hz) for r in reps]
@@ -370,9 +391,9 @@ def check_fit(
         if cl in point
     }
     if rep_val:
-        _, _, _, emp_v, pred_v = val
-        v0 = [_stats(pred_v[lag], emp_v[lag]) for lag in range(K)]
-        v_rows = [[_stats(pv[lag], ev[lag]) for lag in range(K)] for ev, pv in rep_val]
+        emp_v, pred_v = val
+        v0 = _val_stats(pred_v, emp_v)
+        v_rows = [_val_stats(pv, ev) for ev, pv in rep_val]
         intervals["stitch_validation"] = _interval_rows(v0, v_rows, level)
         for stat in ("corr", "rel_error"):
             summary_pairs[f"stitch_{stat}"] = (

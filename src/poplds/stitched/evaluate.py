@@ -98,12 +98,16 @@ def mean_over_lags(rows: Sequence[dict[str, Any]], key: str = "corr") -> float |
 
 
 def _stats(pred: np.ndarray, ref: np.ndarray) -> dict[str, float | int]:
-    if pred.size < 3 or np.std(ref) == 0 or np.std(pred) == 0:
-        return {"n_pairs": int(pred.size), "corr": float("nan"), "rel_error": float("nan")}
+    nan = {"n_pairs": int(pred.size), "corr": float("nan"), "rel_error": float("nan")}
+    if pred.size < 3:
+        return nan
     p, r = pred - pred.mean(), ref - ref.mean()
+    pp, rr = float(p @ p), float(r @ r)
+    if pp == 0 or rr == 0:
+        return nan
     return {
         "n_pairs": int(pred.size),
-        "corr": float(p @ r / np.sqrt((p @ p) * (r @ r))),  # Pearson, as np.corrcoef
+        "corr": float(p @ r / np.sqrt(pp * rr)),  # Pearson, as np.corrcoef
         "rel_error": float(np.linalg.norm(pred - ref) / np.linalg.norm(ref)),
     }
 
@@ -118,27 +122,67 @@ def pair_classes(data: StitchedData, sample: np.ndarray, counts: np.ndarray) -> 
     return cls
 
 
+def lag_stats(pred: np.ndarray, ref: np.ndarray, lengths: np.ndarray) -> list[dict]:
+    """:func:`_stats` of consecutive segments of ``lengths`` values of the flat ``pred`` and
+    ``ref`` (the pairs of one lag after another), in a few vectorised steps."""
+    lengths = np.asarray(lengths, dtype=int)
+    out: list[dict] = [
+        {"n_pairs": int(n), "corr": float("nan"), "rel_error": float("nan")} for n in lengths
+    ]
+    keep = lengths > 0
+    if not keep.any():
+        return out
+    n = lengths[keep]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[keep]
+
+    def seg(x: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(x, starts)
+
+    p = pred - np.repeat(seg(pred) / n, n)
+    r = ref - np.repeat(seg(ref) / n, n)
+    pp, rr, pr = seg(p * p), seg(r * r), seg(p * r)
+    err, norm = np.sqrt(seg((pred - ref) ** 2)), np.sqrt(seg(ref * ref))
+    for k, j in enumerate(np.flatnonzero(keep)):
+        if n[k] >= 3 and pp[k] > 0 and rr[k] > 0:
+            out[j]["corr"] = float(pr[k] / np.sqrt(pp[k] * rr[k]))
+            out[j]["rel_error"] = float(err[k] / norm[k])
+    return out
+
+
+CLASSES = ("observed", "heldout", "never")
+
+
+def class_index(cls: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per pair class of ``cls`` (K, m, m) (:data:`CLASSES`), the flat positions of its
+    pairs, lag by lag, and their number per lag (K,)."""
+    K = cls.shape[0]
+    out = []
+    for k in range(len(CLASSES)):
+        flat = np.flatnonzero(cls == k)  # C order: lag by lag
+        out.append((flat, np.bincount(flat // cls[0].size, minlength=K)))
+    return out
+
+
 def class_scores(
-    pred: np.ndarray, emp: np.ndarray, cls: np.ndarray, true: np.ndarray | None = None
+    pred: np.ndarray,
+    emp: np.ndarray,
+    cls: np.ndarray,
+    true: np.ndarray | None = None,
+    index: list[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, list[dict[str, float | int]]]:
     """Per lag, ``{"n_pairs", "corr", "rel_error"}`` of the predicted (K, m, m) against the
     empirical covariances for the ``observed`` and ``heldout`` classes of ``cls`` (see
     :func:`pair_classes`), and with ``true``, every class (``never`` too) against the truth
-    (``<class>_vs_truth``)."""
+    (``<class>_vs_truth``). ``index``: :func:`class_index` of ``cls``, where many
+    predictions are scored on the same pairs."""
     out: dict[str, list] = {}
-    K = pred.shape[0]
-    for k, name in enumerate(("observed", "heldout", "never")):
-        rows, rows_true = [], []
-        for s in range(K):
-            sel = cls[s] == k
-            if k < 2:
-                rows.append(_stats(pred[s][sel], emp[s][sel]))
-            if true is not None:
-                rows_true.append(_stats(pred[s][sel], true[s][sel]))
+    index = class_index(cls) if index is None else index
+    pred, emp = pred.ravel(), emp.ravel()
+    for k, (name, (flat, lengths)) in enumerate(zip(CLASSES, index, strict=True)):
         if k < 2:
-            out[name] = rows
+            out[name] = lag_stats(pred[flat], emp[flat], lengths)
         if true is not None:
-            out[f"{name}_vs_truth"] = rows_true
+            out[f"{name}_vs_truth"] = lag_stats(pred[flat], true.ravel()[flat], lengths)
     return out
 
 
