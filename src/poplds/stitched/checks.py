@@ -38,6 +38,8 @@ import torch
 from .._distributed import rank_and_size
 from .._logging import get_logger
 from ._data import StitchedData
+from ._linear import projected_replicates
+from ._projected import MAX_SCORED, block_length, draws, group_projections, replicate_data
 from ._refit import RefitPart, batched_refit, replicate_groups
 from ._stage import StageRecord
 from .bootstrap import (
@@ -157,6 +159,91 @@ def _plan_atoms(
     )
 
 
+def _projected_bytes(fit: StitchedFit, B: int) -> float:
+    """Bytes the Gauss-Newton bootstrap holds: the projections (T_r, G_r, n) of every
+    recording and about ten (B+1, N, n) arrays (the data terms, CG's vectors and products)."""
+    n = fit.params.C.shape[1]
+    proj = sum(r.n_time * len(r.slices) * n for r in fit.data.recordings)
+    return 8.0 * (proj + 10 * (B + 1) * fit.data.n_neurons * n)
+
+
+def _projected_bootstrap(
+    fit: StitchedFit,
+    s: StitchedSettings,
+    sample: np.ndarray,
+    cls: np.ndarray,
+    true: np.ndarray | None,
+) -> tuple[list[StitchedLDSParams], list[dict], dict[str, Any]]:
+    """The bootstrap of a fit whose per-atom lagged sums do not fit in memory: one
+    Gauss-Newton step per replicate (``_linear``) from the gradients that the stored
+    projections and one more pass give (``_projected``); two passes over the data in all.
+    The replicates are scored on a seeded subset of the sampled neurons
+    (``_projected.MAX_SCORED`` at most). Returns the replicates' parameters, their scores and the
+    bootstrap's record."""
+    data, p = fit.data, fit.params
+    dev, K, B = data.device, data.lags, s.bootstrap
+    tb = time.perf_counter()
+    Z = [group_projections(rec, p.C[rec.neurons], dev) for rec in data.recordings]  # pass 1
+    lengths = [
+        block_length(z, K, max(K, rec.n_time // MIN_BLOCKS))
+        for z, rec in zip(Z, data.recordings, strict=True)
+    ]
+    atom_rows = [max(K, math.ceil(b / ATOMS_PER_BLOCK)) for b in lengths]
+    n_atoms = [math.ceil(rec.n_time / a) for rec, a in zip(data.recordings, atom_rows, strict=True)]
+    rng = np.random.default_rng([s.seed, 29])
+    counts = [[resample_counts(A, ATOMS_PER_BLOCK, rng) for A in n_atoms] for _ in range(B)]
+    draws_r = [
+        draws(np.stack([c[k] for c in counts]), a, rec.n_time, K, dev)
+        for k, (rec, a) in enumerate(zip(data.recordings, atom_rows, strict=True))
+    ]
+    m = min(MAX_SCORED, len(sample))  # the scored subset
+    pick = np.sort(np.random.default_rng([s.seed, 31]).choice(len(sample), m, replace=False))
+    scored = sample[pick]
+    rd = replicate_data(data, p.C, p.X, Z, draws_r, atom_rows, scored)  # pass 2
+    reps, products, residual = projected_replicates(data, p, rd.dD_dC, rd.CSC, rd.variances)
+    cls_s = cls[:, pick][:, :, pick]
+    true_s = None if true is None else true[:, pick][:, :, pick]
+    index = class_index(cls_s)
+    rep_scores = []
+    for b, rep in enumerate(reps, start=1):
+
+        def sums(k: int, cols: np.ndarray, b: int = b) -> np.ndarray:
+            assert np.array_equal(cols, rd.sample_cols[k])
+            return rd.sample_sums[k][b].cpu().numpy()
+
+        emp_b = pooled_sample(data, scored, sums)[0]
+        rep_scores.append(class_scores(lagged_prediction(rep, scored), emp_b, cls_s, true_s, index))
+    boot: dict[str, Any] = {
+        "replicates": B,
+        "level": s.interval_level,
+        "method": "gauss_newton",
+        "method_note": (
+            "one Gauss-Newton step per replicate from the estimate, its gradient from the "
+            "stored projections and one pass (the per-atom lagged sums exceed the budget)"
+        ),
+        "block_rows": [a * ATOMS_PER_BLOCK for a in atom_rows],
+        "atom_rows": atom_rows,
+        "atoms_per_block": ATOMS_PER_BLOCK,
+        "block_length_rule": "Politis-White on the leading fitted latent projections",
+        "cg_products": products,
+        "cg_residual": residual,
+        "scored_neurons": m,
+    }
+    if residual > 1e-2:
+        boot["warnings"] = [
+            f"the Gauss-Newton steps' conjugate gradients stopped at a relative residual of "
+            f"{residual:.2g}: the intervals may be off"
+        ]
+        log.warning(boot["warnings"][0])
+    log.info(
+        "bootstrap by Gauss-Newton steps: %d replicates, %d Hessian products, %.1f s",
+        B,
+        products,
+        time.perf_counter() - tb,
+    )
+    return reps, rep_scores, boot
+
+
 def _interval_rows(
     point: Sequence[dict], per_rep: list[list[dict]], level: float
 ) -> list[dict[str, Any]]:
@@ -196,12 +283,16 @@ def check_fit(
     scores: dict[str, Any],
     rate_hz: float,
     keep: int | None = None,
+    method: str = "auto",
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Stitch validation and bootstrap of ``fit`` (module docstring). ``scores``: the
     estimate's :func:`.evaluate.covariance_scores` (its per-lag rows, and under ``_figure``
     the scored neurons and their pair classes: the replicates are scored on the same ones,
     and the score intervals are placed at these estimates); ``keep``: overlap every pair of
-    recordings keeps in the validation (default n + 2).
+    recordings keeps in the validation (default n + 2); ``method``: ``refit`` (the
+    replicates refitted on per-atom sums, with the stitch validation), ``gauss_newton``
+    (one step per replicate from the projections, no validation: :func:`_projected_bootstrap`)
+    or ``auto``, the first where its sums fit in the moment budget.
 
     Returns ``(metrics, arrays)``: ``metrics`` has ``stitch_validation`` and ``bootstrap``
     (each with ``skipped`` and the reason where it did not run); ``arrays`` are the
@@ -224,13 +315,48 @@ def check_fit(
             "stitch_validation": {"skipped": "validation_fraction is 0"},
             "bootstrap": {"skipped": "bootstrap is 0"},
         }, arrays
-    lengths = [
-        block_rows(rec, p.C[rec.neurons], K, dev) for rec in data.recordings
-    ]  # pass 1: the fitted projections
-    plan = _plan_atoms(fit, lengths, data.moment_budget)
+    true = scores["_figure"]["true"]  # the sampled pairs' true covariances (simulations)
+    index = class_index(cls)  # every replicate is scored on the same pairs
+    per_atom = [8.0 * K * len(r.neurons) ** 2 for r in data.recordings]
+    plan: tuple[list[int], int] | str = (
+        f"the recordings' lagged sums for {MIN_BLOCKS} blocks each need "
+        f"{MIN_BLOCKS * sum(per_atom) / 1e9:.3g} GB, more than the fit's moment budget of "
+        f"{data.moment_budget / 1e9:.3g} GB"
+    )
+    if method not in ("auto", "refit", "gauss_newton"):
+        raise ValueError(f"method must be auto, refit or gauss_newton, got {method!r}")
+    if method == "gauss_newton":
+        plan = "the Gauss-Newton bootstrap was asked for"
+    elif method == "refit" or MIN_BLOCKS * sum(per_atom) <= data.moment_budget:
+        lengths = [
+            block_rows(rec, p.C[rec.neurons], K, dev) for rec in data.recordings
+        ]  # pass 1: the fitted projections
+        plan = _plan_atoms(fit, lengths, data.moment_budget)
     if isinstance(plan, str):
-        log.warning("stitch validation and bootstrap skipped: %s", plan)
-        return {"stitch_validation": {"skipped": plan}, "bootstrap": {"skipped": plan}}, arrays
+        why = (
+            f"{plan}: stitch validation needs them (a refit on them) and is not run; the "
+            "bootstrap takes one Gauss-Newton step per replicate from the stored projections"
+        )
+        log.warning("%s", why)
+        metrics["stitch_validation"] = {"skipped": why}
+        if s.bootstrap == 0:
+            metrics["bootstrap"] = {"skipped": "bootstrap is 0"}
+            return metrics, arrays
+        need = _projected_bytes(fit, s.bootstrap)
+        if need > 2 * data.moment_budget:
+            metrics["bootstrap"] = {
+                "skipped": (
+                    f"the Gauss-Newton bootstrap needs about {need / 1e9:.3g} GB (projections "
+                    f"and {s.bootstrap} replicates' loadings), more than twice the moment "
+                    f"budget of {data.moment_budget / 1e9:.3g} GB (fewer replicates need less)"
+                )
+            }
+            log.warning("bootstrap skipped: %s", metrics["bootstrap"]["skipped"])
+            return metrics, arrays
+        reps, rep_scores, boot = _projected_bootstrap(fit, s, sample, cls, true)
+        return _intervals(
+            fit, s, scores, rate_hz, metrics, arrays, reps, rep_scores, boot, None, [], t0
+        )
     rows, per_block = plan
     atoms: list[AtomMoments] = [
         atom_moments(rec, K, a, per_block, dev)
@@ -249,8 +375,6 @@ def check_fit(
     counts = [[resample_counts(a.n_atoms, a.per_block, rng) for a in atoms] for _ in range(B)]
     per_rep = sum(8.0 * K * len(r.neurons) ** 2 for r in data.recordings)
     groups = replicate_groups(B, 2 * per_rep, data.moment_budget) if B else [range(0)]
-    true = scores["_figure"]["true"]  # the sampled pairs' true covariances (simulations)
-    index = class_index(cls)  # every replicate is scored on the same pairs
     reps: list[StitchedLDSParams] = []
     rep_scores: list[dict] = []
     rep_val: list[tuple[np.ndarray, np.ndarray]] = []
@@ -346,6 +470,7 @@ def check_fit(
     boot: dict[str, Any] = {
         "replicates": s.bootstrap,
         "level": level,
+        "method": "refit",
         "block_rows": [a.rows * a.per_block for a in atoms],
         "atom_rows": [a.rows for a in atoms],
         "atoms_per_block": per_block,
@@ -353,6 +478,38 @@ def check_fit(
         "refit_evaluations": evaluations,
         "refit_stops": stops,
     }
+    unconverged = sum(stop != "converged" for stop in stops)
+    if unconverged:
+        boot["warnings"] = [
+            f"{unconverged} of the {len(stops)} batched bootstrap refits stopped before their "
+            "convergence test held (stitched_lds.max_passes): the intervals may be too narrow"
+        ]
+        log.warning(boot["warnings"][0])
+    return _intervals(
+        fit, s, scores, rate_hz, metrics, arrays, reps, rep_scores, boot, val, rep_val, t0
+    )
+
+
+def _intervals(
+    fit: StitchedFit,
+    s: StitchedSettings,
+    scores: dict[str, Any],
+    rate_hz: float,
+    metrics: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+    reps: list[StitchedLDSParams],
+    rep_scores: list[dict],
+    boot: dict[str, Any],
+    val: tuple[np.ndarray, np.ndarray] | None,
+    rep_val: list[tuple[np.ndarray, np.ndarray]],
+    t0: float,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The intervals, standard errors and coverage from the replicates' parameters
+    ``reps``, scores ``rep_scores`` and (with the stitch validation) validation predictions
+    ``rep_val``; fills ``metrics["bootstrap"]`` (from ``boot``) and ``arrays``."""
+    p, K, level = fit.params, fit.data.lags, s.interval_level
+    sample, cls = scores["_figure"]["sample"], scores["_figure"]["cls"]
+    true = scores["_figure"]["true"]
     # covariances and correlations of the sample
     # per lag: B x m x m values at a time (m up to 600)
     pred_lo = np.empty((K, len(sample), len(sample)))
@@ -434,13 +591,6 @@ def check_fit(
                     for lag in range(K)
                 ]
         boot["coverage_vs_truth"] = cover
-    unconverged = sum(stop != "converged" for stop in stops)
-    if unconverged:
-        boot["warnings"] = [
-            f"{unconverged} of the {len(stops)} batched bootstrap refits stopped before their "
-            "convergence test held (stitched_lds.max_passes): the intervals may be too narrow"
-        ]
-        log.warning(boot["warnings"][0])
     boot["seconds"] = time.perf_counter() - t0
     metrics["bootstrap"] = boot
     log.info(
