@@ -1,21 +1,31 @@
 """The stitched LDS's checks: the bootstrap's cost and the calibration of its intervals.
 
-    python benchmarks/bench_checks.py cost [--settings demo paper] [--replicates 20] [--repeats 5]
-    python benchmarks/bench_checks.py calibration [--seeds 2] [--replicates 20]
+    python benchmarks/bench_checks.py cost [--settings demo paper large] [--repeats 5]
+    python benchmarks/bench_checks.py calibration [--seeds 2] [--replicates 20] [--method auto]
+    python benchmarks/bench_checks.py real
 
 ``cost``: the point fit and the checks (stitch validation and ``--replicates`` moving-block
 bootstrap replicates, :func:`poplds.stitched.checks.check_fit`) of one simulation, both timed
 in the same process after a first fit has paid the one-time imports (median seconds of
-``--repeats`` runs; the ratio is of the medians): the demo (90 neurons in
-three recordings of 3000 steps, n = 4) and the paper setting (N = 1000, n = 10, T = 1e5 in two
-halves sharing 50 neurons). Prints the seconds of each, their ratio, the fit's and a
-replicate's passes, the block lengths and the atoms' memory.
+``--repeats`` runs; the ratio is of the medians). Settings: ``demo`` (90 neurons in three
+recordings of 3000 steps, n = 4); ``paper`` (N = 1000, n = 10, T = 1e5 in two halves sharing
+50 neurons); ``large`` (N = 4000, n = 10, two recordings of 2100 neurons and 2e4 steps
+sharing 200), whose per-atom sums exceed the moment budget, so the bootstrap takes one
+Gauss-Newton step per replicate (two passes over the data, no stitch validation). Prints
+the seconds of each, their ratio, the fit's passes, the method and its evaluations (batched
+refit evaluations, or Hessian-vector products), the block lengths, the validation pairs and
+the coverage of the true never co-observed covariances.
 
 ``calibration``: seeded simulations of two recordings (N = 80 neurons, n = 4) over a grid of
 overlaps (n, 3n, 10n neurons), noise-to-signal ratios (0.5, 2) and lengths (T = 2e3, 2e4, 1e5
 in all), ``--seeds`` each; per simulation the share of never co-observed pairs (sampled
 neurons, lags 0-9) whose true covariance lies in its nominal 90 % interval. Prints one line per
 simulation and the coverage per setting (mean over seeds), overall, and by each factor.
+
+``real``: the dentate gyrus recording of ``../shared/data`` split into two pseudo-sessions as
+the README's example, n = 4: the intervals of the Gauss-Newton bootstrap against the refits'
+(median widths of the predicted correlations' intervals per pair class, the held-out scores'
+standard errors, the slowest time constants).
 """
 
 from __future__ import annotations
@@ -54,14 +64,14 @@ def simulation(N, n, layout, noise, seed, moduli=(0.9, 0.99)):
     return p, recs
 
 
-def fit_and_check(p, recs, N, n, settings, lags=10):
+def fit_and_check(p, recs, N, n, settings, lags=10, method="auto"):
     t = time.perf_counter()
     fit = stitched.fit(recs, N, n, settings)
     t_fit = time.perf_counter() - t
     truth = StitchedLDSParams.from_dynamics(p.A, p.C, p.Q, p.R, p.Pi, lags)
     scores = covariance_scores(fit.params, fit.data, truth=truth, seed=settings.seed)
     t = time.perf_counter()
-    metrics, _ = check_fit(fit, settings, n, scores=scores, rate_hz=10.0)
+    metrics, _ = check_fit(fit, settings, n, scores=scores, rate_hz=10.0, method=method)
     return fit, metrics, t_fit, time.perf_counter() - t
 
 
@@ -72,11 +82,14 @@ def cost(args) -> list[dict]:
     )
     print(
         f"{'setting':>8} {'fit s':>7} {'checks s':>8} {'ratio':>6} {'fit passes':>10} "
-        f"{'refit evaluations':>16} {'block rows':>14} {'validation':>10} {'never coverage':>14}"
+        f"{'method':>12} {'evaluations':>11} {'block rows':>14} {'validation':>10} "
+        f"{'never coverage':>14}"
     )
     cases = {
         "demo": (90, 4, [(0, 40, 3000), (30, 70, 3000), (60, 90, 3000)], (0.9, 0.98)),
         "paper": (1000, 10, [(0, 525, 50000), (475, 1000, 50000)], (0.9, 0.99)),
+        # per-atom sums of 2 x 2100 neurons exceed the 1 GB budget: the Gauss-Newton route
+        "large": (4000, 10, [(0, 2100, 20000), (1900, 4000, 20000)], (0.9, 0.99)),
     }
     rows = []
     s = StitchedSettings(lags=10, device=args.device, seed=0, bootstrap=args.replicates)
@@ -97,7 +110,8 @@ def cost(args) -> list[dict]:
             "checks_s": t_checks,
             "ratio": t_checks / t_fit,
             "fit_passes": fit.info.free.passes + fit.info.linked.passes,
-            "refit_evaluations": boot.get("refit_evaluations"),
+            "method": boot.get("method"),
+            "evaluations": boot.get("refit_evaluations", boot.get("cg_products")),
             "block_rows": boot.get("block_rows"),
             "validation_pairs": val.get("n_pairs"),
             "never_coverage": boot.get("coverage_vs_truth", {}).get("never"),
@@ -105,7 +119,7 @@ def cost(args) -> list[dict]:
         rows.append(row)
         print(
             f"{name:>8} {t_fit:7.2f} {t_checks:8.2f} {row['ratio']:6.2f} {row['fit_passes']:10d} "
-            f"{row['refit_evaluations']:16d} {str(row['block_rows']):>14} "
+            f"{row['method']:>12} {row['evaluations']:11d} {str(row['block_rows']):>14} "
             f"{str(row['validation_pairs']):>10} {row['never_coverage']:14.3f}",
             flush=True,
         )
@@ -114,7 +128,10 @@ def cost(args) -> list[dict]:
 
 def calibration(args) -> list[dict]:
     N, n = 80, 4
-    print(f"# calibration of the nominal 90 % intervals, N={N}, n={n}; {machine()}")
+    print(
+        f"# calibration of the nominal 90 % intervals, N={N}, n={n}, method {args.method}; "
+        f"{machine()}"
+    )
     print(f"{'overlap':>7} {'noise':>5} {'T':>7} {'seed':>4} {'coverage':>8} {'seconds':>7}")
     rows = []
     grid = itertools.product((n, 3 * n, 10 * n), (0.5, 2.0), (2000, 20000, 100000))
@@ -124,7 +141,7 @@ def calibration(args) -> list[dict]:
             p, recs = simulation(N, n, layout, noise, 100 + seed)
             s = StitchedSettings(lags=10, device=args.device, seed=seed, bootstrap=args.replicates)
             t = time.perf_counter()
-            _, m, _, _ = fit_and_check(p, recs, N, n, s)
+            _, m, _, _ = fit_and_check(p, recs, N, n, s, method=args.method)
             cover = m["bootstrap"]["coverage_vs_truth"]["never"]
             rows.append(
                 {"overlap": overlap, "noise": noise, "T": T, "seed": seed, "coverage": cover}
@@ -147,17 +164,81 @@ def calibration(args) -> list[dict]:
     return rows
 
 
+def real(args) -> list[dict]:
+    """Both bootstrap methods on the dentate gyrus recording split as the README's example
+    (``../shared/data``: two pseudo-sessions, frames [0, 1800) with neurons [0, 80) and
+    [1800, 3596) with [50, 122)), n = ``--latent-dim``: the Gauss-Newton steps against the
+    refits."""
+    from poplds.sources import RecordingSpec, open_recording
+
+    path = Path(__file__).resolve().parents[1].parent / "shared/data/dentate_gyrus_events.nwb"
+    parts = [("first_half", (0, 1800), (0, 80)), ("second_half", (1800, 3596), (50, 122))]
+    recs, ids = [], []
+    for name, frames, neurons in parts:
+        r = open_recording(RecordingSpec(path=path, name=name, frames=frames, neurons=neurons))
+        recs.append((name, np.asarray(r.activity.compute(), dtype=np.float32), r.neuron_ids))
+        ids.extend(r.neuron_ids.tolist())
+        rate = r.rate_hz
+        r.close()
+    table = {v: k for k, v in enumerate(dict.fromkeys(ids))}
+    inputs = [RecordingInput(name, y, np.array([table[v] for v in nid])) for name, y, nid in recs]
+    n, N = args.latent_dim, len(table)
+    s = StitchedSettings(lags=10, device=args.device, seed=0, bootstrap=args.replicates)
+    fit = stitched.fit(inputs, N, n, s)
+    scores = covariance_scores(fit.params, fit.data, seed=0)
+    print(f"# dentate split (N = {N}, n = {n}, rate {rate:.3g} Hz); {machine()}")
+    rows = []
+    out = {}
+    for method in ("refit", "gauss_newton"):
+        t = time.perf_counter()
+        m, a = check_fit(fit, s, n, scores=scores, rate_hz=rate, method=method)
+        out[method] = (m, a, time.perf_counter() - t)
+    (m1, a1, t1), (m2, a2, t2) = out["refit"], out["gauss_newton"]
+    cls = scores["_figure"]["cls"]
+    for k, name in enumerate(("observed", "heldout", "never")):
+        sel = cls == k
+        w1 = np.median((a1["corr_hi"] - a1["corr_lo"])[sel])
+        w2 = np.median((a2["corr_hi"] - a2["corr_lo"])[sel])
+        rows.append({"class": name, "refit_corr_width": w1, "gn_corr_width": w2})
+        print(
+            f"{name:>9}: median width of the correlation intervals {w1:.4f} (refit), "
+            f"{w2:.4f} (Gauss-Newton), ratio {w2 / w1:.3f}"
+        )
+    for key in ("heldout_rel_error", "heldout_corr"):
+        se = [m["bootstrap"]["summary"][key]["se"] for m in (m1, m2)]
+        print(f"{key} standard error: {se[0]:.4f} (refit), {se[1]:.4f} (Gauss-Newton)")
+        rows.append({"score": key, "refit_se": se[0], "gn_se": se[1]})
+    for m, label in ((m1, "refit"), (m2, "Gauss-Newton")):
+        tc = m["bootstrap"]["time_constant_s"]
+        print(
+            f"slowest time constants ({label}): "
+            + ", ".join(
+                f"{v:.2f} s [{lo:.2f}, {hi:.2f}]"
+                for v, lo, hi in list(zip(tc["value"], tc["lo"], tc["hi"], strict=True))[:2]
+            )
+        )
+    print(f"seconds: refit {t1:.2f}, Gauss-Newton {t2:.2f}")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["cost", "calibration"])
+    ap.add_argument("what", choices=["cost", "calibration", "real"])
     ap.add_argument("--settings", nargs="+", default=["demo", "paper"])
     ap.add_argument("--replicates", type=int, default=20)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5, help="cost: median seconds of this many runs")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--latent-dim", type=int, default=2, help="real: the latent dimension")
+    ap.add_argument(
+        "--method",
+        default="auto",
+        choices=["auto", "refit", "gauss_newton"],
+        help="calibration: the bootstrap's replicates refitted, or one Gauss-Newton step each",
+    )
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
-    out = cost(args) if args.what == "cost" else calibration(args)
+    out = {"cost": cost, "calibration": calibration, "real": real}[args.what](args)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1, default=float))
 

@@ -276,18 +276,37 @@ def test_one_standard_error_choice():
     assert "no stitch validation" in choice["reason"]
 
 
+class _Counted:
+    """A (time, neurons) source that counts the rows read from it (copies: rows are centred
+    in place by the reader)."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array, self.rows = array, 0
+        self.shape, self.dtype = array.shape, array.dtype
+
+    def __getitem__(self, key):
+        out = np.array(self.array[key], copy=True)
+        if isinstance(key, slice):
+            self.rows += out.shape[0]
+        return out
+
+
 def test_projected_gradients_equal_those_of_the_formed_sums():
     """The Gauss-Newton bootstrap's replicate gradients, formed from the stored projections
     and one pass over streamed windows of the data (with halos), equal those of the replicates' own
     lagged sums formed from atoms (the refit route's ReplicateLoss); so do their variances
-    and the scored neurons' lagged sums."""
+    and the scored neurons' lagged sums. The two steps read every row twice in all."""
     K, n, B, a = 4, 3, 3, 37
     _, recs = _recordings(T=700)
     s = StitchedSettings(lags=K, device="cpu", seed=0, heldout_fraction=0.2)
     fit = stitched.fit(recs, 90, n, s)
-    # streamed from their sources in windows of 5 atoms
+    # streamed from their sources in windows of 5 atoms, every row read counted
     assert all(r.source is not None for r in fit.data.recordings)
-    streamed = [replace(r, chunk_rows=5 * a, data=None) for r in fit.data.recordings]
+    sources = [_Counted(np.asarray(r.source)) for r in fit.data.recordings]
+    streamed = [
+        replace(r, chunk_rows=5 * a, data=None, source=src)
+        for r, src in zip(fit.data.recordings, sources, strict=True)
+    ]
     data = replace(fit.data, recordings=streamed)
     p = fit.params
     rng = np.random.default_rng(4)
@@ -296,6 +315,8 @@ def test_projected_gradients_equal_those_of_the_formed_sums():
     moments = [[x.replicate(c) for x, c in zip(atoms, cb, strict=True)] for cb in counts]
     full = [x.total() for x in atoms]
     _, dC_ref, dX_ref, v_ref = sums_gradients(data, full, moments, p)
+    for src in sources:
+        src.rows = 0  # the reference above read the data once
     Z = [group_projections(r, p.C[r.neurons], CPU) for r in data.recordings]
     dr = [
         draws(np.stack([c[k] for c in counts]), a, r.n_time, K, CPU)
@@ -303,6 +324,8 @@ def test_projected_gradients_equal_those_of_the_formed_sums():
     ]
     scored = np.array([0, 5, 33, 35, 61, 64, 80])
     rd = replicate_data(data, p.C, p.X, Z, dr, [a] * 3, scored)
+    # two passes over the data in all (projections, then the data terms)
+    assert [src.rows for src in sources] == [2 * r.n_time for r in data.recordings]
     _, dC, dX = projected_gradients(data, p, rd.dD_dC, rd.CSC, rd.variances)
     scale = float(dC_ref.abs().max())
     torch.testing.assert_close(dC, dC_ref, rtol=1e-4, atol=1e-5 * scale)
@@ -340,3 +363,26 @@ def test_gauss_newton_bootstrap_matches_the_refits(checked):
     tiny = replace(fit, data=replace(fit.data, moment_budget=1e5))
     m3, _ = check_fit(tiny, s, 4, scores=scores, rate_hz=10.0)
     assert "more than twice the moment budget" in m3["bootstrap"]["skipped"]
+
+
+def test_summary_says_how_the_intervals_were_made():
+    """The front page names the Gauss-Newton bootstrap, its calibration and its warnings
+    where it ran, and the refits' calibration otherwise."""
+    from poplds.summary import _stitched_section
+
+    def metrics(boot):
+        return {
+            "settings": {"latent_dim": 2},
+            "summary": {"heldout_rel_error": 0.5, "heldout_corr": 0.8},
+            "stitch_validation": {"skipped": "too large"},
+            "bootstrap": boot,
+            "warnings": boot.get("warnings", []),
+        }
+
+    base = {"replicates": 20, "level": 0.9, "block_rows": [40, 40]}
+    gn = {**base, "method": "gauss_newton", "scored_neurons": 150, "warnings": ["rough!"]}
+    choice = {"chosen": 2, "reason": "one SE"}
+    page = _stitched_section(choice, [metrics(gn)])
+    assert "Gauss-Newton step" in page and "--method gauss_newton" in page and "rough!" in page
+    page = _stitched_section(choice, [metrics({**base, "method": "refit"})])
+    assert "refitted from the estimate" in page and "Gauss-Newton" not in page
