@@ -37,30 +37,38 @@ PRODUCT_DTYPE = torch.float32
 PAD_SHARE = 0.25
 
 
-def _blocks(
-    data: StitchedData, weighted: list[torch.Tensor]
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The recordings' weighted sums ``weighted[r]`` (B, K, N_r, N_r) as blocks ``(S (B, R,
-    K, N_b, N_b), index (R, N_b))`` of R recordings: all in one, zero-padded to the largest
-    (index ``N_total``, a zero row of C, in the padding), where that adds at most
-    :data:`PAD_SHARE`; else one block per recording."""
-    N = data.n_neurons
-    sizes = [len(r.neurons) for r in data.recordings]
-    dev = weighted[0].device if weighted else data.device
+def _stacked(sizes: Sequence[int]) -> bool:
+    """Whether recordings of ``sizes`` neurons are padded into one block (``PAD_SHARE``)."""
     top = max(sizes, default=0)
-    if len(sizes) > 1 and len(sizes) * top**2 <= (1 + PAD_SHARE) * sum(n * n for n in sizes):
-        B, K = weighted[0].shape[:2]
-        S = weighted[0].new_zeros((B, len(sizes), K, top, top))
-        index = torch.full((len(sizes), top), N, dtype=torch.long, device=dev)
-        for r, (rec, W) in enumerate(zip(data.recordings, weighted, strict=True)):
-            n_r = len(rec.neurons)
-            S[:, r, :, :n_r, :n_r] = W
-            index[r, :n_r] = torch.as_tensor(rec.neurons, device=dev)
-        return [(S, index)]
-    return [
-        (W[:, None], torch.as_tensor(rec.neurons, device=dev)[None])
-        for rec, W in zip(data.recordings, weighted, strict=True)
-    ]
+    return len(sizes) > 1 and len(sizes) * top**2 <= (1 + PAD_SHARE) * sum(n * n for n in sizes)
+
+
+def replicate_bytes(data: StitchedData) -> float:
+    """Bytes one replicate's weighted sums take in a :class:`ReplicateLoss` (blocks, padding
+    included, in ``PRODUCT_DTYPE``)."""
+    sizes = [len(r.neurons) for r in data.recordings]
+    pairs = len(sizes) * max(sizes) ** 2 if _stacked(sizes) else sum(n * n for n in sizes)
+    return float(torch.finfo(PRODUCT_DTYPE).bits // 8 * data.lags * pairs)
+
+
+def _layout(data: StitchedData, B: int) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+    """Empty blocks ``(S (B, R, N_b, K, N_b), index (R, N_b), recordings)`` for the
+    recordings' weighted sums, ``S[b, r, i, s, j] = S~_rs(i, j)`` (rows, then lags: ``S_s C``
+    and ``C' S_s`` of every lag are then one product each): all recordings in one block,
+    zero-padded to the largest (index ``N_total``, a zero row of C, in the padding) where
+    that adds at most :data:`PAD_SHARE`; else one block per recording."""
+    N, K, dev = data.n_neurons, data.lags, data.device
+    sizes = [len(r.neurons) for r in data.recordings]
+    groups = [list(range(len(sizes)))] if _stacked(sizes) else [[k] for k in range(len(sizes))]
+    out = []
+    for members in groups:
+        top = max(sizes[k] for k in members)
+        S = torch.zeros((B, len(members), top, K, top), dtype=PRODUCT_DTYPE, device=dev)
+        index = torch.full((len(members), top), N, dtype=torch.long, device=dev)
+        for r, k in enumerate(members):
+            index[r, : sizes[k]] = torch.as_tensor(data.recordings[k].neurons, device=dev)
+        out.append((S, index, members))
+    return out
 
 
 class ReplicateLoss:
@@ -74,20 +82,25 @@ class ReplicateLoss:
     def __init__(
         self,
         data: StitchedData,
-        moments: Sequence[Sequence[torch.Tensor]],
-        variances: Sequence[np.ndarray],
+        moments: Sequence[Sequence[torch.Tensor]] = (),
+        variances: Sequence[np.ndarray] = (),
+        size: int | None = None,
     ) -> None:
+        """From every replicate's sums and variances, or empty for ``size`` replicates that
+        :meth:`set` fills one by one (one replicate's float64 sums at a time in memory)."""
         dev = data.device
+        self.data = data
         self.tensors = LossTensors.of(data, dev)
+        B = len(moments) if size is None else size
         w = data.weights(dev)
-        weighted = []
-        for k, rec in enumerate(data.recordings):
+        self._expand = []
+        for rec in data.recordings:
             g = torch.as_tensor(rec.groups, device=dev)
-            E = expand_groups(rec, w[:, g][:, :, g])
-            weighted.append(torch.stack([(m[k].to(dev) * E).to(PRODUCT_DTYPE) for m in moments]))
-        self.blocks = _blocks(data, weighted)
-        V = torch.as_tensor(np.stack(variances), device=dev)[:, self.tensors.by_group]
-        self.V = torch.nan_to_num(V)
+            self._expand.append(expand_groups(rec, w[:, g][:, :, g]))
+        layout = _layout(data, B)
+        self._members = [m for _, _, m in layout]
+        self.blocks = [(S, index) for S, index, _ in layout]
+        self.V = torch.zeros((B, len(self.tensors.by_group)), dtype=torch.float64, device=dev)
         bounds = self.tensors.group_bounds
         group = torch.repeat_interleave(
             torch.arange(len(bounds), device=dev),
@@ -95,6 +108,20 @@ class ReplicateLoss:
         )
         self.group = group  # (N_obs,): each row's group, in by_group order
         self.onehot = torch.nn.functional.one_hot(group, len(bounds)).to(torch.float64)
+        for b, (m, v) in enumerate(zip(moments, variances, strict=True)):
+            self.set(b, m, v)
+
+    def set(self, b: int, moments: Sequence[torch.Tensor], variance: np.ndarray) -> None:
+        """Replicate b's unweighted lagged sums of every recording (K, N_r, N_r) and its
+        variances (N_total,)."""
+        dev = self.data.device
+        for (S, _), members in zip(self.blocks, self._members, strict=True):
+            for r, k in enumerate(members):
+                n_r = len(self.data.recordings[k].neurons)
+                W = (moments[k].to(dev) * self._expand[k]).to(S.dtype)  # (K, N_r, N_r)
+                S[b, r, :n_r, :, :n_r] = W.transpose(0, 1)
+        v = torch.as_tensor(variance, device=dev)[self.tensors.by_group]
+        self.V[b] = torch.nan_to_num(v)
 
     def __call__(self, C: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         t = self.tensors
@@ -115,7 +142,9 @@ class ReplicateLoss:
         C0 = torch.cat([C, C.new_zeros(B, 1, n)], dim=1)  # a zero row for the padding
         for Sr, idx in self.blocks:
             Cr = C0[:, idx]  # (B, R, N_b, n)
-            SC = (Sr @ Cr[:, :, None].to(Sr.dtype)).to(C.dtype)  # (B, R, K, N_b, n): S_s C
+            R, Nb = idx.shape
+            SC = (Sr.reshape(B, R, Nb * K, Nb) @ Cr.to(Sr.dtype)).to(C.dtype)
+            SC = SC.reshape(B, R, Nb, K, n).transpose(2, 3)  # (B, R, K, N_b, n): S_s C
             CX = Cr[:, :, None] @ X[:, None]
             D = D + torch.sum(CX * SC, dim=(1, 2, 3, 4))  # sum_s <C X_s, S_s C>
         return (square + diag - 2 * D) / t.n_pairs
@@ -155,18 +184,23 @@ class ReplicateLoss:
         dC.index_add_(1, t.by_group, dCs)
         D = C.new_zeros(B)
         C0 = torch.cat([C, C.new_zeros(B, 1, n)], dim=1)
-        W = torch.cat([X.transpose(2, 3), X], dim=1).reshape(B, 1, 2 * K * n, n)
+        # X_s' stacked by rows (s, a) and X_s by rows (a, s): the right sides of dD/dC
+        Xt_rows = X.transpose(2, 3).reshape(B, 1, K * n, n)  # [(s, a), c] = X_s[c, a]
+        X_rows = X.permute(0, 2, 1, 3).reshape(B, 1, n * K, n)  # [(a, s), c] = X_s[a, c]
         for Sr, idx in self.blocks:
             Cr = C0[:, idx]  # (B, R, N_b, n)
-            # (B, R, 2K, N_b, n): S_s C and S_s' C (a transposed product: no copy of S)
-            C32 = Cr[:, :, None].to(Sr.dtype)
-            SC = torch.cat([Sr @ C32, Sr.transpose(3, 4) @ C32], dim=2).to(C.dtype)
-            CSC = torch.sum(Cr[:, :, None].transpose(3, 4) @ SC[:, :, :K], dim=1)  # C' S_s C
+            R, Nb = idx.shape
+            C32 = Cr.to(Sr.dtype)
+            # S_s C of every lag, rows (i, s); and C' S_s, rows (a, s): S read once each
+            SC = (Sr.reshape(B, R, Nb * K, Nb) @ C32).to(C.dtype).reshape(B, R, Nb, K * n)
+            CS = (C32.transpose(2, 3) @ Sr.reshape(B, R, Nb, K * Nb)).to(C.dtype)
+            CS = CS.reshape(B, R, n * K, Nb)  # [(a, s), j] = (C' S_s)[a, j]
+            # C' S_s C (B, K, n, n), summed over the block's recordings
+            CSC = (Cr.transpose(2, 3) @ SC).reshape(B, R, n, K, n).sum(1).transpose(1, 2)
             D = D + torch.sum(X * CSC, dim=(1, 2, 3))  # sum_s <X_s, C' S_s C>
             dX -= 2 * CSC
-            # sum_s S_s C X_s' + S_s' C X_s: one product over (s, S or S')
-            R, Nb = idx.shape
-            dCr = SC.permute(0, 1, 3, 2, 4).reshape(B, R, Nb, 2 * K * n) @ W
+            # dD/dC_r = sum_s S_s C X_s' + (C' S_s)' X_s
+            dCr = SC @ Xt_rows + CS.transpose(2, 3) @ X_rows
             dC.index_add_(1, idx.reshape(-1), -2 * dCr.reshape(B, R * Nb, n))
         dC = dC[:, :N]
         P = t.n_pairs
@@ -216,12 +250,12 @@ def _square_terms(
 
 @dataclasses.dataclass(frozen=True)
 class RefitPart:
-    """Replicates of one problem: ``data`` (its neurons and pairs), ``moments[b]`` (each
-    recording's unweighted lagged sums of replicate b), ``variances[b]`` (N_total,), all
-    started from ``start``."""
+    """Replicates of one problem: ``data`` (its neurons and pairs), ``loss`` (their
+    :class:`ReplicateLoss`), ``variances[b]`` (N_total,) of replicate b, all started from
+    ``start``."""
 
     data: StitchedData
-    moments: Sequence[Sequence[torch.Tensor]]
+    loss: ReplicateLoss
     variances: Sequence[np.ndarray]
     start: StitchedLDSParams
 
@@ -232,9 +266,9 @@ class _PartParams:
 
     def __init__(self, part: RefitPart) -> None:
         data, start = part.data, part.start
-        dev, B = data.device, len(part.moments)
+        dev, B = data.device, len(part.variances)
         self.part, self.K = part, data.lags
-        self.loss_of = ReplicateLoss(data, part.moments, part.variances)
+        self.loss_of = part.loss
         self.unit = float(np.nanmean(np.stack(part.variances)[:, data.group_of >= 0]))
         self.C = torch.as_tensor(np.nan_to_num(start.C), device=dev).expand(B, -1, -1).clone()
         self.A = torch.as_tensor(start.A, device=dev).expand(B, -1, -1).clone()
@@ -304,7 +338,7 @@ def batched_refit(
         term=None,
         tensors=batches[0].loss_of.tensors,
         tol=tol,
-        scale=sum(len(p.moments) * p.data.noise_floor() for p in parts),
+        scale=sum(len(p.variances) * p.data.noise_floor() for p in parts),
         seed=seed,
         objective=objective,
     )

@@ -42,7 +42,7 @@ from .._logging import get_logger
 from ._data import StitchedData
 from ._linear import projected_replicates
 from ._projected import MAX_SCORED, block_length, draws, group_projections, replicate_data
-from ._refit import RefitPart, batched_refit, replicate_groups
+from ._refit import RefitPart, ReplicateLoss, batched_refit, replicate_bytes, replicate_groups
 from ._stage import StageRecord
 from .bootstrap import (
     ATOMS_PER_BLOCK,
@@ -103,19 +103,15 @@ def _quiet() -> Iterator[None]:
 
 
 def refit(
-    parts: Sequence[tuple[StitchedData, Sequence[Sequence[torch.Tensor]], StitchedLDSParams]],
+    parts: Sequence[tuple[StitchedData, ReplicateLoss, list[np.ndarray], StitchedLDSParams]],
     settings: StitchedSettings,
 ) -> tuple[list[list[StitchedLDSParams]], StageRecord]:
-    """The linked stage (C, A, Pi) of every set of lagged sums of every part ``(data,
-    moments, start)`` (``moments``: one set per replicate; one set for the validation
-    fit), all in one run (``_refit``), reading no data; variances from the sums
-    (:func:`.validation.pooled_variance`)."""
+    """The linked stage (C, A, Pi) of every replicate of every part ``(data, loss, variances,
+    start)`` (one replicate for the validation fit), all in one run (``_refit``), reading no
+    data."""
     with _quiet():
         return batched_refit(
-            [
-                RefitPart(data, moments, [pooled_variance(data, S) for S in moments], start)
-                for data, moments, start in parts
-            ],
+            [RefitPart(data, loss, v, start) for data, loss, v, start in parts],
             tol=REFIT_TOL * settings.tol,
             window=REFIT_WINDOW,
             max_passes=settings.max_passes,
@@ -400,52 +396,62 @@ def check_fit(
     B = s.bootstrap
     rng = np.random.default_rng([s.seed, 29])
     counts = [[resample_counts(a.n_atoms, a.per_block, rng) for a in atoms] for _ in range(B)]
-    per_rep = sum(8.0 * K * len(r.neurons) ** 2 for r in data.recordings)
-    groups = replicate_groups(B, 2 * per_rep, data.moment_budget) if B else [range(0)]
+    # a group's losses hold its replicates' sums (float32, the point fit's and the
+    # validation's); one replicate's float64 sums are formed at a time
+    per_rep = replicate_bytes(data) + (replicate_bytes(reduced.data) if pairs else 0.0)
+    groups = replicate_groups(B, per_rep, data.moment_budget) if B else [range(0)]
     reps: list[StitchedLDSParams] = []
     rep_scores: list[dict] = []
     rep_val: list[tuple[np.ndarray, np.ndarray]] = []
     evaluations, stops = 0, []
     for group in groups:
         tb = time.perf_counter()
-        formed = [
-            a.replicates(np.array([counts[b][k] for b in group]).reshape(len(group), -1))
-            for k, a in enumerate(atoms)
-        ]
-        S_g = [[S[j] for S in formed] for j in range(len(group))]
-        parts = [(data, S_g, p)] if S_g else []
-        first = pairs and val_fit is None  # the validation fit itself, in the first run
+        first = bool(pairs) and val_fit is None  # the validation fit itself, in the first run
+        size = len(group)
+        parts = []
+        if size:
+            loss, variances, emp = ReplicateLoss(data, size=size), [], []
+            parts.append((data, loss, variances, p))
         if pairs:
-            S_v = [reduced.moments(S_b) for S_b in S_g]
-            parts.append((reduced.data, ([reduced.moments(full)] if first else []) + S_v, p))
+            vloss, vvar, vemp = ReplicateLoss(reduced.data, size=size + first), [], []
+            if first:
+                S_v = reduced.moments(full)
+                vvar.append(pooled_variance(reduced.data, S_v))
+                vloss.set(0, S_v, vvar[-1])
+            parts.append((reduced.data, vloss, vvar, p))
+        for j, b in enumerate(group):
+            S_b = [a.replicate(c) for a, c in zip(atoms, counts[b], strict=True)]
+            variances.append(pooled_variance(data, S_b))
+            loss.set(j, S_b, variances[-1])
+            emp.append(sample_covariances(data, S_b, sample))
+            if pairs:
+                S_v = reduced.moments(S_b)
+                vvar.append(pooled_variance(reduced.data, S_v))
+                vloss.set(first + j, S_v, vvar[-1])
+                vemp.append(validation_covariances(pairs, S_b, n_time))
+            del S_b
         if not parts:
             continue
         fits, record = refit(parts, s)
         if first:
             val_fit, val_record = fits[-1].pop(0), record
-        if S_g:
+        if size:
             evaluations += record.passes
             stops.append(record.stop)
             reps.extend(fits[0])
-            for S_b, fb in zip(S_g, fits[0], strict=True):
-                emp_b = sample_covariances(data, S_b, sample)
+            for emp_b, fb in zip(emp, fits[0], strict=True):
                 rep_scores.append(
                     class_scores(lagged_prediction(fb, sample), emp_b, cls, true, index)
                 )
             if pairs:
-                for S_b, vb in zip(S_g, fits[-1], strict=True):
-                    rep_val.append(
-                        (
-                            validation_covariances(pairs, S_b, n_time),
-                            validation_predictions(pairs, data, vb.C, vb.X),
-                        )
-                    )
+                for emp_v, vb in zip(vemp, fits[-1], strict=True):
+                    rep_val.append((emp_v, validation_predictions(pairs, data, vb.C, vb.X)))
             log.info(
                 "bootstrap replicates %d-%d of %d refitted together%s: %d evaluations, %.1f s",
                 group.start + 1,
                 group.stop,
                 B,
-                " (with the validation fit)" if group.start == 0 and pairs else "",
+                " (with the validation fit)" if first else "",
                 evaluations,
                 time.perf_counter() - tb,
             )
