@@ -85,7 +85,7 @@ def test_replicate_loss_is_the_fit_loss(monkeypatch, stacked, kron):
     autograd's. Recordings padded into one block or one block each; the square term through
     ``X (x) X`` or n-by-n products."""
     monkeypatch.setattr(_refit, "PAD_SHARE", 10.0 if stacked else -1.0)
-    monkeypatch.setattr(_refit, "KRON_MAX_DIM", 10 if kron else 0)
+    monkeypatch.setattr(_refit, "KRON_MAX_DIM", 10 if kron else 0)  # n = 3
     _, recs = _recordings(T=400)
     recs[1] = RecordingInput(recs[1].name, recs[1].activity[:, :25], recs[1].neurons[:25])
     K, n = 4, 3
