@@ -131,12 +131,17 @@ class AtomMoments:
 
     def replicate(self, c: np.ndarray) -> torch.Tensor:
         """``S*_r`` (K, N_r, N_r) for atom counts ``c`` (A,) (module docstring)."""
+        return self.replicates(np.asarray(c)[None])[0]
+
+    def replicates(self, c: np.ndarray) -> torch.Tensor:
+        """``S*_r`` (B, K, N_r, N_r) of B replicates at once, atom counts ``c`` (B, A): one
+        product that reads the atoms once."""
         c = np.asarray(c, dtype=np.float64)
         S = torch.tensordot(torch.as_tensor(c, device=self.S.device), self.S, dims=1)
-        pairs = np.maximum(self.n_time - np.arange(S.shape[0]), 1.0)
-        drawn = c @ self.count
+        pairs = np.maximum(self.n_time - np.arange(S.shape[1]), 1.0)
+        drawn = c @ self.count  # (B, K)
         factor = np.divide(pairs, drawn, out=np.zeros_like(drawn), where=drawn > 0)
-        return S * torch.as_tensor(factor, device=S.device)[:, None, None]
+        return S * torch.as_tensor(factor, device=S.device)[:, :, None, None]
 
 
 def atom_moments(

@@ -399,6 +399,7 @@ def check_fit(
     # a group's losses hold its replicates' sums (float32, the point fit's and the
     # validation's); one replicate's float64 sums are formed at a time
     per_rep = replicate_bytes(data) + (replicate_bytes(reduced.data) if pairs else 0.0)
+    per_rep64 = sum(8.0 * K * len(r.neurons) ** 2 for r in data.recordings)
     groups = replicate_groups(B, per_rep, data.moment_budget) if B else [range(0)]
     reps: list[StitchedLDSParams] = []
     rep_scores: list[dict] = []
@@ -419,8 +420,16 @@ def check_fit(
                 vvar.append(pooled_variance(reduced.data, S_v))
                 vloss.set(0, S_v, vvar[-1])
             parts.append((reduced.data, vloss, vvar, p))
-        for j, b in enumerate(group):
-            S_b = [a.replicate(c) for a, c in zip(atoms, counts[b], strict=True)]
+        # float64 sums formed a few replicates at a time (a quarter of the budget)
+        step = max(1, int(0.25 * data.moment_budget // max(per_rep64, 1.0)))
+        formed: list[torch.Tensor] = []
+        for j in range(len(group)):
+            if j % step == 0:
+                batch = [counts[c] for c in group[j : j + step]]
+                formed = [
+                    a.replicates(np.stack([cb[k] for cb in batch])) for k, a in enumerate(atoms)
+                ]
+            S_b = [S[j % step] for S in formed]
             variances.append(pooled_variance(data, S_b))
             loss.set(j, S_b, variances[-1])
             emp.append(sample_covariances(data, S_b, sample))
@@ -430,6 +439,7 @@ def check_fit(
                 vloss.set(first + j, S_v, vvar[-1])
                 vemp.append(validation_covariances(pairs, S_b, n_time))
             del S_b
+        del formed
         if not parts:
             continue
         fits, record = refit(parts, s)
