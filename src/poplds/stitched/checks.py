@@ -40,7 +40,7 @@ import torch
 from .._distributed import rank_and_size
 from .._logging import get_logger
 from ._data import StitchedData
-from ._linear import projected_replicates
+from ._linear import GaussNewton, diag_gradient, projected_replicates, replicate_params
 from ._projected import MAX_SCORED, block_length, draws, group_projections, replicate_data
 from ._refit import RefitPart, ReplicateLoss, batched_refit, replicate_bytes, replicate_groups
 from ._stage import StageRecord
@@ -65,6 +65,7 @@ from .evaluate import (
 from .models import StitchedFit, StitchedLDSParams
 from .settings import StitchedSettings
 from .validation import (
+    ValidationPairs,
     choose_hidden,
     pooled_variance,
     reduced_data,
@@ -177,13 +178,16 @@ def _projected_bootstrap(
     sample: np.ndarray,
     cls: np.ndarray,
     true: np.ndarray | None,
-) -> tuple[list[StitchedLDSParams], list[dict], dict[str, Any]]:
-    """The bootstrap of a fit whose per-atom lagged sums do not fit in memory: one
-    Gauss-Newton step per replicate (``_linear``) from the gradients that the stored
-    projections and one more pass give (``_projected``); two passes over the data in all.
+    keep: int,
+) -> tuple[list[StitchedLDSParams], list[dict], dict[str, Any], dict[str, Any], Any, list]:
+    """The checks of a fit whose per-atom lagged sums do not fit in memory: one Gauss-Newton
+    step per replicate (``_linear``) from the gradients that the stored projections and one
+    more pass give (``_projected``), two passes over the data for the whole bootstrap; and
+    the stitch validation the same way (:func:`_projected_validation`, two passes more).
     The replicates are scored on a seeded subset of the sampled neurons
-    (``_projected.MAX_SCORED`` at most). Returns the replicates' parameters, their scores and the
-    bootstrap's record."""
+    (``_projected.MAX_SCORED`` at most). Returns the replicates' parameters, their scores, the
+    bootstrap's record, the validation's metrics, its ``(empirical, predicted)`` and the
+    replicates' (as :func:`_intervals` takes them)."""
     data, p = fit.data, fit.params
     dev, K, B = data.device, data.lags, s.bootstrap
     tb = time.perf_counter()
@@ -203,7 +207,13 @@ def _projected_bootstrap(
     m = min(MAX_SCORED, len(sample))  # the scored subset
     pick = np.sort(np.random.default_rng([s.seed, 31]).choice(len(sample), m, replace=False))
     scored = sample[pick]
-    rd = replicate_data(data, p.C, p.X, Z, draws_r, atom_rows, scored)  # pass 2
+    # the stitch validation's split, and a seeded subset of its pairs to score
+    hidden = choose_hidden(data, s.validation_fraction, keep, s.seed)
+    reduced = reduced_data(data, hidden, s.heldout_fraction) if hidden else None
+    vpairs = _pair_subset(validation_pairs(data, reduced), s.seed) if reduced else []
+    extra = [data.recordings[q.rec].neurons[np.r_[q.hidden, q.other]] for q in vpairs]
+    summed = np.union1d(scored, np.concatenate(extra)) if extra else scored
+    rd = replicate_data(data, p.C, p.X, Z, draws_r, atom_rows, summed)  # pass 2
     reps, products, residual = projected_replicates(data, p, rd.dD_dC, rd.CSC, rd.variances)
     # how far the replicates move: the linearisation holds while this is small
     P0 = lagged_prediction(p, scored)
@@ -218,8 +228,8 @@ def _projected_bootstrap(
     for b, rep in enumerate(reps, start=1):
 
         def sums(k: int, cols: np.ndarray, b: int = b) -> np.ndarray:
-            assert np.array_equal(cols, rd.sample_cols[k])
-            return rd.sample_sums[k][b].cpu().numpy()
+            pos = torch.as_tensor(np.searchsorted(rd.sample_cols[k], cols))
+            return rd.sample_sums[k][b][:, pos][:, :, pos].cpu().numpy()
 
         emp_b = pooled_sample(data, scored, sums)[0]
         rep_scores.append(class_scores(lagged_prediction(rep, scored), emp_b, cls_s, true_s, index))
@@ -264,7 +274,98 @@ def _projected_bootstrap(
         products,
         time.perf_counter() - tb,
     )
-    return reps, rep_scores, boot
+    if not vpairs:
+        why = (
+            f"no recording shares more than {keep} neurons with another beyond those it must "
+            f"keep (at least {keep} per overlap, at most {s.validation_fraction:.0%} hidden)"
+        )
+        log.warning("stitch validation skipped: %s", why)
+        return reps, rep_scores, boot, {"skipped": why}, None, []
+    vm, val, rep_val = _projected_validation(fit, reduced, vpairs, draws_r, atom_rows, rd)
+    vm.update({"keep": keep, "fraction": s.validation_fraction})
+    vm["hidden"] = {data.recordings[k].name: v.tolist() for k, v in hidden.items()}
+    return reps, rep_scores, boot, vm, val, rep_val
+
+
+#: The Gauss-Newton route scores the stitch validation on at most this many hidden and other
+#: neurons per recording (their lagged sums are kept for every replicate).
+MAX_VALIDATION_HIDDEN, MAX_VALIDATION_OTHER = 40, 80
+
+
+def _pair_subset(pairs: list[ValidationPairs], seed: int) -> list[ValidationPairs]:
+    """A seeded subset of every recording's validation pairs (at most
+    :data:`MAX_VALIDATION_HIDDEN` hidden and :data:`MAX_VALIDATION_OTHER` other neurons)."""
+    rng = np.random.default_rng([seed, 37])
+    out = []
+    for q in pairs:
+        h = np.sort(rng.permutation(q.hidden)[:MAX_VALIDATION_HIDDEN])
+        o = np.sort(rng.permutation(q.other)[:MAX_VALIDATION_OTHER])
+        out.append(ValidationPairs(q.rec, h, o))
+    return out
+
+
+def _projected_validation(
+    fit: StitchedFit,
+    reduced: Any,
+    pairs: list[ValidationPairs],
+    draws_r: list,
+    atom_rows: list[int],
+    rd: Any,
+) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray], list]:
+    """The stitch validation by Gauss-Newton steps: the validation fit and its replicates
+    are each one step from the point estimate on the reduced problem (the hidden pairs out
+    of the loss), ``theta_vb = theta^ - (P/2) (J_v'J_v)^+ g_vb``, with ``g_vb`` the reduced
+    loss's whole gradient at the estimate on replicate b's data (b = 0: the data), formed as
+    the bootstrap's are (the reduced recordings' projections, one pass, and one more). Its
+    pairs' empirical covariances come from the bootstrap's pass (``rd``, a subset of the
+    pairs). Returns its metrics, ``(empirical, predicted)`` and every replicate's."""
+    data, p = fit.data, fit.params
+    red = reduced.data
+    dev = data.device
+    Z = [group_projections(rec, p.C[rec.neurons], dev) for rec in red.recordings]  # pass 3
+    rdv = replicate_data(red, p.C, p.X, Z, draws_r, atom_rows, np.empty(0, int))  # pass 4
+    B1 = rdv.dD_dC.shape[0]
+    gn = GaussNewton(red, p, B1)
+    V = torch.as_tensor(rdv.variances, device=dev)
+    dC_diag, dX_diag = diag_gradient(gn, V)
+    # the model's own term (data-free): the reduced loss with no data and zero variances,
+    # whose diagonal term has no gradient (m_i >= 0)
+    zero = ReplicateLoss(red, size=1)
+    _, dC_sq, dX_sq = zero.value_and_grad(gn.theta[0][None], gn.X0[None])
+    P = float(gn.tensors.n_pairs)
+    dC = (dC_diag - 2 * rdv.dD_dC) / P + dC_sq
+    dX = (dX_diag - 2 * rdv.CSC) / P + dX_sq
+    steps, products, residual = gn.steps(dC, dX)
+    fits = replicate_params(red, steps, list(rdv.variances))
+    # empirical covariances of the pairs from the scored sums (positions among their columns)
+    local = [
+        ValidationPairs(
+            q.rec,
+            np.searchsorted(rd.sample_cols[q.rec], q.hidden),
+            np.searchsorted(rd.sample_cols[q.rec], q.other),
+        )
+        for q in pairs
+    ]
+    n_time = [rec.n_time for rec in data.recordings]
+    emp = [validation_covariances(local, [S[b] for S in rd.sample_sums], n_time) for b in range(B1)]
+    pred = [validation_predictions(pairs, data, f.C, f.X) for f in fits]
+    rows = _val_stats(pred[0], emp[0])
+    metrics = {
+        "method": "gauss_newton",
+        "n_pairs": int(emp[0].shape[1]),
+        "lags": rows,
+        "corr": mean_over_lags(rows, "corr"),
+        "rel_error": mean_over_lags(rows, "rel_error"),
+        "cg_products": products,
+        "cg_residual": residual,
+        "scored_hidden": int(sum(len(q.hidden) for q in pairs)),
+    }
+    log.info(
+        "stitch validation by Gauss-Newton steps: %d pairs; r %.3f, relative error %.3f",
+        metrics["n_pairs"],
+        *(math.nan if v is None else v for v in (metrics["corr"], metrics["rel_error"])),
+    )
+    return metrics, (emp[0], pred[0]), list(zip(emp[1:], pred[1:], strict=True))
 
 
 def _interval_rows(
@@ -356,13 +457,14 @@ def check_fit(
         ]  # pass 1: the fitted projections
         plan = _plan_atoms(fit, lengths, data.moment_budget)
     if isinstance(plan, str):
-        why = (
-            f"{plan}: stitch validation needs them (a refit on them) and is not run; the "
-            "bootstrap takes one Gauss-Newton step per replicate from the stored projections"
+        log.warning(
+            "%s: the bootstrap and the stitch validation take one Gauss-Newton step per "
+            "replicate (and for the validation fit) from stored projections",
+            plan,
         )
-        log.warning("%s", why)
-        metrics["stitch_validation"] = {"skipped": why}
         if s.bootstrap == 0:
+            why = f"{plan}, and this route runs the validation with the bootstrap (bootstrap 0)"
+            metrics["stitch_validation"] = {"skipped": why}
             metrics["bootstrap"] = {"skipped": "bootstrap is 0"}
             return metrics, arrays
         need = _projected_bytes(fit, s.bootstrap)
@@ -374,11 +476,15 @@ def check_fit(
                     f"budget of {data.moment_budget / 1e9:.3g} GB (fewer replicates need less)"
                 )
             }
+            metrics["stitch_validation"] = {"skipped": metrics["bootstrap"]["skipped"]}
             log.warning("bootstrap skipped: %s", metrics["bootstrap"]["skipped"])
             return metrics, arrays
-        reps, rep_scores, boot = _projected_bootstrap(fit, s, sample, cls, true)
+        reps, rep_scores, boot, vm, val, rep_val = _projected_bootstrap(
+            fit, s, sample, cls, true, keep
+        )
+        metrics["stitch_validation"] = vm
         return _intervals(
-            fit, s, scores, rate_hz, metrics, arrays, reps, rep_scores, boot, None, [], t0
+            fit, s, scores, rate_hz, metrics, arrays, reps, rep_scores, boot, val, rep_val, t0
         )
     rows, per_block = plan
     atoms: list[AtomMoments] = [
