@@ -209,6 +209,14 @@ def real(args) -> list[dict]:
             f"{name:>9}: median width of the correlation intervals {w1:.4f} (refit), "
             f"{w2:.4f} (Gauss-Newton), ratio {w2 / w1:.3f}"
         )
+    for m, label in ((m1, "refit"), (m2, "Gauss-Newton")):
+        v, sm = m["stitch_validation"], m["bootstrap"]["summary"]
+        if "skipped" not in v:
+            print(
+                f"stitch validation ({label}): {v['n_pairs']} pairs, relative error "
+                f"{v['rel_error']:.3f} (SE {sm['stitch_rel_error']['se']:.3f}), r {v['corr']:.3f}, "
+                f"coverage {v.get('coverage', float('nan')):.3f}"
+            )
     for key in ("heldout_rel_error", "heldout_corr"):
         se = [m["bootstrap"]["summary"][key]["se"] for m in (m1, m2)]
         print(f"{key} standard error: {se[0]:.4f} (refit), {se[1]:.4f} (Gauss-Newton)")

@@ -99,9 +99,9 @@ def _stitched_section(choice: dict[str, Any], metrics: Sequence[dict[str, Any]])
         how = (
             "each refitted from the estimate"
             if boot.get("method", "refit") == "refit"
-            else "each one Gauss-Newton step from the estimate, as the recordings' per-atom "
-            "lagged sums exceed the memory budget; scored on "
-            f"{boot.get('scored_neurons')} of the sampled neurons"
+            else "each one Gauss-Newton step from the estimate, as are the validation fit "
+            "and its replicates, because the recordings' per-atom lagged sums exceed the "
+            f"memory budget; scored on {boot.get('scored_neurons')} of the sampled neurons"
         )
         calibration = CALIBRATION if boot.get("method", "refit") == "refit" else CALIBRATION_GN
         rows.append(

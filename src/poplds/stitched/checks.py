@@ -21,8 +21,8 @@ bootstrap intervals (:func:`check_fit`).
 The lagged sums need ``A K N_r^2`` floats per recording (``A`` atoms); where they exceed the
 fit's moment budget even with the longest blocks allowed, every replicate is instead one
 Gauss-Newton step from the estimate, its gradient formed from the stored projections and one
-more pass (:func:`_projected_bootstrap`; ``_linear``, ``_projected``); the stitch validation,
-which needs a refit on the sums, is not run there, and ``metrics.json`` says why.
+more pass (:func:`_projected_bootstrap`; ``_linear``, ``_projected``), and so are the
+validation fit and its replicates (:func:`_projected_validation`; two passes more).
 """
 
 from __future__ import annotations
@@ -165,11 +165,13 @@ def _plan_atoms(
 
 
 def _projected_bytes(fit: StitchedFit, B: int) -> float:
-    """Bytes the Gauss-Newton bootstrap holds: the projections (T_r, G_r, n) of every
-    recording and about ten (B+1, N, n) arrays (the data terms, CG's vectors and products)."""
+    """Bytes the Gauss-Newton route holds at most: the projections (T_r, G_r, n) of every
+    recording and about ten (B+1, N, n) arrays (the data terms, CG's vectors and products),
+    for the bootstrap and again for the stitch validation (whose groups are finer: twice the
+    projections allowed for)."""
     n = fit.params.C.shape[1]
     proj = sum(r.n_time * len(r.slices) * n for r in fit.data.recordings)
-    return 8.0 * (proj + 10 * (B + 1) * fit.data.n_neurons * n)
+    return 8.0 * (3 * proj + 20 * (B + 1) * fit.data.n_neurons * n)
 
 
 def _projected_bootstrap(
