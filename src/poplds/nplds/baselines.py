@@ -1,0 +1,178 @@
+"""The field's baselines for spike counts over trials, on the models' own split, scored as the
+models are (:func:`.evaluate.bits_per_spike`).
+
+Counts ``y`` are (R, T, N): trials, time bins, neurons; NaN marks a missing bin. ``test``
+(R,) marks the held-out trials; ``trial_numbers`` (R,) place the trials in the session.
+
+Held-out trials (rates predicted before seeing the trial), from the training trials only:
+
+- ``constant``: each neuron's mean count per bin, ``lambda_n``.
+- ``psth``: the mean count per time bin, smoothed over bins by a Gaussian of sd ``w`` bins
+  (weights renormalised at the trial's edges; ``w = 0``: none), ``w`` chosen by
+  leave-one-trial-out Poisson likelihood over :data:`PSTH_WIDTHS`::
+
+      psth_n(t) = sum_t' k_w(t, t') ybar_n(t') / sum_t' k_w(t, t'),  ybar_n(t) = mean_r y_rtn
+
+- ``psth_drift``: ``psth_n(t) g_n(r)``, a per-neuron gain that drifts over trial number: the
+  ratio of observed to PSTH-expected counts, Gaussian-smoothed over trial numbers (sd ``v``
+  trials, by leave-one-trial-out over :data:`DRIFT_WIDTHS`)::
+
+      g_n(r) = sum_j k_v(r, j) Y_jn / sum_j k_v(r, j) E_jn,   Y_jn = sum_t y_jtn,
+      E_jn = sum_t psth_n(t)   (over the observed bins of training trial j)
+
+Co-smoothing (held-out neurons of held-out trials from held-in ones):
+
+- ``psth_train``: the held-out neurons' training PSTH (``psth`` above, its width chosen on
+  every neuron), using no held-in data.
+
+Rates are floored at :data:`RATE_FLOOR` counts per bin (a log of zero scores minus infinity).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .evaluate import bits_per_spike
+
+#: Candidate PSTH smoothing widths (sd, in bins).
+PSTH_WIDTHS = tuple(np.arange(0.0, 6.01, 0.5))
+
+#: Candidate drift smoothing widths (sd, in trials).
+DRIFT_WIDTHS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+
+#: The lowest rate (counts per bin) a baseline predicts.
+RATE_FLOOR = 1e-6
+
+
+@dataclass
+class Baseline:
+    """One baseline's predicted rates (R_test, T, N) for the trials it was asked about, its
+    score in bits per spike, and the smoothing widths it chose (sd, bins or trials)."""
+
+    rate: np.ndarray
+    bits_per_spike: float
+    widths: dict[str, float]
+
+
+def _smooth_matrix(n: int, width: float) -> np.ndarray:
+    """(n, n) row-normalised Gaussian smoother of sd ``width`` (identity at 0)."""
+    if width <= 0:
+        return np.eye(n)
+    d = np.arange(n)[:, None] - np.arange(n)[None, :]
+    k = np.exp(-0.5 * (d / width) ** 2)
+    return k / k.sum(1, keepdims=True)
+
+
+def _mean_counts(y: np.ndarray) -> np.ndarray:
+    """(T, N) mean over trials of the observed counts (NaN-aware; 0 where never observed)."""
+    seen = ~np.isnan(y)
+    total = np.where(seen, y, 0.0).sum(0)
+    return np.divide(total, seen.sum(0), out=np.zeros_like(total), where=seen.sum(0) > 0)
+
+
+def psth(y: np.ndarray, width: float) -> np.ndarray:
+    """(T, N): the trials' mean count per bin, smoothed over bins (module docstring)."""
+    return np.maximum(_smooth_matrix(y.shape[1], width) @ _mean_counts(y), RATE_FLOOR)
+
+
+def _poisson_ll(y: np.ndarray, rate: np.ndarray) -> float:
+    """Poisson log likelihood (without the ``log y!`` term) over the observed bins."""
+    seen = ~np.isnan(y)
+    y0 = np.where(seen, y, 0.0)
+    return float(np.sum(np.where(seen, y0 * np.log(rate) - rate, 0.0)))
+
+
+def choose_psth_width(y: np.ndarray, widths: Sequence[float] = PSTH_WIDTHS) -> float:
+    """The PSTH width (sd, bins) of the best leave-one-trial-out likelihood on trials ``y``."""
+    R = y.shape[0]
+    seen = ~np.isnan(y)
+    total = np.where(seen, y, 0.0).sum(0)
+    count = seen.sum(0)
+    best, arg = -np.inf, widths[0]
+    for w in widths:
+        S = _smooth_matrix(y.shape[1], w)
+        ll = 0.0
+        for r in range(R):  # the PSTH of the other trials
+            c = count - seen[r]
+            mean = np.divide(
+                total - np.where(seen[r], y[r], 0.0), c, out=np.zeros(c.shape), where=c > 0
+            )
+            ll += _poisson_ll(y[r], np.maximum(S @ mean, RATE_FLOOR))
+        if ll > best:
+            best, arg = ll, w
+    return float(arg)
+
+
+def drift_gain(
+    y: np.ndarray, rate: np.ndarray, numbers: np.ndarray, at: np.ndarray, width: float
+) -> np.ndarray:
+    """(len(at), N): the per-neuron gains ``g_n`` at trial numbers ``at`` from trials ``y``
+    (R, T, N) at ``numbers`` (R,) and their expected rates ``rate`` (T, N) (module
+    docstring)."""
+    seen = ~np.isnan(y)
+    Y = np.where(seen, y, 0.0).sum(1)  # (R, N)
+    E = np.where(seen, rate[None], 0.0).sum(1)
+    k = np.exp(-0.5 * ((np.asarray(at)[:, None] - np.asarray(numbers)[None, :]) / width) ** 2)
+    return np.divide(k @ Y, k @ E, out=np.ones((len(at), Y.shape[1])), where=(k @ E) > 0)
+
+
+def choose_drift_width(
+    y: np.ndarray, rate: np.ndarray, numbers: np.ndarray, widths: Sequence[float] = DRIFT_WIDTHS
+) -> float:
+    """The drift width (sd, trials) of the best leave-one-trial-out likelihood."""
+    R = y.shape[0]
+    best, arg = -np.inf, widths[0]
+    for v in widths:
+        ll = 0.0
+        for r in range(R):
+            others = np.arange(R) != r
+            g = drift_gain(y[others], rate, numbers[others], numbers[r : r + 1], v)[0]
+            ll += _poisson_ll(y[r], np.maximum(rate * g, RATE_FLOOR))
+        if ll > best:
+            best, arg = ll, v
+    return float(arg)
+
+
+def _score(y: np.ndarray, rate: np.ndarray) -> float:
+    return bits_per_spike(torch.as_tensor(y), torch.as_tensor(np.log(np.maximum(rate, RATE_FLOOR))))
+
+
+def heldout_trial_baselines(
+    y: np.ndarray, test: np.ndarray, trial_numbers: np.ndarray | None = None
+) -> dict[str, Baseline]:
+    """``constant``, ``psth`` and ``psth_drift`` (module docstring) for the held-out trials
+    ``test`` (R,) bool of counts ``y`` (R, T, N), each fitted on the other trials."""
+    test = np.asarray(test, dtype=bool)
+    numbers = np.arange(y.shape[0]) if trial_numbers is None else np.asarray(trial_numbers)
+    train, held = y[~test], y[test]
+    T = y.shape[1]
+    lam = np.nanmean(train.reshape(-1, y.shape[2]), axis=0)
+    constant = np.broadcast_to(np.maximum(np.nan_to_num(lam), RATE_FLOOR), held.shape).copy()
+    w = choose_psth_width(train)
+    base = psth(train, w)
+    v = choose_drift_width(train, base, numbers[~test])
+    g = drift_gain(train, base, numbers[~test], numbers[test], v)
+    drift = np.maximum(base[None] * g[:, None, :], RATE_FLOOR)
+    flat = np.broadcast_to(base, held.shape).copy()
+    assert flat.shape[1] == T
+    return {
+        "constant": Baseline(constant, _score(held, constant), {}),
+        "psth": Baseline(flat, _score(held, flat), {"psth_bins": w}),
+        "psth_drift": Baseline(drift, _score(held, drift), {"psth_bins": w, "drift_trials": v}),
+    }
+
+
+def cosmoothing_baselines(
+    y: np.ndarray, test: np.ndarray, targets: np.ndarray
+) -> dict[str, Baseline]:
+    """``psth_train`` (module docstring): the held-out neurons ``targets`` (N,) bool of the
+    held-out trials ``test`` (R,) bool, from their training PSTH."""
+    test, targets = np.asarray(test, dtype=bool), np.asarray(targets, dtype=bool)
+    w = choose_psth_width(y[~test])  # as the held-out-trial PSTH: chosen on every neuron
+    held = y[test][:, :, targets]
+    rate = np.broadcast_to(psth(y[~test][:, :, targets], w), held.shape).copy()
+    return {"psth_train": Baseline(rate, _score(held, rate), {"psth_bins": w})}
