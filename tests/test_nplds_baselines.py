@@ -136,3 +136,28 @@ def test_gpe_figures_of_the_notes():
         assert out[name].bits_per_spike == pytest.approx(value, abs=0.003), name
     assert co["psth_train"].bits_per_spike == pytest.approx(0.041, abs=0.003)
     assert out["psth_drift"].widths["drift_trials"] == 8.0
+
+
+def test_report_puts_baselines_beside_the_models():
+    """The scores table has one row per baseline; the summary says whether any model beats
+    the best baseline, per score."""
+    from poplds.report import nplds_rows
+    from poplds.summary import _nplds_section
+
+    m = {
+        "settings": {"latent_dim": 2},
+        "models": {
+            "plds": {"heldout_trial_bits_per_spike": 0.02, "cosmoothing_bits_per_spike": 0.05},
+            "nplds": {"heldout_trial_bits_per_spike": 0.03, "cosmoothing_bits_per_spike": 0.01},
+        },
+        "baselines": {
+            "psth": {"heldout_trial_bits_per_spike": 0.04, "widths": {"psth_bins": 4.0}},
+            "psth_train": {"cosmoothing_bits_per_spike": 0.041, "widths": {}},
+        },
+    }
+    rows = nplds_rows([m])
+    assert [r["model"] for r in rows[:2]] == ["baseline: psth", "baseline: psth_train"]
+    assert rows[0]["held-out trials bits/spike"] == 0.04
+    page = _nplds_section({"chosen": 2}, [m])
+    assert "held-out trials: <b>no model beats the best baseline</b>, psth" in page
+    assert "co-smoothing: plds (0.05) beats the best baseline, psth_train" in page

@@ -523,6 +523,12 @@ def test_real_units_recording_end_to_end(tmp_path):
     assert nplds["heldout_trial_bits_per_spike"] > plds["heldout_trial_bits_per_spike"]
     assert nplds["rate_rmse_hz"] < plds["rate_rmse_hz"]
     assert (tmp_path / "nplds" / "k2" / "model.zarr").exists()
+    # the field's baselines, on the same split: the drifting PSTH beats the plain one here
+    base = m["baselines"]
+    assert set(base) == {"constant", "psth", "psth_drift", "psth_train"}
+    b = {k: v["heldout_trial_bits_per_spike"] for k, v in base.items() if k != "psth_train"}
+    assert b["constant"] < b["psth"] < b["psth_drift"]
+    assert math.isfinite(base["psth_train"]["cosmoothing_bits_per_spike"])
 
 
 def test_silent_neurons_are_left_out_with_a_warning(tmp_path):

@@ -382,8 +382,15 @@ NPLDS_COLUMNS = (
 
 
 def nplds_rows(metrics: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (k, model) (``metrics.json`` of :func:`poplds.nplds.fit_store`)."""
+    """One row per (k, model) (``metrics.json`` of :func:`poplds.nplds.fit_store`), and one
+    per baseline (the same split whatever k; model ``baseline: <name>``, k empty)."""
     rows = []
+    for name, entry in (metrics[0].get("baselines", {}) if metrics else {}).items():
+        row = {"k": "", "model": f"baseline: {name}"}
+        for label, key in NPLDS_COLUMNS:
+            if key in entry:
+                row[label] = entry[key]
+        rows.append(row)
     for m in metrics:
         for name, entry in m["models"].items():
             row: dict[str, Any] = {"k": m["settings"]["latent_dim"], "model": name}

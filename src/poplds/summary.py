@@ -132,7 +132,47 @@ def _nplds_section(choice: dict[str, Any], metrics: Sequence[dict[str, Any]]) ->
                 f"{_fmt(entry.get('cosmoothing_bits_per_spike'))} bits/spike</li>"
             )
         parts.append("<ul>" + "".join(rows) + "</ul>")
+        parts.append(_baselines_html(m))
     return "".join(parts) + "<p>Warnings:</p>" + _warnings_html(choice.get("warnings", []))
+
+
+def _baselines_html(m: dict[str, Any]) -> str:
+    """The field's baselines on the same split, and for each score whether any model beats
+    the best of them."""
+    base = m.get("baselines", {})
+    if not base:
+        return ""
+    items, verdicts = [], []
+    for key, label in (
+        ("heldout_trial_bits_per_spike", "held-out trials"),
+        ("cosmoothing_bits_per_spike", "co-smoothing"),
+    ):
+        scored = {n: e[key] for n, e in base.items() if e.get(key) is not None}
+        if not scored:
+            continue
+        items += [
+            f"<li>{html.escape(n)}: {label} {_fmt(v)} bits/spike</li>" for n, v in scored.items()
+        ]
+        best_name = max(scored, key=scored.get)
+        models = {n: e.get(key) for n, e in m["models"].items() if e.get(key) is not None}
+        if models and max(models.values()) > scored[best_name]:
+            top = max(models, key=models.get)
+            verdicts.append(
+                f"{label}: {html.escape(top)} ({_fmt(models[top])}) beats the best baseline, "
+                f"{html.escape(best_name)} ({_fmt(scored[best_name])})"
+            )
+        else:
+            verdicts.append(
+                f"{label}: <b>no model beats the best baseline</b>, "
+                f"{html.escape(best_name)} ({_fmt(scored[best_name])} bits/spike)"
+            )
+    return (
+        "<p>Baselines on the same split (scored the same way):</p><ul>"
+        + "".join(items)
+        + "</ul><p>"
+        + "; ".join(verdicts)
+        + ".</p>"
+    )
 
 
 def write_summary(

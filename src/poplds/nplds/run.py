@@ -46,6 +46,7 @@ from .._version import __version__
 from ..store import DatasetStore, write_array, write_strings
 from . import model, vi
 from ._trials import Trials, load_truth, read_trials
+from .baselines import cosmoothing_baselines, heldout_trial_baselines
 from .evaluate import centred_correlation, evaluate, trial_mean
 from .settings import NPLDSSettings
 
@@ -369,6 +370,7 @@ def fit_store(
             entry["cosmoothing_bits_per_spike"],
             entry["rate_rmse_hz"],
         )
+    metrics["baselines"] = _baselines(d)
     mm = metrics["models"]
     metrics["comparison"] = {
         "nplds_minus_plds_heldout_bits_per_spike": _diff(mm, "heldout_trial_bits_per_spike"),
@@ -383,6 +385,27 @@ def fit_store(
     write_json(out.metrics, metrics)
     remove_checkpoints(ckpt_dir)
     return StoreFit(metrics, out, fits)
+
+
+def _baselines(d: Trials) -> dict[str, dict[str, Any]]:
+    """The field's baselines (:mod:`.baselines`) on the models' own split, scored the same
+    way: ``{name: {score key: bits/spike, "widths": {...}}}``."""
+    held = heldout_trial_baselines(d.y, d.heldout, d.n)
+    out: dict[str, dict[str, Any]] = {
+        name: {"heldout_trial_bits_per_spike": b.bits_per_spike, "widths": b.widths}
+        for name, b in held.items()
+    }
+    if d.held.any():
+        for name, b in cosmoothing_baselines(d.y, d.heldout, d.held).items():
+            out[name] = {"cosmoothing_bits_per_spike": b.bits_per_spike, "widths": b.widths}
+    log.info(
+        "baselines: %s",
+        ", ".join(
+            f"{name} {next(v for k, v in entry.items() if k.endswith('per_spike')):.4f}"
+            for name, entry in out.items()
+        ),
+    )
+    return out
 
 
 def _diff(models: dict, key: str) -> float | None:
