@@ -14,7 +14,7 @@ from conftest import simulated
 from poplds import stitched
 from poplds.report import choose_stitched, one_se_choice
 from poplds.stitched import RecordingInput, StitchedSettings, _refit, checks, prepare_data
-from poplds.stitched._linear import projected_gradients, sums_gradients
+from poplds.stitched._linear import GaussNewton, projected_gradients
 from poplds.stitched._loss import DataTerm, LossTensors, lagged_moments, loss_and_grad
 from poplds.stitched._projected import draws, group_projections, replicate_data
 from poplds.stitched._refit import ReplicateLoss
@@ -314,7 +314,13 @@ def test_projected_gradients_equal_those_of_the_formed_sums():
     counts = [[resample_counts(x.n_atoms, ATOMS_PER_BLOCK, rng) for x in atoms] for _ in range(B)]
     moments = [[x.replicate(c) for x, c in zip(atoms, cb, strict=True)] for cb in counts]
     full = [x.total() for x in atoms]
-    _, dC_ref, dX_ref, v_ref = sums_gradients(data, full, moments, p)
+    # the reference: the refit route's loss on the formed sums, differenced at the estimate
+    v_ref = [pooled_variance(data, S) for S in [full, *moments]]
+    gn = GaussNewton(data, p, B + 1)
+    _, dC_all, dX_all = ReplicateLoss(data, [full, *moments], v_ref).value_and_grad(
+        gn.theta[0].expand(B + 1, -1, -1), gn.X0.expand(B + 1, -1, -1, -1)
+    )
+    dC_ref, dX_ref, v_ref = dC_all[1:] - dC_all[0], dX_all[1:] - dX_all[0], v_ref[1:]
     for src in sources:
         src.rows = 0  # the reference above read the data once
     Z = [group_projections(r, p.C[r.neurons], CPU) for r in data.recordings]
@@ -398,3 +404,24 @@ def test_summary_says_how_the_intervals_were_made():
     assert "Gauss-Newton step" in page and "--method gauss_newton" in page and "rough!" in page
     page = _stitched_section(choice, [metrics({**base, "method": "refit"})])
     assert "refitted from the estimate" in page and "Gauss-Newton" not in page
+
+
+def test_lag_stats_equal_direct_computations():
+    """Per-segment scores, vectorised, against np.corrcoef and norms segment by segment;
+    short or constant segments are NaN."""
+    from poplds.stitched.evaluate import lag_stats
+
+    g = np.random.default_rng(0)
+    lengths = np.array([7, 0, 2, 30, 5])
+    pred, ref = g.standard_normal(lengths.sum()), g.standard_normal(lengths.sum())
+    ref[-5:] = 1.0  # a constant reference
+    rows = lag_stats(pred, ref, lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    for row, a, n in zip(rows, starts, lengths, strict=True):
+        p, r = pred[a : a + n], ref[a : a + n]
+        assert row["n_pairs"] == n
+        if n < 3 or np.std(r) == 0:
+            assert np.isnan(row["corr"]) and np.isnan(row["rel_error"])
+            continue
+        assert row["corr"] == pytest.approx(np.corrcoef(p, r)[0, 1], rel=1e-12)
+        assert row["rel_error"] == pytest.approx(np.linalg.norm(p - r) / np.linalg.norm(r))

@@ -149,7 +149,6 @@ def heldout_trial_baselines(
     test = np.asarray(test, dtype=bool)
     numbers = np.arange(y.shape[0]) if trial_numbers is None else np.asarray(trial_numbers)
     train, held = y[~test], y[test]
-    T = y.shape[1]
     lam = np.nanmean(train.reshape(-1, y.shape[2]), axis=0)
     constant = np.broadcast_to(np.maximum(np.nan_to_num(lam), RATE_FLOOR), held.shape).copy()
     w = choose_psth_width(train)
@@ -158,7 +157,6 @@ def heldout_trial_baselines(
     g = drift_gain(train, base, numbers[~test], numbers[test], v)
     drift = np.maximum(base[None] * g[:, None, :], RATE_FLOOR)
     flat = np.broadcast_to(base, held.shape).copy()
-    assert flat.shape[1] == T
     return {
         "constant": Baseline(constant, _score(held, constant), {}),
         "psth": Baseline(flat, _score(held, flat), {"psth_bins": w}),

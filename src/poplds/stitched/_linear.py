@@ -25,8 +25,7 @@ from zero stays in H's range.
 The gradient differences are linear in the replicate's data: in ``C``, ``-(2/P) (dD_b/dC -
 dD_0/dC)`` with ``dD/dC_r = sum_s S~_rs C X_s' + S~_rs' C X_s``; in ``X_s``, ``-(2/P) C'(S~_bs -
 S~_0s) C``; and the lag-0 diagonal's ``(2/P) (d_b - d_0)`` terms, with ``d`` the variances
-(:func:`data_gradients` takes them from formed sums; the streamed route, ``_streamed``, from
-the stored projections and one more pass).
+(:func:`projected_gradients`, from the stored projections and one more pass, ``_projected``).
 """
 
 from __future__ import annotations
@@ -38,7 +37,8 @@ import torch
 
 from ._data import StitchedData
 from ._loss import LossTensors
-from .models import StitchedLDSParams, _noise_and_guards
+from ._refit import lagged_latents, replicate_params
+from .models import StitchedLDSParams
 
 #: CG stops when every replicate's residual is below this share of its right-hand side.
 CG_TOL = 1e-4
@@ -67,12 +67,8 @@ class GaussNewton:
             self.m0 = torch.sum((self.Cs0 @ self.X0[0]) * self.Cs0, dim=1)
 
     def X(self, A: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-        """(B, K, n, n): ``X_bs = A_b^s Pi_b``, ``Pi_b = unit L_b L_b'`` (L lower)."""
-        Lt = torch.tril(L)
-        out = [self.unit * Lt @ Lt.transpose(1, 2)]
-        for _ in range(1, self.K):
-            out.append(A @ out[-1])
-        return torch.stack(out, dim=1)
+        """(B, K, n, n): ``X_bs = A_b^s Pi_b`` (``_refit.lagged_latents``)."""
+        return lagged_latents(A, L, self.unit, self.K)
 
     def _gram(self, P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
         """(B, G, n, n): ``P_g' Q_g`` per group of the rows (B, N_obs, n) in group order."""
@@ -156,45 +152,8 @@ class GaussNewton:
         x, products, residual = self.solve([h * dC, h * gA, h * gL])
         C, A, L = (p[None] + d for p, d in zip(self.theta, x, strict=True))
         with torch.no_grad():
-            Lt = torch.tril(L)
-            Pi = self.unit * Lt @ Lt.transpose(1, 2)
+            Pi = lagged_latents(A, L, self.unit, 1)[:, 0]
         return [(C[b], A[b], Pi[b]) for b in range(self.B)], products, residual
-
-
-def sums_gradients(
-    data: StitchedData,
-    full: Sequence[torch.Tensor],
-    moments: Sequence[Sequence[torch.Tensor]],
-    start: StitchedLDSParams,
-) -> tuple[GaussNewton, torch.Tensor, torch.Tensor, list[np.ndarray]]:
-    """The replicates' gradient differences ``g_b - g_0`` of ``L~`` at the estimate in ``C``
-    (B, N, n) and ``X`` (B, K, n, n), from formed lagged sums: ``full`` (each recording's
-    own) and ``moments[b]`` (replicate b's); with the system and the replicates' variances."""
-    from ._refit import ReplicateLoss
-    from .validation import pooled_variance
-
-    B = len(moments)
-    variances = [pooled_variance(data, S) for S in [full, *moments]]
-    loss = ReplicateLoss(data, [full, *moments], variances)
-    gn = GaussNewton(data, start, B)
-    C = gn.theta[0].expand(B + 1, -1, -1)
-    X = gn.X0.expand(B + 1, -1, -1, -1)
-    _, dC, dX = loss.value_and_grad(C, X)
-    return gn, dC[1:] - dC[0], dX[1:] - dX[0], variances[1:]
-
-
-def linear_replicates(
-    data: StitchedData,
-    full: Sequence[torch.Tensor],
-    moments: Sequence[Sequence[torch.Tensor]],
-    start: StitchedLDSParams,
-) -> tuple[list[StitchedLDSParams], int, float]:
-    """The replicates' parameters by one Gauss-Newton step each (module docstring), their
-    gradients from formed lagged sums (:func:`sums_gradients`). Returns (parameters, CG
-    products, worst residual)."""
-    gn, dC, dX, variances = sums_gradients(data, full, moments, start)
-    steps, products, residual = gn.steps(dC, dX)
-    return replicate_params(data, steps, variances), products, residual
 
 
 def diag_gradient(gn: GaussNewton, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,9 +178,11 @@ def projected_gradients(
     CSC: torch.Tensor,
     variances: np.ndarray,
 ) -> tuple[GaussNewton, torch.Tensor, torch.Tensor]:
-    """:func:`sums_gradients` from the data terms of ``_projected.replicate_data`` (row 0 the
-    data's own): the gradient of ``P L~`` is the diagonal term's (:func:`diag_gradient`)
-    minus twice the data term's (the model's own terms cancel in the difference)."""
+    """The replicates' gradient differences ``g_b - g_0`` of ``L~`` at the estimate in ``C``
+    (B, N, n) and ``X`` (B, K, n, n), from the data terms of ``_projected.replicate_data``
+    (row 0 the data's own): the gradient of ``P L~`` is the diagonal term's
+    (:func:`diag_gradient`) minus twice the data term's (the model's own terms cancel in the
+    difference)."""
     B = dD_dC.shape[0] - 1
     gn = GaussNewton(data, start, B)
     V = torch.as_tensor(variances, device=dD_dC.device)
@@ -245,22 +206,3 @@ def projected_replicates(
     gn, dC, dX = projected_gradients(data, start, dD_dC, CSC, variances)
     steps, products, residual = gn.steps(dC, dX)
     return replicate_params(data, steps, list(variances[1:])), products, residual
-
-
-def replicate_params(
-    data: StitchedData,
-    steps: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    variances: Sequence[np.ndarray],
-) -> list[StitchedLDSParams]:
-    """Every replicate's parameters from its ``(C, A, Pi)`` and variances (the fit's guards)."""
-    out = []
-    for (C, A, Pi), v in zip(steps, variances, strict=True):
-        d = _with_variance(data, v)
-        out.append(_noise_and_guards(d, C, A, Pi, data.lags)[0])
-    return out
-
-
-def _with_variance(data: StitchedData, v: np.ndarray) -> StitchedData:
-    import dataclasses
-
-    return dataclasses.replace(data, variance=v, diag0=v)

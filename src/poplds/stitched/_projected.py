@@ -28,14 +28,13 @@ that every replicate is scored as the estimate is (on that subset).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ._data import RecordingBlock, StitchedData
-from .bootstrap import politis_white
+from .bootstrap import atom_counts, window_atom_sums
 
 #: The replicates' scores are computed on at most this many of the sampled neurons (their
 #: lagged sums per replicate: (B+1) K m^2 floats per recording, 40 MB at B = 20, K = 10).
@@ -54,32 +53,6 @@ def group_projections(rec: RecordingBlock, Cr: np.ndarray, device: torch.device)
     return Z
 
 
-def block_length(Z: torch.Tensor, lags: int, cap: int, series: int = 3) -> int:
-    """The Politis-White block length (``bootstrap.block_rows``) from the projections ``Z``
-    (T, G, n): on the leading principal axes of ``sum_g z_g = C_r' y``."""
-    z = Z.sum(1).cpu().numpy()
-    _, _, vt = np.linalg.svd(z - z.mean(0), full_matrices=False)
-    lengths = [politis_white(z @ v) for v in vt[:series]]
-    return int(min(cap, max(lags, math.ceil(max(lengths)))))
-
-
-def _lagged_atom_sums(Z: torch.Tensor, K: int, a: int) -> tuple[torch.Tensor, np.ndarray]:
-    """Per-atom lagged sums of the rows of ``Z`` (T, d): ``(P (A, K, d, d), count (A, K))``,
-    ``P[b, s] = sum_(u in atom b, u >= s) Z[u] Z[u-s]'``."""
-    T, d = Z.shape
-    A = math.ceil(T / a)
-    cur = Z.new_zeros((A * a, d))
-    cur[:T] = Z
-    P = Z.new_zeros((A, K, d, d))
-    for s in range(K):
-        lagged = Z.new_zeros((A * a, d))
-        lagged[s:T] = Z[: T - s]
-        P[:, s] = cur.reshape(A, a, d).transpose(1, 2) @ lagged.reshape(A, a, d)
-    u = np.arange(A * a).reshape(A, a)
-    count = ((u[:, :, None] >= np.arange(K)) & (u[:, :, None] < T)).sum(1)
-    return P, count
-
-
 @dataclass
 class RecordingDraws:
     """One recording's replicate draws: ``weights`` (B+1, T_r) row weights (row 0: the data,
@@ -94,12 +67,9 @@ def draws(
     counts: np.ndarray, atom_rows: int, n_time: int, lags: int, device: torch.device
 ) -> RecordingDraws:
     """Row weights and lag factors from atom counts (B, A) (the data's own row first)."""
-    A = counts.shape[1]
-    c = np.vstack([np.ones(A), counts])
+    c = np.vstack([np.ones(counts.shape[1]), counts])
     w = np.repeat(c, atom_rows, axis=1)[:, :n_time]
-    u = np.arange(A * atom_rows).reshape(A, atom_rows)
-    n_as = ((u[:, :, None] >= np.arange(lags)) & (u[:, :, None] < n_time)).sum(1)  # (A, K)
-    drawn = c @ n_as
+    drawn = c @ atom_counts(n_time, atom_rows, lags)
     pairs = np.maximum(n_time - np.arange(lags), 1.0)
     factor = np.divide(pairs, drawn, out=np.zeros_like(drawn), where=drawn > 0)
     return RecordingDraws(torch.as_tensor(w, device=device), factor, c)
@@ -149,8 +119,8 @@ def replicate_data(
         f = torch.as_tensor(dr.factor, device=dev)  # (B1, K)
         c = dr.weights  # (B1, T)
         # C' S~_s C from the projections' per-atom sums
-        P, _ = _lagged_atom_sums(Z.reshape(T, G * n), K, a)
-        P = P.reshape(P.shape[0], K, G, n, G, n)
+        Zf = Z.reshape(T, G * n)
+        P = window_atom_sums(Zf[:0], Zf, K, a).reshape(-1, K, G, n, G, n)
         Q = torch.einsum("sgh,asgihj->asij", w, P)  # (A, K, n, n)
         CSC += f[:, :, None, None] * torch.einsum(
             "ba,asij->bsij", torch.as_tensor(dr.counts, device=dev), Q
@@ -158,7 +128,6 @@ def replicate_data(
         # the filters of U: block (g, h) of Mf_s is w_gh(s) X_s, of Mb_s w_hg(s) X_s'
         Mf = torch.einsum("sgh,sij->sgihj", w, Xt).reshape(K, G * n, G * n)
         Mb = torch.einsum("shg,sji->sgihj", w, Xt).reshape(K, G * n, G * n)
-        Zf = Z.reshape(T, G * n)
         cols = np.flatnonzero(np.isin(rec.neurons, scored))
         m_r = len(cols)
         cols_t = torch.as_tensor(cols, device=dev)
@@ -187,24 +156,13 @@ def replicate_data(
                 contrib = (y[:, sl].T @ Ug).reshape(-1, B1, n).transpose(0, 1)
                 dD[:, rec.neurons[sl]] += contrib
             sq += (c[:, t0:t1].to(torch.float64) @ y**2).cpu().numpy()
-            # the scored neurons' per-atom lagged sums (their halo rows carried)
+            # the scored neurons' per-atom lagged sums (their halo rows carried), into every
+            # replicate at once: its atom counts times the atoms' sums
             if m_r:
-                ys = torch.cat([halo, window])[:, cols_t].to(torch.float64)
-                h = halo.shape[0]
-                J = math.ceil(rows / a)
-                cur = ys.new_zeros((J * a, m_r))
-                cur[:rows] = ys[h:]
-                atom_sums = ys.new_zeros((J, K, m_r, m_r))
-                for s in range(K):
-                    lagged = ys.new_zeros((J * a, m_r))
-                    skip = max(0, s - h)
-                    lagged[skip:rows] = ys[h - s + skip : h + rows - s]
-                    atom_sums[:, s] = cur.reshape(J, a, m_r).transpose(1, 2) @ lagged.reshape(
-                        J, a, m_r
-                    )
-                # into every replicate at once: its atom counts times the atoms' sums
-                c_j = counts_t[:, t0 // a : t0 // a + J]
-                Ss += torch.einsum("bj,jsxy->bsxy", c_j, atom_sums)
+                sums = window_atom_sums(halo[:, cols_t].to(torch.float64), y[:, cols_t], K, a)
+                Ss += torch.einsum(
+                    "bj,jsxy->bsxy", counts_t[:, t0 // a : t0 // a + sums.shape[0]], sums
+                )
         ysq[:, rec.neurons] += dr.factor[:, :1] * sq
         steps[rec.neurons] += T
         sample_sums.append(f[:, :, None, None] * Ss)

@@ -284,11 +284,7 @@ class _PartParams:
 
     def X(self) -> torch.Tensor:
         """(B, K, n, n): ``X_bs = A_b^s Pi_b``, batched over b."""
-        Lt = torch.tril(self.L)
-        out = [self.unit * Lt @ Lt.transpose(1, 2)]
-        for _ in range(1, self.K):
-            out.append(self.A @ out[-1])
-        return torch.stack(out, dim=1)
+        return lagged_latents(self.A, self.L, self.unit, self.K)
 
     def evaluate(self) -> torch.Tensor:
         """``sum_b L_b``, with the gradients of ``C``, ``A`` and ``L`` set (``C``'s and
@@ -302,16 +298,34 @@ class _PartParams:
         return torch.sum(loss)
 
     def results(self) -> list[StitchedLDSParams]:
-        data, K = self.part.data, self.K
         with torch.no_grad():
-            Lt = torch.tril(self.L)
-            Pi = self.unit * Lt @ Lt.transpose(1, 2)
-        out = []
-        for b, v in enumerate(self.part.variances):
-            d = dataclasses.replace(data, variance=v, diag0=v)
-            params, _ = _noise_and_guards(d, self.C[b].detach(), self.A[b].detach(), Pi[b], K)
-            out.append(params)
-        return out
+            Pi = lagged_latents(self.A, self.L, self.unit, 1)[:, 0]
+        steps = [(self.C[b].detach(), self.A[b].detach(), Pi[b]) for b in range(Pi.shape[0])]
+        return replicate_params(self.part.data, steps, self.part.variances)
+
+
+def lagged_latents(A: torch.Tensor, L: torch.Tensor, unit: float, lags: int) -> torch.Tensor:
+    """(B, K, n, n): ``X_bs = A_b^s Pi_b`` for s < ``lags``, ``Pi_b = unit L_b L_b'`` (L's
+    lower triangle): the replicates' lagged latent covariances from their parameters."""
+    Lt = torch.tril(L)
+    out = [unit * Lt @ Lt.transpose(1, 2)]
+    for _ in range(1, lags):
+        out.append(A @ out[-1])
+    return torch.stack(out, dim=1)
+
+
+def replicate_params(
+    data: StitchedData,
+    steps: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    variances: Sequence[np.ndarray],
+) -> list[StitchedLDSParams]:
+    """Every replicate's parameters from its ``(C, A, Pi)`` and variances (the fit's own
+    guards: A kept stable, Q and R from Pi and the variances)."""
+    out = []
+    for (C, A, Pi), v in zip(steps, variances, strict=True):
+        d = dataclasses.replace(data, variance=v, diag0=v)
+        out.append(_noise_and_guards(d, C, A, Pi, data.lags)[0])
+    return out
 
 
 def batched_refit(

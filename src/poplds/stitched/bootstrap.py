@@ -99,10 +99,16 @@ def block_rows(
     Z = torch.empty((rec.n_time, C.shape[1]), dtype=torch.float64, device=device)
     for t0, y in rec.chunks(device):
         Z[t0 : t0 + y.shape[0]] = (y @ C).to(torch.float64)
-    z = Z.cpu().numpy()
+    return block_length(Z.cpu().numpy(), lags, rec.n_time, series)
+
+
+def block_length(z: np.ndarray, lags: int, n_time: int, series: int = 3) -> int:
+    """The block length (module docstring) from a recording's fitted projections ``z``
+    (T_r, n): the largest Politis-White length of its ``series`` leading principal axes,
+    within ``[lags, max(lags, T_r / MIN_BLOCKS)]``."""
     _, _, vt = np.linalg.svd(z - z.mean(0), full_matrices=False)
     lengths = [politis_white(z @ v) for v in vt[:series]]
-    cap = max(lags, rec.n_time // MIN_BLOCKS)
+    cap = max(lags, n_time // MIN_BLOCKS)
     return int(min(cap, max(lags, math.ceil(max(lengths)))))
 
 
@@ -152,25 +158,39 @@ def atom_moments(
     a = max(int(atom_rows), K - 1, 1)
     n_atoms = math.ceil(T / a)
     S = torch.zeros((n_atoms, K, n_r, n_r), dtype=torch.float64, device=device)
-    count = np.zeros((n_atoms, K))
     per_window = max(1, rec.chunk_rows // a)  # windows of whole atoms
     for t0, halo, window in rec.windows(device, halo=K - 1, rows=per_window * a):
-        y = torch.cat([halo, window]) if halo.shape[0] else window
-        h, W = halo.shape[0], window.shape[0]
-        J, b0 = math.ceil(W / a), t0 // a
-        cur = window.new_zeros((J * a, n_r))
-        cur[:W] = window
-        cur = cur.reshape(J, a, n_r).transpose(1, 2)  # (J, N_r, a): the atoms' later rows
-        for s in range(K):
-            # the earlier rows u - s of the window's rows u (zero before the recording starts)
-            lagged = window.new_zeros((J * a, n_r))
-            skip = max(0, s - h)
-            lagged[skip:W] = y[h - s + skip : h + W - s]
-            S[b0 : b0 + J, s] = torch.bmm(cur, lagged.reshape(J, a, n_r)).to(torch.float64)
-        u = t0 + np.arange(J * a).reshape(J, a)  # the rows' global indices
-        valid = u < t0 + W
-        count[b0 : b0 + J] = ((u[:, :, None] >= np.arange(K)) & valid[:, :, None]).sum(1)
+        sums = window_atom_sums(halo, window, K, a)
+        S[t0 // a : t0 // a + sums.shape[0]] = sums.to(torch.float64)
+    count = atom_counts(T, a, K)
     return AtomMoments(a, S, count, per_block, T)
+
+
+def window_atom_sums(halo: torch.Tensor, window: torch.Tensor, lags: int, a: int) -> torch.Tensor:
+    """(J, K, d, d) lagged sums of the atoms of ``a`` rows that a window (W, d) of whole
+    atoms holds, ``sum_(u in atom, u >= s) y[u] y[u-s]'``: its ``halo`` (h, d) rows before it
+    give the earlier rows of its first ones (h = min(K-1, t0); none before the recording's
+    start). In the window's type."""
+    W, d = window.shape
+    h, J = halo.shape[0], math.ceil(W / a)
+    y = torch.cat([halo, window]) if h else window
+    cur = window.new_zeros((J * a, d))
+    cur[:W] = window
+    cur = cur.reshape(J, a, d).transpose(1, 2)  # (J, d, a): the atoms' later rows
+    out = window.new_zeros((J, lags, d, d))
+    for s in range(lags):
+        # the earlier rows u - s of the window's rows u (zero before the recording starts)
+        lagged = window.new_zeros((J * a, d))
+        skip = max(0, s - h)
+        lagged[skip:W] = y[h - s + skip : h + W - s]
+        out[:, s] = torch.bmm(cur, lagged.reshape(J, a, d))
+    return out
+
+
+def atom_counts(n_time: int, a: int, lags: int) -> np.ndarray:
+    """(A, K): the pairs ``#{u in atom, u >= s}`` each atom of ``a`` rows holds at each lag."""
+    u = np.arange(math.ceil(n_time / a) * a).reshape(-1, a)
+    return ((u[:, :, None] >= np.arange(lags)) & (u[:, :, None] < n_time)).sum(1)
 
 
 def resample_counts(n_atoms: int, per_block: int, rng: np.random.Generator) -> np.ndarray:

@@ -40,15 +40,23 @@ import torch
 from .._distributed import rank_and_size
 from .._logging import get_logger
 from ._data import StitchedData
-from ._linear import GaussNewton, diag_gradient, projected_replicates, replicate_params
-from ._projected import MAX_SCORED, block_length, draws, group_projections, replicate_data
-from ._refit import RefitPart, ReplicateLoss, batched_refit, replicate_bytes, replicate_groups
+from ._linear import GaussNewton, diag_gradient, projected_replicates
+from ._projected import MAX_SCORED, draws, group_projections, replicate_data
+from ._refit import (
+    RefitPart,
+    ReplicateLoss,
+    batched_refit,
+    replicate_bytes,
+    replicate_groups,
+    replicate_params,
+)
 from ._stage import StageRecord
 from .bootstrap import (
     ATOMS_PER_BLOCK,
     MIN_BLOCKS,
     AtomMoments,
     atom_moments,
+    block_length,
     block_rows,
     centred_interval,
     percentile_interval,
@@ -194,8 +202,8 @@ def _projected_bootstrap(
     dev, K, B = data.device, data.lags, s.bootstrap
     tb = time.perf_counter()
     Z = [group_projections(rec, p.C[rec.neurons], dev) for rec in data.recordings]  # pass 1
-    lengths = [
-        block_length(z, K, max(K, rec.n_time // MIN_BLOCKS))
+    lengths = [  # on the recording's projections C_r' y = sum_g z_g
+        block_length(z.sum(1).cpu().numpy(), K, rec.n_time)
         for z, rec in zip(Z, data.recordings, strict=True)
     ]
     atom_rows = [max(K, math.ceil(b / ATOMS_PER_BLOCK)) for b in lengths]
@@ -277,10 +285,7 @@ def _projected_bootstrap(
         time.perf_counter() - tb,
     )
     if not vpairs:
-        why = (
-            f"no recording shares more than {keep} neurons with another beyond those it must "
-            f"keep (at least {keep} per overlap, at most {s.validation_fraction:.0%} hidden)"
-        )
+        why = _no_validation(keep, s.validation_fraction)
         log.warning("stitch validation skipped: %s", why)
         return reps, rep_scores, boot, {"skipped": why}, None, []
     vm, val, rep_val = _projected_validation(fit, reduced, vpairs, draws_r, atom_rows, rd)
@@ -351,13 +356,9 @@ def _projected_validation(
     n_time = [rec.n_time for rec in data.recordings]
     emp = [validation_covariances(local, [S[b] for S in rd.sample_sums], n_time) for b in range(B1)]
     pred = [validation_predictions(pairs, data, f.C, f.X) for f in fits]
-    rows = _val_stats(pred[0], emp[0])
     metrics = {
         "method": "gauss_newton",
-        "n_pairs": int(emp[0].shape[1]),
-        "lags": rows,
-        "corr": mean_over_lags(rows, "corr"),
-        "rel_error": mean_over_lags(rows, "rel_error"),
+        **_validation_scores(emp[0], pred[0]),
         "cg_products": products,
         "cg_residual": residual,
         "scored_hidden": int(sum(len(q.hidden) for q in pairs)),
@@ -390,6 +391,25 @@ def _interval_rows(
 def _val_stats(pred: np.ndarray, emp: np.ndarray) -> list[dict]:
     """Per lag, the scores of the validation pairs' predictions (K, pairs)."""
     return lag_stats(pred.ravel(), emp.ravel(), np.full(pred.shape[0], pred.shape[1]))
+
+
+def _no_validation(keep: int, fraction: float) -> str:
+    """Why no recording takes part in the stitch validation."""
+    return (
+        f"no recording shares more than {keep} neurons with another beyond those it must "
+        f"keep (at least {keep} per overlap, at most {fraction:.0%} hidden)"
+    )
+
+
+def _validation_scores(emp: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
+    """The validation pairs' scores (K, pairs): their number, per lag, and the means."""
+    rows = _val_stats(pred, emp)
+    return {
+        "n_pairs": int(emp.shape[1]),
+        "lags": rows,
+        "corr": mean_over_lags(rows, "corr"),
+        "rel_error": mean_over_lags(rows, "rel_error"),
+    }
 
 
 def _eigen(A: np.ndarray, rate_hz: float) -> tuple[np.ndarray, np.ndarray]:
@@ -577,16 +597,12 @@ def check_fit(
     if val_fit is not None:
         emp_v = validation_covariances(pairs, full, n_time)
         pred_v = validation_predictions(pairs, data, val_fit.C, val_fit.X)
-        rows_v = _val_stats(pred_v, emp_v)
         val = (emp_v, pred_v)
         metrics["stitch_validation"] = {
             "hidden": {data.recordings[k].name: v.tolist() for k, v in hidden.items()},
             "keep": keep,
             "fraction": s.validation_fraction,
-            "n_pairs": int(emp_v.shape[1]),
-            "lags": rows_v,
-            "corr": mean_over_lags(rows_v, "corr"),
-            "rel_error": mean_over_lags(rows_v, "rel_error"),
+            **_validation_scores(emp_v, pred_v),
             "passes": val_record.passes,
             "stop": val_record.stop,
         }
@@ -608,10 +624,7 @@ def check_fit(
             ),
         )
     else:
-        why = (
-            f"no recording shares more than {keep} neurons with another beyond those it must "
-            f"keep (at least {keep} per overlap, at most {s.validation_fraction:.0%} hidden)"
-        )
+        why = _no_validation(keep, s.validation_fraction)
         metrics["stitch_validation"] = {"skipped": why}
         log.warning("stitch validation skipped: %s", why)
 

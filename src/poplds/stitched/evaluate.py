@@ -97,21 +97,6 @@ def mean_over_lags(rows: Sequence[dict[str, Any]], key: str = "corr") -> float |
     return float(np.mean(vals)) if vals else None
 
 
-def _stats(pred: np.ndarray, ref: np.ndarray) -> dict[str, float | int]:
-    nan = {"n_pairs": int(pred.size), "corr": float("nan"), "rel_error": float("nan")}
-    if pred.size < 3:
-        return nan
-    p, r = pred - pred.mean(), ref - ref.mean()
-    pp, rr = float(p @ p), float(r @ r)
-    if pp == 0 or rr == 0:
-        return nan
-    return {
-        "n_pairs": int(pred.size),
-        "corr": float(p @ r / np.sqrt(pp * rr)),  # Pearson, as np.corrcoef
-        "rel_error": float(np.linalg.norm(pred - ref) / np.linalg.norm(ref)),
-    }
-
-
 def pair_classes(data: StitchedData, sample: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """(K, m, m) int: 0 observed (fitted), 1 held out, 2 never co-observed, -1 lag-0 diagonal."""
     g = data.group_of[sample]
@@ -123,8 +108,10 @@ def pair_classes(data: StitchedData, sample: np.ndarray, counts: np.ndarray) -> 
 
 
 def lag_stats(pred: np.ndarray, ref: np.ndarray, lengths: np.ndarray) -> list[dict]:
-    """:func:`_stats` of consecutive segments of ``lengths`` values of the flat ``pred`` and
-    ``ref`` (the pairs of one lag after another), in a few vectorised steps."""
+    """``{"n_pairs", "corr", "rel_error"}`` of consecutive segments of ``lengths`` values of
+    the flat ``pred`` and ``ref`` (the pairs of one lag after another), in a few vectorised
+    steps: Pearson's correlation and ``|pred - ref| / |ref|``; NaN for a segment of fewer
+    than 3 values or with a constant side."""
     lengths = np.asarray(lengths, dtype=int)
     out: list[dict] = [
         {"n_pairs": int(n), "corr": float("nan"), "rel_error": float("nan")} for n in lengths
