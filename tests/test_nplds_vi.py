@@ -336,7 +336,12 @@ def test_bound_never_decreases_in_any_model():
         n_neurons=12, latent_dim=2, n_trials=20, n_bins=30, drift_sigma2=0.3, drift_tau=5, seed=3
     )
     u = np.random.default_rng(0).standard_normal((20, 30, 1))
-    for kw in ({"drift": False}, {"drift": True}, {"drift": True, "dynamics_drift": True}):
+    for kw in (
+        {"drift": False},
+        {"drift": True},
+        {"drift": True, "dynamics_drift": True},
+        {"drift": True, "offset": True},
+    ):
         for inputs in (None, u):
             fit = vi.fit(tr.counts, None, 2, inputs=inputs, max_iter=25, progress_every=0, **kw)
             b = np.asarray(fit.bound)
@@ -694,3 +699,63 @@ def test_killed_fit_resumes_from_its_checkpoint_to_the_same_result(tmp_path):
     # another fit (other data) does not take this checkpoint
     other = vi.fit(tr.counts[:, :30], None, 2, checkpoint=ckpt, max_iter=3, progress_every=0)
     assert other.iterations == 3
+
+
+# ----------------------------------------------------------------------------- time offset
+
+
+def test_offset_kl_matches_the_general_gaussian_kl():
+    rng = np.random.default_rng(0)
+    T, J = 7, 3
+    M = rng.standard_normal((J, T, T))
+    S = tt(M @ M.transpose(0, 2, 1) / T + 0.1 * np.eye(T))
+    m = tt(rng.standard_normal((J, T)))
+    log_s2 = tt(rng.standard_normal(J))
+    t = torch.arange(T, dtype=torch.float64)
+    K1 = model.se_kernel(t, t.new_ones(1), tt([2.0]))[0]
+    K = torch.exp(log_s2)[:, None, None] * K1
+    ref = numerics.gaussian_kl(m, S, torch.zeros_like(m), K)
+    np.testing.assert_allclose(model.offset_kl(m, S, log_s2, K1).numpy(), ref.numpy(), rtol=1e-9)
+
+
+def simulate_with_psth(seed: int, n_trials: int = 40, n_bins: int = 50, N: int = 20):
+    """Counts whose log rate is the LDS's plus a smooth per-neuron time-in-trial profile f."""
+    tr = simulate_poisson_trials(
+        n_neurons=N, latent_dim=2, n_trials=n_trials, n_bins=n_bins, drift_sigma2=0.0, seed=seed
+    )
+    rng = np.random.default_rng(seed + 100)
+    t = np.arange(n_bins) / n_bins
+    f = np.stack(
+        [0.8 * np.sin(2 * np.pi * t * rng.uniform(0.5, 1.5) + rng.uniform(0, 6)) for _ in range(N)],
+        1,
+    )
+    f -= f.mean(0)
+    counts = rng.poisson(np.exp(tr.x @ tr.C.T + tr.d + f)).astype(float)
+    return counts, f
+
+
+def test_offset_recovers_a_simulated_psth_and_nests_the_psth_baseline():
+    from poplds.nplds.baselines import heldout_trial_baselines
+
+    counts, f = simulate_with_psth(3)
+    out = ev.split_trials(len(counts), 0.25, 0)
+    n = np.arange(len(counts), dtype=float)
+    fit = vi.fit(counts[~out], n[~out], 2, drift=False, offset=True, progress_every=0)
+    b = np.asarray(fit.bound)
+    assert fit.converged and np.all(np.diff(b) >= -1e-9 * abs(b[-1]))
+    fm = fit.params.f_mean.numpy()
+    fm = fm - fm.mean(0)  # the mean of f is shared with d
+    assert np.corrcoef(fm.ravel(), f.ravel())[0, 1] >= 0.95
+    assert np.sqrt(((fm - f) ** 2).mean()) < 0.2  # f has sd 0.57
+    plain = vi.fit(counts[~out], n[~out], 2, drift=False, progress_every=0)
+    assert fit.bound[-1] > plain.bound[-1] + 100
+    # predicted held-out trials: at least as good as the smoothed PSTH of the training trials
+    scores, _ = ev.evaluate(
+        fit, tt(counts[~out]), tt(n[~out]), tt(counts[out]), tt(n[out]), np.zeros(20, bool), 0.02
+    )
+    psth = heldout_trial_baselines(counts, out, n)["psth"].bits_per_spike
+    assert scores["heldout_trial_bits_per_spike"] >= psth - 0.002
+    # a fit with the offset and no PSTH in the data: the offset's variances shrink towards 0
+    tr = simulate_poisson_trials(n_neurons=20, latent_dim=2, n_trials=30, n_bins=40, seed=4)
+    flat = vi.fit(tr.counts, None, 2, drift=False, offset=True, progress_every=0)
+    assert np.median(np.exp(flat.params.log_sf2.numpy())) < 0.05

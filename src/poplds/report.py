@@ -17,6 +17,7 @@ import csv
 import html
 import io
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -337,30 +338,58 @@ def write_stitched_scores(
 
 
 def choose_nplds(metrics: Sequence[dict[str, Any]], model: str = "nplds") -> dict[str, Any]:
-    """The N-PLDS choice of k: the smallest k whose held-out-trial bits/spike is within
-    0.001 of the best; warnings at the grid's edge."""
+    """The choice of k for ``model``, by co-smoothing (the Neural Latents Benchmark's primary
+    score) with the one-standard-error rule: the smallest k whose score is at least the
+    best's minus the best's bootstrap standard error (``metrics.json`` ``intervals``; the
+    draws are the same for every k, so the scores are paired). Without co-smoothing (no
+    held-out neurons) the held-out-trial score decides; without intervals, a slack of
+    ``NPLDS_SLACK_BITS``. Warnings at the grid's edge."""
     ks = [int(m["settings"]["latent_dim"]) for m in metrics]
-    bits = np.array(
-        [
-            np.nan
-            if m["models"][model].get("heldout_trial_bits_per_spike") is None
-            else m["models"][model]["heldout_trial_bits_per_spike"]
-            for m in metrics
-        ],
-        dtype=float,
-    )
-    chosen = None
+
+    def column(key: str) -> np.ndarray:
+        return np.array(
+            [
+                np.nan if m["models"][model].get(key) is None else m["models"][model][key]
+                for m in metrics
+            ],
+            dtype=float,
+        )
+
+    def se(score: str) -> np.ndarray:
+        return np.array(
+            [
+                m.get("intervals", {}).get(score, {}).get(model, {}).get("se", np.nan)
+                for m in metrics
+            ],
+            dtype=float,
+        )
+
+    held, cos = column("heldout_trial_bits_per_spike"), column("cosmoothing_bits_per_spike")
+    criterion, bits, ses = "co-smoothing", cos, se("cosmoothing")
+    if not np.isfinite(cos).any():
+        criterion, bits, ses = "held-out trials", held, se("heldout_trial")
+    chosen, slack, rule = None, math.nan, ""
     if np.isfinite(bits).any():
-        best = np.nanmax(bits)
+        b = int(np.nanargmax(bits))
+        slack = float(ses[b]) if np.isfinite(ses[b]) else NPLDS_SLACK_BITS
+        rule = (
+            f"the smallest k within one bootstrap standard error ({slack:.4f} bits/spike) of the "
+            f"best {criterion} score"
+            if np.isfinite(ses[b])
+            else f"the smallest k within {NPLDS_SLACK_BITS} bits/spike of the best {criterion} "
+            "score (no intervals)"
+        )
         chosen = min(
-            k
-            for k, b in zip(ks, bits, strict=True)
-            if np.isfinite(b) and b >= best - NPLDS_SLACK_BITS
+            k for k, v in zip(ks, bits, strict=True) if np.isfinite(v) and v >= bits[b] - slack
         )
     warnings = edge_warnings(ks, chosen, "k", "nplds.latent_dims")
     return {
         "dims": ks,
-        "heldout_trial_bits_per_spike": bits.tolist(),
+        "criterion": criterion,
+        "rule": rule,
+        "slack_bits_per_spike": slack,
+        "cosmoothing_bits_per_spike": cos.tolist(),
+        "heldout_trial_bits_per_spike": held.tolist(),
         "chosen": chosen,
         "model": model,
         "warnings": warnings,
@@ -426,8 +455,8 @@ def write_nplds_scores(
         nplds_rows(metrics),
         choose_nplds(metrics),
         letter="k",
-        rule=f"N-PLDS: the smallest within {NPLDS_SLACK_BITS} bits/spike of the best "
-        "held-out-trial score",
+        rule="N-PLDS: the smallest k within one bootstrap standard error of the best "
+        "co-smoothing score (the held-out-trial score beside it)",
         title="Poisson LDS scores",
         extra=(("Data", html_table([data])),),
         outputs=(html_out, csv_out, choice_out),

@@ -118,8 +118,7 @@ def _stitched_section(choice: dict[str, Any], metrics: Sequence[dict[str, Any]])
 def _nplds_section(choice: dict[str, Any], metrics: Sequence[dict[str, Any]]) -> str:
     k = choice.get("chosen")
     parts = [
-        f"<p><b>chosen k = {k}</b> (the smallest k within 0.001 bits/spike of the best "
-        "held-out-trial score)</p>"
+        f"<p><b>chosen k = {k}</b> ({html.escape(choice.get('rule') or 'no finite score')})</p>"
     ]
     for m in metrics:
         if int(m["settings"]["latent_dim"]) != k:

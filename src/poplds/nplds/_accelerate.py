@@ -9,8 +9,9 @@ iterations with increments of 1e-3 nats). SQUAREM extrapolates two EM steps:
 and keeps the result only when its bound is at least that of ``t2`` (else ``t2``; ``a = -1``
 gives ``t' = t2``), so the bound still never falls. ``t`` holds every parameter and every
 variational quantity in a coordinate where a straight line stays valid: covariance parameters
-``Q``, ``V0``, ``q(h)``'s and ``q(g)``'s covariances directly (symmetrised; a candidate that is
-not positive definite is rejected), site precisions ``w`` as logarithms, the rest as they are.
+``Q``, ``V0``, ``q(h)``'s, ``q(g)``'s, ``q(f)``'s and ``q(e)``'s covariances directly
+(symmetrised; a candidate that is not positive definite is rejected), site precisions ``w``
+as logarithms, the rest as they are.
 The paths' covariances are recomputed from ``w`` and the new parameters.
 """
 
@@ -25,10 +26,13 @@ import torch
 from .._linalg import sym
 
 #: Fields of the parameters and of q that are extrapolated (the rest is derived).
-PARAM_FIELDS = ("C", "d", "A", "Q", "x0", "V0", "B", "log_sigma2", "log_tau", "A1", "log_tau_g")
-STATE_FIELDS = ("m", "w", "hm", "hS", "gm", "gS")
+PARAM_FIELDS = (
+    *("C", "d", "A", "Q", "x0", "V0", "B", "log_sigma2", "log_tau", "A1", "log_tau_g"),
+    *("f_mean", "f_cov", "log_sf2", "log_lf", "log_se2", "log_le"),
+)
+STATE_FIELDS = ("m", "w", "hm", "hS", "gm", "gS", "em", "eS")
 #: Symmetric positive definite fields, checked after extrapolation.
-SPD_FIELDS = ("Q", "V0", "hS", "gS")
+SPD_FIELDS = ("Q", "V0", "hS", "gS", "f_cov", "eS")
 
 
 def _coords(p, st) -> dict[str, torch.Tensor]:

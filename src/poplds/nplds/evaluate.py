@@ -5,8 +5,9 @@ the training trials' q(h), integrating over its variance::
 
     h*_j ~ N(K*_j K_j^-1 hm_j,  K**_j - K*_j K_j^-1 (K_j - hS_j) K_j^-1 K*_j')
 
-and likewise g* for the dynamics variant. Scores, all in the units of the Neural Latents
-Benchmark (bits per spike against each neuron's mean rate over the evaluated data)::
+and likewise g* for the dynamics variant and e* for the neurons' own drift. Scores, all in
+the units of the Neural Latents Benchmark (bits per spike against each neuron's mean rate
+over the evaluated data)::
 
     bits/spike = [LL(rate) - LL(mean rate)] / (spikes * ln 2),   LL = sum y log rate - rate
 
@@ -34,8 +35,9 @@ from . import estep, init, model, vi
 def gp_conditional(
     p: model.PLDSParams, st: model.VIState, n_train: torch.Tensor, n_test: torch.Tensor
 ) -> model.GPPriors:
-    """GP conditionals of h and g at trial numbers n_test given the training q (module
-    docstring): means (k, R*) / (R*,), covariances (k, R*, R*) / (R*, R*)."""
+    """GP conditionals of h, g and e at trial numbers n_test given the training q (module
+    docstring): means (k, R*) / (R*,) / (N, R*), covariances (k, R*, R*) / (R*, R*) /
+    (N, R*, R*)."""
     hmu = hK = gmu = gK = None
     if p.drift:
         s2, tau = torch.exp(p.log_sigma2), torch.exp(p.log_tau)
@@ -56,7 +58,18 @@ def gp_conditional(
             st.gS[None],
         )
         gmu, gK = gmu[0], gK[0]
-    return model.GPPriors(hmu, hK, gmu, gK)
+    emu = eK = None
+    if p.neuron_drift:
+        s2 = torch.exp(p.log_se2)
+        tau = torch.exp(p.log_le).expand(len(s2))
+        emu, eK = _conditional(
+            model.se_kernel(n_train, s2, tau),
+            model.se_cross_kernel(n_test, n_train, s2, tau),
+            model.se_kernel(n_test, s2, tau),
+            st.em.T,
+            st.eS,
+        )
+    return model.GPPriors(hmu, hK, gmu, gK, emu, eK)
 
 
 def _conditional(K, Ks, Kss, m, S):
@@ -75,14 +88,20 @@ def predicted_log_rates(
     h_var: torch.Tensor | None,
     g_mean: torch.Tensor | None = None,
     u: torch.Tensor | None = None,
+    e: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """(R, T, N) ``log E[rate]`` before seeing the trials' spikes: x from the prior of the
-    path (dynamics ``A + g_mean A1``), h ~ N(h_mean, diag h_var) (R, k) (None: h = 0)."""
+    path (dynamics ``A + g_mean A1``), h ~ N(h_mean, diag h_var) (R, k) (None: h = 0), the
+    offset from its q, the neurons' own drift ``e ~ N(e[0], diag e[1])`` (R, N) (None: 0)."""
     mean, cov = model.prior_path_moments(p, R, T, u, g_mean)
     if h_mean is not None:
         mean = mean + h_mean[:, None, :]
         cov = cov + torch.diag_embed(h_var)[:, None]
-    return mean @ p.C.T + p.d + 0.5 * numerics.quad_diag(p.C, cov).reshape(R, T, -1)
+    log_rate = mean @ p.C.T + p.d + 0.5 * numerics.quad_diag(p.C, cov).reshape(R, T, -1)
+    log_rate = log_rate + p.offset_log_rate()
+    if e is not None:
+        log_rate = log_rate + (e[0] + 0.5 * e[1])[:, None, :]
+    return log_rate
 
 
 def bits_per_spike(y: torch.Tensor, log_rate: torch.Tensor) -> float:
@@ -147,8 +166,10 @@ def evaluate(
     y_train (R, T, N), n_train (R,): the fit's trials; y_test (R*, T, N), n_test (R*,):
     held-out trials (R* may be 0); heldout_neurons: (N,) bool, the co-smoothing targets.
     Returns (scores, arrays) with arrays ``h_mean``, ``h_var`` (R + R*, k) and ``g_mean``,
-    ``g_var`` (R + R*,) over training then held-out trials, and ``rate`` (R + R*, N) the
-    predicted per-trial mean rate in Hz.
+    ``g_var`` (R + R*,) and (neurons' own drift) ``e_mean``, ``e_var`` (R + R*, N) over
+    training then held-out trials, ``rate`` (R + R*, N) the predicted per-trial mean rate
+    in Hz, and the scored log rates ``heldout_log_rate`` (R*, T, N) and
+    ``cosmoothing_log_rate`` (R*, T, held-out neurons) when there are held-out trials.
     """
     p, st = fit.params, fit.state
     R, T, N = y_train.shape
@@ -168,18 +189,25 @@ def evaluate(
     )
     g_train = (st.gm, torch.diagonal(st.gS)) if p.dynamics_drift else (None, None)
     g_test = (cond.gmu, torch.diagonal(cond.gK)) if p.dynamics_drift and Rs else (None, None)
+    e_train = (st.em, st.ev) if p.neuron_drift else None
+    e_test = None
+    if p.neuron_drift and Rs:
+        e_test = (cond.emu.T, torch.diagonal(cond.eK, dim1=-2, dim2=-1).T)
 
-    log_rate_train = predicted_log_rates(p, R, T, *h_train, g_train[0], u_train)
+    log_rate_train = predicted_log_rates(p, R, T, *h_train, g_train[0], u_train, e_train)
     scores: dict[str, float] = {}
     rate_train = trial_mean(torch.exp(log_rate_train), y_train) / bin_size_s
     obs_train = trial_mean(y_train, y_train) / bin_size_s
     arrays = {"h_mean": h_train[0], "h_var": h_train[1], "rate": rate_train}
     if p.dynamics_drift:
         arrays["g_mean"], arrays["g_var"] = g_train
+    if p.neuron_drift:
+        arrays["e_mean"], arrays["e_var"] = e_train
     sq_train = ((rate_train - obs_train) ** 2).sum()
     if Rs:
-        log_rate_test = predicted_log_rates(p, Rs, T, *h_test, g_test[0], u_test)
+        log_rate_test = predicted_log_rates(p, Rs, T, *h_test, g_test[0], u_test, e_test)
         scores["heldout_trial_bits_per_spike"] = bits_per_spike(y_test, log_rate_test)
+        arrays["heldout_log_rate"] = log_rate_test
         rate_test = trial_mean(torch.exp(log_rate_test), y_test) / bin_size_s
         obs_test = trial_mean(y_test, y_test) / bin_size_s
         scores["rate_rmse_heldout_hz"] = float(((rate_test - obs_test) ** 2).mean().sqrt())
@@ -192,6 +220,9 @@ def evaluate(
         if p.dynamics_drift:
             arrays["g_mean"] = torch.cat([g_train[0], g_test[0]])
             arrays["g_var"] = torch.cat([g_train[1], g_test[1]])
+        if p.neuron_drift:
+            arrays["e_mean"] = torch.cat([e_train[0], e_test[0]])
+            arrays["e_var"] = torch.cat([e_train[1], e_test[1]])
         # co-smoothing: infer each held-out trial from the held-in neurons
         held = torch.as_tensor(heldout_neurons, device=dev)
         if bool(held.any()) and not bool(held.all()):
@@ -200,6 +231,7 @@ def evaluate(
             scores["cosmoothing_bits_per_spike"] = bits_per_spike(
                 y_test[..., held], log_lam[..., held]
             )
+            arrays["cosmoothing_log_rate"] = log_lam[..., held]
         else:
             scores["cosmoothing_bits_per_spike"] = math.nan
     else:

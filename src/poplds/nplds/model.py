@@ -20,7 +20,8 @@ from ._numerics import gaussian_kl, quad_diag
 NUGGET = 1e-6
 
 
-#: Bounds of the GP length-scales, in units of the span of trial numbers.
+#: Bounds of the GP length-scales: the lower in trials (the default of the slowest
+#: modulator called drift), the upper in units of the span of trial numbers.
 TAU_RANGE = (0.5, 10.0)
 
 
@@ -32,6 +33,17 @@ class PLDSParams:
     B: (k, m) input weights or None; log_sigma2, log_tau: (k,) GP hyperparameters of h, or None
     for the stationary model; A1: (k, k) direction of the dynamics drift and log_tau_g: ()
     its GP length-scale, or None without the dynamics variant.
+
+    The time-in-trial offset ``f[:, i] ~ GP(0, K_i)`` over bins
+    (``K_i[t, s] = sf2_i exp(-(t - s)^2 / (2 lf^2))``, t in bins; a variance per neuron, one
+    smoothness for all) is a global latent: its variational posterior
+    ``q(f[:, i]) = N(f_mean[:, i], f_cov[i])`` travels with the parameters, so that held-out
+    trials use it as it is. f_mean: (T, N); f_cov: (N, T, T); log_sf2: (N,), log_lf: () its
+    hyperparameters; all None without the offset.
+
+    The neurons' own drift ``e[:, i] ~ GP(0, se2_i K_le)`` over trial numbers (a variance per
+    neuron, one length-scale): log_se2 (N,), log_le (); None without it. Its q lives in
+    :class:`VIState` (it differs between trials).
     """
 
     C: torch.Tensor
@@ -45,6 +57,44 @@ class PLDSParams:
     log_tau: torch.Tensor | None = None
     A1: torch.Tensor | None = None
     log_tau_g: torch.Tensor | None = None
+    f_mean: torch.Tensor | None = None
+    f_cov: torch.Tensor | None = None
+    log_sf2: torch.Tensor | None = None
+    log_lf: torch.Tensor | None = None
+    log_se2: torch.Tensor | None = None
+    log_le: torch.Tensor | None = None
+
+    @property
+    def neuron_drift(self) -> bool:
+        """True with the neurons' own drift e over trials."""
+        return self.log_se2 is not None
+
+    def neuron_drift_unit_kernel(self, n: torch.Tensor) -> torch.Tensor:
+        """(R, R) the kernel of e over trial numbers n (R,) at unit variance (with the nugget)."""
+        return se_kernel(n, n.new_ones(1), torch.exp(self.log_le).reshape(1))[0]
+
+    @property
+    def offset(self) -> bool:
+        """True with the time-in-trial offset f."""
+        return self.f_mean is not None
+
+    @property
+    def f_var(self) -> torch.Tensor:
+        """(T, N) marginal variances of q(f)."""
+        return torch.diagonal(self.f_cov, dim1=-2, dim2=-1).T
+
+    def offset_unit_kernel(self) -> torch.Tensor:
+        """(T, T) the offset's GP kernel over bins 0..T-1 at unit variance (with the nugget)."""
+        t = torch.arange(self.f_mean.shape[0], dtype=self.f_mean.dtype, device=self.f_mean.device)
+        return se_kernel(t, t.new_ones(1), torch.exp(self.log_lf).reshape(1))[0]
+
+    def offset_kernel(self) -> torch.Tensor:
+        """(N, T, T) every neuron's offset kernel ``K_i = sf2_i K_unit``."""
+        return torch.exp(self.log_sf2)[:, None, None] * self.offset_unit_kernel()
+
+    def offset_log_rate(self) -> torch.Tensor | float:
+        """(T, N) ``log E[exp(f)] = f_mean + f_var / 2`` (0 without the offset)."""
+        return self.f_mean + 0.5 * self.f_var if self.offset else 0.0
 
     @property
     def drift(self) -> bool:
@@ -187,7 +237,8 @@ class VIState:
 
     m: (R, T, k); S: (R, T, k, k); cross: (R, T-1, k, k) ``cov(x[t+1], x[t])``; logdet_s: (R,)
     log det of each trial's path covariance; w: (R, T, N) site precisions defining S;
-    hm: (R, k); hS: (k, R, R); gm: (R,); gS: (R, R).
+    hm: (R, k); hS: (k, R, R); gm: (R,); gS: (R, R); em: (R, N), eS: (N, R, R) q of the
+    neurons' own drift e (None without it).
     """
 
     m: torch.Tensor
@@ -199,11 +250,18 @@ class VIState:
     hS: torch.Tensor
     gm: torch.Tensor | None = None
     gS: torch.Tensor | None = None
+    em: torch.Tensor | None = None
+    eS: torch.Tensor | None = None
 
     @property
     def hv(self) -> torch.Tensor:
         """(R, k) marginal variances of h."""
         return torch.diagonal(self.hS, dim1=-2, dim2=-1).T
+
+    @property
+    def ev(self) -> torch.Tensor:
+        """(R, N) marginal variances of e."""
+        return torch.diagonal(self.eS, dim1=-2, dim2=-1).T
 
 
 @dataclass
@@ -243,12 +301,15 @@ class TrialData:
 class GPPriors:
     """GP priors of h and g over the trials being inferred: means hmu (k, R), gmu (R,) and
     covariances hK (k, R, R), gK (R, R). In training they are the GP priors (zero mean); for
-    held-out trials, the GP conditionals given the training trials' q."""
+    held-out trials, the GP conditionals given the training trials' q, which also give e's:
+    emu (N, R), eK (N, R, R) (None in training: e's prior is formed from the parameters)."""
 
     hmu: torch.Tensor | None
     hK: torch.Tensor | None
     gmu: torch.Tensor | None = None
     gK: torch.Tensor | None = None
+    emu: torch.Tensor | None = None
+    eK: torch.Tensor | None = None
 
 
 def gp_priors(p: PLDSParams, n: torch.Tensor) -> GPPriors:
@@ -266,9 +327,16 @@ def gp_priors(p: PLDSParams, n: torch.Tensor) -> GPPriors:
 
 
 def expected_log_rate(p: PLDSParams, st: VIState) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean (R, T, N) of ``eta = c'(x + h) + d`` and ``log E[exp(eta)]`` under q."""
+    """Mean (R, T, N) of ``eta = c'(x + h) + d + f[t] + e[r]`` and ``log E[exp(eta)]``
+    under q."""
     mean = (st.m + st.hm[:, None, :]) @ p.C.T + p.d
     var = quad_diag(p.C, st.S).reshape(mean.shape) + (st.hv @ (p.C**2).T)[:, None, :]
+    if p.offset:
+        mean = mean + p.f_mean
+        var = var + p.f_var
+    if st.em is not None:
+        mean = mean + st.em[:, None, :]
+        var = var + st.ev[:, None, :]
     return mean, mean + 0.5 * var
 
 
@@ -292,7 +360,32 @@ def elbo(data: TrialData, p: PLDSParams, st: VIState, gp: GPPriors) -> torch.Ten
         value = value - gaussian_kl(st.hm.T, st.hS, gp.hmu, gp.hK).sum()
     if gp.gK is not None:
         value = value - gaussian_kl(st.gm[None], st.gS[None], gp.gmu[None], gp.gK[None]).sum()
+    if p.offset:
+        value = value - offset_kl(p.f_mean.T, p.f_cov, p.log_sf2, p.offset_unit_kernel()).sum()
+    if st.em is not None:
+        if gp.eK is not None:
+            kl_e = gaussian_kl(st.em.T, st.eS, gp.emu, gp.eK)
+        else:
+            kl_e = offset_kl(st.em.T, st.eS, p.log_se2, p.neuron_drift_unit_kernel(data.n))
+        value = value - kl_e.sum()
     return value
+
+
+def offset_kl(
+    m: torch.Tensor, S: torch.Tensor, log_s2: torch.Tensor, K1: torch.Tensor
+) -> torch.Tensor:
+    """(J,) ``KL(N(m_j, S_j) || N(0, s2_j K1))``: m (J, T), S (J, T, T), log_s2 (J,), K1
+    (T, T) (:func:`~poplds.nplds._numerics.gaussian_kl` with K1 factored once)."""
+    Lk = torch.linalg.cholesky(K1)
+    Ls = torch.linalg.cholesky(S)
+    s2 = torch.exp(log_s2)
+    a = torch.linalg.solve_triangular(Lk, m.T, upper=False)  # (T, J)
+    B = torch.linalg.solve_triangular(Lk, Ls, upper=False)
+    T = m.shape[-1]
+    logdet_k = 2 * torch.log(torch.diagonal(Lk)).sum() + T * log_s2
+    logdet_s = 2 * torch.log(torch.diagonal(Ls, dim1=-2, dim2=-1)).sum(-1)
+    quad = ((B**2).sum((-1, -2)) + (a**2).sum(0)) / s2
+    return 0.5 * (quad - T + logdet_k - logdet_s)
 
 
 def g_moments(st: VIState) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -13,7 +13,16 @@ import torch
 from .._linalg import psd_project, sym
 from ._numerics import active_guards, halve_until, outer_flat, site_posterior, skipped
 from .estep import g_quadratic, path_stats
-from .model import NUGGET, TAU_RANGE, PLDSParams, TrialData, VIState, expected_log_rate, se_kernel
+from .model import (
+    NUGGET,
+    TAU_RANGE,
+    PLDSParams,
+    TrialData,
+    VIState,
+    expected_log_rate,
+    offset_kl,
+    se_kernel,
+)
 
 
 def mstep_dynamics(data: TrialData, p: PLDSParams, st: VIState) -> PLDSParams:
@@ -84,10 +93,16 @@ def mstep_emissions(data: TrialData, p: PLDSParams, st: VIState, steps: int = 1)
     mask = data.mask
     W = data.weight.expand(R, T, N).reshape(R * T, N)  # 0 on missing bins
 
+    off = p.offset_log_rate()  # (T, N) or 0: the offset's part of log E[rate]
+    if st.em is not None:  # and the neurons' own drift's
+        off = off + (st.em + 0.5 * st.ev)[:, None, :]
+    if p.offset or st.em is not None:
+        off = off.expand(R, T, N).reshape(R * T, N)
+
     def neuron_terms(Cd):
         C = Cd[:, :k]
         mean = Mt @ Cd.T
-        log_lam = mean + 0.5 * (Vq @ outer_flat(C).T)
+        log_lam = mean + 0.5 * (Vq @ outer_flat(C).T) + off
         lam = torch.exp(log_lam) * W
         return ((y * W * mean - lam).sum(0)), lam
 
@@ -151,14 +166,15 @@ def _site_part(K, dKs, w, b, value):
     return -F, [-(G * dK).sum((-1, -2)) for dK in dKs]
 
 
-def _kernel_step(kernel, theta, bounds, w, b, value, m0, S0, iters):
+def _kernel_step(kernel, theta, bounds, w, b, value, m0, S0, iters, current=None):
     """Move GP hyperparameters and their q together: with the site terms (w, b) fixed,
     ``q_theta = N(S b, S)``, ``S = (K_theta^-1 + diag w)^-1``, and L-BFGS-B maximises
     ``value(m, S) - KL(q_theta || N(0, K_theta))`` (:func:`_site_part`, with its gradient in
     closed form), the exact part of the bound that depends on them, within ``bounds`` (one
     ``(lo, hi)`` per hyperparameter vector). The result replaces the current (theta, q) only
-    if that part of the bound rises. ``kernel(*theta) -> (K, [dK/dtheta_p])``. Returns
-    (theta, m, S)."""
+    if that part of the bound rises (above ``current``, its value at the current (theta, q),
+    when given; else at the site posterior of the current theta).
+    ``kernel(*theta) -> (K, [dK/dtheta_p])``. Returns (theta, m, S)."""
     import scipy.optimize
 
     sizes = [t.numel() for t in theta]
@@ -171,6 +187,10 @@ def _kernel_step(kernel, theta, bounds, w, b, value, m0, S0, iters):
     def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
         K, dKs = kernel(*unpack(x))
         f, grads = _site_part(K, dKs, w, b, value)
+        # a hyperparameter shared by every site group (one kernel for all) sums their parts
+        grads = [
+            g if g.numel() == n else g.sum().reshape(1) for g, n in zip(grads, sizes, strict=True)
+        ]
         return float(f), torch.cat(grads).cpu().numpy()
 
     x0 = torch.cat([t.reshape(-1) for t in theta]).cpu().numpy()
@@ -178,7 +198,8 @@ def _kernel_step(kernel, theta, bounds, w, b, value, m0, S0, iters):
     x0 = np.clip(x0, [lo for lo, _ in box], [hi for _, hi in box])
     with torch.no_grad():
         try:
-            current = objective(x0)[0]
+            at_x0 = objective(x0)[0]
+            current = at_x0 if current is None else float(current)
             res = scipy.optimize.minimize(
                 objective,
                 x0,
@@ -198,7 +219,7 @@ def _kernel_step(kernel, theta, bounds, w, b, value, m0, S0, iters):
 
 
 def mstep_kernels(
-    data: TrialData, p: PLDSParams, st: VIState, iters: int = 10
+    data: TrialData, p: PLDSParams, st: VIState, iters: int = 10, min_tau: float = TAU_RANGE[0]
 ) -> tuple[PLDSParams, VIState]:
     """GP hyperparameters by L-BFGS-B on their log, moving q(h) and q(g) with them
     (:func:`_kernel_step`); without that, q's covariance, shaped by the current kernel, pins
@@ -208,12 +229,14 @@ def mstep_kernels(
     and ``b = (K^-1 + W) hm`` (so the site q at the current kernel has the current means); the
     bound's h part is ``sum_{r,i} [Y c_i'h_r - Lam exp(c_i'(dm_r) + c_i^2'dv_r / 2)] - KL``.
     Sites for g are exact (the bound is quadratic in g): ``w = a``, ``b`` of
-    :func:`step_dynamics_drift`. Length-scales stay within ``TAU_RANGE`` times the span of the
-    trial numbers, variances within [1e-8, 1e3]. Returns the new parameters and q.
+    :func:`step_dynamics_drift`. Length-scales stay between ``min_tau`` trials (what "slow"
+    means: a faster modulator is trial-to-trial variability, not drift) and ``TAU_RANGE[1]``
+    times the span of the trial numbers, variances within [1e-8, 1e3]. Returns the new
+    parameters and q.
     """
     n = data.n
     span = float((n.max() - n.min()).clamp(min=1.0))
-    lo_tau, hi_tau = math.log(TAU_RANGE[0]), math.log(TAU_RANGE[1] * span)
+    lo_tau, hi_tau = math.log(min_tau), math.log(TAU_RANGE[1] * span)
     if p.drift:
         y = data.y * data.weight
         Y = y.sum(1)  # (R, N)
@@ -282,3 +305,123 @@ def mstep_kernels(
         p = replace(p, log_tau_g=lt)
         st = replace(st, gm=m[0], gS=S[0])
     return p, st
+
+
+#: Bounds of the offset's length-scale, in bins (the upper one times the trial's bins).
+OFFSET_LF_RANGE = (0.5, 2.0)
+
+
+def _private_gp_step(Y, Lam, m0, S0, log_s2, log_l, x, l_bounds, iters):
+    """One update of independent GP terms added to each neuron's log rate, ``z[:, i] ~
+    GP(0, s2_i K_l)`` over coordinates ``x`` (J,) (bins for the offset, trial numbers for the
+    neurons' own drift), with ``q(z[:, i]) = N(m_i, S_i)``.
+
+    Y, Lam: (N, J) counts and expected rates summed over the other axis (observed bins only),
+    at the current q: m0 (N, J), S0 (N, J, J). The bound's part, per neuron, is
+    ``sum_j [Y m - Lam exp(dm + dv / 2)] - KL(q(z_i) || N(0, s2_i K_l))`` (``dm``, ``dv`` the
+    changes of q's mean and variance). Newton in the mean and the fixed point of the
+    covariance together give the site posterior ``S' = (K_i^-1 + diag Lam_i)^-1``,
+    ``m' = S' (Lam_i m + Y_i - Lam_i)``, taken along ``(1 - rho) q + rho q'`` with rho halved
+    per neuron until its part does not fall (it is concave on that line). Then each neuron's
+    ``s2_i`` and the shared ``l`` move with q by L-BFGS-B (:func:`_kernel_step`), ``l`` within
+    ``l_bounds``, ``s2_i`` within [1e-8, 1e2]. Returns (m, S, log_s2 (N,), log_l ())."""
+    K1 = se_kernel(x, x.new_ones(1), torch.exp(log_l).reshape(1))[0]
+    K = torch.exp(log_s2)[:, None, None] * K1
+    v0 = torch.diagonal(S0, dim1=-2, dim2=-1)
+
+    def rates(m, v):
+        return Lam * torch.exp((m - m0) + 0.5 * (v - v0))
+
+    def part(m, S):
+        v = torch.diagonal(S, dim1=-2, dim2=-1)
+        try:
+            kl = offset_kl(m, S, log_s2, K1)
+        except torch.linalg.LinAlgError:
+            skipped("a private GP term's proposal (not positive definite)")
+            return torch.full_like(m[:, 0], -math.inf)
+        return (Y * m).sum(-1) - rates(m, v).sum(-1) - kl
+
+    try:
+        m_new, S_new = site_posterior(K, Lam, Lam * m0 + Y - Lam)
+    except torch.linalg.LinAlgError:
+        skipped("a private GP term (site factor failed)")
+        return m0, S0, log_s2, log_l
+
+    def propose(rho):
+        m = m0 + rho[:, None] * (m_new - m0)
+        S = S0 + rho[:, None, None] * (S_new - S0)
+        return part(m, S), (m, S)
+
+    _, (m1, S1), _ = halve_until(part(m0, S0), propose, Y.shape[0], m0)
+    w = rates(m1, torch.diagonal(S1, dim1=-2, dim2=-1))
+    try:
+        Kinv_m = torch.cholesky_solve(m1.T, torch.linalg.cholesky(K1)).T
+    except torch.linalg.LinAlgError:
+        skipped("a private GP term's hyperparameters (kernel factor failed)")
+        return m1, S1, log_s2, log_l
+    b = w * m1 + Kinv_m / torch.exp(log_s2)[:, None]
+
+    def value(m, v):
+        rate = rates(m, v)
+        return (Y * m).sum() - rate.sum(), Y - rate, -0.5 * rate
+
+    d2 = (x[:, None] - x[None, :]) ** 2
+    eye = torch.eye(len(x), dtype=x.dtype, device=x.device)
+
+    def kernel(ls2, ll):
+        K1 = se_kernel(x, x.new_ones(1), torch.exp(ll))[0]
+        dl = (K1 - NUGGET * eye) * d2 / torch.exp(2 * ll)
+        s2 = torch.exp(ls2)[:, None, None]
+        return s2 * K1, [s2 * K1, s2 * dl]
+
+    (ls2, ll), m, S = _kernel_step(
+        kernel,
+        [log_s2, log_l.reshape(1)],
+        [(-18.4, 4.6), l_bounds],
+        w,
+        b,
+        value,
+        m1,
+        S1,
+        iters,
+        current=-float(part(m1, S1).sum()),
+    )
+    return m, S, ls2, ll.reshape(())
+
+
+def mstep_offset(data: TrialData, p: PLDSParams, st: VIState, iters: int = 10) -> PLDSParams:
+    """Update q(f) of the time-in-trial offset, then its hyperparameters with it
+    (:func:`_private_gp_step` over bins 0..T-1, with ``Y[t,i] = sum_r y`` and
+    ``Lam[t,i] = sum_r E[rate]``); ``lf`` within ``OFFSET_LF_RANGE`` bins (times T for the
+    upper bound)."""
+    if not p.offset:
+        return p
+    T = data.shape[1]
+    Y = (data.y * data.weight).sum(0).T  # (N, T)
+    _, log_lam = expected_log_rate(p, st)
+    Lam = (torch.exp(log_lam) * data.weight).sum(0).T  # (N, T) at the current q(f)
+    t = torch.arange(T, dtype=Y.dtype, device=Y.device)
+    lo, hi = OFFSET_LF_RANGE
+    m, S, ls2, ll = _private_gp_step(
+        Y, Lam, p.f_mean.T, p.f_cov, p.log_sf2, p.log_lf, t, (math.log(lo), math.log(hi * T)), iters
+    )
+    return replace(p, f_mean=m.T.contiguous(), f_cov=S, log_sf2=ls2, log_lf=ll)
+
+
+def mstep_neuron_drift(
+    data: TrialData, p: PLDSParams, st: VIState, iters: int = 10, min_tau: float = TAU_RANGE[0]
+) -> tuple[PLDSParams, VIState]:
+    """Update q(e) of the neurons' own drift over trials and its hyperparameters
+    (:func:`_private_gp_step` over the trial numbers, with ``Y[r,i] = sum_t y`` and
+    ``Lam[r,i] = sum_t E[rate]``); the length-scale between ``min_tau`` trials and
+    ``TAU_RANGE[1]`` times the span of the trial numbers."""
+    if not p.neuron_drift:
+        return p, st
+    n = data.n
+    span = float((n.max() - n.min()).clamp(min=1.0))
+    Y = (data.y * data.weight).sum(1).T  # (N, R)
+    _, log_lam = expected_log_rate(p, st)
+    Lam = (torch.exp(log_lam) * data.weight).sum(1).T
+    bounds = (math.log(min_tau), math.log(TAU_RANGE[1] * span))
+    m, S, ls2, ll = _private_gp_step(Y, Lam, st.em.T, st.eS, p.log_se2, p.log_le, n, bounds, iters)
+    return replace(p, log_se2=ls2, log_le=ll), replace(st, em=m.T.contiguous(), eS=S)

@@ -190,8 +190,15 @@ def plot_dimension(metrics_paths: list[str | Path], out: str | Path) -> Path:
             vals = [m["models"].get(name, {}).get(key) for m in rows]
             if all(v is None for v in vals):
                 continue
-            y = [np.nan if v is None else v for v in vals]
-            ax.plot(ks, y, "o-", color=COLOURS[name], label=LABELS[name])
+            y = np.array([np.nan if v is None else v for v in vals], dtype=float)
+            score = key.removesuffix("_bits_per_spike")
+            iv = [m.get("intervals", {}).get(score, {}).get(name, {}) for m in rows]
+            lo = np.array([e.get("lo", np.nan) for e in iv], dtype=float)
+            hi = np.array([e.get("hi", np.nan) for e in iv], dtype=float)
+            err = np.vstack([y - lo, hi - y]) if np.isfinite(lo).any() else None
+            ax.errorbar(
+                ks, y, yerr=err, fmt="o-", capsize=3, color=COLOURS[name], label=LABELS[name]
+            )
         ax.axhline(0, color="0.6", lw=1)
         ax.set_xlabel("latent dimension k")
         ax.set_ylabel("bits / spike")
@@ -199,8 +206,9 @@ def plot_dimension(metrics_paths: list[str | Path], out: str | Path) -> Path:
         ax.set_xticks(ks)
     choice = choose_nplds(rows)
     if choice["chosen"] is not None:
-        axes[0].axvline(choice["chosen"], color="k", ls="--", lw=0.8)
-        axes[0].annotate(
+        ax = axes[1] if choice["criterion"] == "co-smoothing" else axes[0]
+        ax.axvline(choice["chosen"], color="k", ls="--", lw=0.8)
+        ax.annotate(
             f"chosen k = {choice['chosen']}",
             (choice["chosen"], 1),
             xycoords=("data", "axes fraction"),

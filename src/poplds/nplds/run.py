@@ -9,6 +9,10 @@ neurons, and writes under ``results/<dataset>/``::
                               recording lacks), d (N_total,), A, Q, V0 (k, k), x0 (k,),
                               h_mean, h_var (trials, k), trial_ids, heldout (trials,) bool,
                               sigma2, tau (k,) (plds: sigma2 = 0, tau = NaN), bound_trace;
+                              with the neurons' own drift e_mean, e_var (trials,
+                              N_total), e_tau;
+                              with the time offset also offset, offset_var (T, N_total)
+                              its posterior mean and variance, offset_sf2, offset_lf_bins;
                               nplds_dynamics also A1 (k, k), g_mean, g_var (trials,), tau_g,
                               A_trials (trials, k, k) = A + g_mean A1
     <model>/k<k>/latents.zarr recordings/<name>/mean, var (trials, T, k) float32: posterior
@@ -46,8 +50,9 @@ from .._version import __version__
 from ..store import DatasetStore, write_array, write_strings
 from . import model, vi
 from ._trials import Trials, load_truth, read_trials
-from .baselines import cosmoothing_baselines, heldout_trial_baselines
+from .baselines import RATE_FLOOR, cosmoothing_baselines, heldout_trial_baselines
 from .evaluate import centred_correlation, evaluate, trial_mean
+from .intervals import paired_intervals, trial_sums
 from .settings import NPLDSSettings
 
 log = get_logger()
@@ -101,6 +106,8 @@ def from_stationary(plds: model.PLDSParams, drifting: model.PLDSParams) -> model
         log_tau=drifting.log_tau,
         A1=None if drifting.A1 is None else 0.05 * plds.A,
         log_tau_g=drifting.log_tau_g,
+        log_se2=drifting.log_se2,
+        log_le=drifting.log_le,
     )
 
 
@@ -148,6 +155,9 @@ def _fit_model(name: str, d: Trials, k: int, s: NPLDSSettings, dev, ckpt_dir: Pa
     y, n, train = d.y, d.n, d.train
     log.info("fitting %s, k = %d, %d training trials on %s", name, k, len(train), dev)
     opts = {"drift": drift, "dynamics_drift": dyn, "max_iter": s.max_iter, "tol": s.tol}
+    opts["offset"] = s.time_offset
+    opts["min_drift_trials"] = s.drift_min_trials
+    opts["neuron_drift"] = s.neuron_drift
     opts["checkpoint_every_s"] = CHECKPOINT_EVERY_S
     fit = vi.fit(y[train], n[train], k, device=dev, checkpoint=ckpt_dir / f"{name}.ckpt", **opts)
     start, iterations_all = "moments", fit.iterations
@@ -200,8 +210,12 @@ def _score_model(name, fit, start, iterations_all, d: Trials, truth_d, figure, s
     C = p.C.cpu().numpy()
     h_mean = arrays["h_mean"].cpu().numpy()[d.inverse]
     h_var = arrays["h_var"].cpu().numpy()[d.inverse]
-    shift = h_mean @ C.T
-    shift_sd = np.sqrt(h_var @ (C**2).T)
+    shift = h_mean @ C.T  # the drift of every neuron's log rate: shared, and its own
+    shift_var = h_var @ (C**2).T
+    if p.neuron_drift:
+        shift = shift + arrays["e_mean"].cpu().numpy()[d.inverse]
+        shift_var = shift_var + arrays["e_var"].cpu().numpy()[d.inverse]
+    shift_sd = np.sqrt(shift_var)
     entry: dict[str, Any] = {
         **scores,
         "bound": fit.bound[-1],
@@ -219,6 +233,12 @@ def _score_model(name, fit, start, iterations_all, d: Trials, truth_d, figure, s
     if p.drift:
         entry["sigma2"] = np.exp(p.log_sigma2.cpu().numpy()).tolist()
         entry["tau"] = np.exp(p.log_tau.cpu().numpy()).tolist()
+    if p.neuron_drift:
+        entry["neuron_drift_sd"] = float(np.exp(0.5 * p.log_se2.cpu().numpy()).mean())
+        entry["neuron_drift_tau"] = float(np.exp(p.log_le.cpu().numpy()))
+    if p.offset:
+        entry["offset_sd"] = float(np.exp(0.5 * p.log_sf2.cpu().numpy()).mean())
+        entry["offset_lf_bins"] = float(np.exp(p.log_lf.cpu().numpy()))
     A_trials = None
     if MODELS[name].dynamics_drift:
         g = arrays["g_mean"].cpu().numpy()[d.inverse]
@@ -334,6 +354,7 @@ def fit_store(
         if "A_trials" in truth_d:
             figure["true_radius"] = _spectral_radius(truth_d["A_trials"])
     fits: dict[str, vi.FitResult] = {}
+    scored: dict[str, dict[str, np.ndarray]] = {"heldout_trial": {}, "cosmoothing": {}}
     stationary: vi.FitResult | None = None  # the PLDS fit, made first
     for name in s.models:
         t0 = time.perf_counter()
@@ -344,6 +365,10 @@ def fit_store(
         d.warnings.extend(_model_warnings(name, k, fit, start, entry, s))
         metrics["models"][name] = entry
         fits[name] = fit
+        for score in scored:
+            if f"{score.removesuffix('_trial')}_log_rate" in kept["arrays"]:
+                rates = kept["arrays"][f"{score.removesuffix('_trial')}_log_rate"]
+                scored[score][name] = rates.cpu().numpy()
         x_mean, x_var = _latents(fit, d, k)
         write_latents(
             out.latents[name], name, {store.recording_names[0]: (x_mean, x_var)}, __version__
@@ -370,7 +395,9 @@ def fit_store(
             entry["cosmoothing_bits_per_spike"],
             entry["rate_rmse_hz"],
         )
-    metrics["baselines"] = _baselines(d)
+    metrics["baselines"], base_rates = _baselines(d)
+    if len(d.test):
+        metrics["intervals"] = _intervals(d, scored, base_rates, s.seed)
     mm = metrics["models"]
     metrics["comparison"] = {
         "nplds_minus_plds_heldout_bits_per_spike": _diff(mm, "heldout_trial_bits_per_spike"),
@@ -387,17 +414,23 @@ def fit_store(
     return StoreFit(metrics, out, fits)
 
 
-def _baselines(d: Trials) -> dict[str, dict[str, Any]]:
+def _baselines(d: Trials) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, np.ndarray]]]:
     """The field's baselines (:mod:`.baselines`) on the models' own split, scored the same
-    way: ``{name: {score key: bits/spike, "widths": {...}}}``."""
+    way: ``{name: {score key: bits/spike, "widths": {...}}}``, and their log rates by score
+    (``heldout_trial``, ``cosmoothing``) and name."""
     held = heldout_trial_baselines(d.y, d.heldout, d.n)
     out: dict[str, dict[str, Any]] = {
         name: {"heldout_trial_bits_per_spike": b.bits_per_spike, "widths": b.widths}
         for name, b in held.items()
     }
+    rates: dict[str, dict[str, np.ndarray]] = {
+        "heldout_trial": {name: np.log(np.maximum(b.rate, RATE_FLOOR)) for name, b in held.items()},
+        "cosmoothing": {},
+    }
     if d.held.any():
         for name, b in cosmoothing_baselines(d.y, d.heldout, d.held).items():
             out[name] = {"cosmoothing_bits_per_spike": b.bits_per_spike, "widths": b.widths}
+            rates["cosmoothing"][name] = np.log(np.maximum(b.rate, RATE_FLOOR))
     log.info(
         "baselines: %s",
         ", ".join(
@@ -405,6 +438,39 @@ def _baselines(d: Trials) -> dict[str, dict[str, Any]]:
             for name, entry in out.items()
         ),
     )
+    return out, rates
+
+
+def _intervals(
+    d: Trials,
+    models: dict[str, dict[str, np.ndarray]],
+    baselines: dict[str, dict[str, np.ndarray]],
+    seed: int,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Paired bootstrap intervals (:mod:`.intervals`) over the held-out trials and neurons of
+    every model's and baseline's score, and of the differences that decide: N-PLDS - PLDS,
+    and the best model (by its estimate) - the best baseline, per score."""
+    out = {}
+    for score, preds in models.items():
+        y = d.y[d.test] if score == "heldout_trial" else d.y[d.test][..., d.held]
+        named = {**preds, **{f"baseline: {k}": v for k, v in baselines[score].items()}}
+        if not named or y.size == 0:
+            continue
+        sums = {name: trial_sums(y, lr) for name, lr in named.items()}
+        point = {name: s.score() for name, s in sums.items()}
+        pairs = [("nplds", "plds")]
+        best = {
+            kind: max(
+                (n for n in point if n.startswith("baseline: ") == is_base),
+                key=lambda n: point[n],
+                default=None,
+            )
+            for kind, is_base in (("model", False), ("baseline", True))
+        }
+        if best["model"] and best["baseline"]:
+            pairs.append((best["model"], best["baseline"]))
+        out[score] = paired_intervals(sums, pairs, seed=seed)
+        out[score]["best"] = best
     return out
 
 
@@ -444,8 +510,26 @@ def _write_model(
         write_array(root, name, p[name])
     if "B" in p:
         write_array(root, "B", p["B"])
+    if fit.params.offset:  # (T, N_total), NaN rows as C's
+        for name, value in (
+            ("offset", p["f_mean"]),
+            ("offset_var", fit.params.f_var.cpu().numpy()),
+        ):
+            full = np.full((value.shape[0], n_total), np.nan)
+            full[:, neurons] = value
+            write_array(root, name, full)
+        sf2 = np.full(n_total, np.nan)
+        sf2[neurons] = np.exp(p["log_sf2"])
+        write_array(root, "offset_sf2", sf2)
+        write_array(root, "offset_lf_bins", np.exp(p["log_lf"]).reshape(()))
     write_array(root, "h_mean", h_mean)
     write_array(root, "h_var", h_var)
+    if fit.params.neuron_drift:  # (trials, N_total), NaN columns as C's rows
+        for name in ("e_mean", "e_var"):
+            full = np.full((len(trial_ids), n_total), np.nan)
+            full[:, neurons] = arrays[name].cpu().numpy()[inverse]
+            write_array(root, name, full)
+        write_array(root, "e_tau", np.exp(p["log_le"]).reshape(()))
     write_array(root, "trial_ids", trial_ids.astype(np.int64))
     write_array(root, "heldout", heldout)
     if fit.params.drift:

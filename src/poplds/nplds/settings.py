@@ -19,6 +19,9 @@ class NPLDSSettings:
     heldout_trials: fraction of trials left out of every fit (drawn with ``seed``);
     heldout_neurons: fraction of neurons predicted from the others on those trials
     (co-smoothing); dynamics_drift: also fit the variant with ``A[r] = A + g[r] A1``;
+    drift_min_trials: the drift GPs' shortest length-scale, in trials (what "slow" means);
+    neuron_drift: the drift models also have each neuron's own drift e over trials;
+    time_offset: every model has the time-in-trial log-rate offset f (:mod:`.vi`);
     max_iter: most EM iterations per fit; tol: converged when the bound rose by less than
     tol x |bound| over the last 10 iterations; seed: of the held-out draws (the fits are
     deterministic); device: ``auto``, ``cpu``, ``cuda`` or ``cuda:<k>``.
@@ -27,6 +30,9 @@ class NPLDSSettings:
     heldout_trials: float = 0.2
     heldout_neurons: float = 0.25
     dynamics_drift: bool = False
+    drift_min_trials: float = 5.0
+    neuron_drift: bool = False
+    time_offset: bool = True
     max_iter: int = 3000
     tol: float = 1e-6
     seed: int = 0

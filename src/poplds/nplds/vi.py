@@ -2,15 +2,25 @@
 
 Model, for trial r (trial number ``n_r``), bin t, neuron i, latents k::
 
-    y[r,t,i] ~ Poisson(exp(c_i'(x[r,t] + h[r]) + d_i))
+    y[r,t,i] ~ Poisson(exp(c_i'(x[r,t] + h[r]) + d_i + f[t,i]))
     x[r,0] ~ N(x0, V0),   x[r,t] = A[r] x[r,t-1] + B u[r,t] + w,   w ~ N(0, Q)
     h[:,j] ~ GP(0, K_j),  K_j[r,s] = sigma2_j exp(-(n_r - n_s)^2 / (2 tau_j^2))   (j = 1..k)
     A[r] = A + g[r] A1,   g ~ GP(0, K_g),  K_g: variance 1, length-scale tau_g   (variant)
 
-The stationary PLDS is ``h = 0`` and ``A[r] = A``. Every kernel carries a nugget
-``1e-6 sigma2`` on its diagonal (part of the model, for a stable Cholesky factor).
+    f[:,i] ~ GP(0, K_f),  K_f[t,s] = sf2_i exp(-(t - s)^2 / (2 lf^2))   (bins; optional)
+    e[:,i] ~ GP(0, K_e),  K_e[r,s] = se2_i exp(-(n_r - n_s)^2 / (2 le^2))  (optional)
 
-Variational family ``q = prod_r q(x_r) prod_j q(h[:,j]) q(g)``, all Gaussian:
+with ``e[r,i]`` added to the log rate: each neuron's own slow drift beside the shared h.
+
+The stationary PLDS is ``h = 0`` and ``A[r] = A``. The time-in-trial offset f (one smooth
+log-rate profile per neuron, locked to the trial's start; its smoothness ``lf`` and size ``sf2``
+learned) lets both models nest the PSTH: with ``C = 0`` the rate is ``exp(d_i + f[t,i])``.
+Every kernel carries a nugget ``1e-6 sigma2`` on its diagonal (part of the model, for a
+stable Cholesky factor).
+
+Variational family ``q = prod_r q(x_r) prod_j q(h[:,j]) q(g) prod_i q(f[:,i]) q(e[:,i])``,
+all Gaussian (``q(f[:,i]) = N(f_mean[:,i], f_cov[i])`` kept with the parameters, since
+held-out trials share f; ``q(e[:,i]) = N(em[:,i], eS[i])`` over trials, like q(h)):
 
 - ``q(x_r) = N(m_r, S_r)`` with ``S_r^-1 = Jbar_r + blockdiag_t(C' diag(w[r,t]) C)``, block
   tridiagonal (``Jbar_r`` is the expected prior precision of the path); only the diagonal and
@@ -25,13 +35,16 @@ Evidence lower bound (exact, in closed form)::
            + sum_r (E_q log p(x_r | A[r]) + H[q(x_r)]) - KL(q(h) || p(h)) - KL(q(g) || p(g))
 
 with ``M[r,t] = m[r,t] + hm[r]`` and ``V[r,t] = S_r[t,t] + diag(hv[r])`` (``hv`` the marginal
-variances of h), since ``E[exp(c'z)] = exp(c' mu + c' Sigma c / 2)`` for Gaussian z.
+variances of h), since ``E[exp(c'z)] = exp(c' mu + c' Sigma c / 2)`` for Gaussian z; with the
+offset, ``f_mean[t,i]`` joins the mean, ``f_cov[i][t,t]`` the variance, and
+``- sum_i KL(q(f[:,i]) || N(0, K_f))`` the bound.
 
 Each EM iteration takes, in turn, a Newton step in m (Hessian
 ``Jbar + blockdiag(C' diag(lambda) C)``, block-tridiagonal, batched over trials), the
 fixed-point step ``w <- lambda`` (expected rates) for S, a Newton/fixed-point step for each
 ``q(h[:,j])``, the exact update of ``q(g)``, then the M-step: closed forms for x0, V0, A, A1, B,
-Q; per-neuron Newton steps for (c_i, d_i); L-BFGS-B on the kernels' log hyperparameters. Every
+Q; per-neuron Newton steps for (c_i, d_i); a Newton/fixed-point step for each q(f[:,i]);
+L-BFGS-B on the kernels' log hyperparameters. Every
 step that is not an exact maximiser is damped (halved per trial, neuron or dimension) until the
 bound does not fall, so the bound never decreases. Iteration stops when the bound rose by less
 than ``tol * |bound|`` over the last ``WINDOW`` (10) iterations: a slow phase of EM, whose
@@ -57,6 +70,7 @@ from ._numerics import counting_guards, counting_skipped_steps
 from .estep import estep, paths_cov
 from .init import initial_params, initial_state
 from .model import (
+    TAU_RANGE,
     GPPriors,
     PLDSParams,
     TrialData,
@@ -66,7 +80,13 @@ from .model import (
     gp_priors,
     path_prior,
 )
-from .mstep import mstep_dynamics, mstep_emissions, mstep_kernels
+from .mstep import (
+    mstep_dynamics,
+    mstep_emissions,
+    mstep_kernels,
+    mstep_neuron_drift,
+    mstep_offset,
+)
 from .settings import NPLDSSettings
 
 log = get_logger()
@@ -119,13 +139,16 @@ def _restore(cls, fields: dict, device):
 
 
 def em_iteration(
-    data: TrialData, p: PLDSParams, st: VIState, gp: GPPriors
+    data: TrialData, p: PLDSParams, st: VIState, gp: GPPriors, min_tau: float = TAU_RANGE[0]
 ) -> tuple[PLDSParams, VIState, GPPriors, float]:
-    """One EM iteration (E-step, then every M-step): new parameters, q, priors and bound."""
+    """One EM iteration (E-step, then every M-step): new parameters, q, priors and bound;
+    ``min_tau``: the GP length-scales' lower bound in trials."""
     st = estep(data, p, st, gp)
     p = mstep_dynamics(data, p, st)
     p = mstep_emissions(data, p, st)
-    p, st = mstep_kernels(data, p, st)
+    p = mstep_offset(data, p, st)
+    p, st = mstep_neuron_drift(data, p, st, min_tau=min_tau)
+    p, st = mstep_kernels(data, p, st, min_tau=min_tau)
     gp = gp_priors(p, data.n)
     return p, st, gp, float(elbo(data, p, st, gp))
 
@@ -155,23 +178,23 @@ def _checked(y: np.ndarray, n: np.ndarray | None) -> tuple[np.ndarray, np.ndarra
     return y, n
 
 
-def _cycle(data, p, st, gp, accelerate: bool, rebuild):
+def _cycle(data, p, st, gp, accelerate: bool, rebuild, min_tau: float = TAU_RANGE[0]):
     """One EM cycle from ``(p, st, gp)``: one EM iteration, or with ``accelerate`` two and a
     SQUAREM extrapolation from them, kept when one EM iteration from it reaches at least the
     second iteration's bound. Returns the new ``(p, st, gp)``, the bound after each EM
     iteration of the cycle, and 1 when the extrapolation was kept (else 0)."""
     p0, st0 = p, st  # the iterate an extrapolation starts from
-    p1, st1, gp1, b1 = em_iteration(data, p, st, gp)
+    p1, st1, gp1, b1 = em_iteration(data, p, st, gp, min_tau)
     steps = [b1]
     p, st, gp = p1, st1, gp1
     if not accelerate:
         return p, st, gp, steps, 0
-    p2, st2, gp2, b2 = em_iteration(data, p1, st1, gp1)
+    p2, st2, gp2, b2 = em_iteration(data, p1, st1, gp1, min_tau)
     steps.append(b2)
     p, st, gp = p2, st2, gp2
     pe, se, a = extrapolate(p0, st0, p1, st1, p2, st2, rebuild)
     if pe is not None and a < -1:
-        p3, st3, gp3, b3 = em_iteration(data, pe, se, gp_priors(pe, data.n))
+        p3, st3, gp3, b3 = em_iteration(data, pe, se, gp_priors(pe, data.n), min_tau)
         if math.isfinite(b3) and b3 >= b2:
             steps.append(b3)
             return p3, st3, gp3, steps, 1
@@ -186,6 +209,9 @@ def fit(
     *,
     drift: bool = True,
     dynamics_drift: bool = False,
+    offset: bool = False,
+    neuron_drift: bool = False,
+    min_drift_trials: float = TAU_RANGE[0],
     inputs: np.ndarray | None = None,
     max_iter: int = NPLDSSettings.max_iter,
     min_iter: int = 5,
@@ -203,7 +229,11 @@ def fit(
     bins outside a trial): every term of the bound skips them; n: (R,) trial numbers
     (default 0..R-1); latent_dim: k;
     drift: fit the GP modulator h (False gives the stationary PLDS); dynamics_drift: also fit
-    ``A[r] = A + g[r] A1``; inputs: (R, T, m) known inputs u. Stops when the bound rose by
+    ``A[r] = A + g[r] A1``; offset: fit the time-in-trial offset f; neuron_drift (with drift):
+    also fit each neuron's own drift e over trials; min_drift_trials: the
+    GP length-scales' lower bound in trial numbers (slower is drift; faster is left to the
+    trial-to-trial variability of the paths); inputs: (R, T, m) known
+    inputs u (``u[r, t]`` drives ``x[r, t]`` through B). Stops when the bound rose by
     at most ``tol * |bound|`` over the last ``WINDOW`` iterations (:func:`recent_gain`),
     after ``min_iter`` iterations, or at ``max_iter``. With ``accelerate`` every two EM
     iterations are extrapolated by SQUAREM (:mod:`._accelerate`) and the extrapolation is
@@ -232,6 +262,8 @@ def fit(
             drift=drift,
             dynamics_drift=dynamics_drift,
             n_inputs=0 if inputs is None else np.asarray(inputs).shape[-1],
+            offset=offset,
+            neuron_drift=neuron_drift and drift,
             device=device,
         )
     saver = Checkpointer(
@@ -246,6 +278,9 @@ def fit(
             latent_dim=latent_dim,
             drift=drift,
             dynamics_drift=dynamics_drift,
+            offset=offset,
+            neuron_drift=neuron_drift,
+            min_drift_trials=min_drift_trials,
             max_iter=max_iter,
             min_iter=min_iter,
             tol=tol,
@@ -299,7 +334,7 @@ def fit(
             while it < max_iter and not (saved and saved["done"]):
                 t_it = time.perf_counter()
                 p, st, gp, steps, kept = _cycle(
-                    data, p, st, gp, accelerate and it + 3 <= max_iter, rebuild
+                    data, p, st, gp, accelerate and it + 3 <= max_iter, rebuild, min_drift_trials
                 )
                 accepted += kept
                 bound += steps
