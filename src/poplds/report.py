@@ -17,7 +17,6 @@ import csv
 import html
 import io
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -340,10 +339,12 @@ def write_stitched_scores(
 def choose_nplds(metrics: Sequence[dict[str, Any]], model: str = "nplds") -> dict[str, Any]:
     """The choice of k for ``model``, by co-smoothing (the Neural Latents Benchmark's primary
     score) with the one-standard-error rule: the smallest k whose score is at least the
-    best's minus the best's bootstrap standard error (``metrics.json`` ``intervals``; the
-    draws are the same for every k, so the scores are paired). Without co-smoothing (no
-    held-out neurons) the held-out-trial score decides; without intervals, a slack of
-    ``NPLDS_SLACK_BITS``. Warnings at the grid's edge."""
+    best's minus the standard error of its difference from the best (``metrics.json``
+    ``intervals``: every k's bootstrap uses the same draws of the same held-out trials and
+    neurons, so the difference is taken draw by draw; what the neurons drawn do to every k
+    alike cancels). Without co-smoothing (no held-out neurons) the held-out-trial score
+    decides; without per-draw scores, a slack of ``NPLDS_SLACK_BITS``. Warnings at the
+    grid's edge."""
     ks = [int(m["settings"]["latent_dim"]) for m in metrics]
 
     def column(key: str) -> np.ndarray:
@@ -355,39 +356,48 @@ def choose_nplds(metrics: Sequence[dict[str, Any]], model: str = "nplds") -> dic
             dtype=float,
         )
 
-    def se(score: str) -> np.ndarray:
-        return np.array(
-            [
-                m.get("intervals", {}).get(score, {}).get(model, {}).get("se", np.nan)
-                for m in metrics
-            ],
-            dtype=float,
-        )
+    def draws(score: str) -> list[np.ndarray | None]:
+        out = []
+        for m in metrics:
+            d = m.get("intervals", {}).get(score, {}).get(model, {}).get("draws")
+            out.append(None if d is None else np.asarray(d, dtype=float))
+        return out
 
     held, cos = column("heldout_trial_bits_per_spike"), column("cosmoothing_bits_per_spike")
-    criterion, bits, ses = "co-smoothing", cos, se("cosmoothing")
+    criterion, bits, per_draw = "co-smoothing", cos, draws("cosmoothing")
     if not np.isfinite(cos).any():
-        criterion, bits, ses = "held-out trials", held, se("heldout_trial")
-    chosen, slack, rule = None, math.nan, ""
+        criterion, bits, per_draw = "held-out trials", held, draws("heldout_trial")
+    chosen, rule = None, ""
+    slack = np.full(len(ks), NPLDS_SLACK_BITS)
     if np.isfinite(bits).any():
         b = int(np.nanargmax(bits))
-        slack = float(ses[b]) if np.isfinite(ses[b]) else NPLDS_SLACK_BITS
-        rule = (
-            f"the smallest k within one bootstrap standard error ({slack:.4f} bits/spike) of the "
-            f"best {criterion} score"
-            if np.isfinite(ses[b])
-            else f"the smallest k within {NPLDS_SLACK_BITS} bits/spike of the best {criterion} "
-            "score (no intervals)"
+        paired = per_draw[b] is not None and all(
+            d is not None and d.shape == per_draw[b].shape for d in per_draw
         )
+        if paired:
+            for j, d in enumerate(per_draw):
+                diff = (d - per_draw[b])[np.isfinite(d - per_draw[b])]
+                slack[j] = float(diff.std(ddof=1)) if j != b and diff.size > 1 else 0.0
+            rule = (
+                "the smallest k within one standard error of its paired bootstrap difference "
+                f"from the best {criterion} score (k = {ks[b]})"
+            )
+        else:
+            rule = (
+                f"the smallest k within {NPLDS_SLACK_BITS} bits/spike of the best {criterion} "
+                "score (no per-draw bootstrap scores)"
+            )
         chosen = min(
-            k for k, v in zip(ks, bits, strict=True) if np.isfinite(v) and v >= bits[b] - slack
+            k
+            for k, v, s in zip(ks, bits, slack, strict=True)
+            if np.isfinite(v) and v >= bits[b] - s
         )
     warnings = edge_warnings(ks, chosen, "k", "nplds.latent_dims")
     return {
         "dims": ks,
         "criterion": criterion,
         "rule": rule,
-        "slack_bits_per_spike": slack,
+        "slack_bits_per_spike": slack.tolist(),
         "cosmoothing_bits_per_spike": cos.tolist(),
         "heldout_trial_bits_per_spike": held.tolist(),
         "chosen": chosen,
@@ -414,11 +424,19 @@ def nplds_rows(metrics: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (k, model) (``metrics.json`` of :func:`poplds.nplds.fit_store`), and one
     per baseline (the same split whatever k; model ``baseline: <name>``, k empty)."""
     rows = []
+
+    def intervals(row: dict[str, Any], m: dict[str, Any], name: str) -> None:
+        for score, label in (("heldout_trial", "held-out trials"), ("cosmoothing", "co-smoothing")):
+            e = m.get("intervals", {}).get(score, {}).get(name)
+            if e and e.get("lo") is not None:
+                row[f"{label} 95% interval"] = f"[{e['lo']:.4f}, {e['hi']:.4f}]"
+
     for name, entry in (metrics[0].get("baselines", {}) if metrics else {}).items():
         row = {"k": "", "model": f"baseline: {name}"}
         for label, key in NPLDS_COLUMNS:
             if key in entry:
                 row[label] = entry[key]
+        intervals(row, metrics[0], f"baseline: {name}")
         rows.append(row)
     for m in metrics:
         for name, entry in m["models"].items():
@@ -426,6 +444,7 @@ def nplds_rows(metrics: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             for label, key in NPLDS_COLUMNS:
                 if key in entry:
                     row[label] = entry[key]
+            intervals(row, m, name)
             row["device"] = m.get("provenance", {}).get("device", m["settings"].get("device"))
             rows.append(row)
     return rows

@@ -125,10 +125,14 @@ def _nplds_section(choice: dict[str, Any], metrics: Sequence[dict[str, Any]]) ->
             continue
         rows = []
         for name, entry in m["models"].items():
+            iv = m.get("intervals", {})
             rows.append(
                 f"<li>{html.escape(name)}: held-out trials "
-                f"{_fmt(entry.get('heldout_trial_bits_per_spike'))} bits/spike, co-smoothing "
-                f"{_fmt(entry.get('cosmoothing_bits_per_spike'))} bits/spike</li>"
+                f"{_fmt(entry.get('heldout_trial_bits_per_spike'))}"
+                f"{_interval(iv.get('heldout_trial', {}).get(name))} bits/spike, co-smoothing "
+                f"{_fmt(entry.get('cosmoothing_bits_per_spike'))}"
+                f"{_interval(iv.get('cosmoothing', {}).get(name))} bits/spike (95 % paired "
+                "bootstrap over held-out trials and neurons)</li>"
             )
         parts.append("<ul>" + "".join(rows) + "</ul>")
         parts.append(_baselines_html(m))
@@ -149,21 +153,28 @@ def _baselines_html(m: dict[str, Any]) -> str:
         scored = {n: e[key] for n, e in base.items() if e.get(key) is not None}
         if not scored:
             continue
+        iv = m.get("intervals", {}).get(key.removesuffix("_bits_per_spike"), {})
         items += [
-            f"<li>{html.escape(n)}: {label} {_fmt(v)} bits/spike</li>" for n, v in scored.items()
+            f"<li>{html.escape(n)}: {label} {_fmt(v)}{_interval(iv.get('baseline: ' + n))} "
+            "bits/spike</li>"
+            for n, v in scored.items()
         ]
         best_name = max(scored, key=scored.get)
         models = {n: e.get(key) for n, e in m["models"].items() if e.get(key) is not None}
-        if models and max(models.values()) > scored[best_name]:
-            top = max(models, key=models.get)
+        top = max(models, key=models.get) if models else None
+        diff = iv.get(f"{top} - baseline: {best_name}")
+        gap = f"; difference {_fmt(diff['estimate'])}{_interval(diff)}" if diff else ""
+        if diff and diff["lo"] <= 0 <= diff["hi"]:
+            gap += ", its interval includes 0"
+        if top is not None and models[top] > scored[best_name]:
             verdicts.append(
                 f"{label}: {html.escape(top)} ({_fmt(models[top])}) beats the best baseline, "
-                f"{html.escape(best_name)} ({_fmt(scored[best_name])})"
+                f"{html.escape(best_name)} ({_fmt(scored[best_name])}){gap}"
             )
         else:
             verdicts.append(
                 f"{label}: <b>no model beats the best baseline</b>, "
-                f"{html.escape(best_name)} ({_fmt(scored[best_name])} bits/spike)"
+                f"{html.escape(best_name)} ({_fmt(scored[best_name])} bits/spike){gap}"
             )
     return (
         "<p>Baselines on the same split (scored the same way):</p><ul>"
@@ -172,6 +183,13 @@ def _baselines_html(m: dict[str, Any]) -> str:
         + "; ".join(verdicts)
         + ".</p>"
     )
+
+
+def _interval(entry: dict[str, Any] | None) -> str:
+    """`` [lo, hi]`` of a bootstrap interval entry, or nothing."""
+    if not entry or entry.get("lo") is None:
+        return ""
+    return f" [{_fmt(entry['lo'])}, {_fmt(entry['hi'])}]"
 
 
 def write_summary(

@@ -108,10 +108,13 @@ def paired_intervals(
     level: float = 0.95,
     n_draws: int = N_DRAWS,
     neurons: bool = True,
+    keep_draws: Sequence[str] = (),
 ) -> dict[str, dict[str, float]]:
     """Percentile intervals (``estimate``, ``lo``, ``hi``, ``se``) of the bits/spike of every
     prediction in ``sums`` (all of the same trials and neurons) and of each difference
-    ``(a, b)`` (key ``"a - b"``), from the same seeded draws (module docstring)."""
+    ``(a, b)`` (key ``"a - b"``), from the same seeded draws (module docstring). Entries
+    named in ``keep_draws`` also hold their per-draw scores (``draws``, 6 decimals), so that
+    scores of the same split from other runs (another k) can be compared draw by draw."""
     first = next(iter(sums.values()))
     R, N = first.Y.shape
     a, b = draws(R, N, seed, n_draws, neurons)
@@ -119,6 +122,8 @@ def paired_intervals(
     for name, s in sums.items():
         values[name] = bits_from_sums(s.Y, s.Nb, s.L, a, b)
         out[name] = _summary(s.score(), values[name], level)
+        if name in keep_draws:
+            out[name]["draws"] = np.round(values[name], 6).tolist()
     for x, y in differences:
         if x in values and y in values:
             out[f"{x} - {y}"] = _summary(

@@ -469,7 +469,7 @@ def _intervals(
         }
         if best["model"] and best["baseline"]:
             pairs.append((best["model"], best["baseline"]))
-        out[score] = paired_intervals(sums, pairs, seed=seed)
+        out[score] = paired_intervals(sums, pairs, seed=seed, keep_draws=("nplds",))
         out[score]["best"] = best
     return out
 
