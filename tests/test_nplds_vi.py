@@ -791,3 +791,34 @@ def test_input_weights_are_recovered_from_simulated_inputs():
     # relative error 0.13 at 100 trials, 0.09 at 150: it falls as trials are added
     assert np.linalg.norm(got - true) / np.linalg.norm(true) < 0.15
     assert fit.converged
+
+
+def test_joint_h_covariance_is_the_dense_laplace_block_and_wider_than_q():
+    """k = 1: the h block of the inverse of the dense joint Hessian of the bound in the means
+    of paths and h (the Laplace approximation), against the path-eliminated form."""
+    rng = np.random.default_rng(3)
+    R, T, N = 5, 6, 4
+    p = random_params(rng, k=1, N=N)
+    y = tt(rng.poisson(1.0, (R, T, N)).astype(float))
+    data = model.TrialData(y, torch.arange(R, dtype=torch.float64))
+    gp = model.gp_priors(p, data.n)
+    _, st = init.initial_state(data, p, gp)
+    got = estep.h_joint_covariance(data, p, st, gp)[0]
+    prior = model.path_prior(p, R, T, None)
+    _, log_lam = model.expected_log_rate(p, st)
+    lam = torch.exp(log_lam)  # (R, T, N)
+    w = (lam * p.C[:, 0] ** 2).sum(-1)  # (R, T): c' diag(rate) c per bin
+    H = torch.zeros(R * T + R, R * T + R, dtype=torch.float64)
+    for r in range(R):
+        J = torch.diag(prior.D[0, :, 0, 0]) + torch.diag(w[r])
+        J += torch.diag(prior.Lo[0, :, 0, 0], -1) + torch.diag(prior.Lo[0, :, 0, 0], 1)
+        H[r * T : (r + 1) * T, r * T : (r + 1) * T] = J
+        H[r * T : (r + 1) * T, R * T + r] = w[r]
+        H[R * T + r, r * T : (r + 1) * T] = w[r]
+        H[R * T + r, R * T + r] = w[r].sum()
+    H[R * T :, R * T :] += torch.linalg.inv(gp.hK[0])
+    dense = torch.linalg.inv(H)[R * T :, R * T :]
+    np.testing.assert_allclose(got.numpy(), dense.numpy(), rtol=1e-6, atol=1e-9)
+    # the factorised q(h)'s covariance at the same rates is never wider
+    q = numerics.site_covariance(gp.hK[0], w.sum(1))
+    assert torch.all(torch.linalg.eigvalsh(got - q) > -1e-10)

@@ -412,7 +412,7 @@ NPLDS_COLUMNS = (
     ("rate RMSE (Hz)", "rate_rmse_hz"),
     ("drift sd (log rate)", "drift_sd"),
     ("drift r vs truth", "drift_corr_vs_truth"),
-    ("2-sd band covers truth", "drift_band_coverage"),
+    ("95% band covers truth", "drift_band_coverage"),
     ("bound", "bound"),
     ("iterations", "iterations"),
     ("stop", "stop"),

@@ -23,6 +23,7 @@ over the evaluated data)::
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -168,7 +169,9 @@ def evaluate(
     Returns (scores, arrays) with arrays ``h_mean``, ``h_var`` (R + R*, k) and ``g_mean``,
     ``g_var`` (R + R*,) and (neurons' own drift) ``e_mean``, ``e_var`` (R + R*, N) over
     training then held-out trials, ``rate`` (R + R*, N) the predicted per-trial mean rate
-    in Hz, and the scored log rates ``heldout_log_rate`` (R*, T, N) and
+    in Hz, with the drift ``h_var_joint`` (R + R*, k), h's variances under the joint Laplace
+    approximation (:func:`.estep.h_joint_covariance`, for the drift's bands), and the scored
+    log rates ``heldout_log_rate`` (R*, T, N) and
     ``cosmoothing_log_rate`` (R*, T, held-out neurons) when there are held-out trials.
     """
     p, st = fit.params, fit.state
@@ -195,10 +198,21 @@ def evaluate(
         e_test = (cond.emu.T, torch.diagonal(cond.eK, dim1=-2, dim2=-1).T)
 
     log_rate_train = predicted_log_rates(p, R, T, *h_train, g_train[0], u_train, e_train)
+    band_var = None  # h's marginal variances under the joint Laplace approximation
+    if p.drift:
+        data = model.TrialData(y_train, n_train, u_train)
+        hS_joint = estep.h_joint_covariance(data, p, st, model.gp_priors(p, n_train))
+        band_var = torch.diagonal(hS_joint, dim1=-2, dim2=-1).T
+        if Rs:
+            cond_joint = gp_conditional(p, replace(st, hS=hS_joint), n_train, n_test)
+            band_var = torch.cat([band_var, torch.diagonal(cond_joint.hK, dim1=-2, dim2=-1).T])
+        arrays_band = {"h_var_joint": band_var}
+    else:
+        arrays_band = {}
     scores: dict[str, float] = {}
     rate_train = trial_mean(torch.exp(log_rate_train), y_train) / bin_size_s
     obs_train = trial_mean(y_train, y_train) / bin_size_s
-    arrays = {"h_mean": h_train[0], "h_var": h_train[1], "rate": rate_train}
+    arrays = {"h_mean": h_train[0], "h_var": h_train[1], "rate": rate_train, **arrays_band}
     if p.dynamics_drift:
         arrays["g_mean"], arrays["g_var"] = g_train
     if p.neuron_drift:
