@@ -136,6 +136,14 @@ def test_gpe_figures_of_the_notes():
         assert out[name].bits_per_spike == pytest.approx(value, abs=0.003), name
     assert co["psth_train"].bits_per_spike == pytest.approx(0.041, abs=0.003)
     assert out["psth_drift"].widths["drift_trials"] == 8.0
+    # GPFA (elephant) on the same split: the notes' figures at k = 1 and 2 (-0.012, 0.015)
+    from poplds.nplds.baselines import gpfa_cosmoothing
+
+    held = split_neurons(y.shape[2], 0.2, 0)
+    for k, value in ((1, -0.012), (2, 0.015)):
+        b = gpfa_cosmoothing(y, test, held, k, 0.02)
+        assert b.bits_per_spike == pytest.approx(value, abs=0.003), k
+        assert gpfa_cosmoothing(y, test, held, k, 0.02).bits_per_spike == b.bits_per_spike
 
 
 def test_report_puts_baselines_beside_the_models():

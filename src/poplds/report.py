@@ -431,13 +431,19 @@ def nplds_rows(metrics: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             if e and e.get("lo") is not None:
                 row[f"{label} 95% interval"] = f"[{e['lo']:.4f}, {e['hi']:.4f}]"
 
-    for name, entry in (metrics[0].get("baselines", {}) if metrics else {}).items():
-        row = {"k": "", "model": f"baseline: {name}"}
-        for label, key in NPLDS_COLUMNS:
-            if key in entry:
-                row[label] = entry[key]
-        intervals(row, metrics[0], f"baseline: {name}")
-        rows.append(row)
+    seen = set()  # the same split whatever k; GPFA is fitted at each job's k
+    for m in metrics:
+        for name, entry in m.get("baselines", {}).items():
+            if name in seen:
+                continue
+            seen.add(name)
+            k = name.rsplit("_k", 1)[1] if name.startswith("gpfa_k") else ""
+            row = {"k": k, "model": f"baseline: {name}"}
+            for label, key in NPLDS_COLUMNS:
+                if key in entry:
+                    row[label] = entry[key]
+            intervals(row, m, f"baseline: {name}")
+            rows.append(row)
     for m in metrics:
         for name, entry in m["models"].items():
             row: dict[str, Any] = {"k": m["settings"]["latent_dim"], "model": name}

@@ -24,6 +24,11 @@ Co-smoothing (held-out neurons of held-out trials from held-in ones):
 
 - ``psth_train``: the held-out neurons' training PSTH (``psth`` above, its width chosen on
   every neuron), using no held-in data.
+- ``gpfa_k<k>``: GPFA (Yu et al. 2009, elephant's implementation) with k latents fitted on the
+  square-root counts of the training trials, every neuron; a held-out trial's latents are
+  inferred from its held-in neurons' rows (exact GP posterior), and a held-out neuron's
+  predicted count is the mean of the square, ``(c'm + d)^2 + c'Vc + R_ii``. Trials are cut
+  before their first missing bin; elephant's random segmenting of trials is seeded.
 
 Rates are floored at :data:`RATE_FLOOR` counts per bin (a log of zero scores minus infinity).
 """
@@ -174,3 +179,75 @@ def cosmoothing_baselines(
     held = y[test][:, :, targets]
     rate = np.broadcast_to(psth(y[~test][:, :, targets], w), held.shape).copy()
     return {"psth_train": Baseline(rate, _score(held, rate), {"psth_bins": w})}
+
+
+def gpfa_cosmoothing(
+    y: np.ndarray,
+    test: np.ndarray,
+    targets: np.ndarray,
+    k: int,
+    bin_s: float,
+    seed: int = 0,
+    max_iters: int = 500,
+) -> Baseline:
+    """``gpfa_k<k>`` (module docstring) for the held-out neurons ``targets`` (N,) bool of the
+    held-out trials ``test`` (R,) bool of counts y (R, T, N). Needs elephant (and
+    scikit-learn, which it uses to start); predicted rates (R_test, T, N_targets), NaN past a
+    trial's first missing bin (those bins are missing in y too)."""
+    import contextlib
+    import io
+    import warnings
+
+    from elephant.gpfa import gpfa_core
+
+    test, targets = np.asarray(test, dtype=bool), np.asarray(targets, dtype=bool)
+    root = np.sqrt(y)
+
+    def seqs(trials: np.ndarray, neurons: np.ndarray) -> np.ndarray:
+        out = np.empty(len(trials), dtype=[("T", int), ("y", object)])
+        for j, r in enumerate(trials):
+            seen = ~np.isnan(y[r]).any(1)
+            T_r = int(np.argmin(seen)) if not seen.all() else len(seen)
+            out[j]["T"] = T_r
+            out[j]["y"] = root[r, :T_r][:, neurons].T
+        return out
+
+    all_neurons = np.ones(y.shape[2], dtype=bool)
+    state = np.random.get_state()  # noqa: NPY002  (elephant cuts trials with it)
+    try:
+        np.random.seed(seed)  # noqa: NPY002
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            params, _ = gpfa_core.fit(
+                seqs(np.where(~test)[0], all_neurons),
+                x_dim=k,
+                bin_width=1000.0 * bin_s,
+                em_max_iters=max_iters,
+            )
+            held_in = ~targets
+            sub = dict(params)
+            sub["C"], sub["d"] = params["C"][held_in], params["d"][held_in]
+            sub["R"] = params["R"][np.ix_(held_in, held_in)]
+            inferred, _ = gpfa_core.exact_inference_with_ll(
+                seqs(np.where(test)[0], held_in), sub, get_ll=False
+            )
+    finally:
+        np.random.set_state(state)  # noqa: NPY002
+    C, d = params["C"][targets], params["d"][targets]
+    noise = np.diag(params["R"])[targets]
+    held = y[test][:, :, targets]
+    rate = np.full(held.shape, np.nan)
+    for j, trial in enumerate(inferred):
+        m, V = trial["latent_variable"], trial["Vsm"]  # (k, T_r), (k, k, T_r)
+        mean = (C @ m).T + d
+        var = np.einsum("ik,klt,il->ti", C, V, C) + noise
+        rate[j, : m.shape[1]] = np.maximum(mean**2 + var, RATE_FLOOR)
+    observed = ~np.isnan(held)
+    score_rate = np.where(np.isnan(rate), 1.0, rate)  # only where y is missing
+    if np.any(np.isnan(rate) & observed):
+        raise ValueError("GPFA left observed bins without a prediction")
+    return Baseline(
+        score_rate,
+        _score(held, score_rate),
+        {"latent_dim": float(k), "em_iterations": float(max_iters)},
+    )

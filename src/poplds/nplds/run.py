@@ -50,7 +50,12 @@ from .._version import __version__
 from ..store import DatasetStore, write_array, write_strings
 from . import model, vi
 from ._trials import Trials, load_truth, read_trials
-from .baselines import RATE_FLOOR, cosmoothing_baselines, heldout_trial_baselines
+from .baselines import (
+    RATE_FLOOR,
+    cosmoothing_baselines,
+    gpfa_cosmoothing,
+    heldout_trial_baselines,
+)
 from .evaluate import centred_correlation, evaluate, trial_mean
 from .intervals import paired_intervals, trial_sums
 from .settings import NPLDSSettings
@@ -401,7 +406,7 @@ def fit_store(
             entry["cosmoothing_bits_per_spike"],
             entry["rate_rmse_hz"],
         )
-    metrics["baselines"], base_rates = _baselines(d)
+    metrics["baselines"], base_rates = _baselines(d, k, s.seed)
     if len(d.test):
         metrics["intervals"] = _intervals(d, scored, base_rates, s.seed)
     mm = metrics["models"]
@@ -420,10 +425,12 @@ def fit_store(
     return StoreFit(metrics, out, fits)
 
 
-def _baselines(d: Trials) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, np.ndarray]]]:
+def _baselines(
+    d: Trials, k: int, seed: int
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, np.ndarray]]]:
     """The field's baselines (:mod:`.baselines`) on the models' own split, scored the same
     way: ``{name: {score key: bits/spike, "widths": {...}}}``, and their log rates by score
-    (``heldout_trial``, ``cosmoothing``) and name."""
+    (``heldout_trial``, ``cosmoothing``) and name; GPFA at the job's k."""
     held = heldout_trial_baselines(d.y, d.heldout, d.n)
     out: dict[str, dict[str, Any]] = {
         name: {"heldout_trial_bits_per_spike": b.bits_per_spike, "widths": b.widths}
@@ -437,6 +444,14 @@ def _baselines(d: Trials) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str
         for name, b in cosmoothing_baselines(d.y, d.heldout, d.held).items():
             out[name] = {"cosmoothing_bits_per_spike": b.bits_per_spike, "widths": b.widths}
             rates["cosmoothing"][name] = np.log(np.maximum(b.rate, RATE_FLOOR))
+        try:
+            b = gpfa_cosmoothing(d.y, d.heldout, d.held, k, d.bin_s, seed=seed)
+        except ImportError as exc:  # elephant is a dependency; say so if it is missing
+            log.warning("GPFA baseline skipped: %s", exc)
+        else:
+            name = f"gpfa_k{k}"
+            out[name] = {"cosmoothing_bits_per_spike": b.bits_per_spike, "widths": b.widths}
+            rates["cosmoothing"][name] = np.log(b.rate)
     log.info(
         "baselines: %s",
         ", ".join(
