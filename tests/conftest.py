@@ -172,8 +172,9 @@ def write_units_nwb(
     obs_intervals: list[np.ndarray] | None = None,
     trials: list[tuple[float, float]] | None = None,
     trial_numbers: list[int] | None = None,
+    trial_columns: dict[str, list[float]] | None = None,
 ) -> Path:
-    """An NWB file with a units table (and optionally trials)."""
+    """An NWB file with a units table (and optionally trials, with extra columns)."""
     nwb = _nwbfile()
     if neuron_ids is not None:
         nwb.add_unit_column("neuron_id", "global neuron id")
@@ -187,8 +188,11 @@ def write_units_nwb(
     if trials:
         if trial_numbers is not None:
             nwb.add_trial_column("trial_number", "trial number in the session")
+        for column in trial_columns or {}:
+            nwb.add_trial_column(column, f"{column} of each trial")
         for r, (start, stop) in enumerate(trials):
             kw = {"trial_number": trial_numbers[r]} if trial_numbers is not None else {}
+            kw.update({c: v[r] for c, v in (trial_columns or {}).items()})
             nwb.add_trial(start_time=start, stop_time=stop, **kw)
     return _write(nwb, path)
 

@@ -822,3 +822,53 @@ def test_joint_h_covariance_is_the_dense_laplace_block_and_wider_than_q():
     # the factorised q(h)'s covariance at the same rates is never wider
     q = numerics.site_covariance(gp.hK[0], w.sum(1))
     assert torch.all(torch.linalg.eigvalsh(got - q) > -1e-10)
+
+
+def test_inputs_from_the_nwb_trials_table(tmp_path):
+    """nplds.inputs: an event-time column of the trials table becomes a one-hot input in the
+    bin that holds the event; a value column fills the trial; B is fitted and written; an
+    unknown column is an error naming it and the columns there are."""
+    import zarr
+    from conftest import write_units_nwb
+
+    from poplds import ingest_dataset
+    from poplds.nplds import NPLDSSettings, fit_store
+    from poplds.nplds._trials import trial_inputs
+    from poplds.store import DatasetStore
+
+    rng = np.random.default_rng(0)
+    R, dur, gap = 30, 1.0, 0.5
+    starts = np.arange(R) * (dur + gap)
+    cue = starts + rng.uniform(0.2, 0.6, R)
+    cue[3] = np.nan  # no cue on one trial
+    spikes = []
+    for _ in range(6):  # a burst 40-140 ms after each cue on top of 5 Hz
+        st = [np.sort(rng.uniform(s, s + dur, rng.poisson(5 * dur))) for s in starts]
+        st += [np.sort(c + rng.uniform(0.04, 0.14, 3)) for c in cue if np.isfinite(c)]
+        spikes.append(np.sort(np.concatenate(st)))
+    path = write_units_nwb(
+        tmp_path / "cue.nwb",
+        spikes,
+        trials=[(s, s + dur) for s in starts],
+        trial_columns={"cue_time": cue.tolist(), "reward": rng.choice([0.0, 1.0], R).tolist()},
+    )
+    store = ingest_dataset([{"path": str(path)}], tmp_path / "data.zarr", bin_size_s=0.05,
+                           trials=True)  # fmt: skip
+    ds = DatasetStore(store)
+    spec = [{"column": "cue_time", "as": "event"}, {"column": "reward", "as": "value"}]
+    u = trial_inputs(ds, spec, 20, 0.05)
+    assert u.shape == (R, 20, 2)
+    hit = np.floor((cue - starts) / 0.05)
+    for r in range(R):
+        expect = np.zeros(20)
+        if np.isfinite(hit[r]):
+            expect[int(hit[r])] = 1.0
+        np.testing.assert_array_equal(u[r, :, 0], expect)
+    assert set(np.unique(u[..., 1])) <= {0.0, 1.0} and np.all(u[:, :, 1] == u[:, :1, 1])
+    s = NPLDSSettings.from_config({"inputs": spec[:1], "max_iter": 30, "device": "cpu"})
+    m = fit_store(store, 1, s).metrics
+    assert list(m["settings"]["inputs"]) == [{"column": "cue_time", "as": "event"}]
+    B = zarr.open_group(str(tmp_path / "nplds" / "k1" / "model.zarr"), mode="r")["B"][:]
+    assert B.shape == (1, 1) and abs(B[0, 0]) > 0
+    with pytest.raises(InputError, match="'choice' is not a numeric column.*cue_time"):
+        trial_inputs(ds, [{"column": "choice"}], 20, 0.05)

@@ -281,6 +281,10 @@ def _write_recording(group: zarr.Group, rec: Recording, sha: str, chunk_mb: floa
     write_strings(group, "neuron_ids", rec.neuron_ids)
     if rec.trial_ids is not None:
         write_array(group, "trial_ids", rec.trial_ids.astype(np.int64))
+    if rec.trial_columns:
+        table = group.require_group("trial_table")
+        for column, values in rec.trial_columns.items():
+            write_array(table, column, values)
     group.attrs["recording"] = {
         **{k: _jsonable(v) for k, v in rec.attrs.items()},
         "rate_hz": rec.rate_hz,
@@ -502,7 +506,7 @@ def _write_dataset(
     recs = root.create_group("recordings")
     for part, pos in zip(infos, positions, strict=True):
         group = recs.create_group(part.name)
-        for array in ("activity", "trial_ids"):
+        for array in ("activity", "trial_ids", "trial_table"):
             if (part.path / array).exists():
                 _link_tree(part.path / array, tmp / "recordings" / part.name / array)
         write_array(group, "neurons", pos)

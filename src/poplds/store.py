@@ -7,6 +7,8 @@ Layout::
       recordings/<name>/activity       f32 (time, neurons) or (trials, time, neurons); NaN: missing
       recordings/<name>/neurons        int64 (neurons,)  positions in neuron_ids
       recordings/<name>/trial_ids      int64 (trials,)   trial data only
+      recordings/<name>/trial_table/<column>  float64 (trials,)  NWB trials table's numeric
+                                                         columns (trial data only)
       coverage/recording_names         (R,) str          row/column order of shared_neurons
       coverage/shared_neurons          int64 (R, R)      neurons observed by both recordings
       coverage/recordings_per_neuron   int32 (N_total,)  how many recordings observed each neuron
@@ -171,6 +173,14 @@ class DatasetStore:
     def neurons(self, name: str) -> np.ndarray:
         """(neurons,) positions of the recording's neurons in :attr:`neuron_ids`."""
         return np.asarray(self.root[f"recordings/{name}/neurons"][:])
+
+    def trial_columns(self, name: str) -> dict[str, np.ndarray]:
+        """The recording's trials-table columns ``{name: (trials,) float64}`` (may be empty)."""
+        group = self.root[f"recordings/{name}"]
+        if "trial_table" not in group:
+            return {}
+        table = group["trial_table"]
+        return {key: np.asarray(table[key][:]) for key in sorted(table.array_keys())}
 
     def trial_ids(self, name: str) -> np.ndarray | None:
         """(trials,) trial numbers of trial data, else None."""

@@ -71,6 +71,44 @@ def load_truth(path: str | Path, neuron_ids: np.ndarray, trial_ids: np.ndarray) 
     return out
 
 
+def trial_inputs(store: DatasetStore, specs, n_bins: int, bin_s: float) -> np.ndarray | None:
+    """Known inputs (trials, T, m) from the store's trials-table columns (``nplds.inputs``):
+    ``{"column": c, "as": "event"}`` puts a 1 in the bin of each trial that contains the time
+    ``c[r]`` (seconds on the file's clock; the trial's bins start at its window start), none
+    where it is NaN or outside the bins; ``"as": "value"`` puts ``c[r]`` in every bin of trial
+    r. None without inputs."""
+    if not specs:
+        return None
+    name = store.recording_names[0]
+    columns = store.trial_columns(name)
+    starts = store.recording_attrs(name).get("trial_window_start_s")
+    u = []
+    for spec in specs:
+        column, kind = spec["column"], spec.get("as", "event")
+        if column not in columns:
+            raise InputError(
+                "nplds.inputs",
+                f"column {column!r} is not a numeric column of the trials table of {store.path} "
+                f"(it has {sorted(columns)})",
+            )
+        values = columns[column]
+        if kind == "value":
+            if np.any(np.isnan(values)):
+                raise InputError("nplds.inputs", f"column {column!r} has NaN values")
+            u.append(np.repeat(values[:, None], n_bins, 1))
+            continue
+        if starts is None:
+            raise InputError(
+                "nplds.inputs", f"{store.path} has no trial start times for event inputs"
+            )
+        onehot = np.zeros((len(values), n_bins))
+        b = np.floor((values - np.asarray(starts)) / bin_s + 1e-9)
+        ok = np.isfinite(b) & (b >= 0) & (b < n_bins)
+        onehot[np.where(ok)[0], b[ok].astype(int)] = 1.0
+        u.append(onehot)
+    return np.stack(u, -1)
+
+
 @dataclass
 class Trials:
     """One fit_store run's data after its checks: counts ``y`` (trials, T, N) of the neurons
@@ -78,7 +116,8 @@ class Trials:
     ``trial_ids`` (trials,) and ``n`` (trials,) float trial numbers (the GP's inputs), the
     bin width ``bin_s``, the ``train`` and ``test`` trials and ``heldout`` (trials,) bool,
     ``held`` (N,) bool the co-smoothing neurons, ``inverse`` (rows in [train, test] order to
-    the store's), ``tt`` (to a float64 tensor on the device), and ``warnings``."""
+    the store's), ``tt`` (to a float64 tensor on the device), ``warnings``, and the known
+    inputs ``u`` (trials, T, m) or None."""
 
     y: np.ndarray
     neurons: np.ndarray
@@ -92,6 +131,7 @@ class Trials:
     inverse: np.ndarray
     tt: Any
     warnings: list[str]
+    u: np.ndarray | None = None
 
 
 def read_trials(store: DatasetStore, k: int, s: NPLDSSettings, dev) -> Trials:
@@ -134,4 +174,5 @@ def read_trials(store: DatasetStore, k: int, s: NPLDSSettings, dev) -> Trials:
         inverse=np.argsort(order),
         tt=lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64, device=dev),
         warnings=warnings,
+        u=trial_inputs(store, s.inputs, y.shape[1], bin_s),
     )

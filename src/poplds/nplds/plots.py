@@ -183,6 +183,27 @@ def plot_eigenvalues(
     return save_figure(fig, out)
 
 
+def _baseline_lines(ax, rows: list[dict], ks: list[int], key: str) -> None:
+    """The field's baselines of score ``key`` on the same split: one dashed line each (GPFA,
+    fitted at every k, as grey squares)."""
+    styles = iter([":", "--", "-."])
+    seen: set[str] = set()
+    gpfa = []
+    for m in rows:
+        for name, entry in m.get("baselines", {}).items():
+            value = entry.get(key)
+            if value is None or name in seen:
+                continue
+            seen.add(name)
+            if name.startswith("gpfa_k"):
+                gpfa.append((int(name.rsplit("_k", 1)[1]), value))
+            elif name != "constant":
+                ax.axhline(value, color="0.3", lw=1, ls=next(styles, ":"), label=name)
+    if gpfa:
+        gk, gv = zip(*sorted(gpfa), strict=True)
+        ax.plot(gk, gv, "s", color="0.4", label="GPFA")
+
+
 def plot_dimension(metrics_paths: list[str | Path], out: str | Path) -> Path:
     """Held-out-trial and co-smoothing bits per spike of every model against k."""
     rows = [json.loads(Path(p).read_text()) for p in metrics_paths]
@@ -205,6 +226,7 @@ def plot_dimension(metrics_paths: list[str | Path], out: str | Path) -> Path:
             ax.errorbar(
                 ks, y, yerr=err, fmt="o-", capsize=3, color=COLOURS[name], label=LABELS[name]
             )
+        _baseline_lines(ax, rows, ks, key)
         ax.axhline(0, color="0.6", lw=1)
         ax.set_xlabel("latent dimension k")
         ax.set_ylabel("bits / spike")
@@ -223,8 +245,9 @@ def plot_dimension(metrics_paths: list[str | Path], out: str | Path) -> Path:
             va="top",
             fontsize=8,
         )
-    axes[0].legend(frameon=False)
-    fig.suptitle(f"{rows[0]['dataset']}: choice of latent dimension")
+    for ax in axes:
+        ax.legend(frameon=False, fontsize=7)
+    fig.suptitle(f"{rows[0]['dataset']}: choice of latent dimension (95% paired bootstrap)")
     warning_footer(fig, choice["warnings"])
     return save_figure(fig, out)
 

@@ -164,6 +164,7 @@ def _fit_model(name: str, d: Trials, k: int, s: NPLDSSettings, dev, ckpt_dir: Pa
     opts["min_drift_trials"] = s.drift_min_trials
     opts["neuron_drift"] = s.neuron_drift
     opts["checkpoint_every_s"] = CHECKPOINT_EVERY_S
+    opts["inputs"] = None if d.u is None else d.u[train]
     fit = vi.fit(y[train], n[train], k, device=dev, checkpoint=ckpt_dir / f"{name}.ckpt", **opts)
     start, iterations_all = "moments", fit.iterations
     if drift and stationary is not None and fit.bound[-1] < stationary.bound[-1]:
@@ -207,8 +208,19 @@ def _score_model(name, fit, start, iterations_all, d: Trials, truth_d, figure, s
     arrays for the figures (into ``figure``) and the model.zarr (``h_mean``, ``h_var``,
     ``A_trials``, the scorer's ``arrays``)."""
     tt, y, n, train, test = d.tt, d.y, d.n, d.train, d.test
+    u_train = u_test = None
+    if d.u is not None:
+        u_train, u_test = tt(d.u[train]), tt(d.u[test])
     scores, arrays = evaluate(
-        fit, tt(y[train]), tt(n[train]), tt(y[test]), tt(n[test]), d.held, d.bin_s
+        fit,
+        tt(y[train]),
+        tt(n[train]),
+        tt(y[test]),
+        tt(n[test]),
+        d.held,
+        d.bin_s,
+        u_train=u_train,
+        u_test=u_test,
     )
     seconds = time.perf_counter() - seconds_from
     p = fit.params

@@ -4,6 +4,7 @@ checks that they agree)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,8 @@ class NPLDSSettings:
     (co-smoothing); dynamics_drift: also fit the variant with ``A[r] = A + g[r] A1``;
     drift_min_trials: the drift GPs' shortest length-scale, in trials (what "slow" means);
     neuron_drift: the drift models also have each neuron's own drift e over trials;
+    inputs: known inputs ``u[r, t]`` from the trials table (:func:`._trials.trial_inputs`),
+    each ``{"column": name, "as": "event" | "value"}``, entering the dynamics as ``B u``;
     time_offset: every model has the time-in-trial log-rate offset f (:mod:`.vi`);
     max_iter: most EM iterations per fit; tol: converged when the bound rose by less than
     tol x |bound| over the last 10 iterations; seed: of the held-out draws (the fits are
@@ -33,6 +36,7 @@ class NPLDSSettings:
     drift_min_trials: float = 5.0
     neuron_drift: bool = False
     time_offset: bool = True
+    inputs: tuple[Mapping[str, Any], ...] = ()
     max_iter: int = 3000
     tol: float = 1e-6
     seed: int = 0
@@ -44,7 +48,8 @@ class NPLDSSettings:
     @classmethod
     def from_config(cls, block: Mapping[str, Any]) -> NPLDSSettings:
         """From a dataset's validated ``nplds`` block (``latent_dims`` is ignored)."""
-        return settings_from(cls, block, "nplds")
+        s = settings_from(cls, block, "nplds")
+        return dataclasses.replace(s, inputs=tuple(dict(i) for i in s.inputs))
 
     @property
     def models(self) -> tuple[str, ...]:

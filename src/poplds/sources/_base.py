@@ -141,6 +141,7 @@ class Recording:
     kind: ``"traces"`` (fluorescence, events) or ``"counts"`` (spike counts).
     source: the file or folder read.
     trial_ids: ``(trials,)`` int64 trial numbers for trial data, else ``None``.
+    trial_columns: the trials table's numeric columns, ``{name: (trials,) float64}`` (NWB).
     attrs: further provenance written to the store (series name, bin edges, trial window...).
     closers: callables that release open files once the data has been written.
     """
@@ -152,6 +153,7 @@ class Recording:
     kind: Kind
     source: Path
     trial_ids: np.ndarray | None = None
+    trial_columns: dict[str, np.ndarray] | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
     closers: list[Callable[[], None]] = field(default_factory=list)
 

@@ -137,6 +137,25 @@ def read_nwb(
     return rec
 
 
+def trial_columns(nwb: Any) -> dict[str, np.ndarray]:
+    """The trials table's other numeric one-value-per-trial columns, float64 (event times,
+    conditions): what ``nplds.inputs`` turns into regressors."""
+    table = nwb.trials
+    out = {}
+    for name in table.colnames:
+        if name in ("start_time", "stop_time", "trial_number"):
+            continue
+        try:
+            values = np.asarray(table[name].data[:])
+        except (TypeError, ValueError):  # ragged or object columns are not regressors
+            continue
+        if values.ndim == 1 and (
+            np.issubdtype(values.dtype, np.number) or values.dtype == np.bool_
+        ):
+            out[name] = values.astype(np.float64)
+    return out
+
+
 def _trial_table(path: Path, nwb: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(start_time, stop_time, trial numbers) of the trials table."""
     table = nwb.trials
@@ -251,6 +270,7 @@ def _read_roi_series(
         kind="traces",
         source=path,
         trial_ids=trial_ids,
+        trial_columns=trial_columns(nwb) if trial_ids is not None else None,
         attrs=attrs,
     )
 
@@ -404,5 +424,6 @@ def _read_units(
         kind="counts",
         source=path,
         trial_ids=trial_ids,
+        trial_columns=trial_columns(nwb) if trial_ids is not None else None,
         attrs=attrs,
     )
