@@ -482,7 +482,7 @@ def _intervals(
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Paired bootstrap intervals (:mod:`.intervals`) over the held-out trials and neurons of
     every model's and baseline's score, and of the differences that decide: N-PLDS - PLDS,
-    and the best model (by its estimate) - the best baseline, per score."""
+    N-PLDS - GPFA, and the best model (by its estimate) - the best baseline, per score."""
     out = {}
     for score, preds in models.items():
         y = d.y[d.test] if score == "heldout_trial" else d.y[d.test][..., d.held]
@@ -492,6 +492,7 @@ def _intervals(
         sums = {name: trial_sums(y, lr) for name, lr in named.items()}
         point = {name: s.score() for name, s in sums.items()}
         pairs = [("nplds", "plds")]
+        pairs += [("nplds", n) for n in point if n.startswith("baseline: gpfa_k")]
         best = {
             kind: max(
                 (n for n in point if n.startswith("baseline: ") == is_base),
