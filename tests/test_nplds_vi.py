@@ -530,10 +530,23 @@ def test_real_units_recording_end_to_end(tmp_path):
     assert (tmp_path / "nplds" / "k2" / "model.zarr").exists()
     # the field's baselines, on the same split: the drifting PSTH beats the plain one here
     base = m["baselines"]
-    assert set(base) == {"constant", "psth", "psth_drift", "psth_train"}
-    b = {k: v["heldout_trial_bits_per_spike"] for k, v in base.items() if k != "psth_train"}
+    assert set(base) == {"constant", "psth", "psth_drift", "psth_train", "gpfa_k2"}
+    b = {
+        k: v["heldout_trial_bits_per_spike"]
+        for k, v in base.items()
+        if k in ("constant", "psth", "psth_drift")
+    }
     assert b["constant"] < b["psth"] < b["psth_drift"]
-    assert math.isfinite(base["psth_train"]["cosmoothing_bits_per_spike"])
+    for name in ("psth_train", "gpfa_k2"):
+        assert math.isfinite(base[name]["cosmoothing_bits_per_spike"])
+    # every model and baseline has its interval, and the deciding differences are there
+    iv = m["intervals"]
+    for name in ("plds", "nplds", "baseline: psth_drift"):
+        e = iv["heldout_trial"][name]
+        assert e["lo"] <= e["estimate"] <= e["hi"]
+    assert (
+        "nplds - plds" in iv["heldout_trial"] and "nplds - baseline: gpfa_k2" in iv["cosmoothing"]
+    )
 
 
 def test_silent_neurons_are_left_out_with_a_warning(tmp_path):

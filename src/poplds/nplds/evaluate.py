@@ -39,37 +39,26 @@ def gp_conditional(
     """GP conditionals of h, g and e at trial numbers n_test given the training q (module
     docstring): means (k, R*) / (R*,) / (N, R*), covariances (k, R*, R*) / (R*, R*) /
     (N, R*, R*)."""
-    hmu = hK = gmu = gK = None
-    if p.drift:
-        s2, tau = torch.exp(p.log_sigma2), torch.exp(p.log_tau)
-        hmu, hK = _conditional(
+
+    def conditional(s2, tau, m, S):
+        return _conditional(
             model.se_kernel(n_train, s2, tau),
             model.se_cross_kernel(n_test, n_train, s2, tau),
             model.se_kernel(n_test, s2, tau),
-            st.hm.T,
-            st.hS,
+            m,
+            S,
         )
+
+    hmu = hK = gmu = gK = emu = eK = None
+    if p.drift:
+        hmu, hK = conditional(torch.exp(p.log_sigma2), torch.exp(p.log_tau), st.hm.T, st.hS)
     if p.dynamics_drift:
-        one, tau = n_train.new_ones(1), torch.exp(p.log_tau_g).reshape(1)
-        gmu, gK = _conditional(
-            model.se_kernel(n_train, one, tau),
-            model.se_cross_kernel(n_test, n_train, one, tau),
-            model.se_kernel(n_test, one, tau),
-            st.gm[None],
-            st.gS[None],
-        )
+        tau = torch.exp(p.log_tau_g).reshape(1)
+        gmu, gK = conditional(n_train.new_ones(1), tau, st.gm[None], st.gS[None])
         gmu, gK = gmu[0], gK[0]
-    emu = eK = None
     if p.neuron_drift:
         s2 = torch.exp(p.log_se2)
-        tau = torch.exp(p.log_le).expand(len(s2))
-        emu, eK = _conditional(
-            model.se_kernel(n_train, s2, tau),
-            model.se_cross_kernel(n_test, n_train, s2, tau),
-            model.se_kernel(n_test, s2, tau),
-            st.em.T,
-            st.eS,
-        )
+        emu, eK = conditional(s2, torch.exp(p.log_le).expand(len(s2)), st.em.T, st.eS)
     return model.GPPriors(hmu, hK, gmu, gK, emu, eK)
 
 
