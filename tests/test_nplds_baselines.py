@@ -169,3 +169,39 @@ def test_report_puts_baselines_beside_the_models():
     page = _nplds_section({"chosen": 2}, [m])
     assert "held-out trials: <b>no model beats the best baseline</b>, psth" in page
     assert "co-smoothing: plds (0.05) beats the best baseline, psth_train" in page
+
+
+def test_nlb_smoothing_glm_equals_a_direct_computation():
+    """One kernel sd and ridge: the held-in spikes convolved (zero padded) per trial, log(x +
+    1e-4), a Poisson GLM per held-out neuron, against numpy's convolution and scikit-learn
+    fitted here."""
+    from sklearn.linear_model import PoissonRegressor
+
+    from poplds.nplds.baselines import nlb_smoothing_glm
+
+    rng = np.random.default_rng(4)
+    R, T, N = 12, 25, 6
+    x = np.cumsum(rng.normal(0, 0.3, (R, T, 1)), 1)
+    y = rng.poisson(np.exp(-1.0 + x * rng.normal(1, 0.3, N))).astype(float)
+    test = np.zeros(R, bool)
+    test[[2, 7, 9]] = True
+    targets = np.zeros(N, bool)
+    targets[[1, 4]] = True
+    b = nlb_smoothing_glm(y, test, targets, 0.02, sds_s=(0.06,), alphas=(0.5,))
+    assert b.widths == {"smoothing_sd_s": 0.06, "ridge": 0.5}
+    w = 3.0  # 60 ms in 20 ms bins
+    taps = np.arange(-4 * 3 - T, T + 4 * 3)
+    kern = np.exp(-0.5 * (taps / w) ** 2)
+    kern /= kern.sum()
+    centre = len(taps) // 2
+    feats = np.empty((R, T, N - 2))
+    for r in range(R):
+        for c, i in enumerate(np.where(~targets)[0]):
+            full = np.convolve(y[r, :, i], kern)  # zero padded
+            feats[r, :, c] = np.log(full[centre : centre + T] + 1e-4)
+    for c, j in enumerate(np.where(targets)[0]):
+        m = PoissonRegressor(alpha=0.5, max_iter=300).fit(
+            feats[~test].reshape(-1, N - 2), y[~test, :, j].ravel()
+        )
+        expect = m.predict(feats[test].reshape(-1, N - 2)).reshape(3, T)
+        np.testing.assert_allclose(b.rate[:, :, c], expect, rtol=1e-6)

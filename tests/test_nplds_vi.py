@@ -530,14 +530,14 @@ def test_real_units_recording_end_to_end(tmp_path):
     assert (tmp_path / "nplds" / "k2" / "model.zarr").exists()
     # the field's baselines, on the same split: the drifting PSTH beats the plain one here
     base = m["baselines"]
-    assert set(base) == {"constant", "psth", "psth_drift", "psth_train", "gpfa_k2"}
+    assert set(base) == {"constant", "psth", "psth_drift", "psth_train", "nlb_glm", "gpfa_k2"}
     b = {
         k: v["heldout_trial_bits_per_spike"]
         for k, v in base.items()
         if k in ("constant", "psth", "psth_drift")
     }
     assert b["constant"] < b["psth"] < b["psth_drift"]
-    for name in ("psth_train", "gpfa_k2"):
+    for name in ("psth_train", "nlb_glm", "gpfa_k2"):
         assert math.isfinite(base[name]["cosmoothing_bits_per_spike"])
     # every model and baseline has its interval, and the deciding differences are there
     iv = m["intervals"]

@@ -24,6 +24,11 @@ Co-smoothing (held-out neurons of held-out trials from held-in ones):
 
 - ``psth_train``: the held-out neurons' training PSTH (``psth`` above, its width chosen on
   every neuron), using no held-in data.
+- ``nlb_glm``: the Neural Latents Benchmark's smoothing baseline: each trial's held-in spikes
+  convolved with a Gaussian (zero padded at the trial's edges; missing bins count as 0), the
+  features ``log(smoothed + 1e-4)``, and one Poisson GLM with intercept per held-out neuron
+  (scikit-learn's ``PoissonRegressor``), its ridge and the kernel's sd chosen together by
+  3-fold cross-validation over training trials (:data:`NLB_SDS_S`, :data:`NLB_ALPHAS`).
 - ``gpfa_k<k>``: GPFA (Yu et al. 2009, elephant's implementation) with k latents fitted on the
   square-root counts of the training trials, every neuron; a held-out trial's latents are
   inferred from its held-in neurons' rows (exact GP posterior), and a held-out neuron's
@@ -48,6 +53,10 @@ PSTH_WIDTHS = tuple(np.arange(0.0, 6.01, 0.5))
 
 #: Candidate drift smoothing widths (sd, in trials).
 DRIFT_WIDTHS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+
+#: Kernel sds (seconds) and ridge penalties tried by the NLB smoothing baseline.
+NLB_SDS_S = (0.04, 0.06)
+NLB_ALPHAS = (0.1, 1.0, 10.0)
 
 #: The lowest rate (counts per bin) a baseline predicts.
 RATE_FLOOR = 1e-6
@@ -251,3 +260,80 @@ def gpfa_cosmoothing(
         _score(held, score_rate),
         {"latent_dim": float(k), "em_iterations": float(max_iters)},
     )
+
+
+def _zero_padded_smoother(n: int, width: float) -> np.ndarray:
+    """(n, n) Gaussian convolution of sd ``width`` bins with zero padding (rows not renormalised
+    at the edges, as the NLB's smoothing)."""
+    d = np.arange(n)[:, None] - np.arange(n)[None, :]
+    k = np.exp(-0.5 * (d / width) ** 2)
+    return (
+        k
+        / np.exp(
+            -0.5
+            * (np.arange(-4 * int(np.ceil(width)) - n, n + 4 * int(np.ceil(width))) / width) ** 2
+        ).sum()
+    )
+
+
+def nlb_smoothing_glm(
+    y: np.ndarray,
+    test: np.ndarray,
+    targets: np.ndarray,
+    bin_s: float,
+    sds_s: Sequence[float] = NLB_SDS_S,
+    alphas: Sequence[float] = NLB_ALPHAS,
+    folds: int = 3,
+    seed: int = 0,
+) -> Baseline:
+    """``nlb_glm`` (module docstring) for the held-out neurons ``targets`` (N,) bool of the
+    held-out trials ``test`` (R,) bool of counts y (R, T, N)."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import PoissonRegressor
+
+    test, targets = np.asarray(test, dtype=bool), np.asarray(targets, dtype=bool)
+    R, T, _ = y.shape
+    train = np.where(~test)[0]
+    fold = np.random.default_rng(seed).permutation(len(train)) % folds  # trials, not bins
+
+    def features(sd_s: float) -> np.ndarray:
+        S = _zero_padded_smoother(T, sd_s / bin_s)
+        held_in = np.nan_to_num(y[:, :, ~targets])
+        return np.log(np.einsum("ts,rsn->rtn", S, held_in) + 1e-4)  # (R, T, N_in)
+
+    def glm(X, t, alpha):
+        model = PoissonRegressor(alpha=alpha, max_iter=300)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return model.fit(X, t)
+
+    best = (-np.inf, None, None)
+    feats = {sd: features(sd) for sd in sds_s}
+    for sd, X in feats.items():
+        for alpha in alphas:
+            ll = 0.0
+            for f in range(folds):
+                fit_r, val_r = train[fold != f], train[fold == f]
+                for j in np.where(targets)[0]:
+                    t_fit, t_val = y[fit_r, :, j].ravel(), y[val_r, :, j].ravel()
+                    ok_fit, ok_val = ~np.isnan(t_fit), ~np.isnan(t_val)
+                    m = glm(X[fit_r].reshape(-1, X.shape[2])[ok_fit], t_fit[ok_fit], alpha)
+                    rate = np.maximum(
+                        m.predict(X[val_r].reshape(-1, X.shape[2])[ok_val]), RATE_FLOOR
+                    )
+                    ll += float((t_val[ok_val] * np.log(rate) - rate).sum())
+            if ll > best[0]:
+                best = (ll, sd, alpha)
+    _, sd, alpha = best
+    X = feats[sd]
+    held = y[test][:, :, targets]
+    rate = np.empty(held.shape)
+    for c, j in enumerate(np.where(targets)[0]):
+        t_fit = y[train, :, j].ravel()
+        ok = ~np.isnan(t_fit)
+        m = glm(X[train].reshape(-1, X.shape[2])[ok], t_fit[ok], alpha)
+        pred = m.predict(X[test].reshape(-1, X.shape[2])).reshape(len(np.where(test)[0]), T)
+        rate[:, :, c] = np.maximum(pred, RATE_FLOOR)
+    return Baseline(rate, _score(held, rate), {"smoothing_sd_s": float(sd), "ridge": float(alpha)})

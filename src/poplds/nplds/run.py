@@ -55,6 +55,7 @@ from .baselines import (
     cosmoothing_baselines,
     gpfa_cosmoothing,
     heldout_trial_baselines,
+    nlb_smoothing_glm,
 )
 from .evaluate import centred_correlation, evaluate, trial_mean
 from .intervals import paired_intervals, trial_sums
@@ -456,6 +457,9 @@ def _baselines(
         for name, b in cosmoothing_baselines(d.y, d.heldout, d.held).items():
             out[name] = {"cosmoothing_bits_per_spike": b.bits_per_spike, "widths": b.widths}
             rates["cosmoothing"][name] = np.log(np.maximum(b.rate, RATE_FLOOR))
+        b = nlb_smoothing_glm(d.y, d.heldout, d.held, d.bin_s, seed=seed)
+        out["nlb_glm"] = {"cosmoothing_bits_per_spike": b.bits_per_spike, "widths": b.widths}
+        rates["cosmoothing"]["nlb_glm"] = np.log(b.rate)
         try:
             b = gpfa_cosmoothing(d.y, d.heldout, d.held, k, d.bin_s, seed=seed)
         except ImportError as exc:  # elephant is a dependency; say so if it is missing
