@@ -376,7 +376,8 @@ def choose_nplds(metrics: Sequence[dict[str, Any]], model: str = "nplds") -> dic
         )
         if paired:
             for j, d in enumerate(per_draw):
-                diff = (d - per_draw[b])[np.isfinite(d - per_draw[b])]
+                diff = d - per_draw[b]
+                diff = diff[np.isfinite(diff)]
                 slack[j] = float(diff.std(ddof=1)) if j != b and diff.size > 1 else 0.0
             rule = (
                 "the smallest k within one standard error of its paired bootstrap difference "

@@ -71,6 +71,11 @@ class Baseline:
     bits_per_spike: float
     widths: dict[str, float]
 
+    @property
+    def log_rate(self) -> np.ndarray:
+        """The log of the rates, as the score takes them (floored at :data:`RATE_FLOOR`)."""
+        return np.log(np.maximum(self.rate, RATE_FLOOR))
+
 
 def _smooth_matrix(n: int, width: float) -> np.ndarray:
     """(n, n) row-normalised Gaussian smoother of sd ``width`` (identity at 0)."""

@@ -187,21 +187,18 @@ def evaluate(
         e_test = (cond.emu.T, torch.diagonal(cond.eK, dim1=-2, dim2=-1).T)
 
     log_rate_train = predicted_log_rates(p, R, T, *h_train, g_train[0], u_train, e_train)
-    band_var = None  # h's marginal variances under the joint Laplace approximation
-    if p.drift:
-        data = model.TrialData(y_train, n_train, u_train)
-        hS_joint = estep.h_joint_covariance(data, p, st, model.gp_priors(p, n_train))
-        band_var = torch.diagonal(hS_joint, dim1=-2, dim2=-1).T
-        if Rs:
-            cond_joint = gp_conditional(p, replace(st, hS=hS_joint), n_train, n_test)
-            band_var = torch.cat([band_var, torch.diagonal(cond_joint.hK, dim1=-2, dim2=-1).T])
-        arrays_band = {"h_var_joint": band_var}
-    else:
-        arrays_band = {}
     scores: dict[str, float] = {}
     rate_train = trial_mean(torch.exp(log_rate_train), y_train) / bin_size_s
     obs_train = trial_mean(y_train, y_train) / bin_size_s
-    arrays = {"h_mean": h_train[0], "h_var": h_train[1], "rate": rate_train, **arrays_band}
+    arrays = {"h_mean": h_train[0], "h_var": h_train[1], "rate": rate_train}
+    if p.drift:  # h's marginal variances under the joint Laplace approximation
+        data = model.TrialData(y_train, n_train, u_train)
+        hS_joint = estep.h_joint_covariance(data, p, st, model.gp_priors(p, n_train))
+        band = [torch.diagonal(hS_joint, dim1=-2, dim2=-1).T]
+        if Rs:
+            cond_joint = gp_conditional(p, replace(st, hS=hS_joint), n_train, n_test)
+            band.append(torch.diagonal(cond_joint.hK, dim1=-2, dim2=-1).T)
+        arrays["h_var_joint"] = torch.cat(band)
     if p.dynamics_drift:
         arrays["g_mean"], arrays["g_var"] = g_train
     if p.neuron_drift:

@@ -198,8 +198,7 @@ def _kernel_step(kernel, theta, bounds, w, b, value, m0, S0, iters, current=None
     x0 = np.clip(x0, [lo for lo, _ in box], [hi for _, hi in box])
     with torch.no_grad():
         try:
-            at_x0 = objective(x0)[0]
-            current = at_x0 if current is None else float(current)
+            current = objective(x0)[0] if current is None else float(current)
             res = scipy.optimize.minimize(
                 objective,
                 x0,
@@ -216,6 +215,13 @@ def _kernel_step(kernel, theta, bounds, w, b, value, m0, S0, iters, current=None
         new = [q.reshape(t.shape) for q, t in zip(unpack(res.x), theta, strict=True)]
         m, S = site_posterior(kernel(*new)[0], w, b)
     return new, m, S
+
+
+def _summed(data: TrialData, p: PLDSParams, st: VIState, axis: int):
+    """Counts and expected rates under q summed over ``axis`` of (R, T, N), observed bins
+    only: (Y, Lam), each (R, N) for axis 1 (per trial) or (T, N) for axis 0 (per bin)."""
+    _, log_lam = expected_log_rate(p, st)
+    return (data.y * data.weight).sum(axis), (torch.exp(log_lam) * data.weight).sum(axis)
 
 
 def mstep_kernels(
@@ -238,10 +244,7 @@ def mstep_kernels(
     span = float((n.max() - n.min()).clamp(min=1.0))
     lo_tau, hi_tau = math.log(min_tau), math.log(TAU_RANGE[1] * span)
     if p.drift:
-        y = data.y * data.weight
-        Y = y.sum(1)  # (R, N)
-        _, log_lam = expected_log_rate(p, st)
-        Lam = (torch.exp(log_lam) * data.weight).sum(1)  # (R, N)
+        Y, Lam = _summed(data, p, st, 1)  # (R, N)
         C2 = p.C**2
         m0, S0 = st.hm.T, st.hS  # (k, R), (k, R, R)
         v0 = torch.diagonal(S0, dim1=-2, dim2=-1)
@@ -397,9 +400,7 @@ def mstep_offset(data: TrialData, p: PLDSParams, st: VIState, iters: int = 10) -
     if not p.offset:
         return p
     T = data.shape[1]
-    Y = (data.y * data.weight).sum(0).T  # (N, T)
-    _, log_lam = expected_log_rate(p, st)
-    Lam = (torch.exp(log_lam) * data.weight).sum(0).T  # (N, T) at the current q(f)
+    Y, Lam = (a.T for a in _summed(data, p, st, 0))  # (N, T), at the current q(f)
     t = torch.arange(T, dtype=Y.dtype, device=Y.device)
     lo, hi = OFFSET_LF_RANGE
     m, S, ls2, ll = _private_gp_step(
@@ -419,9 +420,7 @@ def mstep_neuron_drift(
         return p, st
     n = data.n
     span = float((n.max() - n.min()).clamp(min=1.0))
-    Y = (data.y * data.weight).sum(1).T  # (N, R)
-    _, log_lam = expected_log_rate(p, st)
-    Lam = (torch.exp(log_lam) * data.weight).sum(1).T
+    Y, Lam = (a.T for a in _summed(data, p, st, 1))  # (N, R)
     bounds = (math.log(min_tau), math.log(TAU_RANGE[1] * span))
     m, S, ls2, ll = _private_gp_step(Y, Lam, st.em.T, st.eS, p.log_se2, p.log_le, n, bounds, iters)
     return replace(p, log_se2=ls2, log_le=ll), replace(st, em=m.T.contiguous(), eS=S)

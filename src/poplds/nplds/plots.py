@@ -183,7 +183,7 @@ def plot_eigenvalues(
     return save_figure(fig, out)
 
 
-def _baseline_lines(ax, rows: list[dict], ks: list[int], key: str) -> None:
+def _baseline_lines(ax, rows: list[dict], key: str) -> None:
     """The field's baselines of score ``key`` on the same split: one dashed line each (GPFA,
     fitted at every k, as grey squares)."""
     styles = iter([":", "--", "-."])
@@ -226,7 +226,7 @@ def plot_dimension(metrics_paths: list[str | Path], out: str | Path) -> Path:
             ax.errorbar(
                 ks, y, yerr=err, fmt="o-", capsize=3, color=COLOURS[name], label=LABELS[name]
             )
-        _baseline_lines(ax, rows, ks, key)
+        _baseline_lines(ax, rows, key)
         ax.axhline(0, color="0.6", lw=1)
         ax.set_xlabel("latent dimension k")
         ax.set_ylabel("bits / spike")

@@ -51,7 +51,6 @@ from ..store import DatasetStore, write_array, write_strings
 from . import model, vi
 from ._trials import Trials, load_truth, read_trials
 from .baselines import (
-    RATE_FLOOR,
     cosmoothing_baselines,
     gpfa_cosmoothing,
     heldout_trial_baselines,
@@ -98,6 +97,9 @@ class NPLDSOutputs:
             {m: Path(paths[f"{m}_latents"]) for m in models},
         )
 
+
+#: The evaluator's scored log rates (:func:`.evaluate.evaluate` ``arrays``) by score.
+SCORED_LOG_RATES = {"heldout_trial": "heldout_log_rate", "cosmoothing": "cosmoothing_log_rate"}
 
 #: Seconds between two checkpoints of a fit in progress.
 CHECKPOINT_EVERY_S = 60.0
@@ -270,7 +272,7 @@ def _score_model(name, fit, start, iterations_all, d: Trials, truth_d, figure, s
         figure[f"{name}_eigenvalues"] = np.linalg.eigvals(A_trials)
     if truth_d is not None:
         entry["drift_corr_vs_truth"] = centred_correlation(shift, truth_d["log_rate_shift"])
-        if p.drift:  # share of (trial, neuron) whose true shift lies in the 2-sd band
+        if p.drift:  # share of (trial, neuron) whose true shift lies in the 95 % band
             true_c = truth_d["log_rate_shift"] - truth_d["log_rate_shift"].mean(0)
             err = np.abs(true_c - (shift - shift.mean(0)))
             entry["drift_band_coverage"] = float((err <= 1.96 * shift_sd).mean())
@@ -389,10 +391,9 @@ def fit_store(
         d.warnings.extend(_model_warnings(name, k, fit, start, entry, s))
         metrics["models"][name] = entry
         fits[name] = fit
-        for score in scored:
-            if f"{score.removesuffix('_trial')}_log_rate" in kept["arrays"]:
-                rates = kept["arrays"][f"{score.removesuffix('_trial')}_log_rate"]
-                scored[score][name] = rates.cpu().numpy()
+        for score, key in SCORED_LOG_RATES.items():
+            if key in kept["arrays"]:
+                scored[score][name] = kept["arrays"][key].cpu().numpy()
         x_mean, x_var = _latents(fit, d, k)
         write_latents(
             out.latents[name], name, {store.recording_names[0]: (x_mean, x_var)}, __version__
@@ -444,35 +445,28 @@ def _baselines(
     """The field's baselines (:mod:`.baselines`) on the models' own split, scored the same
     way: ``{name: {score key: bits/spike, "widths": {...}}}``, and their log rates by score
     (``heldout_trial``, ``cosmoothing``) and name; GPFA at the job's k."""
-    held = heldout_trial_baselines(d.y, d.heldout, d.n)
-    out: dict[str, dict[str, Any]] = {
-        name: {"heldout_trial_bits_per_spike": b.bits_per_spike, "widths": b.widths}
-        for name, b in held.items()
-    }
-    rates: dict[str, dict[str, np.ndarray]] = {
-        "heldout_trial": {name: np.log(np.maximum(b.rate, RATE_FLOOR)) for name, b in held.items()},
+    found: dict[str, dict[str, Any]] = {
+        "heldout_trial": heldout_trial_baselines(d.y, d.heldout, d.n),
         "cosmoothing": {},
     }
     if d.held.any():
-        for name, b in cosmoothing_baselines(d.y, d.heldout, d.held).items():
-            out[name] = {"cosmoothing_bits_per_spike": b.bits_per_spike, "widths": b.widths}
-            rates["cosmoothing"][name] = np.log(np.maximum(b.rate, RATE_FLOOR))
-        b = nlb_smoothing_glm(d.y, d.heldout, d.held, d.bin_s, seed=seed)
-        out["nlb_glm"] = {"cosmoothing_bits_per_spike": b.bits_per_spike, "widths": b.widths}
-        rates["cosmoothing"]["nlb_glm"] = np.log(b.rate)
+        co = found["cosmoothing"]
+        co.update(cosmoothing_baselines(d.y, d.heldout, d.held))
+        co["nlb_glm"] = nlb_smoothing_glm(d.y, d.heldout, d.held, d.bin_s, seed=seed)
         try:
-            b = gpfa_cosmoothing(d.y, d.heldout, d.held, k, d.bin_s, seed=seed)
+            co[f"gpfa_k{k}"] = gpfa_cosmoothing(d.y, d.heldout, d.held, k, d.bin_s, seed=seed)
         except ImportError as exc:  # elephant is a dependency; say so if it is missing
             log.warning("GPFA baseline skipped: %s", exc)
-        else:
-            name = f"gpfa_k{k}"
-            out[name] = {"cosmoothing_bits_per_spike": b.bits_per_spike, "widths": b.widths}
-            rates["cosmoothing"][name] = np.log(b.rate)
+    out = {
+        name: {f"{score}_bits_per_spike": b.bits_per_spike, "widths": b.widths}
+        for score, found_score in found.items()
+        for name, b in found_score.items()
+    }
+    rates = {score: {n: b.log_rate for n, b in bs.items()} for score, bs in found.items()}
     log.info(
         "baselines: %s",
         ", ".join(
-            f"{name} {next(v for k, v in entry.items() if k.endswith('per_spike')):.4f}"
-            for name, entry in out.items()
+            f"{name} {b.bits_per_spike:.4f}" for bs in found.values() for name, b in bs.items()
         ),
     )
     return out, rates
@@ -539,34 +533,30 @@ def _write_model(
     p = fit.params.to_numpy()
     n_total = len(store.neuron_ids)
     k = p["A"].shape[0]
-    C = np.full((n_total, k), np.nan)
-    d = np.full(n_total, np.nan)
-    C[neurons], d[neurons] = p["C"], p["d"]
-    write_array(root, "C", C)
-    write_array(root, "d", d)
+
+    def full(value: np.ndarray, axis: int = 0) -> np.ndarray:
+        """``value`` laid out over the store's neurons along ``axis`` (NaN where absent)."""
+        value = np.moveaxis(np.asarray(value), axis, 0)
+        out = np.full((n_total, *value.shape[1:]), np.nan)
+        out[neurons] = value
+        return np.moveaxis(out, 0, axis)
+
+    write_array(root, "C", full(p["C"]))
+    write_array(root, "d", full(p["d"]))
     for name in ("A", "Q", "x0", "V0"):
         write_array(root, name, p[name])
     if "B" in p:
         write_array(root, "B", p["B"])
-    if fit.params.offset:  # (T, N_total), NaN rows as C's
-        for name, value in (
-            ("offset", p["f_mean"]),
-            ("offset_var", fit.params.f_var.cpu().numpy()),
-        ):
-            full = np.full((value.shape[0], n_total), np.nan)
-            full[:, neurons] = value
-            write_array(root, name, full)
-        sf2 = np.full(n_total, np.nan)
-        sf2[neurons] = np.exp(p["log_sf2"])
-        write_array(root, "offset_sf2", sf2)
+    if fit.params.offset:  # (T, N_total), NaN where C's rows are
+        write_array(root, "offset", full(p["f_mean"], axis=1))
+        write_array(root, "offset_var", full(fit.params.f_var.cpu().numpy(), axis=1))
+        write_array(root, "offset_sf2", full(np.exp(p["log_sf2"])))
         write_array(root, "offset_lf_bins", np.exp(p["log_lf"]).reshape(()))
     write_array(root, "h_mean", h_mean)
     write_array(root, "h_var", h_var)
     if fit.params.neuron_drift:  # (trials, N_total), NaN columns as C's rows
         for name in ("e_mean", "e_var"):
-            full = np.full((len(trial_ids), n_total), np.nan)
-            full[:, neurons] = arrays[name].cpu().numpy()[inverse]
-            write_array(root, name, full)
+            write_array(root, name, full(arrays[name].cpu().numpy()[inverse], axis=1))
         write_array(root, "e_tau", np.exp(p["log_le"]).reshape(()))
     write_array(root, "trial_ids", trial_ids.astype(np.int64))
     write_array(root, "heldout", heldout)
