@@ -124,26 +124,32 @@ def step_means(
     return cand
 
 
-def h_joint_covariance(data: TrialData, p: PLDSParams, st: VIState, gp: GPPriors) -> torch.Tensor:
-    """(k, R, R) covariance of the modulator h under the Laplace approximation of the joint
-    posterior of the paths and h at q's means, each trial's path eliminated.
-
-    The factorised q(x) q(h) cannot represent that a trial's mean latent may be carried by
-    its path or by h[r]: the posterior correlation between them is dropped and q(h)'s
-    variance, ``(K_j^-1 + diag_r sum_t W[r,t]_jj)^-1``, is too small (bands from it cover a
-    simulated drift in 25-64 % of trials instead of 95 %). Eliminating the path (as
-    :func:`step_means` does) leaves the Schur complement
-    ``Schur_r = sum_t W[r,t] - sum_t W[r,t]' U[r,t]`` (``W = C' diag(rate) C``,
-    ``U = H_xx^-1 H_xh``): what the spikes say about h[r] beyond what the path explains. Per
-    dimension, ``(K_j^-1 + diag_r Schur_r[j, j])^-1`` (the coupling between dimensions left
-    out, as in q(h))."""
+def h_schur_diag(data: TrialData, p: PLDSParams, st: VIState) -> torch.Tensor:
+    """(k, R) what each trial's spikes say about h[r] beyond what its path explains, under the
+    Laplace approximation of the joint posterior of the paths and h at q's means: the
+    diagonal of the Schur complement ``Schur_r = sum_t W[r,t] - sum_t W[r,t]' U[r,t]``
+    (``W = C' diag(rate) C``, ``U = H_xx^-1 H_xh``), each trial's path eliminated (as
+    :func:`step_means` does)."""
     R = data.shape[0]
     prior = path_prior(p, R, data.shape[1], data.u, *g_moments(st))
     _, log_lam = expected_log_rate(p, st)
     W = weighted_gram(torch.exp(log_lam) * data.weight, p.C)
     fac = bt.cholesky(prior.D + W, prior.Lo.expand(R, *prior.Lo.shape[1:]))
     schur = W.sum(1) - (W.mT @ bt.solve_matrix(fac, W)).sum(1)
-    return site_covariance(gp.hK, torch.diagonal(schur, dim1=-2, dim2=-1).T.clamp(min=0))
+    return torch.diagonal(schur, dim1=-2, dim2=-1).T.clamp(min=0)
+
+
+def h_joint_covariance(data: TrialData, p: PLDSParams, st: VIState, gp: GPPriors) -> torch.Tensor:
+    """(k, R, R) covariance of the modulator h under the Laplace approximation of the joint
+    posterior of the paths and h at q's means, each trial's path eliminated.
+
+    The factorised q(x) q(h) cannot represent that a trial's mean latent may be carried by
+    its path or by h[r]: the posterior correlation between them is dropped and q(h)'s
+    variance, ``(K_j^-1 + diag_r sum_t W[r,t]_jj)^-1``, is too small. Per dimension,
+    ``(K_j^-1 + diag_r Schur_r[j, j])^-1`` (:func:`h_schur_diag`; the coupling between
+    dimensions left out, as in q(h)). It still takes the GP hyperparameters as known;
+    :mod:`.bands` integrates them out."""
+    return site_covariance(gp.hK, h_schur_diag(data, p, st))
 
 
 def paths_cov(prior: PathPrior, C: torch.Tensor, w: torch.Tensor):

@@ -23,14 +23,13 @@ over the evaluated data)::
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import numpy as np
 import torch
 
 from .._linalg import sym
 from . import _numerics as numerics
-from . import estep, init, model, vi
+from . import bands, estep, init, model, vi
 
 
 def gp_conditional(
@@ -150,6 +149,7 @@ def evaluate(
     bin_size_s: float,
     u_train: torch.Tensor | None = None,
     u_test: torch.Tensor | None = None,
+    min_drift_trials: float = model.TAU_RANGE[0],
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Scores of one fitted model (module docstring) and the per-trial quantities behind them.
 
@@ -158,8 +158,10 @@ def evaluate(
     Returns (scores, arrays) with arrays ``h_mean``, ``h_var`` (R + R*, k) and ``g_mean``,
     ``g_var`` (R + R*,) and (neurons' own drift) ``e_mean``, ``e_var`` (R + R*, N) over
     training then held-out trials, ``rate`` (R + R*, N) the predicted per-trial mean rate
-    in Hz, with the drift ``h_var_joint`` (R + R*, k), h's variances under the joint Laplace
-    approximation (:func:`.estep.h_joint_covariance`, for the drift's bands), and the scored
+    in Hz, with the drift ``h_band_mean``, ``h_band_var`` (R + R*, k), h's posterior with
+    its GP hyperparameters integrated out (:mod:`.bands`; for the drift's bands, whose
+    length-scales start at ``min_drift_trials``) and ``C_cov`` (N, k, k) the loadings'
+    covariance (:func:`.bands.loading_covariance`), and the scored
     log rates ``heldout_log_rate`` (R*, T, N) and
     ``cosmoothing_log_rate`` (R*, T, held-out neurons) when there are held-out trials.
     """
@@ -191,14 +193,12 @@ def evaluate(
     rate_train = trial_mean(torch.exp(log_rate_train), y_train) / bin_size_s
     obs_train = trial_mean(y_train, y_train) / bin_size_s
     arrays = {"h_mean": h_train[0], "h_var": h_train[1], "rate": rate_train}
-    if p.drift:  # h's marginal variances under the joint Laplace approximation
+    if p.drift:  # the drift band: the hyperparameters integrated out
         data = model.TrialData(y_train, n_train, u_train)
-        hS_joint = estep.h_joint_covariance(data, p, st, model.gp_priors(p, n_train))
-        band = [torch.diagonal(hS_joint, dim1=-2, dim2=-1).T]
-        if Rs:
-            cond_joint = gp_conditional(p, replace(st, hS=hS_joint), n_train, n_test)
-            band.append(torch.diagonal(cond_joint.hK, dim1=-2, dim2=-1).T)
-        arrays["h_var_joint"] = torch.cat(band)
+        schur = estep.h_schur_diag(data, p, st)
+        band = bands.drift_band(data, p, st, schur, n_test, min_drift_trials)
+        arrays["h_band_mean"], arrays["h_band_var"] = band.mean, band.var
+        arrays["C_cov"] = bands.loading_covariance(data, p, st)
     if p.dynamics_drift:
         arrays["g_mean"], arrays["g_var"] = g_train
     if p.neuron_drift:

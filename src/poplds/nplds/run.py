@@ -206,10 +206,11 @@ def _status(fit: vi.FitResult) -> dict[str, Any]:
     }
 
 
-def _score_model(name, fit, start, iterations_all, d: Trials, truth_d, figure, seconds_from):
+def _score_model(name, fit, start, iterations_all, d: Trials, truth_d, figure, seconds_from, s):
     """Score one fitted model on the held-out trials and neurons: its metrics entry, and its
     arrays for the figures (into ``figure``) and the model.zarr (``h_mean``, ``h_var``,
-    ``A_trials``, the scorer's ``arrays``)."""
+    ``A_trials``, the scorer's ``arrays``). The drift figure's line and band are the
+    modulator's posterior with the GP hyperparameters integrated out (:mod:`.bands`)."""
     tt, y, n, train, test = d.tt, d.y, d.n, d.train, d.test
     u_train = u_test = None
     if d.u is not None:
@@ -224,6 +225,7 @@ def _score_model(name, fit, start, iterations_all, d: Trials, truth_d, figure, s
         d.bin_s,
         u_train=u_train,
         u_test=u_test,
+        min_drift_trials=s.drift_min_trials,
     )
     seconds = time.perf_counter() - seconds_from
     p = fit.params
@@ -231,10 +233,14 @@ def _score_model(name, fit, start, iterations_all, d: Trials, truth_d, figure, s
     h_mean = arrays["h_mean"].cpu().numpy()[d.inverse]
     h_var = arrays["h_var"].cpu().numpy()[d.inverse]
     shift = h_mean @ C.T  # the drift of every neuron's log rate: shared, and its own
-    shift_var_mf = h_var @ (C**2).T  # from q(h): too narrow (estep.h_joint_covariance)
+    shift_var_mf = h_var @ (C**2).T  # from q(h): too narrow (nplds.bands)
     shift_var = shift_var_mf
-    if "h_var_joint" in arrays:
-        shift_var = arrays["h_var_joint"].cpu().numpy()[d.inverse] @ (C**2).T
+    if "h_band_mean" in arrays:  # h's band, and the loadings' own error
+        band_mean = arrays["h_band_mean"].cpu().numpy()[d.inverse]
+        hc = band_mean - band_mean.mean(0)
+        shift = band_mean @ C.T
+        shift_var = arrays["h_band_var"].cpu().numpy()[d.inverse] @ (C**2).T
+        shift_var = shift_var + np.einsum("ra,iab,rb->ri", hc, arrays["C_cov"].cpu().numpy(), hc)
     if p.neuron_drift:
         shift = shift + arrays["e_mean"].cpu().numpy()[d.inverse]
         shift_var = shift_var + arrays["e_var"].cpu().numpy()[d.inverse]
@@ -276,8 +282,9 @@ def _score_model(name, fit, start, iterations_all, d: Trials, truth_d, figure, s
             true_c = truth_d["log_rate_shift"] - truth_d["log_rate_shift"].mean(0)
             err = np.abs(true_c - (shift - shift.mean(0)))
             entry["drift_band_coverage"] = float((err <= 1.96 * shift_sd).mean())
+            mf = (h_mean @ C.T) - (h_mean @ C.T).mean(0)
             entry["drift_band_coverage_mean_field"] = float(
-                (err <= 1.96 * np.sqrt(shift_var_mf)).mean()
+                (np.abs(true_c - mf) <= 1.96 * np.sqrt(shift_var_mf)).mean()
             )
         if A_trials is not None and "A_trials" in truth_d:
             entry["radius_corr_vs_truth"] = float(
@@ -387,7 +394,7 @@ def fit_store(
         fit, start, iterations_all = _fit_model(name, d, k, s, dev, ckpt_dir, stationary)
         if not MODELS[name].drift:
             stationary = fit
-        entry, kept = _score_model(name, fit, start, iterations_all, d, truth_d, figure, t0)
+        entry, kept = _score_model(name, fit, start, iterations_all, d, truth_d, figure, t0, s)
         d.warnings.extend(_model_warnings(name, k, fit, start, entry, s))
         metrics["models"][name] = entry
         fits[name] = fit
