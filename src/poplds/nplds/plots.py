@@ -63,8 +63,9 @@ def _drift_neurons(shift: np.ndarray, n: int = 6) -> np.ndarray:
 def plot_drift(metrics_path: str | Path, predictions_path: str | Path, out: str | Path) -> Path:
     """Per-trial log-rate modulator ``c_i' h[r]`` (centred per neuron) with its 95 % band
     (1.96 posterior standard deviations, the GP hyperparameters integrated out and the
-    loadings' error added: :mod:`.bands`), against trial number, for the six neurons that drift most; the truth when simulated;
-    held-out trials shaded (their h is the GP prediction)."""
+    loadings' error added: :mod:`.bands`), against trial number, for the six neurons that
+    drift most; the truth when simulated; held-out trials shaded (their h is the GP
+    prediction)."""
     metrics, a = _load(metrics_path, predictions_path)
     shift, sd = a["nplds_shift"], a["nplds_shift_sd"]
     trials, heldout = a["trial_ids"], a["heldout"]
