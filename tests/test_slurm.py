@@ -62,12 +62,12 @@ def cluster(tmp_path_factory):
 
 def _project(root: Path) -> Path:
     """A copy of the demo config in a fresh working directory, its grids of latent
-    dimensions cut to two values each (the test is about where the jobs run and that they
-    agree, not about the choice: that keeps it to a few minutes on two cores)."""
+    dimensions cut (the test is about where the jobs run and that they agree, not about the
+    choice: that keeps it to a few minutes on two cores)."""
     root.mkdir(parents=True)
     text = (REPO / "config.yaml").read_text()
     for old, new in (("latent_dims: [2, 4, 6] ", "latent_dims: [2, 4]    "),
-                     ("latent_dims: [1, 2, 3, 4] ", "latent_dims: [2, 3]       ")):  # fmt: skip
+                     ("latent_dims: [1, 2, 3, 4] ", "latent_dims: [2]          ")):  # fmt: skip
         assert text.count(old) == 1, old
         text = text.replace(old, new)
     (root / "config.yaml").write_text(text)
@@ -195,7 +195,7 @@ def test_demo_runs_on_slurm_through_the_shipped_profile(cluster, tmp_path):
         # the same but for the absolute source paths of two folders
         assert_same_store(res_s / ds / "data.zarr", res_l / ds / "data.zarr", ("source",))
     metrics = [p for p in files_l if p.name == "metrics.json" or p.name == "dimension.json"]
-    assert len(metrics) >= 6  # n = 2, 4; k = 2, 3; a dimension.json per dataset
+    assert len(metrics) >= 5  # n = 2, 4; k = 2; a dimension.json per dataset
     for rel in metrics:
         _same_json(res_s / rel, res_l / rel)
     from poplds.nwb import read_latents_nwb
