@@ -44,8 +44,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from .estep import h_schur_diag
 from .model import (
     TAU_RANGE,
     PLDSParams,
@@ -68,28 +70,23 @@ MAX_BATCH_ENTRIES = 2e7
 @dataclass
 class DriftBand:
     """The modulator's posterior with the hyperparameters integrated out: mean, var (R + R*, k)
-    over the training trials then the held-out ones; map_sigma2, map_tau (k,) the grid point
-    of largest weight per dimension."""
+    over the training trials then the held-out ones."""
 
     mean: torch.Tensor
     var: torch.Tensor
-    map_sigma2: torch.Tensor
-    map_tau: torch.Tensor
 
 
 def drift_band(
     data: TrialData,
     p: PLDSParams,
     st: VIState,
-    schur: torch.Tensor,
     n_test: torch.Tensor,
     min_tau: float = TAU_RANGE[0],
 ) -> DriftBand:
     """h's posterior with its GP hyperparameters integrated out (module docstring).
 
-    data, p, st: the training trials, fitted parameters and q; schur: (k, R) the Schur
-    complement's diagonal (:func:`.estep.h_schur_diag`); n_test: (R*,) held-out trial numbers
-    (may be empty); min_tau: the fit's lower bound on the length-scales, in trials."""
+    data, p, st: the training trials, fitted parameters and q; n_test: (R*,) held-out trial
+    numbers (may be empty); min_tau: the fit's lower bound on the length-scales, in trials."""
     n = data.n
     dt, dev = n.dtype, n.device
     span = float((n.max() - n.min()).clamp(min=1.0))
@@ -97,6 +94,7 @@ def drift_band(
     log_tau = torch.linspace(math.log(min_tau), math.log(hi_tau), N_TAU, dtype=dt, device=dev)
     _, log_lam = expected_log_rate(p, st)
     grad = ((data.y - torch.exp(log_lam)) * data.weight).sum(1) @ p.C  # (R, k)
+    schur = h_schur_diag(data, p, st)  # (k, R)
     b = grad.T + schur * st.hm.T  # (k, R)
     out = []
     for j in range(schur.shape[0]):
@@ -104,8 +102,7 @@ def drift_band(
         log_sd = torch.linspace(math.log(1e-2 * scale), math.log(10 * scale), N_SD, dtype=dt)
         log_sd = log_sd.to(dev)
         out.append(gp_mixture(n, n_test, b[j], schur[j], log_sd, log_tau, half_cauchy(scale)))
-    mean, var, s2, tau = (torch.stack(x) for x in zip(*out, strict=True))
-    return DriftBand(mean.T, var.T, s2, tau)
+    return DriftBand(torch.stack([o[0] for o in out]).T, torch.stack([o[1] for o in out]).T)
 
 
 def half_cauchy(scale: float):
@@ -207,3 +204,18 @@ def loading_covariance(data: TrialData, p: PLDSParams, st: VIState) -> torch.Ten
     ridge = 1e-12 * torch.diagonal(H, dim1=-2, dim2=-1).mean(-1).clamp(min=1e-300)
     eye = torch.eye(k + 1, dtype=mu.dtype, device=mu.device)
     return torch.linalg.inv(H + ridge[:, None, None] * eye)[:, :k, :k]
+
+
+def shift_band(
+    h_mean: np.ndarray, h_var: np.ndarray, C: np.ndarray, C_cov: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The log-rate drift ``c_i' h[r]`` (R, N) and its standard deviation (R, N) from h's
+    mean and variances h_mean, h_var (R, k) (dimensions independent, as in q(h) and
+    :class:`DriftBand`) and loadings C (N, k); with C_cov (N, k, k) (:func:`loading_covariance`)
+    the loadings' own error ``(h[r] - hbar)' Cov(c_i) (h[r] - hbar)`` is added (hbar: the
+    mean over trials, which the baseline d absorbs)."""
+    var = h_var @ (C**2).T
+    if C_cov is not None:
+        hc = h_mean - h_mean.mean(0)
+        var = var + np.einsum("ra,iab,rb->ri", hc, C_cov, hc)
+    return h_mean @ C.T, np.sqrt(var)

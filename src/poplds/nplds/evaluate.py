@@ -195,8 +195,7 @@ def evaluate(
     arrays = {"h_mean": h_train[0], "h_var": h_train[1], "rate": rate_train}
     if p.drift:  # the drift band: the hyperparameters integrated out
         data = model.TrialData(y_train, n_train, u_train)
-        schur = estep.h_schur_diag(data, p, st)
-        band = bands.drift_band(data, p, st, schur, n_test, min_drift_trials)
+        band = bands.drift_band(data, p, st, n_test, min_drift_trials)
         arrays["h_band_mean"], arrays["h_band_var"] = band.mean, band.var
         arrays["C_cov"] = bands.loading_covariance(data, p, st)
     if p.dynamics_drift:

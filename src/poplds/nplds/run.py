@@ -48,7 +48,7 @@ from .._results import StoreFit, atomic_group, finish_group, unexpected_nonfinit
 from .._settings import config_settings
 from .._version import __version__
 from ..store import DatasetStore, write_array, write_strings
-from . import model, vi
+from . import bands, model, vi
 from ._trials import Trials, load_truth, read_trials
 from .baselines import (
     cosmoothing_baselines,
@@ -232,19 +232,15 @@ def _score_model(name, fit, start, iterations_all, d: Trials, truth_d, figure, s
     C = p.C.cpu().numpy()
     h_mean = arrays["h_mean"].cpu().numpy()[d.inverse]
     h_var = arrays["h_var"].cpu().numpy()[d.inverse]
-    shift = h_mean @ C.T  # the drift of every neuron's log rate: shared, and its own
-    shift_var_mf = h_var @ (C**2).T  # from q(h): too narrow (nplds.bands)
-    shift_var = shift_var_mf
+    # the drift of every neuron's log rate: shared, and its own; q(h)'s band is too narrow
+    shift_mf, sd_mf = shift, shift_sd = bands.shift_band(h_mean, h_var, C)
     if "h_band_mean" in arrays:  # h's band, and the loadings' own error
         band_mean = arrays["h_band_mean"].cpu().numpy()[d.inverse]
-        hc = band_mean - band_mean.mean(0)
-        shift = band_mean @ C.T
-        shift_var = arrays["h_band_var"].cpu().numpy()[d.inverse] @ (C**2).T
-        shift_var = shift_var + np.einsum("ra,iab,rb->ri", hc, arrays["C_cov"].cpu().numpy(), hc)
+        band_var = arrays["h_band_var"].cpu().numpy()[d.inverse]
+        shift, shift_sd = bands.shift_band(band_mean, band_var, C, arrays["C_cov"].cpu().numpy())
     if p.neuron_drift:
         shift = shift + arrays["e_mean"].cpu().numpy()[d.inverse]
-        shift_var = shift_var + arrays["e_var"].cpu().numpy()[d.inverse]
-    shift_sd = np.sqrt(shift_var)
+        shift_sd = np.sqrt(shift_sd**2 + arrays["e_var"].cpu().numpy()[d.inverse])
     entry: dict[str, Any] = {
         **scores,
         "bound": fit.bound[-1],
@@ -282,9 +278,8 @@ def _score_model(name, fit, start, iterations_all, d: Trials, truth_d, figure, s
             true_c = truth_d["log_rate_shift"] - truth_d["log_rate_shift"].mean(0)
             err = np.abs(true_c - (shift - shift.mean(0)))
             entry["drift_band_coverage"] = float((err <= 1.96 * shift_sd).mean())
-            mf = (h_mean @ C.T) - (h_mean @ C.T).mean(0)
             entry["drift_band_coverage_mean_field"] = float(
-                (np.abs(true_c - mf) <= 1.96 * np.sqrt(shift_var_mf)).mean()
+                (np.abs(true_c - (shift_mf - shift_mf.mean(0))) <= 1.96 * sd_mf).mean()
             )
         if A_trials is not None and "A_trials" in truth_d:
             entry["radius_corr_vs_truth"] = float(
