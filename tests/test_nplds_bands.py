@@ -25,7 +25,9 @@ def test_gp_mixture_is_the_dense_quadrature(monkeypatch):
     """Against dense Gaussian algebra per grid point (numpy; the evidence from scipy's
     multivariate normal of the pseudo-observations z = b / s of the trials with s > 0), mixed
     with weights evidence x prior: means and variances at training and held-out trial
-    numbers agree to 1e-9; the same in batches of 3 grid points (as for many trials)."""
+    numbers agree to 1e-9, and so do the variances of h[r] less its mean over all trials
+    (the drift the figures show, d absorbing its mean); the same in batches of 3 grid
+    points (as for many trials)."""
     rng = np.random.default_rng(3)
     n = np.sort(rng.choice(40, size=12, replace=False)).astype(float)
     n_test = np.array([3.5, 20.0, 45.0])
@@ -35,11 +37,13 @@ def test_gp_mixture_is_the_dense_quadrature(monkeypatch):
     log_sd = np.log(np.array([0.1, 0.4, 1.0, 2.5]))
     log_tau = np.log(np.array([2.0, 6.0, 15.0]))
     prior = bands.half_cauchy(1.5)
-    mean, var, s2_top, tau_top = bands.gp_mixture(
+    mean, var, var_c, s2_top, tau_top = bands.gp_mixture(
         tt(n), tt(n_test), tt(b), tt(s), tt(log_sd), tt(log_tau), prior
     )
     obs = s > 0
-    logw, means, variances, points = [], [], [], []
+    n_all = len(n) + len(n_test)
+    P = np.eye(n_all) - 1.0 / n_all  # centring over all trials
+    logw, means, variances, centred, points = [], [], [], [], []
     for lt in log_tau:
         for ls in log_sd:
             s2, tau = math.exp(2 * ls), math.exp(lt)
@@ -55,8 +59,16 @@ def test_gp_mixture_is_the_dense_quadrature(monkeypatch):
             vs = (
                 s2 * (1 + model.NUGGET) - np.diag(Ks @ Ki @ Ks.T) + np.diag(Ks @ Ki @ S @ Ki @ Ks.T)
             )
-            means.append(np.concatenate([m, ms]))
+            # the whole posterior covariance over training then held-out trial numbers
+            Ka = np.vstack([np.eye(len(n)), Ks @ Ki])  # (R + R*, R): h_all's mean map
+            Kss = _kernel(n_test, n_test, s2, tau, True)
+            full = Ka @ S @ Ka.T
+            full[len(n) :, len(n) :] += Kss - Ks @ Ki @ Ks.T
+            np.testing.assert_allclose(np.diag(full)[len(n) :], vs, rtol=1e-9)
+            mall = np.concatenate([m, ms])
+            means.append(mall)
             variances.append(np.concatenate([np.diag(S), vs]))
+            centred.append(np.diag(P @ full @ P) + (P @ mall) ** 2)
             points.append((s2, tau))
     w = np.exp(np.array(logw) - max(logw))
     w /= w.sum()
@@ -65,10 +77,13 @@ def test_gp_mixture_is_the_dense_quadrature(monkeypatch):
     ref_var = w @ (V + M**2) - ref_mean**2
     np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(var.numpy(), ref_var, rtol=1e-7, atol=1e-9)
+    ref_centred = w @ np.array(centred) - (P @ ref_mean) ** 2  # Var(h[r] - hbar)
+    np.testing.assert_allclose(var_c.numpy(), ref_centred, rtol=1e-7, atol=1e-9)
+    assert (ref_centred < ref_var).mean() > 0.5  # centring removes the common part
     assert (float(s2_top), float(tau_top)) == pytest.approx(points[int(np.argmax(w))], rel=1e-12)
     monkeypatch.setattr(bands, "MAX_BATCH_ENTRIES", 3 * 12 * 12)
     batched = bands.gp_mixture(tt(n), tt(n_test), tt(b), tt(s), tt(log_sd), tt(log_tau), prior)
-    for got, want in zip(batched, (mean, var, s2_top, tau_top), strict=True):
+    for got, want in zip(batched, (mean, var, var_c, s2_top, tau_top), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 

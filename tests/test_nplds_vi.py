@@ -890,10 +890,10 @@ def test_inputs_from_the_nwb_trials_table(tmp_path):
 
 def test_drift_band_covers_the_demo_simulation():
     """The demo's simulation (config.yaml's demo_trials, seed 2) fitted at its true k = 3: the
-    95 % band (the hyperparameters integrated out, the loadings' error added) covers 90-99.5 %
-    of the true shift, the factorised q(h)'s band far less. A regression guard on one
-    simulation; the coverage over 20 simulations is measured by
-    benchmarks/bench_nplds_coverage.py (mean 92.5 %)."""
+    95 % band of the centred drift (the hyperparameters integrated out, the loadings' error
+    added) covers 90-98 % of the true shift, the factorised q(h)'s band far less. A
+    regression guard on one simulation; the coverage over 20 simulations is measured by
+    benchmarks/bench_nplds_coverage.py (mean 91.8 %)."""
     tr = simulate_poisson_trials(
         n_neurons=30,
         latent_dim=3,
@@ -923,7 +923,7 @@ def test_drift_band_covers_the_demo_simulation():
         shift, sd = shift_band(h_mean.numpy(), h_var.numpy(), C, C_cov)
         return (np.abs(true - (shift - shift.mean(0))) <= 1.96 * sd).mean()
 
-    band = covered(arrays["h_band_mean"], arrays["h_band_var"], arrays["C_cov"].numpy())
+    band = covered(arrays["h_band_mean"], arrays["h_band_var_centred"], arrays["C_cov"].numpy())
     factorised = covered(arrays["h_mean"], arrays["h_var"])
-    assert 0.9 <= band <= 0.995, band
+    assert 0.9 <= band <= 0.98, band
     assert factorised < band - 0.2, (factorised, band)

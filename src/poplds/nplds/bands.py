@@ -8,14 +8,16 @@ is too narrow (on the demo's design it covers 81 % of the true modulator on aver
 simulations, 40 % at worst). Here they are integrated out.
 
 1. **What the spikes say about h, per trial.** Under the Laplace approximation of the joint
-   posterior of the paths and h (:func:`.estep.h_schur_diag`: each trial's path eliminated),
-   the spikes give every ``h_j[r]`` a Gaussian likelihood of precision ``s_jr`` (the Schur
-   complement's diagonal) and centre ``z_jr``, the Newton step from q's mean m:
-   ``s_jr z_jr = b_jr = g_jr + s_jr m_jr`` with ``g_r = sum_t C' (y[r,t] - E[rate[r,t]])``
-   the gradient of the expected log likelihood in h[r] (the paths' own gradients vanish at
-   q's optimum). At q's fixed point ``g_j = K_hat^-1 m_j`` and GP regression at the fitted
-   kernel returns m; computing g directly needs no inverse of a kernel whose variance may
-   have gone to zero.
+   posterior of the paths and h (:func:`.estep.h_schur`: each trial's path eliminated), the
+   spikes give ``h[r]`` (all k dimensions) a Gaussian likelihood of precision ``Schur_r``
+   (k x k) and centre ``z_r``, the Newton step from q's mean m:
+   ``z_r = m_r + Schur_r^-1 g_r`` with ``g_r = sum_t C' (y[r,t] - E[rate[r,t]])`` the
+   gradient of the expected log likelihood in h[r] (the paths' own gradients vanish at q's
+   optimum). Dimension j then sees the site ``N(z_jr; h_jr, [Schur_r^-1]_jj)``: its
+   *marginal* precision ``s_jr = 1 / [Schur_r^-1]_jj``, the other dimensions unknown too
+   (their diagonal ``Schur_r[j, j]``, the others held at q's means, is too confident where
+   loadings are correlated), and ``b_jr = s_jr z_jr``. At q's fixed point ``g = K_hat^-1 m``;
+   computing g directly needs no inverse of a kernel whose variance may have gone to zero.
 2. **Each hyperparameter value's posterior of h** is then GP regression with known
    heteroscedastic noise: with ``W = diag(s_j)``, ``B = I + W^1/2 K W^1/2``,
    ``m_theta = K W^1/2 B^-1 W^-1/2 b``, ``S_theta = K - K W^1/2 B^-1 W^1/2 K``, and at the
@@ -30,13 +32,16 @@ simulations, 40 % at worst). Here they are integrated out.
    of ``N_SD x N_TAU`` points, uniform in ``(log sigma_j, log tau_j)``, weighted by
    evidence x prior (with the Jacobian of the log coordinates).
 4. **The band** per dimension is the mixture's mean and variance,
-   ``E[h] = sum_g w_g m_g``, ``Var[h] = sum_g w_g (S_g + m_g^2) - E[h]^2``.
+   ``E[h] = sum_g w_g m_g``, ``Var[h] = sum_g w_g (S_g + m_g^2) - E[h]^2``, and the variance
+   of the centred ``h[r] - hbar`` (hbar the mean over all R + R* trials) the same way with
+   ``P S_g P`` and ``P m_g`` (``P = I - 11'/(R + R*)``): the baseline d absorbs the drift's
+   mean, so figures show the centred drift, and its band is that variance's, which leaves
+   out the uncertainty of a common level that no trial can tell from d.
 
 Cost: ``N_SD x N_TAU`` factors of an R x R matrix per dimension, in batches of at most
 ``MAX_BATCH_ENTRIES`` entries (18 s per dimension at R = 1000 trials on 2 cores, milliseconds
-at the demo's 48). Dimensions are treated one at a time, as q(h) does: the coupling between
-dimensions through the paths changes the band's width by at most 7 % on the demo's design
-(measured).
+at the demo's 48). The dimensions' GP priors are treated one at a time, as q(h) does; the sites
+couple them through the marginal precisions of step 1.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .estep import h_schur_diag
+from .estep import h_schur
 from .model import (
     TAU_RANGE,
     PLDSParams,
@@ -74,6 +79,9 @@ class DriftBand:
 
     mean: torch.Tensor
     var: torch.Tensor
+    #: variance of ``h[r] - hbar`` (hbar: the mean over all R + R* trials, which the
+    #: baseline d absorbs), the band of the centred drift that figures show
+    var_centred: torch.Tensor
 
 
 def drift_band(
@@ -94,15 +102,20 @@ def drift_band(
     log_tau = torch.linspace(math.log(min_tau), math.log(hi_tau), N_TAU, dtype=dt, device=dev)
     _, log_lam = expected_log_rate(p, st)
     grad = ((data.y - torch.exp(log_lam)) * data.weight).sum(1) @ p.C  # (R, k)
-    schur = h_schur_diag(data, p, st)  # (k, R)
-    b = grad.T + schur * st.hm.T  # (k, R)
+    # the joint Newton step over all k dimensions of each trial, and each dimension's
+    # marginal precision (the other dimensions unknown too, not held at q's means)
+    cov = torch.linalg.pinv(h_schur(data, p, st), hermitian=True)  # (R, k, k)
+    z = st.hm + (cov @ grad[..., None])[..., 0]  # (R, k)
+    var_site = torch.diagonal(cov, dim1=-2, dim2=-1).T  # (k, R)
+    schur = torch.where(var_site > 0, 1.0 / var_site.clamp(min=1e-300), torch.zeros_like(var_site))
+    b = schur * z.T  # (k, R)
     out = []
     for j in range(schur.shape[0]):
         scale = float(1.0 / p.C[:, j].pow(2).mean().sqrt().clamp(min=1e-12))
         log_sd = torch.linspace(math.log(1e-2 * scale), math.log(10 * scale), N_SD, dtype=dt)
         log_sd = log_sd.to(dev)
         out.append(gp_mixture(n, n_test, b[j], schur[j], log_sd, log_tau, half_cauchy(scale)))
-    return DriftBand(torch.stack([o[0] for o in out]).T, torch.stack([o[1] for o in out]).T)
+    return DriftBand(*(torch.stack([o[i] for o in out]).T for i in range(3)))
 
 
 def half_cauchy(scale: float):
@@ -133,8 +146,10 @@ def gp_mixture(
     Per grid point, with ``W = diag(s)``, ``B = I + W^1/2 K W^1/2``, ``b~ = W^-1/2 b``:
     ``m = K W^1/2 B^-1 b~``, ``var = diag(K - K W^1/2 B^-1 W^1/2 K)``, at n_test the same with
     ``K_*``, and the evidence ``-1/2 b~' B^-1 b~ - 1/2 log|B|`` (up to a constant). Returns
-    the mixture's mean and variance (R + R*,) over n then n_test, and the grid point of
-    largest weight (sigma^2, tau)."""
+    the mixture's mean, variance and variance of ``h[r] - hbar`` (hbar the mean over all
+    R + R* trial numbers; per grid point ``diag(P S P)`` from the posterior covariance's row
+    sums ``S 1 = K 1 - K_a W^1/2 B^-1 W^1/2 K_a' 1``), each (R + R*,) over n then n_test,
+    and the grid point of largest weight (sigma^2, tau)."""
     R, G = n.shape[0], log_sd.shape[0]
     dt, dev = n.dtype, n.device
     sw = s.clamp(min=0).sqrt()
@@ -142,13 +157,17 @@ def gp_mixture(
     s2 = torch.exp(2 * log_sd)  # (G,)
     eye = torch.eye(R, dtype=dt, device=dev)
     one = n.new_ones(1)
-    logw, mix_m, mix_v = [], [], []
+    n_all = R + n_test.shape[0]
+    logw, mix_m, mix_v, mix_c = [], [], [], []
     chunk = max(1, int(MAX_BATCH_ENTRIES // max(R * R, 1)))  # grid points per batch
     for lt in log_tau:
         tau = torch.exp(lt).reshape(1)
         K1 = se_kernel(n, one, tau)[0]  # (R, R) at unit variance
         Ks1 = se_cross_kernel(n_test, n, one, tau)[0]  # (R*, R)
-        kss1 = torch.diagonal(se_kernel(n_test, one, tau)[0])  # (R*,)
+        Kss1 = se_kernel(n_test, one, tau)[0]  # (R*, R*)
+        kss1 = torch.diagonal(Kss1)
+        # row sums of the prior covariance over all R + R* trial numbers, at unit variance
+        K1_rows = torch.cat([K1.sum(1) + Ks1.sum(0), Ks1.sum(1) + Kss1.sum(1)])
         parts = []
         for g0 in range(0, G, chunk):
             v2 = s2[g0 : g0 + chunk]
@@ -161,17 +180,27 @@ def gp_mixture(
             m = torch.cat([(KW @ a[..., None])[..., 0], (KsW @ a[..., None])[..., 0]], -1)
             var_train = torch.diagonal(K, dim1=-2, dim2=-1) - (KW * V.mT).sum(-1)
             var = torch.cat([var_train, v2[:, None] * kss1 - (KsW * Vs.mT).sum(-1)], -1)
-            parts.append((ev, m, var.clamp(min=0)))
-        ev, m, var = (torch.cat(x) for x in zip(*parts, strict=True))
+            # S 1: the posterior covariance's row sums, K 1 - K_a W^1/2 B^-1 W^1/2 K_a' 1
+            KaW = torch.cat([KW, KsW], -2)  # (g, R + R*, R)
+            u = torch.cholesky_solve(KaW.sum(-2)[..., None], LB)  # (g, R, 1)
+            rows = v2[:, None] * K1_rows - (KaW @ u)[..., 0]
+            # Var(h[r] - mean of h) = S_rr - 2 (S 1)_r / n + 1'S1 / n^2, before mixing
+            cen = var - 2 * rows / n_all + rows.sum(-1, keepdim=True) / n_all**2
+            parts.append((ev, m, var.clamp(min=0), cen))
+        ev, m, var, cen = (torch.cat(x) for x in zip(*parts, strict=True))
         logw.append(ev + log_prior_sd(log_sd))
         mix_m.append(m)
         mix_v.append(var)
+        mix_c.append(cen)
     w = torch.softmax(torch.stack(logw).reshape(-1), 0)  # (G_tau * G_sd,)
     M = torch.stack(mix_m).reshape(w.shape[0], -1)
     mean = w @ M
     var = (w @ (torch.stack(mix_v).reshape(w.shape[0], -1) + M**2) - mean**2).clamp(min=0)
+    # the same for the centred h[r] - hbar: the grid points' means centred, then mixed
+    Mc = M - M.mean(-1, keepdim=True)
+    cen = w @ (torch.stack(mix_c).reshape(w.shape[0], -1) + Mc**2) - (mean - mean.mean()) ** 2
     top = int(torch.argmax(w))
-    return mean, var, s2[top % G], torch.exp(log_tau[top // G])
+    return mean, var, cen.clamp(min=0), s2[top % G], torch.exp(log_tau[top // G])
 
 
 def loading_covariance(data: TrialData, p: PLDSParams, st: VIState) -> torch.Tensor:

@@ -124,19 +124,23 @@ def step_means(
     return cand
 
 
-def h_schur_diag(data: TrialData, p: PLDSParams, st: VIState) -> torch.Tensor:
-    """(k, R) what each trial's spikes say about h[r] beyond what its path explains, under the
-    Laplace approximation of the joint posterior of the paths and h at q's means: the
-    diagonal of the Schur complement ``Schur_r = sum_t W[r,t] - sum_t W[r,t]' U[r,t]``
-    (``W = C' diag(rate) C``, ``U = H_xx^-1 H_xh``), each trial's path eliminated (as
-    :func:`step_means` does)."""
+def h_schur(data: TrialData, p: PLDSParams, st: VIState) -> torch.Tensor:
+    """(R, k, k) what each trial's spikes say about h[r] beyond what its path explains, under
+    the Laplace approximation of the joint posterior of the paths and h at q's means: the
+    Schur complement ``Schur_r = sum_t W[r,t] - sum_t W[r,t]' U[r,t]`` (``W = C' diag(rate)
+    C``, ``U = H_xx^-1 H_xh``), each trial's path eliminated (as :func:`step_means` does)."""
     R = data.shape[0]
     prior = path_prior(p, R, data.shape[1], data.u, *g_moments(st))
     _, log_lam = expected_log_rate(p, st)
     W = weighted_gram(torch.exp(log_lam) * data.weight, p.C)
     fac = bt.cholesky(prior.D + W, prior.Lo.expand(R, *prior.Lo.shape[1:]))
-    schur = W.sum(1) - (W.mT @ bt.solve_matrix(fac, W)).sum(1)
-    return torch.diagonal(schur, dim1=-2, dim2=-1).T.clamp(min=0)
+    return sym(W.sum(1) - (W.mT @ bt.solve_matrix(fac, W)).sum(1))
+
+
+def h_schur_diag(data: TrialData, p: PLDSParams, st: VIState) -> torch.Tensor:
+    """(k, R) the diagonal of :func:`h_schur`: each dimension's information with the others
+    held fixed."""
+    return torch.diagonal(h_schur(data, p, st), dim1=-2, dim2=-1).T.clamp(min=0)
 
 
 def h_joint_covariance(data: TrialData, p: PLDSParams, st: VIState, gp: GPPriors) -> torch.Tensor:

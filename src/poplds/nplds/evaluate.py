@@ -158,7 +158,8 @@ def evaluate(
     Returns (scores, arrays) with arrays ``h_mean``, ``h_var`` (R + R*, k) and ``g_mean``,
     ``g_var`` (R + R*,) and (neurons' own drift) ``e_mean``, ``e_var`` (R + R*, N) over
     training then held-out trials, ``rate`` (R + R*, N) the predicted per-trial mean rate
-    in Hz, with the drift ``h_band_mean``, ``h_band_var`` (R + R*, k), h's posterior with
+    in Hz, with the drift ``h_band_mean``, ``h_band_var`` and ``h_band_var_centred`` (the
+    variance of h[r] less its mean over all trials) (R + R*, k), h's posterior with
     its GP hyperparameters integrated out (:mod:`.bands`; for the drift's bands, whose
     length-scales start at ``min_drift_trials``) and ``C_cov`` (N, k, k) the loadings'
     covariance (:func:`.bands.loading_covariance`), and the scored
@@ -197,6 +198,7 @@ def evaluate(
         data = model.TrialData(y_train, n_train, u_train)
         band = bands.drift_band(data, p, st, n_test, min_drift_trials)
         arrays["h_band_mean"], arrays["h_band_var"] = band.mean, band.var
+        arrays["h_band_var_centred"] = band.var_centred
         arrays["C_cov"] = bands.loading_covariance(data, p, st)
     if p.dynamics_drift:
         arrays["g_mean"], arrays["g_var"] = g_train

@@ -236,7 +236,7 @@ def _score_model(name, fit, start, iterations_all, d: Trials, truth_d, figure, s
     shift_mf, sd_mf = shift, shift_sd = bands.shift_band(h_mean, h_var, C)
     if "h_band_mean" in arrays:  # h's band, and the loadings' own error
         band_mean = arrays["h_band_mean"].cpu().numpy()[d.inverse]
-        band_var = arrays["h_band_var"].cpu().numpy()[d.inverse]
+        band_var = arrays["h_band_var_centred"].cpu().numpy()[d.inverse]  # d has the mean
         shift, shift_sd = bands.shift_band(band_mean, band_var, C, arrays["C_cov"].cpu().numpy())
     if p.neuron_drift:
         shift = shift + arrays["e_mean"].cpu().numpy()[d.inverse]
