@@ -262,15 +262,31 @@ def peer(args) -> dict:
 
 
 def write_large_store(
-    path: Path, N: int, T: int, n: int, overlap: float, seed: int, reuse: bool = False
+    path: Path,
+    N: int,
+    T: int,
+    n: int,
+    overlap: float,
+    seed: int,
+    reuse: bool = False,
+    codec: str = "auto",
 ):
     """A two-recording stitched LDS written chunk by chunk into a dataset store (the data are
     never whole in memory): recording 1 sees neurons [0, N (1+overlap)/2), recording 2 the
-    rest plus the overlap, each for T/2 steps. Returns the truth (``reuse``: only the truth,
-    when the store of the same N and T is already there)."""
+    rest plus the overlap, each for T/2 steps, with ``codec`` (``auto``: as ingest would
+    choose for these traces, from the first chunk: :func:`poplds.store.choose_codec`).
+    Returns the truth (``reuse``: only the truth, when the store of the same N and T is
+    already there)."""
     import zarr
 
-    from poplds.store import FORMAT, create_activity, write_array, write_strings
+    from poplds.store import (
+        FORMAT,
+        activity_chunks,
+        choose_codec,
+        create_activity,
+        write_array,
+        write_strings,
+    )
 
     rng = np.random.default_rng(seed)
     p = simulate.random_stitched_lds(min(N, 2000), n, eig_moduli=(0.9, 0.99), seed=seed)
@@ -287,21 +303,26 @@ def write_large_store(
     write_strings(root, "neuron_ids", np.array([f"n{i}" for i in range(N)]))
     recs = root.create_group("recordings")
     names = []
+    Tr = T // 2
     for r, idx in enumerate(blocks):
         name = f"s{r + 1}"
         names.append(name)
         g = recs.create_group(name)
-        Tr = T // 2
-        arr = create_activity(g, (Tr, len(idx)), 8.0)
-        rows = arr.chunks[0]
+        rows = activity_chunks((Tr, len(idx)), 8.0)[0]
         Cr, sd = C[idx].astype(np.float32), np.sqrt(signal[idx]).astype(np.float32)
-        for t0 in range(0, Tr, rows):
-            t1 = min(Tr, t0 + rows)
+
+        def block(t0: int, t1: int, r=r, Cr=Cr, sd=sd) -> np.ndarray:
             xs = x[r * Tr + t0 : r * Tr + t1].astype(np.float32)
-            noise = rng.standard_normal((t1 - t0, len(idx)), dtype=np.float32) * sd
-            arr[t0:t1] = xs @ Cr.T + noise
+            return xs @ Cr.T + rng.standard_normal((t1 - t0, len(Cr)), dtype=np.float32) * sd
+
+        first = block(0, min(Tr, rows))
+        chosen = choose_codec(codec, "traces", first)
+        arr = create_activity(g, (Tr, len(idx)), 8.0, chosen)
+        arr[: len(first)] = first
+        for t0 in range(rows, Tr, rows):
+            arr[t0 : min(Tr, t0 + rows)] = block(t0, min(Tr, t0 + rows))
         write_array(g, "neurons", idx)
-        g.attrs.update({"rate_hz": 10.0, "kind": "traces", "source": "simulated"})
+        g.attrs.update({"rate_hz": 10.0, "kind": "traces", "source": "simulated", "codec": chosen})
     root.attrs.update(
         {
             "format": FORMAT,
@@ -387,7 +408,9 @@ def scale(args) -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="poplds-scale-"))
     store = work / "data.zarr"
     t = time.perf_counter()
-    p, C_true = write_large_store(store, N, T, n, overlap=0.1, seed=0, reuse=args.reuse)
+    p, C_true = write_large_store(
+        store, N, T, n, overlap=0.1, seed=0, reuse=args.reuse, codec=args.codec
+    )
     t_write = time.perf_counter() - t
     rss_write = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     nbytes = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
@@ -652,7 +675,7 @@ def parallel(args) -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="poplds-parallel-"))
     store = work / "data.zarr"
     N, T = args.neurons[0], args.time
-    write_large_store(store, N, T, args.latents, overlap=0.1, seed=0)
+    write_large_store(store, N, T, args.latents, overlap=0.1, seed=0, codec=args.codec)
     print(f"# parallel: N={N}, T={T} in two recordings, n={args.latents}; {machine()}")
     out = {}
     for procs in (1, args.processes):
@@ -704,6 +727,9 @@ def main() -> None:
     ap.add_argument("--stream", action="store_true", help="scale: stream even if it fits")
     ap.add_argument("--optimizer", default="auto", help="scale: stitched_lds.optimizer")
     ap.add_argument("--reuse", action="store_true", help="scale: keep a store already written")
+    ap.add_argument(
+        "--codec", default="auto", help="scale, parallel: the store's codec (as in the config)"
+    )
     ap.add_argument("--minibatch-rows", type=int, default=256, help="scale: SGD minibatch")
     ap.add_argument(
         "--floor-fraction", type=float, default=0.2, help="scale: share of rows read for the floor"

@@ -45,7 +45,15 @@ from .sources import (
     file_sha256,
     open_recording,
 )
-from .store import FORMAT, coverage, create_activity, write_array, write_strings
+from .store import (
+    FORMAT,
+    activity_chunks,
+    choose_codec,
+    coverage,
+    create_activity,
+    write_array,
+    write_strings,
+)
 
 log = get_logger()
 
@@ -220,10 +228,17 @@ def _check_not_twice(parts: Sequence[_Part]) -> None:
         seen[key] = part
 
 
-def _write_recording(group: zarr.Group, rec: Recording, sha: str, chunk_mb: float) -> None:
+def _write_recording(
+    group: zarr.Group, rec: Recording, sha: str, chunk_mb: float, codec: str = "auto"
+) -> None:
     """Stream one recording into the part store ``group`` and check its values in the same
-    pass; the recording's attributes go to ``group.attrs["recording"]``."""
-    arr = create_activity(group, rec.activity.shape, chunk_mb)
+    pass, compressed with ``codec`` (``auto``: chosen by :func:`.store.choose_codec` from the
+    recording's kind and its first chunk); the recording's attributes go to
+    ``group.attrs["recording"]``."""
+    rows = activity_chunks(rec.activity.shape, chunk_mb)[0]
+    sample = np.asarray(rec.activity[:rows]) if codec == "auto" else np.empty(0, np.float32)
+    chosen = choose_codec(codec, rec.kind, sample)
+    arr = create_activity(group, rec.activity.shape, chunk_mb, chosen)
     x = rec.activity.rechunk(arr.chunks)
     finite0 = dask.array.where(dask.array.isnan(x), 0, x)
     axes = tuple(range(x.ndim - 1))
@@ -293,6 +308,7 @@ def _write_recording(group: zarr.Group, rec: Recording, sha: str, chunk_mb: floa
         "sha256": sha,
         "poplds_version": __version__,
         "n_missing": int(stats["n_missing"]),
+        "codec": chosen,
         "empty_neurons": empty,
         "constant_neurons": constant,
         "complete": True,
@@ -350,10 +366,12 @@ def _settings(
     trial_window: Sequence[float] | None,
     trial_crop: bool,
     chunk_mb: float,
+    codec: str = "auto",
 ) -> dict[str, Any]:
     """The ingest settings a part was written with (all parts of a store share them)."""
     return {
         "chunk_mb": chunk_mb,
+        "codec": codec,
         "bin_size_s": bin_size_s,
         "trials": trials,
         "trial_window": list(trial_window) if trial_window else None,
@@ -383,6 +401,7 @@ def ingest_recording(
     trial_window: Sequence[float] | None = None,
     trial_crop: bool = False,
     chunk_mb: float = 4.0,
+    codec: str = "auto",
     base_dir: str | Path | None = None,
 ) -> Path:
     """Ingest one recording into its own part store ``out`` (one job per recording).
@@ -425,10 +444,12 @@ def ingest_recording(
                     "format": PART_FORMAT,
                     "name": name,
                     "reading": _reading(spec),
-                    "settings": _settings(bin_size_s, trials, trial_window, trial_crop, chunk_mb),
+                    "settings": _settings(
+                        bin_size_s, trials, trial_window, trial_crop, chunk_mb, codec
+                    ),
                 }
             )
-            _write_recording(root, rec, sha, chunk_mb)
+            _write_recording(root, rec, sha, chunk_mb, codec)
     except BaseException:  # the message may say nothing half-written is kept: it is not
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -556,6 +577,7 @@ def ingest_dataset(
     trial_window: tuple[float, float] | None = None,
     trial_crop: bool = False,
     chunk_mb: float = 4.0,
+    codec: str = "auto",
     base_dir: str | Path | None = None,
 ) -> Path:
     """Ingest partial recordings of one circuit into the store ``out`` (``data.zarr``).
@@ -580,6 +602,8 @@ def ingest_dataset(
     trial_crop: without a window, crop every trial to the shortest instead (the fraction of
         the trials' time and spikes that this drops is logged and stored).
     chunk_mb: target chunk size in MB.
+    codec: the activity's codec: ``auto`` (by kind and measurement:
+        :func:`.store.choose_codec`), ``none``, or ``<zstd|lz4>:<level 1-9>:<byte|bit>``.
     base_dir: folder relative recording paths are resolved against (default: current folder).
 
     Returns
@@ -596,7 +620,7 @@ def ingest_dataset(
     if not specs:
         raise InputError(out, "no recordings to ingest")
     names = _check_names(specs)
-    settings = _settings(bin_size_s, trials, trial_window, trial_crop, chunk_mb)
+    settings = _settings(bin_size_s, trials, trial_window, trial_crop, chunk_mb, codec)
     parts_dir = out.with_name(out.name + ".parts")
     parts = [parts_dir / f"{name}.zarr" for name in names]
     try:
@@ -612,6 +636,7 @@ def ingest_dataset(
                 trial_window=trial_window,
                 trial_crop=trial_crop,
                 chunk_mb=chunk_mb,
+                codec=codec,
             )
         assemble_dataset(parts, out, dataset=dataset)
     except InputError:

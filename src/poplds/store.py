@@ -18,7 +18,10 @@ Group attributes: the root has ``format``, ``poplds_version``, ``dataset``, ``re
 ``counts``), ``source``, ``sha256``, ``poplds_version``, ``n_missing`` and its reader's provenance.
 
 Activity is chunked along time (along trials for trial data) with all neurons of a recording
-in every chunk, about ``chunk_mb`` MB per chunk, compressed with Blosc zstd + byte shuffle.
+in every chunk, about ``chunk_mb`` MB per chunk, compressed by the recording's ``codec``
+(:func:`choose_codec`; its spec is in the recording's ``codec`` attribute; zarr reads any
+codec from the array's metadata, so stores written before read as they were). Small arrays
+use Blosc zstd 5 with byte shuffle.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from ._errors import InputError
 
@@ -46,9 +49,59 @@ warnings.filterwarnings(
 FORMAT = "poplds-store-1"
 
 
-def compressor() -> BloscCodec:
-    """The codec used for every array: Blosc zstd level 5 with byte shuffle."""
-    return BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)
+#: Codec of a recording's activity by kind when the configuration says ``auto`` (chosen from
+#: ``benchmarks/bench_codec.py``; README "Store format"): spike counts compress 35-50x with
+#: bit shuffle at 55-83 % of the decode speed of raw float32; traces are measured per
+#: recording (:func:`choose_codec`).
+AUTO_CODEC = {"counts": "zstd:5:bit", "traces": "auto"}
+#: ``auto`` for traces: compressed with this codec when a sample chunk shrinks below
+#: ``AUTO_MAX_RATIO`` of its size (sparse events: 2-4 % at raw decode speed), else stored raw
+#: (noisy float traces: 87-96 % of their size, decoded 1.3-2.3x slower than raw).
+AUTO_TRACES_CODEC, AUTO_MAX_RATIO = "zstd:5:byte", 0.5
+_SHUFFLES = {"byte": BloscShuffle.shuffle, "bit": BloscShuffle.bitshuffle}
+CODEC_PATTERN = r"^(auto|none|(zstd|lz4):[1-9]:(byte|bit))$"
+
+
+def compressor(codec: str = "zstd:5:byte") -> list[BloscCodec | Crc32cCodec]:
+    """The zarr compressors of a codec spec: ``none`` (stored raw, with a CRC-32C checksum per
+    chunk so that a damaged chunk is still found: :meth:`DatasetStore.damaged_chunks`) or
+    ``<cname>:<level>:<shuffle>`` (Blosc zstd or lz4, level 1-9, byte or bit shuffle). Small
+    arrays use the default."""
+    if codec == "none":
+        return [Crc32cCodec()]
+    parts = codec.split(":")
+    if len(parts) != 3 or parts[0] not in ("zstd", "lz4") or parts[2] not in _SHUFFLES:
+        raise ValueError(f"codec {codec!r}: expected none or <zstd|lz4>:<1-9>:<byte|bit>")
+    level = int(parts[1])
+    if not 1 <= level <= 9:
+        raise ValueError(f"codec {codec!r}: level {level} outside 1-9")
+    return [BloscCodec(cname=parts[0], clevel=level, shuffle=_SHUFFLES[parts[2]])]
+
+
+def choose_codec(codec: str, kind: str, sample: np.ndarray) -> str:
+    """The codec spec a recording's activity is written with: ``codec`` itself unless it is
+    ``auto``; then :data:`AUTO_CODEC` by ``kind`` (``traces`` or ``counts``), and for traces
+    :data:`AUTO_TRACES_CODEC` if ``sample`` (float32, e.g. the first chunk) compresses below
+    :data:`AUTO_MAX_RATIO` of its size with it, else ``none``."""
+    if codec != "auto":
+        compressor(codec)  # checks the spec
+        return codec
+    chosen = AUTO_CODEC[kind]
+    if chosen != "auto":
+        return chosen
+    x = np.ascontiguousarray(sample, dtype=np.float32)
+    if x.size == 0:
+        return AUTO_TRACES_CODEC
+    probe = zarr.create_array(
+        zarr.storage.MemoryStore(),
+        shape=x.shape,
+        dtype="float32",
+        chunks=x.shape,
+        compressors=compressor(AUTO_TRACES_CODEC),
+    )
+    probe[...] = x
+    ratio = probe.nbytes_stored() / x.nbytes
+    return AUTO_TRACES_CODEC if ratio < AUTO_MAX_RATIO else "none"
 
 
 def activity_chunks(shape: Sequence[int], chunk_mb: float = 4.0, itemsize: int = 4) -> tuple:
@@ -94,14 +147,17 @@ def write_array(group: zarr.Group, name: str, values: np.ndarray) -> None:
     arr[...] = values
 
 
-def create_activity(group: zarr.Group, shape: Sequence[int], chunk_mb: float) -> zarr.Array:
-    """The float32 activity array of one recording, filled with NaN until written."""
+def create_activity(
+    group: zarr.Group, shape: Sequence[int], chunk_mb: float, codec: str = "zstd:5:byte"
+) -> zarr.Array:
+    """The float32 activity array of one recording, filled with NaN until written, compressed
+    with ``codec`` (:func:`compressor`)."""
     return group.create_array(
         "activity",
         shape=tuple(int(s) for s in shape),
         dtype="float32",
         chunks=activity_chunks(shape, chunk_mb),
-        compressors=compressor(),
+        compressors=compressor(codec),
         fill_value=np.nan,
     )
 

@@ -110,6 +110,7 @@ def ingest_params(wildcards):
         "trial_window": ds["trial_window"],
         "trial_crop": ds["trial_crop"],
         "chunk_mb": ds["chunk_mb"],
+        "codec": ds["codec"],
     }
 
 
