@@ -190,24 +190,23 @@ def _place_new_neurons(
     else:
         zk = _project_groups(rec, Ck, dev)  # (T, G_r, n)
         z = torch.einsum("gh,thn->tgn", allowed, zk)  # placed partners of each group
-        for g in todo:
-            m = rec.slices[g].stop - rec.slices[g].start
-            FB[g] = (
-                torch.zeros((K, m, n), dtype=torch.float64, device=dev),
-                torch.zeros((K, m, n), dtype=torch.float64, device=dev),
-            )
+        # z with K - 1 zero rows either side: row t - s (F) and t + s (B) of every lag s
+        # gathered for a window's rows at once, so that each group's columns are read once
+        # per window (one product for all 2K lags) rather than once per lag
+        pad = torch.zeros((K - 1, *z.shape[1:]), dtype=z.dtype, device=dev)
+        zpad = torch.cat([pad, z, pad])
+        lag = torch.arange(K, device=dev)
+        acc = {g: None for g in todo}  # (m, 2K n): F's lags, then B's
         for t0, y in rec.chunks(dev):
-            t1 = t0 + y.shape[0]
+            at = torch.arange(t0 + K - 1, t0 + K - 1 + y.shape[0], device=dev)[:, None]
+            index = torch.cat([at - lag, at + lag], 1)  # (rows, 2K) rows of zpad
             for g in todo:
-                F, B = FB[g]
-                yu = y[:, rec.slices[g]].to(torch.float64)
-                for s in range(K):
-                    a = max(t0, s)  # rows t with t - s >= 0
-                    if a < t1:
-                        F[s] += yu[a - t0 :].T @ z[a - s : t1 - s, g]
-                    b = min(t1, T - s)  # rows t with t + s < T
-                    if b > t0:
-                        B[s] += yu[: b - t0].T @ z[t0 + s : b + s, g]
+                Z = zpad[index, g].reshape(y.shape[0], 2 * K * n)  # zero where t -+ s is off
+                part = y[:, rec.slices[g]].to(torch.float64).T @ Z
+                acc[g] = part if acc[g] is None else acc[g].add_(part)
+        for g in todo:
+            both = acc[g].reshape(-1, 2, K, n).permute(1, 2, 0, 3)  # (2, K, m, n)
+            FB[g] = (both[0], both[1])
     for g in todo:
         sl = rec.slices[g]
         F, B = (M / counts[:, None, None] for M in FB[g])
