@@ -316,7 +316,7 @@ def write_large_store(
             return xs @ Cr.T + rng.standard_normal((t1 - t0, len(Cr)), dtype=np.float32) * sd
 
         first = block(0, min(Tr, rows))
-        chosen = choose_codec(codec, "traces", first)
+        chosen = choose_codec(codec, "traces", lambda first=first: first)
         arr = create_activity(g, (Tr, len(idx)), 8.0, chosen)
         arr[: len(first)] = first
         for t0 in range(rows, Tr, rows):

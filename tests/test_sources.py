@@ -265,40 +265,33 @@ def test_one_file_split_into_partial_recordings(tmp_path, rng):
         )
 
 
-def _activity_array(store):
-    return zarr.open_array(str(store.path / "recordings/r/activity"), mode="r")
-
-
 def test_store_chunks_and_codec(tmp_path, rng):
     """Chunks of about chunk_mb with all neurons; the codec by kind and measurement (noisy
     traces raw with a checksum, sparse traces zstd 5 byte shuffle, counts zstd 5 bit
-    shuffle), or as asked;
-    values exact under each; the chosen spec in the recording's attributes."""
+    shuffle), or as asked; values exact under each; the chosen spec in the recording's
+    attributes."""
     noisy = rng.standard_normal((20000, 50)).astype(np.float32)  # 4 MB
     sparse = np.where(rng.random((20000, 50)) < 0.01, noisy, 0).astype(np.float32)
     counts = rng.poisson(0.2, size=(20000, 50)).astype(np.int16)
-    cases = [
-        ("noisy", noisy, "auto", None),
-        ("sparse", sparse, "auto", ("zstd", 5, "shuffle")),
-        ("counts", counts, "auto", ("zstd", 5, "bitshuffle")),
-        ("asked", noisy, "lz4:3:bit", ("lz4", 3, "bitshuffle")),
-        ("old", noisy, "zstd:5:byte", ("zstd", 5, "shuffle")),  # the default before
+    cases = [  # name, data, codec asked, codec written, its Blosc (cname, level, shuffle)
+        ("noisy", noisy, "auto", "none", None),
+        ("sparse", sparse, "auto", "zstd:5:byte", ("zstd", 5, "shuffle")),
+        ("counts", counts, "auto", "zstd:5:bit", ("zstd", 5, "bitshuffle")),
+        ("asked", noisy, "lz4:3:bit", "lz4:3:bit", ("lz4", 3, "bitshuffle")),
+        ("old", noisy, "zstd:5:byte", "zstd:5:byte", ("zstd", 5, "shuffle")),  # old default
     ]
-    for name, y, codec, want in cases:
+    for name, y, codec, spec, blosc in cases:
         np.savez(tmp_path / f"{name}.npz", activity=y, neuron_ids=np.arange(50), rate_hz=10)
         store = ingest_one(tmp_path / name, tmp_path / f"{name}.npz", chunk_mb=1.0, codec=codec)
-        arr = _activity_array(store)
+        arr = zarr.open_array(str(store.path / "recordings/r/activity"), mode="r")
         assert arr.metadata.zarr_format == 3
         assert arr.chunks == (5000, 50)  # 1 MB chunks, all neurons in each
-        if want is None:
+        assert store.recording_attrs("r")["codec"] == spec
+        if blosc is None:
             assert [type(c).__name__ for c in arr.compressors] == ["Crc32cCodec"]
-            assert store.recording_attrs("r")["codec"] == "none"
         else:
             c = arr.compressors[0]
-            assert (c.cname.value, c.clevel, c.shuffle.value) == want
-            assert store.recording_attrs("r")["codec"] == f"{want[0]}:{want[1]}:" + (
-                "bit" if want[2] == "bitshuffle" else "byte"
-            )
+            assert (c.cname.value, c.clevel, c.shuffle.value) == blosc
         assert_same(store.activity("r").compute(), y)
     with pytest.raises(ValueError, match=r"codec 'gzip:5:byte'"):
         ingest_one(tmp_path / "bad", tmp_path / "noisy.npz", codec="gzip:5:byte")

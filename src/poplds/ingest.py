@@ -236,8 +236,7 @@ def _write_recording(
     recording's kind and its first chunk); the recording's attributes go to
     ``group.attrs["recording"]``."""
     rows = activity_chunks(rec.activity.shape, chunk_mb)[0]
-    sample = np.asarray(rec.activity[:rows]) if codec == "auto" else np.empty(0, np.float32)
-    chosen = choose_codec(codec, rec.kind, sample)
+    chosen = choose_codec(codec, rec.kind, lambda: np.asarray(rec.activity[:rows]))
     arr = create_activity(group, rec.activity.shape, chunk_mb, chosen)
     x = rec.activity.rechunk(arr.chunks)
     finite0 = dask.array.where(dask.array.isnan(x), 0, x)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -80,18 +80,18 @@ def compressor(codec: str = "zstd:5:byte") -> list[BloscCodec | Crc32cCodec]:
     return [BloscCodec(cname=parts[0], clevel=level, shuffle=_SHUFFLES[parts[2]])]
 
 
-def choose_codec(codec: str, kind: str, sample: np.ndarray) -> str:
+def choose_codec(codec: str, kind: str, sample: Callable[[], np.ndarray]) -> str:
     """The codec spec a recording's activity is written with: ``codec`` itself unless it is
     ``auto``; then :data:`AUTO_CODEC` by ``kind`` (``traces`` or ``counts``), and for traces
-    :data:`AUTO_TRACES_CODEC` if ``sample`` (float32, e.g. the first chunk) compresses below
-    :data:`AUTO_MAX_RATIO` of its size with it, else ``none``."""
+    :data:`AUTO_TRACES_CODEC` if ``sample()`` (e.g. the first chunk; read only for traces)
+    compresses below :data:`AUTO_MAX_RATIO` of its size with it, else ``none``."""
     if codec != "auto":
         compressor(codec)  # checks the spec
         return codec
     chosen = AUTO_CODEC[kind]
     if chosen != "auto":
         return chosen
-    x = np.ascontiguousarray(sample, dtype=np.float32)
+    x = np.ascontiguousarray(sample(), dtype=np.float32)
     if x.size == 0:
         return AUTO_TRACES_CODEC
     probe = zarr.create_array(
