@@ -142,7 +142,10 @@ def test_linear_diagonal_is_first_order_exact():
 def test_moments_kept_up_to_date_equal_moments_formed_again():
     """The lagged moments carried through new directions (two GEMMs per lag) and moves (the
     old moments transformed by the new directions' coordinates) equal the moments formed from
-    the stored projections from scratch, to 1e-10, after several passes and moves."""
+    the stored projections from scratch, to 1e-10, after several passes and moves; so do the
+    projections (carried by coordinates, against a pass over the data) and the groups' Gram
+    matrices (grown by a direction's products, carried by coordinates), and the directions
+    stay orthogonal per group."""
     data, term, tens, basis, X, rng = _basis("data", directions=2)
     G = len(basis.bounds)
     for _ in range(MEMORY + 2):  # past the memory, so that directions are dropped too
@@ -153,7 +156,26 @@ def test_moments_kept_up_to_date_equal_moments_formed_again():
         basis.queue(torch.as_tensor(rng.standard_normal(basis.D[0].shape)))
         basis.point_gradient(X, tens)
     kept = {k: M.clone() for k, M in basis.M.items()}
+    kept_W = basis.W.clone()
+    Q = torch.stack([basis.full_loadings(d) for d in basis.D])
+    zero = {k: term.projection_buffer(k, 1)[0] for k in basis.data_recs}
+    fresh, _ = term.sweep(Q, zero)
+    for k, P in fresh.items():
+        scale = float(torch.linalg.norm(P))
+        np.testing.assert_allclose(basis.P[k].numpy(), P.numpy(), rtol=0, atol=1e-10 * scale)
+    for j, Dj in enumerate(basis.D[1:]):
+        for a, b in basis.bounds:
+            norm = float(torch.linalg.norm(Dj[a:b]))
+            assert torch.linalg.norm(basis.D[0][a:b].T @ Dj[a:b]) <= 1e-9 * norm * float(
+                torch.linalg.norm(basis.D[0][a:b])
+            )
+            for Di in basis.D[1 : j + 1]:
+                inner = abs(float((Di[a:b] * Dj[a:b]).sum()))
+                assert inner <= 1e-9 * norm * float(torch.linalg.norm(Di[a:b]))
     basis.refresh()
+    np.testing.assert_allclose(
+        kept_W.numpy(), basis.W.numpy(), rtol=0, atol=1e-10 * float(torch.linalg.norm(basis.W))
+    )
     for k, M in basis.M.items():
         scale = float(torch.linalg.norm(M))
         np.testing.assert_allclose(kept[k].numpy(), M.numpy(), rtol=0, atol=1e-10 * scale)

@@ -40,10 +40,6 @@ log = get_logger()
 #: Gradient directions kept in the basis (besides the current point and the last step).
 MEMORY = 6
 
-#: The key under which :meth:`Basis._rebuild` carries a vector's coordinates in the old basis
-#: beside its projections.
-COORDS = -1
-
 #: The inner solve takes the lag-0 diagonal terms to first order (:meth:`Basis.loss`) when
 #: their share of the pairs, ``N_obs / P``, is below this (large recordings: 1e6 neurons
 #: give about 1e-7), and exactly otherwise.
@@ -118,8 +114,12 @@ class Basis:
         n = self.D[0].shape[1]
         self.Et = torch.stack([d.T for d in self.D]).reshape(-1, self.D[0].shape[0])
         self.D = [self.Et[a * n : (a + 1) * n].T for a in range(len(self.D))]
+        self._gram()
+
+    def _gram(self) -> None:
+        """The groups' Gram matrices ``W`` (G, d1, d1): ``E_g' E_g`` of the basis as laid out."""
         parts = torch.split(self.Et, [b - a for a, b in self.bounds], dim=1)
-        self.W = torch.stack([Et_g @ Et_g.T for Et_g in parts])  # (G, d1, d1): E_g' E_g
+        self.W = torch.stack([Et_g @ Et_g.T for Et_g in parts])
 
     @staticmethod
     def _flat(P: torch.Tensor) -> torch.Tensor:
@@ -301,64 +301,103 @@ class Basis:
         G = len(self.bounds)
         return torch.zeros(G, dtype=x.dtype, device=x.device).index_add_(0, self.gid, x)
 
-    def _combine(self, v, Pv, D, P):
-        """``v`` (N_obs, n) and its projections ``Pv[k]`` (rows, G_r, n) (None: not formed
-        yet) made orthogonal, group by group, to the column space of ``D[0]`` and to each of
-        ``D[1:]`` (with projections ``P[k]`` (m+1, ...)), then scaled to ``D[0]``'s norm in
-        each group (zero where less than 1e-5 of its norm is left: rounding, not a
-        direction)."""
+    def _combine(self, v: torch.Tensor) -> torch.Tensor:
+        """``v`` (N_obs, n) made orthogonal, group by group, to the column space of ``D_0``
+        and to each of ``D_1 .. D_m`` (themselves orthogonal to it and to each other), then
+        scaled to ``D_0``'s norm in each group (zero where less than 1e-5 of its norm is
+        left: rounding, not a direction). Two rounds of classical Gram-Schmidt, each two
+        products per group with the basis laid side by side (``E_g' v_g`` and ``E_g c``)."""
         v = v.clone()
-        Pv = None if Pv is None else {k: x.clone() for k, x in Pv.items()}
-        n, G = v.shape[1], len(self.bounds)
-        slots = {**self.slots, COORDS: torch.arange(G, device=v.device)}
+        n = v.shape[1]
+        m = self.m
+        eye = torch.eye(n, dtype=v.dtype, device=v.device)
         v0 = self._group_sum((v * v).sum(1))
-        Mg = torch.zeros((G, n, n), dtype=v.dtype, device=v.device)
-        for g, (a, b) in enumerate(self.bounds):
-            A = D[0][a:b]
-            gram = A.T @ A
-            tr = float(torch.trace(gram))
-            if tr > 0:  # (lstsq is not deterministic on CPU; solve is)
-                ridge = 1e-12 * tr / n * torch.eye(n, dtype=v.dtype, device=v.device)
-                Mg[g] = torch.linalg.solve(gram + ridge, A.T @ v[a:b])
-                v[a:b] -= A @ Mg[g]
-        if Pv is not None:
-            for k in Pv:
-                Pv[k] -= torch.einsum("tgn,gnm->tgm", P[k][0], Mg[slots[k]])
-        for j, u in enumerate(D[1:]):
-            uu, uv = self._group_sum((u * u).sum(1)), self._group_sum((u * v).sum(1))
-            c = torch.where(uu > 0, uv / torch.where(uu > 0, uu, 1.0), 0.0)
-            v -= c[self.gid, None] * u
-            if Pv is not None:
-                for k in Pv:
-                    Pv[k] -= c[slots[k]][None, :, None] * P[k][j + 1]
-        vv, dd = self._group_sum((v * v).sum(1)), self._group_sum((D[0] * D[0]).sum(1))
+        W = self.W
+        dd = torch.einsum("gii->g", W[:, :n, :n])
+        for _ in range(2):  # the second round removes what rounding left of the first
+            for g, (a, b) in enumerate(self.bounds):
+                if b == a:
+                    continue
+                Eg, vg = self.Et[:, a:b], v[a:b]
+                proj = Eg @ vg  # ((m+1) n, n): D_j' v_g
+                coef = torch.zeros_like(proj)
+                if float(dd[g]) > 0:  # (lstsq is not deterministic on CPU; solve is)
+                    ridge = 1e-12 * float(dd[g]) / n * eye
+                    coef[:n] = torch.linalg.solve(W[g, :n, :n] + ridge, proj[:n])
+                if m:
+                    blocks = torch.arange(1, m + 1, device=v.device) * n
+                    idx = blocks[:, None] + torch.arange(n, device=v.device)
+                    uu = W[g][idx, idx].sum(1)  # (m,): |D_j|^2 in group g
+                    uv = proj[idx, torch.arange(n, device=v.device)].sum(1)
+                    c = torch.where(uu > 0, uv / torch.where(uu > 0, uu, 1.0), 0.0)
+                    coef[n:] = (c[:, None, None] * eye).reshape(m * n, n)
+                vg -= Eg.T @ coef
+        vv = self._group_sum((v * v).sum(1))
         keep = (vv > 1e-10 * v0) & (dd > 0)  # what is left is more than rounding
         f = torch.where(keep, torch.sqrt(dd / torch.where(keep, vv, 1.0)), 0.0)
         v *= f[self.gid, None]
-        if Pv is not None:
-            for k in Pv:
-                Pv[k] *= f[slots[k]][None, :, None]
-        return v, Pv
+        return v
 
-    def _rebuild(self, D0, P0, dirs) -> None:
-        """The point ``D0`` with projections ``P0`` and the directions ``dirs`` ((v, Pv,
-        kind) each), made orthogonal in turn; ``P0`` and each ``Pv`` also hold, under
-        ``COORDS``, the vector's coordinates in the old basis ((m+1) n, G, n), which carry
-        ``M`` over (:meth:`_transform`)."""
-        D, P = [D0], {k: x[None] for k, x in P0.items()}
-        kinds = []
-        for v, Pv, kind in dirs:
-            v, Pv = self._combine(v, Pv, D, P)
-            D.append(v)
-            P = {k: torch.cat([P[k], Pv[k][None]]) for k in P}
-            kinds.append(kind)
-        coords = P.pop(COORDS)
-        self.D, self.P, self.kinds = D, P, kinds
-        if self.queued is not None:
-            self.queued, _ = self._combine(self.queued, None, D, P)
-        self._layout()
+    def _orthogonal_coords(self, coords: list[torch.Tensor]) -> torch.Tensor:
+        """Vectors given by their coordinates in the basis (``coords[b]`` ((m+1) n, G, n),
+        ``v_g = E_g coords[b][:, g]``), made orthogonal in turn exactly as :meth:`_combine`
+        makes vectors, the first kept as it is: every inner product is ``c' W_g c'`` with the
+        groups' Gram matrices ``W``, so no neuron-sized array is touched. Returns the new
+        coordinates (b, (m+1) n, G, n)."""
+
+        def inner(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # (G, n, n): u_g' v_g
+            return torch.einsum("agi,gab,bgj->gij", u, self.W, v)
+
+        def trace(x: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("gii->g", x)
+
+        c0 = coords[0]
+        n = c0.shape[2]
+        gram = inner(c0, c0)
+        dd = trace(gram)
+        ridge = torch.where(dd > 0, 1e-12 * dd / n, 1.0)[:, None, None] * torch.eye(
+            n, dtype=c0.dtype, device=c0.device
+        )
+        out = [c0]
+        for cv in coords[1:]:
+            v0 = trace(inner(cv, cv))
+            Mg = torch.linalg.solve(gram + ridge, inner(c0, cv))
+            Mg = torch.where((dd > 0)[:, None, None], Mg, 0.0)
+            cv = cv - torch.einsum("agi,gij->agj", c0, Mg)
+            for cu in out[1:]:
+                uu, uv = trace(inner(cu, cu)), trace(inner(cu, cv))
+                c = torch.where(uu > 0, uv / torch.where(uu > 0, uu, 1.0), 0.0)
+                cv = cv - c[None, :, None] * cu
+            vv = trace(inner(cv, cv))
+            keep = (vv > 1e-10 * v0) & (dd > 0)  # what is left is more than rounding
+            f = torch.where(keep, torch.sqrt(dd / torch.where(keep, vv, 1.0)), 0.0)
+            out.append(cv * f[None, :, None])
+        return torch.stack(out)
+
+    def _rebuild(self, coords: list[torch.Tensor], kinds: list[str]) -> None:
+        """A new basis from vectors of the old one given by their coordinates (``coords[0]``
+        the new point, then the directions, :meth:`_orthogonal_coords`): the new ``E_g``
+        is one product of the old one per group, the projections and their moments follow
+        from the coordinates (:meth:`_transform`), and the queued direction is made
+        orthogonal to the new basis."""
+        T = self._orthogonal_coords(coords)  # (m'+1, (m+1) n, G, n)
+        a1, d0, _, n = T.shape
+        a0 = d0 // n
+        Et = self.Et.new_empty((a1 * n, self.Et.shape[1]))
+        for g, (a, b) in enumerate(self.bounds):
+            Et[:, a:b] = T[:, :, g].permute(0, 2, 1).reshape(a1 * n, d0) @ self.Et[:, a:b]
         for k in self.data_recs:
-            self.Mflat[k] = self._transform(self.Mflat[k], coords, k)
+            Tk = T[:, :, self.slots[k]].view(a1, a0, n, -1, n)  # (b, a, i, g, j)
+            self.P[k] = torch.einsum("atgi,baigj->btgj", self.P[k], Tk)
+            self.Mflat[k] = self._transform(self.Mflat[k], T, k)
+        # the new Gram matrices from the coordinates, T_g' W_g T_g (no neuron-sized product)
+        Tg = T.permute(2, 0, 3, 1).reshape(len(self.bounds), a1 * n, d0)
+        self.W = Tg @ self.W @ Tg.transpose(1, 2)
+        self.Et = Et
+        self.D = [Et[a * n : (a + 1) * n].T for a in range(a1)]
+        self.kinds = kinds
+        if self.queued is not None:
+            self.queued = self._combine(self.queued)
         self._slot_layout()
 
     def move(self, Gam: torch.Tensor, gam: torch.Tensor) -> None:
@@ -367,37 +406,39 @@ class Basis:
         and the queued direction is made orthogonal to the new basis."""
         with torch.no_grad():
             n, G = Gam.shape[1], len(self.bounds)
-            D0 = self.loadings(Gam, gam)
             c0 = self.stacked(Gam, gam).permute(1, 0, 2)  # coordinates ((m+1) n, G, n)
             eye = torch.eye(c0.shape[0], dtype=c0.dtype, device=c0.device)
 
             def unit(a: int) -> torch.Tensor:  # the coordinates of D_a
                 return eye[:, a * n : (a + 1) * n, None].transpose(1, 2).expand(-1, G, n)
 
-            P0 = {k: self.projections(k, Gam, gam) for k in self.data_recs}
-            step = {k: P0[k] - self.P[k][0] for k in self.data_recs}
-            P0[COORDS], step[COORDS] = c0, c0 - unit(0)
-            grads = [
-                (
-                    self.D[j + 1],
-                    {**{k: self.P[k][j + 1] for k in self.data_recs}, COORDS: unit(j + 1)},
-                    kind,
-                )
-                for j, kind in enumerate(self.kinds)
-                if kind == "gradient"
-            ][-MEMORY:]
-            self._rebuild(D0, P0, [*grads, (D0 - self.D[0], step, "step")])
+            grads = [j + 1 for j, kind in enumerate(self.kinds) if kind == "gradient"][-MEMORY:]
+            coords = [c0, *(unit(j) for j in grads), c0 - unit(0)]
+            self._rebuild(coords, ["gradient"] * len(grads) + ["step"])
 
     def add_queued(self, Pq: dict[int, torch.Tensor]) -> None:
         """The queued direction, whose projections ``Pq[k]`` (rows, G_r, n) a pass has just
         formed, joins the basis (its moments by :meth:`_extend`)."""
         self._extend(Pq)
-        self.D.append(self.queued)
+        q = self.queued
+        # the Gram matrices grow by the new direction's products with the basis (one product
+        # per group, not the basis's Gram matrices again)
+        parts = zip(self.bounds, self.W, strict=True)
+        self.W = torch.stack(
+            [self._grown(W, self.Et[:, a:b] @ q[a:b], q[a:b].T @ q[a:b]) for (a, b), W in parts]
+        )
+        n = q.shape[1]
+        self.Et = torch.cat([self.Et, q.T])
+        self.D = [self.Et[a * n : (a + 1) * n].T for a in range(self.Et.shape[0] // n)]
         self.kinds.append("gradient")
         self.P = {k: torch.cat([self.P[k], Pq[k][None]]) for k in self.data_recs}
         self.queued = None
-        self._layout()
         self._slot_layout()
+
+    @staticmethod
+    def _grown(W: torch.Tensor, Eq: torch.Tensor, qq: torch.Tensor) -> torch.Tensor:
+        """``[[W, E'q], [q'E, q'q]]``: a Gram matrix with one more block of columns."""
+        return torch.cat([torch.cat([W, Eq], 1), torch.cat([Eq.T, qq], 1)], 0)
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps (host copies): the basis, its projections and their
@@ -437,4 +478,4 @@ class Basis:
 
     def queue(self, direction: torch.Tensor) -> None:
         """Queue a direction (N_obs, n) for the next pass, orthogonal to the basis."""
-        self.queued, _ = self._combine(direction, None, self.D, self.P)
+        self.queued = self._combine(direction)

@@ -258,8 +258,10 @@ def fit_store(
     _write_latents(out.latents, fit, posts)
     fig = metrics["covariance"].pop("_figure")  # arrays for the figures, not metrics
     arrays = {k: v for k, v in fig.items() if v is not None}
+    arrays["cls"] = arrays["cls"].astype(np.int8)  # pair classes -1..2
     tmp = out.sample.with_name(out.sample.stem + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays, rate_hz=float(store.attrs["rate_hz"]))
+    # not compressed: lagged covariances of float64 shrink by 4-25 % at 5 s per 100 MB
+    np.savez(tmp, **arrays, rate_hz=float(store.attrs["rate_hz"]))
     tmp.replace(out.sample)
     write_json(out.metrics, metrics)
     remove_checkpoints(ckpt_dir)
