@@ -452,6 +452,7 @@ class Basis:
             "kinds": list(self.kinds),
             "P": {k: v.cpu() for k, v in self.P.items()} if alone else None,
             "M": {k: v.cpu() for k, v in self.Mflat.items()} if alone else None,
+            "W": self.W.cpu(),  # as carried, not formed again: a resumed fit's path is exact
             "queued": None if self.queued is None else self.queued.cpu(),
             "linear_diagonal_ok": self.linear_diagonal_ok,
         }
@@ -468,6 +469,8 @@ class Basis:
             self.P = {k: v.to(dev) for k, v in state["P"].items()}
             self.Mflat = {k: v.to(dev) for k, v in state["M"].items()}
             self._layout()
+            if state.get("W") is not None:  # (a checkpoint of an older release has none)
+                self.W = state["W"].to(dev)
             self._slot_layout()
             return 0
         Q = torch.stack([self.full_loadings(d) for d in self.D])

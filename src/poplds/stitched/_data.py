@@ -209,9 +209,9 @@ class RecordingBlock:
         a window boundary), each with its ``h = min(halo, t0)`` halo rows before it. Every row
         is read once: streamed windows keep the last rows of the one before (the first window
         of a span reads its own) and are decoded one ahead in a background thread into two
-        reused buffers, while this thread puts the window before in group order (into a
-        third, pinned on a GPU) and computes on it. A window is valid until the next is asked
-        for."""
+        reused buffers, put in group order (into two more, pinned on a GPU) and, on the CPU,
+        centred there too, while this thread computes on the window before. A window is valid
+        until the next is asked for."""
         rows = rows or self.chunk_rows
         if halo > rows:
             raise ValueError(f"a window of {rows} rows cannot carry a halo of {halo}")
@@ -223,6 +223,7 @@ class RecordingBlock:
                 yield t0, self.data[t0 - h : t0], self.data[t0 : min(b, t0 + rows)]
             return
         pin = device.type == "cuda"
+        on_host = device.type == "cpu"
         tail = self.read(a - min(halo, a), a, device)  # the first window's halo
         src = getattr(self.source, "dtype", None)
         src_t = torch.from_numpy(np.empty(0, dtype=src)).dtype if src is not None else None
@@ -232,21 +233,27 @@ class RecordingBlock:
             staging.lease(src_t if floating else None, pin) as buffers,
             concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool,
         ):
-            out, raws = None, [None, None]
+            outs, raws = [None, None], [None, None]
             if floating and not self._identity_order():
-                out = buffers.get(0, (rows, len(self.neurons)))
+                outs = [buffers.get(i, (rows, len(self.neurons))) for i in range(2)]
             if floating and _is_zarr(self.source):
                 n_src = int(self.source.shape[1])
-                raws = [buffers.get(1 + i, (rows, n_src)).numpy() for i in range(2)]
-            future = None
-            if starts:
-                future = pool.submit(self._decode, a, min(b, a + rows), raws[0])
+                raws = [buffers.get(2 + i, (rows, n_src)).numpy() for i in range(2)]
+
+            def prepare(t0: int, i: int) -> torch.Tensor:
+                """Window ``[t0, t0 + rows)`` decoded, in group order and (on the CPU)
+                centred, in buffers ``i``: all in the background thread, so this thread's
+                products overlap the whole of it."""
+                host = self._order(self._decode(t0, min(b, t0 + rows), raws[i]), outs[i], pin)
+                return self._to_device(host, device) if on_host else host
+
+            future = pool.submit(prepare, a, 0) if starts else None
             for k, t0 in enumerate(starts):
-                block = future.result()
-                if k + 1 < len(starts):
-                    nxt = starts[k + 1]
-                    future = pool.submit(self._decode, nxt, min(b, nxt + rows), raws[(k + 1) % 2])
-                y = self._to_device(self._order(block, out, pin), device)
+                y = future.result()
+                if not on_host:
+                    y = self._to_device(y, device)
+                if k + 1 < len(starts):  # into the buffers of the window before this one
+                    future = pool.submit(prepare, starts[k + 1], (k + 1) % 2)
                 h = min(halo, t0)
                 yield t0, tail[tail.shape[0] - h :], y
                 tail = y[max(0, y.shape[0] - halo) :].clone()
