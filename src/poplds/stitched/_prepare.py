@@ -5,7 +5,8 @@ recording's :class:`._data.RecordingBlock` (held on the device when it fits, els
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import concurrent.futures
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,24 +84,25 @@ def _column_stats(rec: RecordingInput, rows: int) -> tuple[tuple, np.ndarray, np
     total, n_obs, shifted_sq = np.zeros(n_src), np.zeros(n_src), np.zeros(n_src)
     lo, hi = np.full(n_src, np.inf), np.full(n_src, -np.inf)
     shift = None  # sums of squares about each column's first value: one pass suffices
-    for t0, t1 in _row_chunks(int(rec.activity.shape[0]), rows):
-        y = np.asarray(rec.activity[t0:t1], dtype=np.float64)
-        ok = ~np.isnan(y)
-        if shift is None:
-            shift = np.nan_to_num(y[0])
-        if ok.all():  # no missing value in these rows: no masks (traces mostly)
-            d = y - shift
-            total += y.sum(0)
-            n_obs += y.shape[0]
-            shifted_sq += np.einsum("tj,tj->j", d, d)
-            np.minimum(lo, y.min(0), out=lo)
-            np.maximum(hi, y.max(0), out=hi)
-            continue
-        total += np.where(ok, y, 0.0).sum(0)
-        n_obs += ok.sum(0)
-        shifted_sq += np.where(ok, (y - shift) ** 2, 0.0).sum(0)
-        lo = np.minimum(lo, np.where(ok, y, np.inf).min(0))
-        hi = np.maximum(hi, np.where(ok, y, -np.inf).max(0))
+
+    def read(t0: int, t1: int) -> np.ndarray:
+        return np.asarray(rec.activity[t0:t1], dtype=np.float64)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        for y in _read_ahead(pool, read, _row_chunks(int(rec.activity.shape[0]), rows)):
+            if shift is None:
+                shift = np.nan_to_num(y[0])
+            part = y.sum(0)
+            if not np.isnan(part).any():  # no missing value in these rows: no masks
+                total += part
+                n_obs += y.shape[0]
+                np.minimum(lo, y.min(0), out=lo)
+                np.maximum(hi, y.max(0), out=hi)
+                d = y if y.flags.owndata else y.copy()  # (a view of the caller's array)
+                d -= shift
+                shifted_sq += np.einsum("tj,tj->j", d, d)
+            else:
+                _masked_stats(y, shift, total, n_obs, shifted_sq, lo, hi)
     never, constant = n_obs == 0, (n_obs > 0) & (lo == hi)
     if never.all() or (never | constant).all():
         raise InputError(
@@ -114,6 +116,29 @@ def _column_stats(rec: RecordingInput, rows: int) -> tuple[tuple, np.ndarray, np
         centred = total - n_obs * shift
         ss_src = np.maximum(shifted_sq - centred**2 / np.maximum(n_obs, 1), 0.0)
     return (total, n_obs, mean_src, ss_src), never, constant
+
+
+def _masked_stats(y, shift, total, n_obs, shifted_sq, lo, hi) -> None:
+    """:func:`_column_stats`'s sums over rows ``y`` (rows, columns) with missing values
+    (NaN), added in place."""
+    ok = ~np.isnan(y)
+    total += np.where(ok, y, 0.0).sum(0)
+    n_obs += ok.sum(0)
+    shifted_sq += np.where(ok, (y - shift) ** 2, 0.0).sum(0)
+    np.minimum(lo, np.where(ok, y, np.inf).min(0), out=lo)
+    np.maximum(hi, np.where(ok, y, -np.inf).max(0), out=hi)
+
+
+def _read_ahead(pool, read, spans) -> Iterator[np.ndarray]:
+    """``read(t0, t1)`` of each span in turn, the next one read in ``pool`` (a thread) while
+    the caller works on this one."""
+    spans = list(spans)
+    future = pool.submit(read, *spans[0]) if spans else None
+    for i in range(len(spans)):
+        y = future.result()
+        if i + 1 < len(spans):
+            future = pool.submit(read, *spans[i + 1])
+        yield y
 
 
 def _pair_counts(
