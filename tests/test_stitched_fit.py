@@ -79,9 +79,10 @@ def test_fit_converges_and_loss_falls(recovered):
 
 def test_warm_start_never_sees_heldout_pairs():
     """The start's PCA is that of the covariance with the held-out pairs' entries zeroed, so
-    a held-out score never rests on the pairs it scores, however early a fit stops."""
+    a held-out score never rests on the pairs it scores, however early a fit stops; from the
+    data, the projections its last pass keeps are those a pass with its loadings forms."""
     from poplds.stitched._loss import DataTerm
-    from poplds.stitched._warm import _top_subspace
+    from poplds.stitched._warm import _project_groups, _top_subspace
 
     _, recs = simulated(N=40, n_rec=1, T=3000)
     data = prepare_data(recs, 40, lags=3, device=CPU, heldout_fraction=0.3, seed=1)
@@ -94,8 +95,13 @@ def test_warm_start_never_sees_heldout_pairs():
     term = DataTerm(data, data.weights(CPU), 3, route="moments")
     w, U = np.linalg.eigh(masked)
     for moments in (None, term.masked_moments(0)):  # from the data, from the moments
-        V, lam = _top_subspace(data, 0, 3, seed=0, moments=moments, iters=60)
+        V, lam, proj = _top_subspace(data, 0, 3, seed=0, moments=moments, iters=60)
         np.testing.assert_allclose(lam.numpy(), w[::-1][:3], rtol=1e-5)
+        if moments is None:
+            z = _project_groups(rec, V, CPU)
+            np.testing.assert_allclose(proj.numpy(), z.numpy(), rtol=0, atol=1e-5 * z.abs().max())
+        else:
+            assert proj is None
         # same subspace as the masked covariance's top eigenvectors
         angles = principal_angles_deg(U[:, ::-1][:, :3], V.numpy())
         assert max(angles) < 0.1, angles

@@ -45,8 +45,10 @@ def _top_subspace(
     moments: torch.Tensor | None = None,
     iters: int | None = None,
 ):
-    """Top-n eigenvectors (N_r, n) and eigenvalues of recording ``rec_index``'s covariance,
-    with the held-out pairs' entries set to zero, in its column order.
+    """Top-n eigenvectors ``V`` (N_r, n) and eigenvalues of recording ``rec_index``'s
+    covariance, with the held-out pairs' entries set to zero, in its column order, and from
+    the data also the recording's projections ``z[t, g] = V_g' y_g[t]`` (T_r, G_r, n)
+    float64, formed in the last pass (None from moments).
 
     From the data: a randomized range finder with one power iteration (two passes: the range
     of ``Cov Omega`` for a Gaussian ``Omega`` of n + 8 columns, then Rayleigh-Ritz on it),
@@ -59,32 +61,38 @@ def _top_subspace(
     p = min(n_r, n + 8)
     g = torch.Generator(device="cpu").manual_seed(seed)
     V = torch.randn((n_r, p), generator=g, dtype=torch.float64).to(dev)
+    keep = None
     if moments is not None:
         iters, cov = iters or 20, moments[0]
 
-        def apply(V: torch.Tensor) -> torch.Tensor:
+        def apply(V: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
             return cov @ V
     else:
         iters = iters or 1
         allowed = _allowed(data, rec).to(rec.dtype)
+        keep = torch.empty((rec.n_time, len(rec.slices), p), dtype=torch.float64, device=dev)
 
-        def apply(V: torch.Tensor) -> torch.Tensor:
+        def apply(V: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
             W = torch.zeros_like(V)
             V32 = V.to(rec.dtype)
-            for _, y in rec.chunks(dev):
-                Zg = torch.einsum("gh,thp->tgp", allowed, _group_products(rec, y, V32))
+            for t0, y in rec.chunks(dev):
+                raw = _group_products(rec, y, V32)
+                if keep is not None:
+                    keep[t0 : t0 + y.shape[0]] = raw
+                Zg = torch.einsum("gh,thp->tgp", allowed, raw)
                 for k, sl in enumerate(rec.slices):
                     W[sl] += (y[:, sl].T @ Zg[:, k]).to(torch.float64)
             return W
 
     for it in range(iters + 1):
-        W = apply(V)
+        W = apply(V, keep if it == iters else None)
         if it < iters:
             V, _ = torch.linalg.qr(W / rec.n_time)
     small = V.T @ W / rec.n_time  # Rayleigh-Ritz on the last subspace
     evals, evecs = torch.linalg.eigh(sym(small))
     order = torch.argsort(evals, descending=True)[:n]
-    return V @ evecs[:, order], evals[order]
+    proj = None if keep is None else keep @ evecs[:, order]
+    return V @ evecs[:, order], evals[order], proj
 
 
 def _project_groups(rec, C: torch.Tensor, dev) -> torch.Tensor:
@@ -97,15 +105,19 @@ def _project_groups(rec, C: torch.Tensor, dev) -> torch.Tensor:
     return z
 
 
-def _start_lagged(data: StitchedData, k: int, V: torch.Tensor, moments) -> torch.Tensor:
+def _start_lagged(
+    data: StitchedData, k: int, V: torch.Tensor, moments, z: torch.Tensor | None = None
+) -> torch.Tensor:
     """``X_s = sum_(g,h allowed) sum_t z_g[t+s] z_h[t]' / (T-s)`` (K, n, n) of recording k
     with loadings ``V`` (N_r, n): the lagged covariances of its latents, over the pairs the
-    loss sees (``= V' S_r(s) V / (T-s)`` from the masked moments)."""
+    loss sees (``= V' S_r(s) V / (T-s)`` from the masked moments), from its projections
+    ``z`` (T_r, G_r, n) when given (else formed by a pass)."""
     rec, K = data.recordings[k], data.lags
     T = rec.n_time
     if moments is not None:
         return torch.stack([V.T @ moments[s] @ V / (T - s) for s in range(K)])
-    z = _project_groups(rec, V, data.device)  # (T, G, n)
+    if z is None:
+        z = _project_groups(rec, V, data.device)  # (T, G, n)
     za = torch.einsum("gh,thn->tgn", _allowed(data, rec), z)
     n = V.shape[1]
     return torch.stack(
@@ -119,8 +131,8 @@ def warm_start(
     """Deterministic start ``(C (N, n), X (K, n, n))`` (module docstring, step 1), and warnings
     for recordings that share no neuron with the recordings placed before them. Held-out
     pairs take no part in it. Recordings on the moments route of ``term`` are read from their
-    moments, the others from the data (two passes for the PCA, two for each later
-    recording)."""
+    moments, the others from the data (two passes for the PCA, which also give its latents'
+    lagged covariances, and two for each later recording)."""
 
     def moments(k: int):
         return term.masked_moments(k) if term is not None else None
@@ -137,10 +149,10 @@ def warm_start(
             f"recording ({rec.name}); choose latent_dims of at most {len(rec.neurons)}",
         )
     mom = moments(first)
-    V, _ = _top_subspace(data, first, n, seed, mom)
+    V, _, proj = _top_subspace(data, first, n, seed, mom)
     C[torch.as_tensor(rec.neurons, device=dev)] = V
     known[rec.neurons] = True
-    X = _start_lagged(data, first, V, mom)
+    X = _start_lagged(data, first, V, mom, proj)  # no pass: the PCA's last one projected
     del mom
     warnings: list[str] = []
     todo = [k for k in range(len(data.recordings)) if k != first]
@@ -157,7 +169,7 @@ def warm_start(
                 "its loadings start from its own PCA and are tied to the others only through "
                 "the shared dynamics"
             )
-            Vr, _ = _top_subspace(data, k, n, seed + k, moments(k))
+            Vr, _, _ = _top_subspace(data, k, n, seed + k, moments(k))
             C[torch.as_tensor(rec.neurons[new], device=dev)] = Vr[torch.as_tensor(new)]
             known[rec.neurons[new]] = True
             continue
