@@ -382,6 +382,53 @@ def decode_throughput(
     return nbytes / (time.perf_counter() - t)
 
 
+class ReadCounter:
+    """Counts the bytes read from the activity arrays of a store through zarr (every read
+    of the fit job: statistics, warm start, passes, latents, evaluation), while active."""
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+
+    def __enter__(self) -> ReadCounter:
+        import zarr
+
+        self._orig = zarr.Array.get_basic_selection
+        self._orig_getitem = zarr.Array.__getitem__
+        counter = self
+
+        def counted(arr, selection=Ellipsis, *args, **kwargs):
+            out = counter._orig(arr, selection, *args, **kwargs)
+            if arr.ndim == 2 and str(arr.path).endswith("activity"):
+                rows = selection[0] if isinstance(selection, tuple) else selection
+                n = len(range(*rows.indices(arr.shape[0]))) if isinstance(rows, slice) else 0
+                counter.nbytes += n * arr.shape[1] * arr.dtype.itemsize
+            return out
+
+        def getitem(arr, selection):
+            if isinstance(selection, (slice, tuple)):
+                return counted(arr, selection)
+            return counter._orig_getitem(arr, selection)
+
+        zarr.Array.get_basic_selection = counted
+        zarr.Array.__getitem__ = getitem
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import zarr
+
+        zarr.Array.get_basic_selection = self._orig
+        zarr.Array.__getitem__ = self._orig_getitem
+
+
+def store_raw_bytes(store: Path) -> int:
+    """Bytes of the store's activity arrays, decoded."""
+    import zarr
+
+    root = zarr.open_group(str(store), mode="r")
+    arrays = [root[f"recordings/{name}/activity"] for name in root["recordings"]]
+    return sum(a.dtype.itemsize * a.shape[0] * a.shape[1] for a in arrays)
+
+
 def decode_floors(store: Path, fraction: float) -> dict[str, float]:
     """Both decode throughputs (bytes/s): into fresh arrays and into a reused buffer."""
     return {
@@ -436,7 +483,8 @@ def scale(args) -> dict:
         minibatch_rows=args.minibatch_rows,
     )
     shutil.rmtree(work / "fit", ignore_errors=True)  # a checkpoint there would be resumed
-    result = fit_store(store, n, settings, outputs=StitchedOutputs.under(work / "fit", n))
+    with ReadCounter() as reads:
+        result = fit_store(store, n, settings, outputs=StitchedOutputs.under(work / "fit", n))
     total = time.perf_counter() - t
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     fit = result.fits["stitched_lds"]
@@ -465,6 +513,14 @@ def scale(args) -> dict:
         floors = {k: max(v, after[k]) for k, v in floors.items()}
         decode = max(floors.values())
     floor = data_bytes / (bw / 2) if in_memory else data_bytes / decode
+    store_reads = reads.nbytes / store_raw_bytes(store)
+    print(
+        f"fit job: {store_reads:.1f} whole-store reads; end to end {total:.1f} s = "
+        f"{total / (store_raw_bytes(store) / floors['reused']):.0f} reads at the reused-buffer "
+        f"decode floor, {total / (store_raw_bytes(store) / floors['fresh']):.0f} at the "
+        "fresh-array one",
+        flush=True,
+    )
     # never co-observed pairs, on a sample of a few thousand neurons of each side
     size = int(N * 1.1 / 2)
     rng = np.random.default_rng(1)
@@ -503,6 +559,7 @@ def scale(args) -> dict:
         "device": str(dev),
         "optimizer": info["optimizer"],
         "peak_rss_gb": rss,
+        "store_reads": store_reads,
         "never_corr": corr,
     }
 

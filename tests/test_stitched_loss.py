@@ -286,3 +286,34 @@ def test_blocked_products_equal_plain_products():
             want[:, sl] += (dZ @ Y).double()
         acc.step()
     torch.testing.assert_close(acc.result(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["float32", "float32 with missing", "int16"])
+def test_column_statistics_equal_dense_numpy(kind):
+    """The statistics pass (chunked rows, column ranges summed in parallel, the source's
+    type read) gives every column's count, mean and sum of squares about the mean as dense
+    float64 numpy does (to 1e-12), and marks the never observed and the constant columns."""
+    from poplds.stitched._prepare import _column_stats
+
+    rng = np.random.default_rng(3)
+    y = rng.standard_normal((301, 57)) * 4 + 50
+    if kind == "int16":
+        y = rng.poisson(3.0, (301, 57))
+    y = y.astype(np.int16 if kind == "int16" else np.float32)
+    y[:, 4] = 9  # constant
+    if "missing" in kind:
+        y[rng.random(y.shape) < 0.05] = np.nan
+        y[:, 7] = np.nan  # never observed
+    (total, n_obs, mean, ss), never, constant = _column_stats(
+        RecordingInput("r", y, np.arange(57)), rows=40
+    )
+    ref = y.astype(np.float64)
+    ok = ~np.isnan(ref)
+    np.testing.assert_array_equal(n_obs, ok.sum(0))
+    seen = ok.any(0)
+    want_mean = np.nansum(ref, 0) / np.maximum(ok.sum(0), 1)
+    want_ss = np.nansum((ref - want_mean) ** 2, 0)
+    np.testing.assert_allclose(mean[seen], want_mean[seen], rtol=1e-12)
+    np.testing.assert_allclose(ss[seen], want_ss[seen], rtol=1e-12, atol=1e-9)
+    assert never.tolist() == (~seen).tolist()
+    assert constant[4] and constant.sum() == 1

@@ -85,24 +85,41 @@ def _column_stats(rec: RecordingInput, rows: int) -> tuple[tuple, np.ndarray, np
     lo, hi = np.full(n_src, np.inf), np.full(n_src, -np.inf)
     shift = None  # sums of squares about each column's first value: one pass suffices
 
-    def read(t0: int, t1: int) -> np.ndarray:
-        return np.asarray(rec.activity[t0:t1], dtype=np.float64)
+    def read(t0: int, t1: int) -> np.ndarray:  # in the source's type: half of float64
+        return np.asarray(rec.activity[t0:t1])
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    # column ranges summed in parallel (numpy releases the GIL): every column's sums are
+    # the same, in the same order, as over the whole rows at once
+    threads = max(1, torch.get_num_threads())
+    bounds = np.linspace(0, n_src, threads + 1).astype(int)
+    ranges = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+    def clean(y: np.ndarray, sl: slice) -> None:  # rows without a missing value: no masks
+        ys = y[:, sl]
+        n_obs[sl] += y.shape[0]
+        np.minimum(lo[sl], ys.min(0), out=lo[sl])
+        np.maximum(hi[sl], ys.max(0), out=hi[sl])
+        d = np.subtract(ys, shift[sl], dtype=np.float64)
+        shifted_sq[sl] += np.einsum("tj,tj->j", d, d)
+
+    with (
+        concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool,
+        concurrent.futures.ThreadPoolExecutor(max_workers=threads) as workers,
+    ):
         for y in _read_ahead(pool, read, _row_chunks(int(rec.activity.shape[0]), rows)):
             if shift is None:
-                shift = np.nan_to_num(y[0])
-            part = y.sum(0)
-            if not np.isnan(part).any():  # no missing value in these rows: no masks
+                shift = np.nan_to_num(y[0].astype(np.float64))
+
+            def colsum(sl: slice, y=y) -> np.ndarray:  # in float64, as of a float64 copy
+                return y[:, sl].sum(0, dtype=np.float64)
+
+            part = np.concatenate(list(workers.map(colsum, ranges)))
+            if not np.isnan(part).any():
                 total += part
-                n_obs += y.shape[0]
-                np.minimum(lo, y.min(0), out=lo)
-                np.maximum(hi, y.max(0), out=hi)
-                d = y if y.flags.owndata else y.copy()  # (a view of the caller's array)
-                d -= shift
-                shifted_sq += np.einsum("tj,tj->j", d, d)
+                list(workers.map(lambda sl, y=y: clean(y, sl), ranges))
             else:
-                _masked_stats(y, shift, total, n_obs, shifted_sq, lo, hi)
+                y64 = y.astype(np.float64)
+                _masked_stats(y64, shift, total, n_obs, shifted_sq, lo, hi)
     never, constant = n_obs == 0, (n_obs > 0) & (lo == hi)
     if never.all() or (never | constant).all():
         raise InputError(
