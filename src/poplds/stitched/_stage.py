@@ -288,13 +288,9 @@ class Progress:
         return self.done.get(self._key(stage))
 
     def finish(self, stage: str, result: Any) -> None:
-        """Record a finished stage; written when a checkpoint is due (the next save carries
-        it otherwise): a stage shorter than the checkpoint interval is cheaper to run again
-        than to save (a basis of a million neurons is hundreds of megabytes), and at most
-        that interval of work is lost either way."""
         self.done[self._key(stage)] = result
         self.current = None
-        self.saver.save({"done": self.done, "current": None})
+        self.saver.save({"done": self.done, "current": None}, force=True)
 
     def resume(self, stage: str) -> dict[str, Any] | None:
         c = self.current
