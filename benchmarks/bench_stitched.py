@@ -503,15 +503,14 @@ def scale(args) -> dict:
             f"{inner} inner evaluations (no data read)",
             flush=True,
         )
-    if not in_memory:  # the machine's speed drifts: the floor measured again after the fit
-        after = decode_floors(store, args.floor_fraction)
-        print(
-            f"zarr decode after the fit: {after['fresh'] / 1e9:.2f} GB/s into fresh arrays, "
-            f"{after['reused'] / 1e9:.2f} GB/s into a reused buffer",
-            flush=True,
-        )
-        floors = {k: max(v, after[k]) for k, v in floors.items()}
-        decode = max(floors.values())
+    after = decode_floors(store, args.floor_fraction)  # the machine's speed drifts
+    print(
+        f"zarr decode after the fit: {after['fresh'] / 1e9:.2f} GB/s into fresh arrays, "
+        f"{after['reused'] / 1e9:.2f} GB/s into a reused buffer",
+        flush=True,
+    )
+    floors = {k: max(v, after[k]) for k, v in floors.items()}
+    decode = max(floors.values())
     floor = data_bytes / (bw / 2) if in_memory else data_bytes / decode
     store_reads = reads.nbytes / store_raw_bytes(store)
     print(
