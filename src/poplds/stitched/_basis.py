@@ -341,7 +341,7 @@ class Basis:
     def _orthogonal_coords(self, coords: list[torch.Tensor]) -> torch.Tensor:
         """Vectors given by their coordinates in the basis (``coords[b]`` ((m+1) n, G, n),
         ``v_g = E_g coords[b][:, g]``), made orthogonal in turn exactly as :meth:`_combine`
-        makes vectors, the first kept as it is: every inner product is ``c' W_g c'`` with the
+        makes vectors, the first kept as it is: every inner product is ``u' W_g v`` with the
         groups' Gram matrices ``W``, so no neuron-sized array is touched. Returns the new
         coordinates (b, (m+1) n, G, n)."""
 
