@@ -18,14 +18,13 @@ data's type) on the fit's device.
 
 from __future__ import annotations
 
-import concurrent.futures
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .._distributed import rank_and_size
-from ._data import StitchedData, _aligned
+from ._data import StitchedData, _aligned, read_one_ahead
 
 #: Bytes of streamed minibatch halos kept between epochs (:meth:`DataAccess.read_window`).
 HALO_CACHE_BYTES = 1.5e9
@@ -145,13 +144,7 @@ class DataAccess:
         """The ``(halo, rows)`` of each window in turn (None for None), read one ahead in a
         thread (:meth:`read_window`)."""
 
-        def read(win: Window | None):
+        def read(win: Window | None, _slot: int):
             return None if win is None else self.read_window(win, device)
 
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(read, wins[0]) if wins else None
-            for k in range(len(wins)):
-                y = future.result()
-                if k + 1 < len(wins):
-                    future = pool.submit(read, wins[k + 1])
-                yield y
+        yield from read_one_ahead(read, wins)

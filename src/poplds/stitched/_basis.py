@@ -111,10 +111,14 @@ class Basis:
         ``D`` views of it (the loadings of any coefficients are then one product per group;
         in this layout both it and its gradient run about 3x faster than with rows of E),
         and form its groups' Gram matrices ``W``."""
-        n = self.D[0].shape[1]
-        self.Et = torch.stack([d.T for d in self.D]).reshape(-1, self.D[0].shape[0])
-        self.D = [self.Et[a * n : (a + 1) * n].T for a in range(len(self.D))]
+        self._set_basis(torch.stack([d.T for d in self.D]).reshape(-1, self.D[0].shape[0]))
         self._gram()
+
+    def _set_basis(self, Et: torch.Tensor) -> None:
+        """The basis laid side by side, ``Et`` ((m+1) n, N_obs), with ``D`` views of it."""
+        n = self.D[0].shape[1]
+        self.Et = Et
+        self.D = [Et[a * n : (a + 1) * n].T for a in range(Et.shape[0] // n)]
 
     def _gram(self) -> None:
         """The groups' Gram matrices ``W`` (G, d1, d1): ``E_g' E_g`` of the basis as laid out."""
@@ -314,6 +318,9 @@ class Basis:
         v0 = self._group_sum((v * v).sum(1))
         W = self.W
         dd = torch.einsum("gii->g", W[:, :n, :n])
+        cols = torch.arange(n, device=v.device)
+        idx = torch.arange(1, m + 1, device=v.device)[:, None] * n + cols  # (m, n): D_j's rows
+        uu = W[:, idx, idx].sum(2) if m else None  # (G, m): |D_j|^2 in each group
         for _ in range(2):  # the second round removes what rounding left of the first
             for g, (a, b) in enumerate(self.bounds):
                 if b == a:
@@ -325,11 +332,9 @@ class Basis:
                     ridge = 1e-12 * float(dd[g]) / n * eye
                     coef[:n] = torch.linalg.solve(W[g, :n, :n] + ridge, proj[:n])
                 if m:
-                    blocks = torch.arange(1, m + 1, device=v.device) * n
-                    idx = blocks[:, None] + torch.arange(n, device=v.device)
-                    uu = W[g][idx, idx].sum(1)  # (m,): |D_j|^2 in group g
-                    uv = proj[idx, torch.arange(n, device=v.device)].sum(1)
-                    c = torch.where(uu > 0, uv / torch.where(uu > 0, uu, 1.0), 0.0)
+                    uv = proj[idx, cols].sum(1)
+                    u = uu[g]
+                    c = torch.where(u > 0, uv / torch.where(u > 0, u, 1.0), 0.0)
                     coef[n:] = (c[:, None, None] * eye).reshape(m * n, n)
                 vg -= Eg.T @ coef
         vv = self._group_sum((v * v).sum(1))
@@ -393,8 +398,7 @@ class Basis:
         # the new Gram matrices from the coordinates, T_g' W_g T_g (no neuron-sized product)
         Tg = T.permute(2, 0, 3, 1).reshape(len(self.bounds), a1 * n, d0)
         self.W = Tg @ self.W @ Tg.transpose(1, 2)
-        self.Et = Et
-        self.D = [Et[a * n : (a + 1) * n].T for a in range(a1)]
+        self._set_basis(Et)
         self.kinds = kinds
         if self.queued is not None:
             self.queued = self._combine(self.queued)
@@ -427,9 +431,7 @@ class Basis:
         self.W = torch.stack(
             [self._grown(W, self.Et[:, a:b] @ q[a:b], q[a:b].T @ q[a:b]) for (a, b), W in parts]
         )
-        n = q.shape[1]
-        self.Et = torch.cat([self.Et, q.T])
-        self.D = [self.Et[a * n : (a + 1) * n].T for a in range(self.Et.shape[0] // n)]
+        self._set_basis(torch.cat([self.Et, q.T]))
         self.kinds.append("gradient")
         self.P = {k: torch.cat([self.P[k], Pq[k][None]]) for k in self.data_recs}
         self.queued = None

@@ -22,11 +22,14 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+
+T = TypeVar("T")
 
 
 class Staging:
@@ -229,10 +232,7 @@ class RecordingBlock:
         src_t = torch.from_numpy(np.empty(0, dtype=src)).dtype if src is not None else None
         floating = src_t is not None and src_t.is_floating_point
         staging = self.staging or Staging()
-        with (
-            staging.lease(src_t if floating else None, pin) as buffers,
-            concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool,
-        ):
+        with staging.lease(src_t if floating else None, pin) as buffers:
             outs, raws = [None, None], [None, None]
             if floating and not self._identity_order():
                 outs = [buffers.get(i, (rows, len(self.neurons))) for i in range(2)]
@@ -247,16 +247,26 @@ class RecordingBlock:
                 host = self._order(self._decode(t0, min(b, t0 + rows), raws[i]), outs[i], pin)
                 return self._to_device(host, device) if on_host else host
 
-            future = pool.submit(prepare, a, 0) if starts else None
-            for k, t0 in enumerate(starts):
-                y = future.result()
+            for t0, y in zip(starts, read_one_ahead(prepare, starts), strict=True):
                 if not on_host:
                     y = self._to_device(y, device)
-                if k + 1 < len(starts):  # into the buffers of the window before this one
-                    future = pool.submit(prepare, starts[k + 1], (k + 1) % 2)
                 h = min(halo, t0)
                 yield t0, tail[tail.shape[0] - h :], y
                 tail = y[max(0, y.shape[0] - halo) :].clone()
+
+
+def read_one_ahead(read: Callable[[Any, int], T], items: Sequence[Any]) -> Iterator[T]:
+    """``read(item, slot)`` of each item in turn, the next one read in a background thread
+    while the caller works on this one; ``slot`` alternates 0, 1, so a reader that fills
+    one of two buffers never writes the one the caller holds (an item is valid until the
+    next is asked for)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(read, items[0], 0) if len(items) else None
+        for k in range(len(items)):
+            y = future.result()
+            if k + 1 < len(items):
+                future = pool.submit(read, items[k + 1], (k + 1) % 2)
+            yield y
 
 
 def _is_zarr(source: object) -> bool:

@@ -6,7 +6,7 @@ recording's :class:`._data.RecordingBlock` (held on the device when it fits, els
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +14,15 @@ import torch
 
 from .._errors import InputError
 from .._logging import get_logger
-from ._data import RecordingBlock, Staging, StitchedData, _aligned, _row_chunks, _stat_rows
+from ._data import (
+    RecordingBlock,
+    Staging,
+    StitchedData,
+    _aligned,
+    _row_chunks,
+    _stat_rows,
+    read_one_ahead,
+)
 
 log = get_logger()
 
@@ -85,8 +93,8 @@ def _column_stats(rec: RecordingInput, rows: int) -> tuple[tuple, np.ndarray, np
     lo, hi = np.full(n_src, np.inf), np.full(n_src, -np.inf)
     shift = None  # sums of squares about each column's first value: one pass suffices
 
-    def read(t0: int, t1: int) -> np.ndarray:  # in the source's type: half of float64
-        return np.asarray(rec.activity[t0:t1])
+    def read(span: tuple[int, int], _slot: int) -> np.ndarray:  # the source's type
+        return np.asarray(rec.activity[span[0] : span[1]])  # (half the bytes of float64)
 
     # column ranges summed in parallel (numpy releases the GIL): every column's sums are
     # the same, in the same order, as over the whole rows at once
@@ -102,11 +110,9 @@ def _column_stats(rec: RecordingInput, rows: int) -> tuple[tuple, np.ndarray, np
         d = np.subtract(ys, shift[sl], dtype=np.float64)
         shifted_sq[sl] += np.einsum("tj,tj->j", d, d)
 
-    with (
-        concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool,
-        concurrent.futures.ThreadPoolExecutor(max_workers=threads) as workers,
-    ):
-        for y in _read_ahead(pool, read, _row_chunks(int(rec.activity.shape[0]), rows)):
+    spans = list(_row_chunks(int(rec.activity.shape[0]), rows))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as workers:
+        for y in read_one_ahead(read, spans):
             if shift is None:
                 shift = np.nan_to_num(y[0].astype(np.float64))
 
@@ -144,18 +150,6 @@ def _masked_stats(y, shift, total, n_obs, shifted_sq, lo, hi) -> None:
     shifted_sq += np.where(ok, (y - shift) ** 2, 0.0).sum(0)
     np.minimum(lo, np.where(ok, y, np.inf).min(0), out=lo)
     np.maximum(hi, np.where(ok, y, -np.inf).max(0), out=hi)
-
-
-def _read_ahead(pool, read, spans) -> Iterator[np.ndarray]:
-    """``read(t0, t1)`` of each span in turn, the next one read in ``pool`` (a thread) while
-    the caller works on this one."""
-    spans = list(spans)
-    future = pool.submit(read, *spans[0]) if spans else None
-    for i in range(len(spans)):
-        y = future.result()
-        if i + 1 < len(spans):
-            future = pool.submit(read, *spans[i + 1])
-        yield y
 
 
 def _pair_counts(
